@@ -1,0 +1,45 @@
+"""A short demonstration of the LapSum soft top-k next to hard top-k (README command 1 for now)."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from softmoe.ops import soft_topk
+from softmoe.routing import truncate
+
+
+def _row_table(title: str, scores_E: torch.Tensor, k: float, alphas: list[float]) -> Table:
+    """One table: scores, the hard top-k mask, and soft top-k weights at several alphas."""
+    num_experts = scores_E.shape[0]
+    table = Table(title=title)
+    table.add_column("row")
+    for e in range(num_experts):
+        table.add_column(f"e{e}", justify="right")
+    table.add_column("sum", justify="right")
+    table.add_row("score", *[f"{v:+.2f}" for v in scores_E.tolist()], "")
+    hard = torch.zeros(num_experts).scatter_(0, scores_E.topk(int(k)).indices, 1.0)
+    table.add_row(f"hard top-{int(k)}", *[f"{v:.0f}" for v in hard.tolist()], f"{hard.sum():.0f}")
+    for alpha in alphas:
+        p = soft_topk(scores_E.double(), k, alpha)
+        table.add_row(f"soft k={k:g} a={alpha:g}", *[f"{v:.3f}" for v in p.tolist()], f"{p.sum():.6f}")
+    return table
+
+
+def run_demo(seed: int = 0) -> None:
+    console = Console(width=max(Console().width, 110))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    console.print(_row_table("peaked router scores, k = 2", scores[0] * 2.0, 2.0, [1.0, 0.3, 0.05]))
+    console.print(_row_table("flat router scores, k = 2", scores[1] * 0.2, 2.0, [1.0, 0.3, 0.05]))
+    console.print(_row_table("fractional budget, k = 1.5", scores[0] * 2.0, 1.5, [0.3]))
+
+    # Truncation: soft weights below min_weight are dropped, so the number of experts varies per token.
+    probs = soft_topk(torch.stack([scores[0] * 2.0, scores[1] * 0.2]), 2.0, 0.3)
+    routing = truncate(probs, min_weight=0.05)
+    active = routing.active_per_token().tolist()
+    console.print(
+        f"truncated at min_weight=0.05: peaked row keeps {active[0]} experts, flat row keeps {active[1]}; "
+        f"{routing.num_pairs} (token, expert) pairs, per-expert counts {routing.counts_E.tolist()}"
+    )

@@ -1,0 +1,135 @@
+"""The one routing format every router returns, and truncation of dense weights into it.
+
+Shape legend:
+    T   tokens
+    E   experts
+    N   routed (token, expert) pairs, data dependent (sum over tokens of their active experts)
+
+A `Routing` is a flat list of (token, expert, weight) triples sorted by expert (ties by token), with
+per-expert counts. Dispatch gathers x[token_N], runs expert e on rows offsets[e]:offsets[e+1], and
+index-adds weight_N * y back into token_N. Top-k, soft top-k, top-p and ReLU routers all fit: a
+variable number of experts per token needs nothing special.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Routing", "routing_from_mask", "select_experts", "truncate"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Ragged routing of T tokens over E experts, sorted by expert.
+
+    Attributes:
+        token_N: (N,) int64 token index of each pair, ascending within an expert.
+        expert_N: (N,) int64 expert index of each pair, non-decreasing.
+        weight_N: (N,) float combine weight of each pair (carries gradient to the router).
+        counts_E: (E,) int64 number of pairs per expert; sums to N; zeros allowed.
+        num_tokens: T.
+    """
+
+    token_N: torch.Tensor
+    expert_N: torch.Tensor
+    weight_N: torch.Tensor
+    counts_E: torch.Tensor
+    num_tokens: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.shape[0]
+
+    @property
+    def num_pairs(self) -> int:
+        return self.token_N.shape[0]
+
+    @property
+    def offsets_E1(self) -> torch.Tensor:
+        """(E + 1,) int64 start of each expert's slice; offsets[E] == N."""
+        return torch.nn.functional.pad(self.counts_E.cumsum(0), (1, 0))
+
+    def active_per_token(self) -> torch.Tensor:
+        """(T,) int64 number of experts each token uses."""
+        return torch.bincount(self.token_N, minlength=self.num_tokens)
+
+    def dense_weights(self) -> torch.Tensor:
+        """(T, E) weights with zeros for unrouted pairs (for references, tests and losses)."""
+        dense = self.weight_N.new_zeros(self.num_tokens, self.num_experts)
+        return dense.index_put((self.token_N, self.expert_N), self.weight_N)
+
+
+def routing_from_mask(weight_TE: torch.Tensor, keep_TE: torch.Tensor) -> Routing:
+    """Build the expert-sorted ragged routing of the kept entries of a dense weight matrix.
+
+    Args:
+        weight_TE: (T, E) float combine weights (gradients flow to the kept entries).
+        keep_TE: (T, E) bool, which (token, expert) pairs are routed.
+    Returns:
+        Routing with N = keep_TE.sum() pairs.
+    """
+    if weight_TE.shape != keep_TE.shape or weight_TE.dim() != 2:
+        raise ValueError(
+            f"weight_TE {tuple(weight_TE.shape)} and keep_TE {tuple(keep_TE.shape)} must be the same 2-D shape"
+        )
+    # Transposed nonzero lists pairs expert-major with tokens ascending: already in dispatch order.
+    # (The pair count is data dependent, so this one host sync per layer is inherent to dropless.)
+    expert_N, token_N = keep_TE.t().nonzero(as_tuple=True)
+    return Routing(
+        token_N=token_N,
+        expert_N=expert_N,
+        weight_N=weight_TE[token_N, expert_N],
+        counts_E=keep_TE.sum(dim=0),
+        num_tokens=weight_TE.shape[0],
+    )
+
+
+def select_experts(score_TE: torch.Tensor, min_weight: float = 0.0, max_active: int | None = None) -> torch.Tensor:
+    """Which experts each token keeps: score >= min_weight, at most `max_active` (largest first).
+
+    Every token keeps at least its highest-scoring expert, even when all its scores fall below
+    `min_weight` (so no token is ever dropped).
+
+    Args:
+        score_TE: (T, E) float selection scores (e.g. soft top-k probabilities).
+        min_weight: entries with score < min_weight are dropped; >= 0.
+        max_active: optional cap on experts per token, in [1, E].
+    Returns:
+        keep_TE: (T, E) bool.
+    """
+    if score_TE.dim() != 2:
+        raise ValueError(f"score_TE must be 2-D (tokens, experts), got shape {tuple(score_TE.shape)}")
+    num_experts = score_TE.shape[1]
+    if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)):
+        raise TypeError(f"min_weight must be a float, got {type(min_weight).__name__}")
+    if not (math.isfinite(min_weight) and min_weight >= 0):
+        raise ValueError(f"min_weight={min_weight} must be a finite number >= 0")
+    if max_active is not None:
+        if isinstance(max_active, bool) or not isinstance(max_active, int):
+            raise TypeError(f"max_active must be an int or None, got {type(max_active).__name__}")
+        if not 1 <= max_active <= num_experts:
+            raise ValueError(f"max_active={max_active} must be in [1, num_experts={num_experts}]")
+
+    score = score_TE.detach()
+    keep = score >= min_weight
+    if max_active is not None and max_active < num_experts:
+        top_idx = score.topk(max_active, dim=-1).indices
+        keep &= torch.zeros_like(keep).scatter_(-1, top_idx, True)
+    best = score.argmax(dim=-1, keepdim=True)
+    return keep.scatter(-1, best, True)
+
+
+def truncate(weight_TE: torch.Tensor, min_weight: float = 0.0, max_active: int | None = None) -> Routing:
+    """Drop dense weights below `min_weight`, cap at `max_active` per token, return the Routing.
+
+    Args:
+        weight_TE: (T, E) float dense weights (selection uses their values).
+        min_weight: see `select_experts`.
+        max_active: see `select_experts`.
+    Returns:
+        Routing whose weight_N are the kept entries of weight_TE (not renormalised).
+    """
+    return routing_from_mask(weight_TE, select_experts(weight_TE, min_weight, max_active))
