@@ -12,7 +12,9 @@ Shape legend (rows are flattened leading dims):
     R   rows (one row = one token's router scores)
     n   entries per row (experts)
 
-The threshold is found in closed form, O(n log n) per row, no iteration (see `_solve_threshold`).
+The threshold is exact: a sort-free piecewise iteration that lands on the root in a few O(n) steps
+(`_threshold_newton`), with the O(n log n) closed form of METHOD.md as its reference twin and its
+fallback for rows that do not settle (`_threshold_closed_form`).
 The backward is the analytic implicit-function gradient; it saves only x = (r - b) / alpha, O(n)
 per row. Half-precision inputs are computed in float32 and returned in their own dtype.
 """
@@ -33,8 +35,11 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 
-def _solve_threshold(s_Rn: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
-    """Exact LapSum threshold t (in units of alpha) for each row.
+def _threshold_closed_form(s_Rn: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
+    """Exact LapSum threshold t (in units of alpha) for each row, in closed form (METHOD.md).
+
+    O(n log n) per row: sort, two log-cumsum-exps, a count and a quadratic. The reference twin of
+    `_threshold_newton` and its fallback for rows the iteration does not settle.
 
     Solves sum_j F(s_j - t) = k, equivalently sum_j F(t - s_j) = w with w = n - k.
 
@@ -83,6 +88,79 @@ def _solve_threshold(s_Rn: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
     return torch.where(e > 0, t_from_right, t_from_left).squeeze(-1)
 
 
+def _interval_step(
+    count_R1: torch.Tensor, below_sum_R1: torch.Tensor, above_sum_R1: torch.Tensor, w_R1: torch.Tensor
+) -> torch.Tensor:
+    """Exact step u solving the threshold equation, assuming no score lies between t and t + u.
+
+    With c scores below t, L = sum_{s_j < t} e^{s_j - t} and U = sum_{s_j >= t} e^{t - s_j}, the
+    left-hand side at t + u is c - L e^{-u} / 2 + U e^{u} / 2 = w: a quadratic in e^u. The root is
+    taken in the cancellation-free form, in log space (d = w - c, D = d^2 + L U).
+    """
+    d = w_R1 - count_R1
+    log_abs_d = d.abs().log()
+    log_u, log_l = above_sum_R1.log(), below_sum_R1.log()
+    log_root = torch.logaddexp(log_abs_d, 0.5 * torch.logaddexp(2.0 * log_abs_d, log_l + log_u))
+    return torch.where(d > 0, log_root - log_u, log_l - log_root)
+
+
+def _threshold_newton(s_Rn: torch.Tensor, k_R: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LapSum threshold by exact piecewise steps; O(n) per iteration, no sort.
+
+    Each step solves the equation exactly on the current interval between scores (`_interval_step`).
+    When the step crosses scores, the local model errs on the safe side (cosh >= 1), so the iterates
+    approach the root monotonically and land on it once no score is crossed. A row has converged
+    when a step leaves its count of scores below t unchanged: that step was exact.
+    Typical router scores settle in 2-4 steps; the caller solves the rest in closed form.
+
+    Args:
+        s_Rn: (R, n) scores divided by alpha.
+        k_R: (R,) target sums, 0 < k < n.
+        max_iter: iteration cap.
+    Returns:
+        t_R1: (R, 1) thresholds (exact where converged), converged_R: (R,) bool.
+    """
+    n = s_Rn.shape[-1]
+    w = (n - k_R).unsqueeze(-1)
+    # Start from the side the root is nearer: above every score for small k, below for large k.
+    t = torch.where(k_R.unsqueeze(-1) <= n / 2, s_Rn.amax(-1, keepdim=True), s_Rn.amin(-1, keepdim=True))
+    prev_count = torch.full_like(w, -1.0)
+    steps_finite = torch.ones_like(w, dtype=torch.bool)
+    converged = torch.zeros_like(steps_finite)
+    for _ in range(max_iter):
+        x = s_Rn - t
+        # Float masks and in-place exp: this loop is memory bound, and bool kernels are slow on CPU.
+        below = (x < 0).to(s_Rn.dtype)
+        e = x.abs_().neg_().exp_()
+        e_below = e * below
+        count = below.sum(-1, keepdim=True)
+        converged = (count == prev_count) & steps_finite
+        if bool((converged | ~steps_finite).all()):
+            break
+        step = _interval_step(count, e_below.sum(-1, keepdim=True), e.sub_(e_below).sum(-1, keepdim=True), w)
+        # An underflowed partial sum gives an infinite step: freeze that row for the fallback.
+        steps_finite &= torch.isfinite(step)
+        t = torch.where(steps_finite & ~converged, t + step, t)
+        prev_count = count
+    return t, converged.squeeze(-1)
+
+
+def _solve_threshold(s_Rn: torch.Tensor, k_R: torch.Tensor, max_iter: int = 16) -> torch.Tensor:
+    """Exact LapSum threshold per row: fast piecewise iteration, closed form where it does not settle.
+
+    Args:
+        s_Rn: (R, n) scores divided by alpha.
+        k_R: (R,) target sums, 0 < k < n.
+    Returns:
+        t_R1: (R, 1) thresholds t with sum_j F(s_j - t) = k.
+    """
+    t, converged = _threshold_newton(s_Rn, k_R, max_iter)
+    if not bool(converged.all()):
+        rest = (~converged).nonzero().squeeze(-1)
+        t = t.index_put((rest,), _threshold_closed_form(s_Rn[rest], k_R[rest]).unsqueeze(-1))
+    return t
+
+
 def _laplace_cdf(x: torch.Tensor) -> torch.Tensor:
     """F(x) for the standard Laplace distribution, evaluated without overflow."""
     half_exp = 0.5 * torch.exp(-x.abs())
@@ -100,30 +178,37 @@ def _log_output_slope(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lapsum_backward(
-    x_Rn: torch.Tensor, v_Rn: torch.Tensor, alpha: torch.Tensor
+    x_Rn: torch.Tensor, grad_out_Rn: torch.Tensor, alpha: torch.Tensor, log: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Implicit-function gradients of y = g(F(x)) through the threshold constraint sum F(x) = k.
+    """Implicit-function gradients of y = F(x) (or log F(x)) through the constraint sum F(x) = k.
 
-    With f = F'(x) = e^{-|x|} / 2, S = sum f and q = f / S = softmax(-|x|):
-        dL/dr = (v - q * sum v) / alpha,  dL/dk = sum v / S,  dL/dalpha = sum v (<q, x> - x) / alpha,
-    where v = upstream gradient times dy/dx (g * f for p, g * f / p for log p).
+    With f = F'(x) = e^{-|x|} / 2, S = sum f, q = f / S = softmax(-|x|), upstream gradient g and
+    v = g * dy/dx (g * f for p, g * f / p for log p):
+        dL/dr = (v - q * sum v) / alpha,   dL/dalpha = sum v (<q, x> - x) / alpha,
+        dL/dk = sum g * dy/dk  with dp/dk = q and dlog p/dk = q / p.
+    q is taken from a softmax, so nothing divides by an underflowed S.
 
     Args:
         x_Rn: (R, n) saved (r - b) / alpha.
-        v_Rn: (R, n) upstream gradient already multiplied by the output's slope in x.
+        grad_out_Rn: (R, n) upstream gradient g.
         alpha: 0-d temperature.
+        log: whether the output was log p.
     Returns:
         grad_scores_Rn (R, n), grad_k_R (R,), grad_alpha (0-d).
     """
-    neg_abs_x = -x_Rn.abs()
-    q = torch.softmax(neg_abs_x, dim=-1)
-    v_sum = v_Rn.sum(dim=-1, keepdim=True)
-    grad_scores = (v_Rn - q * v_sum) / alpha
-    # 1 / S = 2 exp(-logsumexp(-|x|)): stable even when every f underflows.
-    inv_s = 2.0 * torch.exp(-torch.logsumexp(neg_abs_x, dim=-1, keepdim=True))
-    grad_k = (v_sum * inv_s).squeeze(-1)
+    log_q = torch.log_softmax(-x_Rn.abs(), dim=-1)
+    q = log_q.exp()
+    if log:
+        v = grad_out_Rn * _log_output_slope(x_Rn)
+        dy_dk = torch.exp(log_q - _laplace_log_cdf(x_Rn))
+    else:
+        v = grad_out_Rn * (0.5 * torch.exp(-x_Rn.abs()))
+        dy_dk = q
+    v_sum = v.sum(dim=-1, keepdim=True)
+    grad_scores = (v - q * v_sum) / alpha
+    grad_k = (grad_out_Rn * dy_dk).sum(dim=-1)
     q_dot_x = (q * x_Rn).sum(dim=-1, keepdim=True)
-    grad_alpha = (v_Rn * (q_dot_x - x_Rn)).sum() / alpha
+    grad_alpha = (v * (q_dot_x - x_Rn)).sum() / alpha
     return grad_scores, grad_k, grad_alpha
 
 
@@ -133,7 +218,7 @@ class _LapSumTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores_Rn: torch.Tensor, k_R: torch.Tensor, alpha: torch.Tensor, log: bool):
         s = scores_Rn / alpha
-        x = s - _solve_threshold(s, k_R).unsqueeze(-1)
+        x = s - _solve_threshold(s, k_R)
         ctx.save_for_backward(x, alpha)
         ctx.log = log
         return _laplace_log_cdf(x) if log else _laplace_cdf(x)
@@ -141,8 +226,7 @@ class _LapSumTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, alpha = ctx.saved_tensors
-        slope = _log_output_slope(x) if ctx.log else 0.5 * torch.exp(-x.abs())
-        grad_scores, grad_k, grad_alpha = _lapsum_backward(x, grad_out * slope, alpha)
+        grad_scores, grad_k, grad_alpha = _lapsum_backward(x, grad_out, alpha, ctx.log)
         return (
             grad_scores if ctx.needs_input_grad[0] else None,
             grad_k if ctx.needs_input_grad[1] else None,
@@ -193,7 +277,9 @@ def _check_alpha(alpha, dtype: torch.dtype, device: torch.device) -> torch.Tenso
         raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"alpha={value} must be a finite number > 0")
-    return torch.as_tensor(alpha, device=device).to(dtype)
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=device, dtype=dtype)
+    return torch.tensor(value, device=device, dtype=dtype)  # not via float32: keep a float64 alpha exact
 
 
 def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Property tests (hypothesis) of the LapSum soft top-k and the truncation into the routing format.
+
+Run: .venv/bin/python -m pytest tests/property -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from softmoe.ops import log_soft_topk, soft_topk
+from softmoe.routing import truncate
+from tests.reference.lapsum_reference import soft_topk_reference
+
+PROFILE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def score_rows(draw, max_n: int = 1024):
+    """(rows, n) float64 scores with a random scale up to 1e4, optional ties, and a valid k per row."""
+    n = draw(st.integers(min_value=2, max_value=max_n))
+    rows = draw(st.integers(min_value=1, max_value=max(1, min(8, 4096 // n))))
+    seed = draw(st.integers(min_value=0, max_value=2**31 - 1))
+    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0, 1e3, 1e4]))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, n, generator=gen, dtype=torch.float64) * scale
+    if draw(st.booleans()):  # ties: quantise hard so many entries coincide
+        scores = (scores / scale * 2).round() * scale
+    k_kind = draw(st.sampled_from(["near0", "near_n", "integer", "uniform"]))
+    frac = torch.rand(rows, generator=gen, dtype=torch.float64)
+    k = {
+        "near0": 1e-6 + frac * 1e-3,
+        "near_n": n - 1e-6 - frac * 1e-3,
+        "integer": torch.randint(1, n, (rows,), generator=gen).double(),
+        "uniform": 1e-3 + frac * (n - 2e-3),
+    }[k_kind]
+    alpha = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
+    return scores, k, alpha
+
+
+@PROFILE
+@given(score_rows())
+def test_weights_in_unit_interval_and_sum_to_k(case):
+    scores, k, alpha = case
+    p = soft_topk(scores, k, alpha)
+    assert torch.isfinite(p).all()
+    assert (p >= 0).all() and (p <= 1).all()
+    torch.testing.assert_close(p.sum(-1), k, atol=1e-9 * scores.shape[-1], rtol=1e-12)
+
+
+@PROFILE
+@given(score_rows(max_n=256))
+def test_matches_reference(case):
+    scores, k, alpha = case
+    p = soft_topk(scores, k, alpha)
+    torch.testing.assert_close(p, soft_topk_reference(scores, k, alpha), atol=1e-9, rtol=0)
+
+
+@PROFILE
+@given(score_rows())
+def test_monotone_in_scores(case):
+    scores, k, alpha = case
+    p = soft_topk(scores, k, alpha)
+    order = scores.argsort(-1)
+    assert (p.gather(-1, order).diff(dim=-1) >= -1e-12).all()
+
+
+@PROFILE
+@given(score_rows(), st.sampled_from([soft_topk, log_soft_topk]))
+def test_outputs_and_gradients_finite(case, fn):
+    scores, k, alpha = case
+    scores = scores.clone().requires_grad_()
+    k = k.clone().requires_grad_()
+    alpha_t = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    out = fn(scores, k, alpha_t)
+    weights = torch.randn_like(out)
+    # Weighting finite outputs only: log p of an underflowed p is a large negative, still finite.
+    assert torch.isfinite(out).all()
+    (out * weights).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+    if fn is soft_topk:  # d log p / dk may legitimately overflow for p ~ 1e-300
+        assert torch.isfinite(k.grad).all() and torch.isfinite(alpha_t.grad).all()
+
+
+@PROFILE
+@given(score_rows(max_n=64), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_precision_inputs_finite(case, dtype):
+    scores, k, alpha = case
+    scores = scores.clamp(-6e4, 6e4).to(dtype)
+    p = soft_topk(scores, k, alpha)
+    assert p.dtype == dtype and torch.isfinite(p.float()).all()
+    assert (p.float() >= 0).all() and (p.float() <= 1).all()
+
+
+def test_single_entry_rows_rejected_clearly():
+    with pytest.raises(ValueError, match=r"scores.shape\[dim=-1\]=1: soft top-k needs at least 2 entries"):
+        soft_topk(torch.zeros(3, 1), 0.5)
+
+
+@PROFILE
+@given(
+    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=32),
+    st.floats(min_value=0.0, max_value=0.9),
+    st.one_of(st.none(), st.integers(min_value=1, max_value=32)),
+    st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_truncation_invariants(tokens, experts, min_weight, max_active, seed):
+    if max_active is not None:
+        max_active = min(max_active, experts)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(tokens, experts, generator=gen) ** 3
+    routing = truncate(weights, min_weight=min_weight, max_active=max_active)
+    # sorted by expert, tokens ascending within an expert
+    assert (routing.expert_N.diff() >= 0).all()
+    same_expert = routing.expert_N[1:] == routing.expert_N[:-1]
+    assert (routing.token_N.diff()[same_expert] > 0).all()
+    # counts and offsets describe the triples
+    assert routing.counts_E.sum() == routing.num_pairs
+    assert torch.equal(routing.counts_E, torch.bincount(routing.expert_N, minlength=experts))
+    assert routing.offsets_E1[-1] == routing.num_pairs
+    # every token keeps at least one expert, no more than the cap
+    active = routing.active_per_token()
+    assert (active >= 1).all()
+    if max_active is not None:
+        assert (active <= max_active).all()
+    # weights are the dense entries; kept ones pass the threshold unless they are a token's best
+    torch.testing.assert_close(routing.weight_N, weights[routing.token_N, routing.expert_N])
+    below = routing.weight_N < min_weight
+    best = weights.argmax(-1)
+    assert (routing.expert_N[below] == best[routing.token_N[below]]).all()
+    # nothing above the threshold is dropped unless the cap forced it
+    if max_active is None:
+        assert torch.equal(routing.dense_weights() > 0, (weights >= min_weight) | (torch.arange(experts) == best[:, None]))

@@ -1,0 +1,64 @@
+"""Naive dense oracles for the MoE layer: every expert runs on every token, weights are dense (T, E).
+
+Shape legend: T tokens, D d_model, E experts.
+
+Nothing here is shared with the fast path except the soft top-k op (tested on its own) and the
+layer's parameters: routing weights are rebuilt from their definitions, token by token rules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from softmoe.ops.lapsum import soft_topk
+
+
+def expert_outputs(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E, D): the output of every expert of `layer` on every token."""
+    bank = layer.experts
+    outs = []
+    for e in range(bank.w_gate.shape[0]):
+        h = F.silu(x_TD @ bank.w_gate[e]) * (x_TD @ bank.w_up[e])
+        outs.append(h @ bank.w_down[e])
+    return torch.stack(outs, dim=1)
+
+
+def topk_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E) dense top-k weights from the definition (softmax, k largest, optional renormalise)."""
+    cfg = layer.router.config
+    probs = torch.softmax(x_TD.float() @ layer.router.gate.weight.float().t(), dim=-1)
+    weight = torch.zeros_like(probs)
+    for t in range(probs.shape[0]):
+        idx = torch.argsort(probs[t], descending=True)[: int(cfg.k)]
+        chosen = probs[t, idx]
+        weight[t, idx] = chosen / chosen.sum() if cfg.normalize else chosen
+    return weight
+
+
+def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
+    """(T, E) dense SoftMoE weights: soft top-k, truncate, combine, from the definitions."""
+    cfg = layer.router.config
+    logits = x_TD.float() @ layer.router.gate.weight.float().t()
+    num_experts = logits.shape[-1]
+    p = torch.ones_like(logits) if num_experts == 1 else soft_topk(logits, k, float(layer.router.alpha))
+    weight = torch.zeros_like(p)
+    for t in range(p.shape[0]):
+        order = torch.argsort(p[t], descending=True)
+        kept = [int(e) for e in order if p[t, e] >= cfg.min_weight] or [int(order[0])]
+        if cfg.max_active is not None:
+            kept = kept[: cfg.max_active]
+        kept_idx = torch.tensor(kept)
+        if cfg.combine == "p":
+            weight[t, kept_idx] = p[t, kept_idx] / k
+        else:
+            w = p[t] * torch.softmax(logits[t], dim=-1)
+            weight[t, kept_idx] = w[kept_idx] / (w[kept_idx].sum() if cfg.combine == "mask_softmax" else 1.0)
+    return weight
+
+
+def dense_moe(layer, x_BSD: torch.Tensor, weight_TE: torch.Tensor) -> torch.Tensor:
+    """y = sum_e weight[t, e] * expert_e(x_t), every expert on every token; (B, S, D)."""
+    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+    y_TD = torch.einsum("te,ted->td", weight_TE.to(x_TD.dtype), expert_outputs(layer, x_TD))
+    return y_TD.reshape(x_BSD.shape)
