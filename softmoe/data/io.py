@@ -1,0 +1,140 @@
+"""File plumbing shared by the data stage: the data directory, sha256, atomic writes, JSON.
+
+Every file the data stage writes goes through `atomic_write_bytes`: write a temp file in the same
+directory, fsync, then `os.replace`, so a reader never sees a half-written file and an interrupted
+run leaves at most a stray `.tmp-*` file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialized across processes
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "build_lock",
+    "default_data_dir",
+    "make_temp_dir",
+    "read_json",
+    "resolve_data_dir",
+    "sha256_bytes",
+    "sha256_file",
+    "swap_into_place",
+]
+
+# Environment variable that overrides the default data directory.
+DATA_DIR_ENV = "SOFTMOE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """`<repo>/data` for a source checkout (git-ignored), else `./data`."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / "data"
+    return Path.cwd() / "data"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: the argument if given, else $SOFTMOE_DATA_DIR, else `default_data_dir()`."""
+    if data_dir is not None:
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(f"data_dir={data_dir!r} must be a str or path")
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else default_data_dir()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via temp file + fsync + rename (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; data files are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Pretty, key-sorted JSON (so identical content gives identical bytes)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A fresh 0755 directory next to `final`, to be filled and then renamed onto it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
+def swap_into_place(tmp_dir: Path, final: Path) -> None:
+    """Replace directory `final` by the finished `tmp_dir` (same parent), then delete the old one."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(tmp_dir, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<parent>/.<name>.lock` while `final` is checked and built.
+
+    Concurrent builders of the same dataset (pytest-xdist workers, two runs) then take turns: the
+    second one finds the finished directory and returns, instead of racing the rename.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
