@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from softmoe.demo import run_demo
 
     run_demo(seed=args.seed)
+    return 0
+
+
+def _cmd_main(args: argparse.Namespace) -> int:
+    from softmoe.main_job import run_main_job
+
+    report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")), args.eval_max_batches)
+    print(f"report written: {report}")
     return 0
 
 
@@ -20,6 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="print soft top-k weights next to hard top-k on a few score rows")
     demo.add_argument("--seed", type=int, default=0, help="seed for the random score rows")
     demo.set_defaults(func=_cmd_demo)
+
+    main = sub.add_parser("main", help="the main job: fetch prose, train SoftMoE and top-k, evaluate, write a report")
+    main.add_argument("--preset", default="demo", help="folder under configs/ (default: demo)")
+    main.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and report.md go")
+    main.add_argument("--data-dir", type=Path, default=None, help="data directory (default: $SOFTMOE_DATA_DIR or data/)")
+    main.add_argument("--variants", default="softmoe,topk", help="comma-separated preset variants to train")
+    main.add_argument("--eval-max-batches", type=int, default=None, help="cap validation batches (default: whole split)")
+    main.set_defaults(func=_cmd_main)
+
+    from softmoe.data.cli import add_data_parser
+
+    add_data_parser(sub)
+
+    from softmoe.train.cli import add_generate_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

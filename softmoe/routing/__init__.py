@@ -1,5 +1,28 @@
-"""Routers and the shared ragged routing format."""
+"""Routers, the shared ragged routing format, the global expert budget and aux losses.
 
+Importing a router module registers it; a new router is one file plus one import line here.
+"""
+
+from softmoe.routing.base import ROUTERS, LayerStats, RouterConfig, RouterOutput, build_router, register_router
+from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts, truncate
+from softmoe.routing.softk import SoftKConfig, SoftKRouter
+from softmoe.routing.topk import TopKConfig, TopKRouter
 
-__all__ = ["Routing", "routing_from_mask", "select_experts", "truncate"]
+__all__ = [
+    "Routing",
+    "routing_from_mask",
+    "select_experts",
+    "truncate",
+    "Budget",
+    "ROUTERS",
+    "LayerStats",
+    "RouterConfig",
+    "RouterOutput",
+    "build_router",
+    "register_router",
+    "SoftKConfig",
+    "SoftKRouter",
+    "TopKConfig",
+    "TopKRouter",
+]

@@ -1,0 +1,120 @@
+"""Loss, perplexity and routing statistics of a model over a whole split.
+
+Shape legend:
+    B   windows per batch
+    T   tokens per window
+    E   experts
+
+Every target of the split is scored exactly once (`softmoe.data.eval_batches`), the loss is the
+token-weighted mean, and routing statistics are accumulated over all real tokens, not read off
+the last batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from softmoe.data import IGNORE_INDEX, eval_batches
+from softmoe.model import GPT
+from softmoe.train.loop import autocast_context
+
+__all__ = ["LayerRouting", "SplitEval", "evaluate_split"]
+
+
+@dataclass
+class LayerRouting:
+    """Routing of one MoE layer accumulated over an evaluation.
+
+    Attributes:
+        block: the block index of the layer.
+        k: the layer's k (budget k_l for SoftMoE, fixed k for top-k), at evaluation time.
+        active_hist: (E + 1,) number of tokens that used 0..E experts.
+        expert_tokens: (E,) number of (token, expert) pairs routed to each expert.
+    """
+
+    block: int
+    k: float
+    active_hist: np.ndarray
+    expert_tokens: np.ndarray
+
+    @property
+    def active_mean(self) -> float:
+        counts = np.arange(self.active_hist.shape[0])
+        return float((counts * self.active_hist).sum() / max(self.active_hist.sum(), 1))
+
+    @property
+    def expert_load(self) -> np.ndarray:
+        """(E,) fraction of routed pairs per expert."""
+        return self.expert_tokens / max(self.expert_tokens.sum(), 1)
+
+
+@dataclass
+class SplitEval:
+    """Evaluation of one split."""
+
+    loss: float  # mean cross-entropy per token (nats)
+    tokens: int  # scored targets
+    layers: list[LayerRouting] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def active_experts_mean(self) -> float | None:
+        """Mean over MoE layers of the realized active experts per token (None for a dense model)."""
+        if not self.layers:
+            return None
+        return sum(layer.active_mean for layer in self.layers) / len(self.layers)
+
+
+def _accumulate(layers: dict[int, LayerRouting], out_routing, k_L: torch.Tensor | None) -> None:
+    """Add one batch's per-layer histograms and loads into `layers` (keyed by block)."""
+    for index, (block, stats) in enumerate(out_routing.items()):
+        hist = stats["active_experts_hist"].double().cpu().numpy()
+        # expert_load is a fraction of this batch's pairs; pairs = sum over tokens of active experts.
+        pairs = float((np.arange(hist.shape[0]) * hist).sum())
+        load = stats["expert_load"].double().cpu().numpy() * pairs
+        k = float(k_L[index]) if k_L is not None else float(stats["k"])
+        if block not in layers:
+            layers[block] = LayerRouting(block, k, np.zeros_like(hist), np.zeros_like(load))
+        layers[block].active_hist += hist
+        layers[block].expert_tokens += load
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int = 16, precision: str = "fp32",
+    max_batches: int | None = None,
+) -> SplitEval:
+    """Score a split with non-overlapping windows.
+
+    Args:
+        model: the decoder (put in eval mode; its mode is restored).
+        tokens: (N,) token ids of the split.
+        seq_len: T, window length (at most the model's max_seq_len).
+        batch_size: B.
+        precision: "fp32" or "bf16" (CPU autocast; routing stays fp32).
+        max_batches: optional cap, for quick looks; None scores the whole split.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches={max_batches} must be >= 1 or None")
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    layers: dict[int, LayerRouting] = {}
+    for i, (idx_BT, targets_BT) in enumerate(eval_batches(tokens, seq_len, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with autocast_context(precision):
+            out = model(idx_BT, targets_BT)
+        scored = int((targets_BT != IGNORE_INDEX).sum())
+        total_nats += float(out.loss) * scored
+        total_tokens += scored
+        _accumulate(layers, out.routing, out.k_L)
+    model.train(was_training)
+    return SplitEval(loss=total_nats / max(total_tokens, 1), tokens=total_tokens, layers=list(layers.values()))

@@ -1,0 +1,157 @@
+"""The comparison report: markdown with PNG plots, written from run directories and their evaluations.
+
+Inputs per run: `<run_dir>/metrics.jsonl` (training curves, per-layer k over training),
+`<run_dir>/summary.json` (throughput) and a `SplitEval` of the final model (loss, histogram of
+active experts). Everything in the report is read from those files; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from softmoe.eval.perplexity import SplitEval  # noqa: E402
+from softmoe.train.metrics import read_metrics  # noqa: E402
+
+__all__ = ["RunResult", "write_report"]
+
+
+@dataclass
+class RunResult:
+    """One trained variant of a comparison."""
+
+    label: str  # e.g. "softmoe (K=2)"
+    run_dir: Path
+    final: SplitEval  # evaluation of the final checkpoint
+    split: str = "val"
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_losses(runs: list[RunResult], path: Path) -> Path:
+    """Training loss (thin) and validation loss (markers) of every run against the step."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        steps, loss = _series(read_metrics(run.run_dir, "train"), "loss")
+        ax.plot(steps, loss, color=color, alpha=0.55, lw=1, label=f"{run.label} train")
+        steps, loss = _series(read_metrics(run.run_dir, "val"), "loss")
+        ax.plot(steps, loss, color=color, marker="o", lw=2, label=f"{run.label} val")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_k(run: RunResult, path: Path) -> Path:
+    """Per-layer k_l of a SoftMoE run over training (from the training records)."""
+    records = [r for r in read_metrics(run.run_dir, "train") if r.get("layers")]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    steps = [r["step"] for r in records]
+    for j, layer in enumerate(records[0]["layers"] if records else []):
+        ax.plot(steps, [r["layers"][j]["k"] for r in records], label=f"block {layer['block']}")
+    if records:
+        mean_k = [np.mean([layer["k"] for layer in r["layers"]]) for r in records]
+        ax.plot(steps, mean_k, color="black", ls="--", lw=1, label="mean over layers (budget K)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("k_l (mean active experts, learned)")
+    ax.set_title(f"Per-layer budget allocation: {run.label}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
+    """Fraction of tokens by number of active experts, summed over MoE layers, per run."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.8 / max(len(runs), 1)
+    for i, run in enumerate(runs):
+        hist = sum(layer.active_hist for layer in run.final.layers)
+        frac = hist / max(hist.sum(), 1)
+        x = np.arange(frac.shape[0]) + (i - (len(runs) - 1) / 2) * width
+        ax.bar(x, frac, width=width, label=f"{run.label} (mean {run.final.active_experts_mean:.2f})")
+    ax.set_xlabel("active experts per token")
+    ax.set_ylabel(f"fraction of (token, layer) pairs, {runs[0].split if runs else ''} split")
+    ax.set_title("Active experts per token")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def results_table(runs: list[RunResult]) -> str:
+    """Markdown table: final loss, perplexity, active experts, throughput, parameters."""
+    lines = [
+        "| run | final val loss | val perplexity | mean active experts | per-layer active experts | k_l at the end "
+        "| train tok/s | parameters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        s = run.summary
+        per_layer = ", ".join(f"{layer.active_mean:.2f}" for layer in run.final.layers) or "-"
+        k_l = ", ".join(f"{layer.k:.2f}" for layer in run.final.layers) or "-"
+        active = run.final.active_experts_mean
+        lines.append(
+            f"| {run.label} | {run.final.loss:.4f} | {run.final.perplexity:.1f} | "
+            f"{'-' if active is None else f'{active:.2f}'} | {per_layer} | {k_l} | "
+            f"{s.get('tokens_per_sec') or 0:,.0f} | {s.get('num_params', 0):,} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list[str]) -> Path:
+    """Write `<out_dir>/report.md` and its plots; returns the report's path.
+
+    Args:
+        runs: the variants to compare; SoftMoE runs (with per-layer k) get an allocation plot each.
+        out_dir: the report folder.
+        title: the report's heading.
+        context: markdown lines placed under the heading (data, commands, hardware, token counts).
+    """
+    out_dir = Path(out_dir)
+    plots = [("Loss curves", plot_losses(runs, out_dir / "loss.png"))]
+    for i, run in enumerate(runs):
+        if _has_learned_k(run):
+            plots.append((f"Per-layer k_l: {run.label}", plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
+    if any(run.final.layers for run in runs):
+        plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
+    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), ""]
+    for caption, path in plots:
+        body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+    report = out_dir / "report.md"
+    tmp = report.with_name("report.md.tmp")
+    tmp.write_text("\n".join(body))
+    tmp.replace(report)
+    return report
+
+
+def _has_learned_k(run: RunResult) -> bool:
+    """Whether the run's config routes with a budget (SoftMoE): its k_l can move during training."""
+    model = yaml.safe_load((run.run_dir / "config.yaml").read_text())["model"]
+    return model["ffn"] == "moe" and model["router"] == "softmoe"

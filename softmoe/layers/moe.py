@@ -1,0 +1,116 @@
+"""The MoE layer: route -> dispatch -> experts -> combine, one path for every router.
+
+Shape legend:
+    B   batch
+    S   sequence
+    T   tokens (B * S)
+    D   d_model
+    E   experts
+    N   routed (token, expert) pairs, sorted by expert; data dependent
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softmoe.layers.experts import ExpertBank
+from softmoe.routing import base as routing_base
+from softmoe.routing.record import Routing
+
+__all__ = ["MoELayer", "dispatch", "combine"]
+
+
+def dispatch(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Gather each routed pair's token row, in expert-sorted order: (T, D) -> (N, D)."""
+    return x_TD.index_select(0, routing.token_N)
+
+
+def combine(y_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Weight each pair's expert output and sum per token: (N, D) -> (T, D).
+
+    Unrouted (padding) tokens get zeros. The weights are cast to the expert output's dtype, so under
+    autocast the sum runs in the autocast dtype, as a dense FFN's output would.
+    """
+    weighted_ND = y_ND * routing.weight_N.unsqueeze(-1).to(y_ND.dtype)
+    y_TD = y_ND.new_zeros(routing.num_tokens, y_ND.shape[-1])
+    return y_TD.index_add(0, routing.token_N, weighted_ND)
+
+
+class MoELayer(nn.Module):
+    """Dropless Mixture-of-Experts FFN with a pluggable router.
+
+    Pipeline of `forward`:
+        1. flatten x (B, S, D) to tokens x_TD (and the padding mask to mask_T);
+        2. the router maps x_TD to a ragged Routing (token_N, expert_N, weight_N, counts_E), plus aux
+           losses and statistics;
+        3. dispatch gathers x_ND in expert-sorted order;
+        4. the expert bank runs expert e on its contiguous rows (no capacity, nothing dropped);
+        5. combine scales by weight_N and index-adds back into y_TD, reshaped to (B, S, D).
+
+    Args:
+        d_model: D.
+        d_hidden: H, hidden width of one SwiGLU expert.
+        num_experts: E.
+        router: a registered router name ("softmoe", "topk", ...).
+        k: top-k's k, or the soft router's mean active experts when no budget k_l is passed.
+        experts_impl: "padded" (default; fastest on CPU), "grouped" (torch grouped_mm) or "loop" (the
+            reference). See layers/experts.py.
+        **router_options: fields of the router's config dataclass (e.g. alpha, min_weight, combine).
+    Attributes after forward:
+        aux_loss: 0-d float32, differentiable sum of the configured aux terms.
+        stats: LayerStats, detached (k, active_experts_mean, active_experts_hist, expert_load,
+            load_balance_loss, z_loss, and router-specific entries).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, router: str = "softmoe", k: float = 2.0,
+                 experts_impl: str = "padded", **router_options):
+        super().__init__()
+        if router == "dense":
+            raise ValueError("router='dense' is not an MoE router; use softmoe.layers.SwiGLU for the dense baseline")
+        self.d_model = d_model
+        self.router = routing_base.build_router(router, d_model, num_experts, k, **router_options)
+        self.experts = ExpertBank(num_experts, d_model, d_hidden, impl=experts_impl)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.stats: routing_base.LayerStats | None = None
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether this layer takes a per-layer k_l from the model's Budget (softmoe)."""
+        return self.router.uses_budget
+
+    def forward(self, x_BSD: torch.Tensor, mean_k: torch.Tensor | None = None,
+                pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D); any leading shape works.
+
+        Args:
+            x_BSD: (..., D) hidden states.
+            mean_k: optional 0-d tensor, this layer's k_l from the model's Budget (soft routers).
+            pad_mask_BS: optional (...) bool or 0/1, True/1 = real token; padding outputs are 0 and
+                excluded from aux losses and statistics.
+        """
+        x_TD = self._flatten(x_BSD)
+        mask_T = self._flatten_mask(pad_mask_BS, x_BSD)
+        out = self.router(x_TD, mean_k=mean_k, mask_T=mask_T)
+        y_ND = self.experts(dispatch(x_TD, out.routing), out.routing.counts_E)
+        y_TD = combine(y_ND, out.routing)
+        self.aux_loss, self.stats = out.aux_loss, out.stats
+        return y_TD.reshape(x_BSD.shape)
+
+    def _flatten(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x_BSD, torch.Tensor):
+            raise TypeError(f"x must be a floating-point tensor, got {type(x_BSD).__name__}")
+        if not x_BSD.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype={x_BSD.dtype}")
+        if x_BSD.dim() < 1 or x_BSD.shape[-1] != self.d_model:
+            raise ValueError(f"x has shape {tuple(x_BSD.shape)}; its last dimension must be d_model={self.d_model}")
+        return x_BSD.reshape(-1, self.d_model)
+
+    @staticmethod
+    def _flatten_mask(pad_mask_BS: torch.Tensor | None, x_BSD: torch.Tensor) -> torch.Tensor | None:
+        if pad_mask_BS is None:
+            return None
+        if not isinstance(pad_mask_BS, torch.Tensor) or tuple(pad_mask_BS.shape) != tuple(x_BSD.shape[:-1]):
+            shape = tuple(pad_mask_BS.shape) if isinstance(pad_mask_BS, torch.Tensor) else type(pad_mask_BS).__name__
+            raise ValueError(f"pad_mask_BS has shape {shape}; it must match x's leading shape {tuple(x_BSD.shape[:-1])}")
+        return pad_mask_BS.reshape(-1).to(torch.bool)

@@ -1,0 +1,98 @@
+"""The main job (README command 1): fetch the prose corpus, train SoftMoE and its top-k baseline at the
+same budget, evaluate both on the whole validation split, and write a report with plots.
+
+    softmoe main [--preset demo] [--out runs/demo]
+
+Every step is resumable: the corpus is cached, a finished training run is not repeated (its final
+checkpoint is reused), and an interrupted one resumes from its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from softmoe.data import load_split, prepare, read_meta
+from softmoe.eval.perplexity import evaluate_split
+from softmoe.eval.report import RunResult, write_report
+from softmoe.train.config import RunConfig, load_run_config
+from softmoe.train.loop import Trainer
+from softmoe.train.restore import load_model
+
+__all__ = ["run_main_job", "CONFIGS_DIR"]
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+VARIANT_LABELS = {"softmoe": "SoftMoE", "topk": "top-k", "dense": "dense"}
+
+
+def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None) -> RunConfig:
+    path = CONFIGS_DIR / preset / f"{variant}.yaml"
+    if not path.is_file():
+        raise ValueError(f"preset={preset!r} has no variant {variant!r}: {path} does not exist")
+    overrides = [f"train.out_dir={out_dir}"]
+    if data_dir is not None:
+        overrides.append(f"data.data_dir={data_dir}")
+    return load_run_config(path, overrides)
+
+
+def _train_or_reuse(config: RunConfig) -> Path:
+    """Run directory of a finished training run: trains (or resumes) unless it already finished."""
+    run_dir = config.train.run_dir
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("step") == config.train.steps:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved == config.to_dict():
+            print(f"{run_dir}: already trained to step {config.train.steps}; reusing it", flush=True)
+            return run_dir
+    Trainer(config).fit(resume=True)
+    return run_dir
+
+
+def _label(config: RunConfig) -> str:
+    model = config.model
+    if model.ffn == "dense":
+        return "dense"
+    what = "budget K" if model.router == "softmoe" else "k"
+    return f"{VARIANT_LABELS.get(model.router, model.router)} ({what}={model.k:g} of {model.num_experts})"
+
+
+def _context(preset: str, dataset_dir: Path, configs: list[RunConfig], seconds: float) -> list[str]:
+    meta = read_meta(dataset_dir)
+    c = configs[0]
+    tokens = c.train.steps * c.train.grad_accum * c.data.batch_size * c.data.seq_len
+    return [
+        f"Preset `{preset}`: {', '.join(f'`configs/{preset}/{cfg.model.router if cfg.model.ffn == "moe" else "dense"}.yaml`' for cfg in configs)}.",
+        f"Data: corpus `{c.data.corpus}` ({dataset_dir}), BPE vocabulary {meta.get('vocab_size')}; "
+        f"each run trains on {tokens:,} tokens ({c.train.steps} steps of {c.data.batch_size} x {c.data.seq_len}); "
+        f"the final models are scored on the whole validation split.",
+        f"Model: d_model {c.model.d_model}, {c.model.n_layers} layers, {c.model.num_experts} experts of width "
+        f"{c.model.d_expert}, precision {c.train.precision}.",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads in this process, "
+        f"torch {torch.__version__}. Wall time of the whole job: {seconds / 60:.1f} min.",
+        "Command: `make run` (equivalently `softmoe main --preset " + preset + "`).",
+    ]
+
+
+def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_dir: Path | None = None,
+                 variants: tuple[str, ...] = ("softmoe", "topk"), eval_max_batches: int | None = None) -> Path:
+    """Fetch, train every variant, evaluate, report. Returns the report's path."""
+    start = time.time()
+    out_dir = Path(out_dir)
+    dataset_dir = prepare("prose", data_dir)
+    configs = [_variant_config(preset, variant, out_dir, data_dir) for variant in variants]
+    results = []
+    for config in configs:
+        print(f"== training {config.train.name} ==", flush=True)
+        run_dir = _train_or_reuse(config)
+        model, _, _ = load_model(run_dir, report=lambda message: print(message, flush=True))
+        print(f"== evaluating {config.train.name} on the validation split ==", flush=True)
+        final = evaluate_split(model, load_split(dataset_dir, "val"), config.data.seq_len,
+                               config.data.batch_size, config.train.precision, eval_max_batches)
+        results.append(RunResult(_label(config), run_dir, final))
+    title = f"SoftMoE vs top-k at the same budget: preset `{preset}`"
+    return write_report(results, out_dir, title, _context(preset, dataset_dir, configs, time.time() - start))

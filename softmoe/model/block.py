@@ -1,0 +1,37 @@
+"""One pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)); the FFN is dense or MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softmoe.layers import MoELayer, SwiGLU
+from softmoe.model.attention import CausalSelfAttention, KVCache
+from softmoe.model.config import ModelConfig
+
+__all__ = ["Block"]
+
+
+class Block(nn.Module):
+    """Pre-norm block. `is_moe` tells the decoder to pass this block its k_l and read its stats."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.is_moe = config.is_moe_block(index)
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config.d_model, config.n_heads)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if self.is_moe:
+            self.ffn = MoELayer(config.d_model, config.d_expert, config.num_experts, router=config.router,
+                                k=float(config.k), **config.router_options)
+        else:
+            self.ffn = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x_BSD: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor,
+                mean_k: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D). `mean_k` is this block's k_l (softmoe MoE blocks only)."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_Sf, sin_Sf, cache, layer)
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            return x_BSD + self.ffn(h_BSD, mean_k=mean_k)
+        return x_BSD + self.ffn(h_BSD)

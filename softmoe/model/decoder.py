@@ -1,0 +1,160 @@
+"""The GPT decoder: token embedding -> blocks -> RMSNorm -> tied lm_head, owning the SoftMoE budget.
+
+Shape legend:
+    B   batch
+    S   positions in this call
+    D   d_model
+    V   vocab size
+    L   MoE layers (the budget's layer axis; block indices in `config.moe_layers`)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmoe.model.attention import KVCache, rope_tables
+from softmoe.model.block import Block
+from softmoe.model.config import ModelConfig
+from softmoe.routing.budget import Budget
+
+__all__ = ["GPT", "DecoderOutput"]
+
+
+@dataclass
+class DecoderOutput:
+    """What one forward returns. Everything the training loop needs flows through here.
+
+    Attributes:
+        logits: (B, S, V) float32 next-token logits ((B, 1, V) with last_only).
+        loss: mean cross-entropy over targets != -100, or None without targets.
+        aux_loss: scalar, sum of the MoE layers' aux losses plus the budget penalty (0 for dense).
+        routing: block index -> that MoE layer's detached stats mapping (MoELayer.stats), in block order.
+        k_L: (L,) detached per-layer mean active experts of the budget (softmoe), else None.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    routing: dict[int, Mapping] = field(default_factory=dict)
+    k_L: torch.Tensor | None = None
+
+    @property
+    def objective(self) -> torch.Tensor:
+        """The training objective: task loss + aux losses."""
+        if self.loss is None:
+            raise ValueError("objective needs targets: call the model with targets_BS")
+        return self.loss + self.aux_loss
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. Owns one Budget for all its SoftMoE blocks and passes k_L[l] to block l."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.budget = None
+        if config.ffn == "moe" and config.router == "softmoe":
+            self.budget = Budget(len(config.moe_layers), config.num_experts, float(config.k),
+                                 **config.budget_options)
+        cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init for the modules this file owns; MoE and FFN layers keep their own init.
+        # Residual output projections are scaled by 1/sqrt(2 n_layers) so the stream's variance
+        # does not grow with depth.
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def num_params(self) -> int:
+        """Parameter count (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to `max_len` positions (default max_seq_len)."""
+        c = self.config
+        max_len = c.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= c.max_seq_len:
+            raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={c.max_seq_len}]")
+        return KVCache(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim,
+                       dtype=self.embed.weight.dtype, device=self.embed.weight.device)
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
+        """Next-token logits (and loss) for token ids.
+
+        Args:
+            idx_BS: (B, S) int64 token ids of positions [start, start + S), start = cache.length or 0.
+            targets_BS: optional (B, S) int64 next-token ids; -100 (torch's default ignore_index) is ignored.
+            cache: optional KV cache, advanced by S.
+            last_only: compute logits for the last position only (generation).
+        Returns:
+            DecoderOutput.
+        """
+        if idx_BS.dim() != 2 or idx_BS.dtype != torch.long:
+            raise ValueError(f"idx_BS must be a 2-D int64 tensor, got shape {tuple(idx_BS.shape)} {idx_BS.dtype}")
+        if last_only and targets_BS is not None:
+            raise ValueError("last_only=True computes one position's logits; it cannot take targets_BS")
+        start = 0 if cache is None else cache.length
+        S = idx_BS.shape[1]
+        if start + S > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        k_L = self._budget_k()
+
+        x_BSD, routing, aux_losses = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache)
+        if cache is not None:
+            cache.length += S
+
+        x_BSD = self.norm(x_BSD)
+        if last_only:
+            x_BSD = x_BSD[:, -1:]
+        # The tied head is the embedding matrix itself, so there is one tensor to save and decay.
+        logits = F.linear(x_BSD, self.embed.weight).float()
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
+        return DecoderOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(aux_losses), routing=routing,
+                             k_L=None if k_L is None else k_L.detach())
+
+    def _run_blocks(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_L: torch.Tensor | None,
+                    cache: KVCache | None) -> tuple[torch.Tensor, dict[int, Mapping], list[torch.Tensor]]:
+        """All blocks in order; MoE block l gets k_L[l] and reports its stats and aux loss."""
+        routing, aux_losses = {}, []
+        for i, block in enumerate(self.blocks):
+            # len(aux_losses) = MoE blocks seen so far = this block's index on the budget's layer axis.
+            mean_k = k_L[len(aux_losses)] if (block.is_moe and k_L is not None) else None
+            x_BSD = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i)
+            if block.is_moe:
+                routing[i] = block.ffn.stats
+                aux_losses.append(block.ffn.aux_loss)
+        return x_BSD, routing, aux_losses
+
+    def _budget_k(self) -> torch.Tensor | None:
+        """(L,) float32 per-layer k_l from the budget; kept out of bf16 autocast (routing runs in fp32)."""
+        if self.budget is None:
+            return None
+        with torch.autocast(device_type=self.embed.weight.device.type, enabled=False):
+            return self.budget.k().float()
+
+    def _aux_loss(self, layer_losses: list[torch.Tensor]) -> torch.Tensor:
+        total = self.embed.weight.new_zeros((), dtype=torch.float32)
+        for aux in layer_losses:
+            total = total + aux.float()
+        if self.budget is not None:
+            total = total + self.budget.penalty().float()
+        return total

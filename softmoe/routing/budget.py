@@ -1,0 +1,174 @@
+"""The global expert budget: owns every SoftMoE layer's mean number of active experts k_l.
+
+Shape legend:
+    L   SoftMoE layers
+
+The model calls `budget.k()` once per forward and hands layer l its k_l (a 0-d tensor). Gradients
+of the task loss reach k_l through the soft top-k and move allocation between layers.
+
+Modes:
+    exact    k_l = k_min + L (K - k_min) softmax(theta)_l, then any excess above k_max = E - margin
+             is redistributed over the other layers in proportion to their shares. mean_l k_l == K
+             and k_min <= k_l <= k_max hold for every theta, so after any optimizer step too.
+    penalty  k_l = k_min + (k_max - k_min) sigmoid(theta_l), free within the bounds;
+             `penalty()` = penalty_coef * (mean_l k_l - K)^2 is added to the training loss.
+The budget dial: `set_budget(K)` moves the budget of a trained model (keeping its learned shares),
+`set_budget(K, per_layer=[...])` pins explicit per-layer values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from softmoe.routing.base import check_float
+
+__all__ = ["Budget", "BUDGET_MODES", "exact_allocation"]
+
+BUDGET_MODES = ("exact", "penalty")
+
+
+def exact_allocation(share_L: torch.Tensor, budget: float, k_min: float, k_max: float) -> torch.Tensor:
+    """Split L * (budget - k_min) over layers by `share_L`, capping each layer at k_max.
+
+    Water-filling: layers that would exceed the cap are pinned to it and their excess is shared by
+    the rest in proportion to share_L, until no layer exceeds the cap (at most L rounds).
+
+    Args:
+        share_L: (L,) non-negative shares summing to 1 (softmax(theta)); gradients flow through.
+        budget: K with k_min <= K <= k_max.
+    Returns:
+        k_L: (L,) with mean exactly K (to rounding) and every entry in [k_min, k_max].
+    """
+    num_layers = share_L.shape[0]
+    free = num_layers * (budget - k_min)  # mass above k_min to distribute
+    room = k_max - k_min
+    capped_L = torch.zeros_like(share_L, dtype=torch.bool)
+    extra_L = share_L * free
+    for _ in range(num_layers):
+        open_share_L = torch.where(capped_L, 0.0, share_L)
+        rest = free - room * capped_L.sum()
+        scale = rest / open_share_L.sum().clamp(min=torch.finfo(share_L.dtype).tiny)
+        extra_L = torch.where(capped_L, torch.full_like(share_L, room), open_share_L * scale)
+        over_L = extra_L > room
+        if not bool(over_L.any()):
+            break
+        capped_L = capped_L | over_L
+    return k_min + extra_L.clamp(max=room)
+
+
+class Budget(nn.Module):
+    """Per-layer mean active experts k_l under a global budget K = mean_l k_l.
+
+    Args:
+        num_layers: L, the number of SoftMoE layers.
+        num_experts: E per layer.
+        budget: K, the global mean active experts, in [k_min, E - margin].
+        k_min: lower bound of every k_l (> 0).
+        margin: k_l <= E - margin (> 0; soft top-k needs k < E).
+        mode: "exact" (default, mean k_l == K always) or "penalty".
+        learnable: whether theta is trained (False = uniform k_l = K, fixed).
+        penalty_coef: weight of (mean k_l - K)^2 in penalty mode.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        budget: float,
+        k_min: float = 1.0,
+        margin: float = 0.5,
+        mode: str = "exact",
+        learnable: bool = True,
+        penalty_coef: float = 1.0,
+    ):
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if mode not in BUDGET_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {BUDGET_MODES}")
+        check_float("margin", margin, 0.0, num_experts, open_low=True)
+        check_float("k_min", k_min, 0.0, num_experts - margin, open_low=True)
+        check_float("penalty_coef", penalty_coef, 0.0)
+        self.num_layers, self.num_experts, self.mode = num_layers, num_experts, mode
+        self.k_min, self.k_max = float(k_min), float(num_experts - margin)
+        self.penalty_coef = float(penalty_coef)
+        self._check_budget(budget)
+        self.register_buffer("budget", torch.tensor(float(budget)))
+        # Pinned per-layer values from set_budget(K, per_layer=...); `pinned` says whether they apply.
+        self.register_buffer("pinned", torch.tensor(False))
+        self.register_buffer("pinned_k_L", torch.zeros(num_layers))
+        self.theta = nn.Parameter(self._initial_theta(budget), requires_grad=learnable)
+
+    def _check_budget(self, budget) -> None:
+        low, high = self.k_min, self.k_max
+        if self.mode == "penalty":
+            check_float("budget", budget, low, high)
+            if not low < budget < high:
+                raise ValueError(f"budget={budget} must be strictly inside (k_min={low}, E - margin={high}) "
+                                 f"in penalty mode")
+        else:
+            check_float("budget", budget, low, high)
+
+    def _initial_theta(self, budget: float) -> torch.Tensor:
+        """theta giving k_l = K for every layer."""
+        if self.mode == "exact":
+            return torch.zeros(self.num_layers)
+        fraction = (budget - self.k_min) / (self.k_max - self.k_min)
+        return torch.full((self.num_layers,), math.log(fraction / (1.0 - fraction)))
+
+    def forward(self) -> torch.Tensor:
+        """(L,) float32 per-layer k_l (differentiable in theta unless pinned or frozen)."""
+        if bool(self.pinned):
+            return self.pinned_k_L.clone()
+        # float64 so mean_l k_l == K holds to float32 rounding after the cast.
+        theta = self.theta.double()
+        if self.mode == "exact":
+            k_L = exact_allocation(torch.softmax(theta, dim=0), float(self.budget), self.k_min, self.k_max)
+        else:
+            k_L = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(theta)
+        return k_L.float()
+
+    def k(self) -> torch.Tensor:
+        """Alias of forward(): (L,) per-layer k_l."""
+        return self()
+
+    def penalty(self) -> torch.Tensor:
+        """0-d penalty_coef * (mean k_l - K)^2 in penalty mode; 0 in exact mode or when pinned."""
+        if self.mode == "exact" or bool(self.pinned):
+            return self.theta.new_zeros(())
+        return self.penalty_coef * (self().mean() - self.budget).square()
+
+    def freeze(self) -> None:
+        """Stop learning the allocation (theta gets no gradient)."""
+        self.theta.requires_grad_(False)
+
+    def set_budget(self, budget: float, per_layer: Sequence[float] | torch.Tensor | None = None) -> None:
+        """The budget dial: a new global K for inference or fine-tuning.
+
+        Without `per_layer`, the learned shares are kept and rescaled to the new K (exact mode), or
+        the penalty target moves to K (penalty mode). With `per_layer`, the L values are pinned as
+        given; their mean must equal K (within 1e-5) and each lie in [k_min, E - margin].
+        """
+        self._check_budget(budget)
+        self.budget.fill_(float(budget))
+        if per_layer is None:
+            self.pinned.fill_(False)
+            return
+        k_L = torch.as_tensor(per_layer, dtype=torch.float32).flatten()
+        if k_L.shape[0] != self.num_layers:
+            raise ValueError(f"per_layer has {k_L.shape[0]} values, expected num_layers={self.num_layers}")
+        for i, value in enumerate(k_L.tolist()):
+            check_float(f"per_layer[{i}]", value, self.k_min, self.k_max)
+        if abs(k_L.double().mean().item() - budget) > 1e-5:
+            raise ValueError(f"per_layer has mean {k_L.double().mean().item():.6g}, expected budget={budget}")
+        self.pinned_k_L.copy_(k_L)
+        self.pinned.fill_(True)
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, num_experts={self.num_experts}, budget={float(self.budget)}, "
+                f"k_min={self.k_min}, k_max={self.k_max}, mode={self.mode!r}")

@@ -1,0 +1,188 @@
+"""Atomic, verified checkpoints: safetensors weights, training state, a manifest of sha256 hashes.
+
+Layout of one checkpoint, `<run>/checkpoints/step_0000100/`:
+    model.safetensors   model parameters and persistent buffers
+    train_state.pt      optimizer state, step, RNG state, data position (torch.save; loaded weights_only)
+    meta.json           step and the run config (enough to rebuild the model without the YAML)
+    <extra files>       e.g. tokenizer.json, so a checkpoint is self-contained
+    manifest.json       sha256 and size of every file above; written last
+
+Writing: everything goes into a hidden temporary directory next to the target, each file is fsynced,
+the manifest is written last, then the directory is renamed into place and the parent fsynced. A
+crash therefore leaves either a complete checkpoint or a `.tmp-*` directory that is never read.
+Reading: a checkpoint is used only if its manifest lists exactly its files and every hash matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_good_checkpoint",
+    "resolve_checkpoint",
+]
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict,
+                    meta: dict, extra_files: dict[str, Path] | None = None, keep_last: int = 3) -> Path:
+    """Write checkpoint `root/step_<step>` atomically, then delete all but the newest `keep_last`.
+
+    Args:
+        root: the run's checkpoints directory (created if missing).
+        step: optimizer steps completed; names the directory.
+        model_state: model.state_dict() (tensors; tied weights must already be deduplicated).
+        train_state: optimizer state, RNG state, data position... (anything torch.load(weights_only) reads).
+        meta: JSON-serialisable metadata (step, run config).
+        extra_files: name -> existing file to copy in (e.g. the tokenizer).
+        keep_last: complete checkpoints to keep, >= 1.
+    Returns:
+        The final checkpoint directory.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    torch.save(train_state, tmp / "train_state.pt")
+    _write_json(tmp / "meta.json", meta)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {"step": step, "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
+                                        for n in files}}
+    _write_json(tmp / MANIFEST, manifest)
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root` (complete or not), oldest first; temp dirs excluded."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check the manifest against the files; return the manifest or raise CheckpointError saying why."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (partial or interrupted write)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({err})") from None
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    if set(listed) != present:
+        raise CheckpointError(f"{path}: files {sorted(present)} differ from the manifest's {sorted(listed)}")
+    for name, entry in listed.items():
+        actual = _sha256(path / name)
+        if actual != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 mismatch for {name} (manifest {entry['sha256'][:12]}..., "
+                                  f"file {actual[:12]}...): the file is corrupt")
+    return manifest
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Verify, then load (model_state, train_state, meta) from one checkpoint directory."""
+    path = Path(path)
+    verify_checkpoint(path)
+    model_state = load_file(str(path / "model.safetensors"))
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return model_state, train_state, meta
+
+
+def latest_good_checkpoint(root: Path, report: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under `root` that verifies; each rejected one is reported with its reason."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            report(f"checkpoint rejected: {err}; falling back to the previous one")
+    return None
+
+
+def resolve_checkpoint(path: Path, report: Callable[[str], None] = print) -> Path:
+    """Accept a checkpoint directory, a run's `checkpoints/` directory or a run directory.
+
+    Returns the checkpoint itself, or the newest good one below the given directory.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+        verify_checkpoint(path)
+        return path
+    for root in (path / "checkpoints", path):
+        if list_checkpoints(root):
+            found = latest_good_checkpoint(root, report)
+            if found is None:
+                raise CheckpointError(f"{root}: no checkpoint passes verification")
+            return found
+    raise CheckpointError(f"{path}: not a checkpoint, and no checkpoints below it")

@@ -1,0 +1,90 @@
+"""The `softmoe train` and `softmoe generate` subcommands (registered by softmoe/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_train_parser", "add_generate_parser"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from softmoe.data.fetch import FetchError
+    from softmoe.train.config import load_run_config
+    from softmoe.train.loop import Trainer
+
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except (ValueError, TypeError) as err:
+        print(f"softmoe train: invalid config: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(config)
+    except (FetchError, FileNotFoundError, ValueError) as err:  # data not prepared, vocab mismatch, ...
+        print(f"softmoe train: {err}", file=sys.stderr)
+        return 2
+    variant = config.model.router if config.model.ffn == "moe" else "dense"
+    print(f"run {config.train.run_dir}: {variant}, {trainer.model.num_params():,} parameters, "
+          f"{config.train.steps} steps, precision {config.train.precision}")
+    result = trainer.fit(resume=args.resume, stop_after=args.stop_after)
+    train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    tok = f"{result.tokens_per_sec:.0f}" if result.tokens_per_sec else "n/a"
+    active = f", mean active experts {result.mean_active_experts:.2f}" if result.mean_active_experts else ""
+    print(f"done at step {result.step}: train loss {train_loss}, val loss {result.val_loss:.4f}, "
+          f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from softmoe.model import generate
+    from softmoe.train.checkpoint import CheckpointError
+    from softmoe.train.restore import load_for_inference
+
+    if args.threads < 1:
+        print(f"softmoe generate: --threads={args.threads} must be >= 1", file=sys.stderr)
+        return 2
+    # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
+    torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer, path = load_for_inference(args.checkpoint)
+    except (CheckpointError, ValueError) as err:
+        print(f"softmoe generate: {err}", file=sys.stderr)
+        return 2
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        print("softmoe generate: the prompt encodes to zero tokens", file=sys.stderr)
+        return 2
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, generator=generator)
+    except ValueError as err:
+        print(f"softmoe generate: {err}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML preset (configs/<preset>/<variant>.yaml)")
+    p.add_argument("--config", required=True, help="YAML preset with model / data / train sections")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=2")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest good checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="checkpoint and stop once STEP steps are done (resume later with --resume)")
+    p.set_defaults(func=_cmd_train)
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (newest good)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for decoding)")
+    p.set_defaults(func=_cmd_generate)

@@ -1,0 +1,173 @@
+"""TrainConfig, the RunConfig that composes model + data + train, and the YAML / override loader.
+
+A preset is a YAML file with three sections, each mapping onto one frozen dataclass:
+
+    model: {d_model: 256, router: softmoe, ...}     -> ModelConfig
+    data:  {...}                                    -> DataConfig
+    train: {steps: 1000, lr: 3.0e-3, ...}           -> TrainConfig
+
+Unknown sections or keys are errors (with a suggestion). Overrides are `section.field=value` strings,
+the value parsed as YAML (`train.lr=3e-4`, `model.router_options.alpha=0.3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from softmoe.data.config import DataConfig
+from softmoe.model.config import ModelConfig
+
+__all__ = ["TrainConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing of one run."""
+
+    name: str = "run"  # run name: outputs go to <out_dir>/<name>/
+    out_dir: str = "runs"  # parent directory of run directories
+    seed: int = 0  # seeds model init and the data windows
+    steps: int = 1000  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices only (see train/optim.py)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    budget_lr_mult: float = 1.0  # lr multiplier for budget / alpha parameters
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "fp32"  # "fp32" | "bf16" (CPU autocast; routing stays fp32)
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = 10  # steps between train-metric records
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 10  # validation batches per pass (a fixed set)
+    ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints kept
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated (skipped) before aborting
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # mirror metrics to TensorBoard
+
+    def __post_init__(self) -> None:
+        for name, low in [("seed", 0), ("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
+                          ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
+                          ("keep_last", 1), ("max_bad_steps", 0)]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"train.{name} must be an int, got {type(value).__name__} ({value!r})")
+            if value < low:
+                raise ValueError(f"train.{name}={value} must be >= {low}")
+        for name, low, high in [("lr", 0, None), ("min_lr_ratio", 0, 1), ("weight_decay", 0, None),
+                                ("beta1", 0, 1), ("beta2", 0, 1), ("eps", 0, None), ("budget_lr_mult", 0, None),
+                                ("grad_clip", 0, None)]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"train.{name}={value!r} must be a finite number")
+            if value < low or (high is not None and value > high):
+                raise ValueError(f"train.{name}={value} must be in [{low}, {high if high is not None else 'inf'}]")
+        if self.lr == 0:
+            raise ValueError("train.lr=0 must be > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"train.name={self.name!r} must be a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: model, data and training settings, checked against each other."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(cls, key: str, value: Any, where: str) -> Any:
+    """YAML 1.1 reads `3e-4` as a string and `1` as an int: coerce to the field's declared number type."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    if kind in ("float", float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}={value!r} must be a number") from None
+    return value
+
+
+def _section(cls, values: Any, section: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            raise ValueError(f"unknown config key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)"
+                                                                       if hint else f"; valid keys: {names}"))
+    return cls(**{k: _coerce(cls, k, v, f"{section}.{k}") for k, v in values.items()})
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """Build a RunConfig from {"model": {...}, "data": {...}, "train": {...}}; missing keys take defaults."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {list(_SECTIONS)}")
+    return RunConfig(**{name: _section(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()})
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `section.key[.subkey]=value` override applied."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
+    raw = {name: dict(raw[name]) if isinstance(raw.get(name), dict) else raw.get(name) or {}
+           for name in set(raw) | set(_SECTIONS)}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        if parts[0] not in _SECTIONS:
+            raise ValueError(f"override {item!r}: unknown section {parts[0]!r}; valid sections: {list(_SECTIONS)}")
+        target = raw[parts[0]]
+        if not isinstance(target, dict):
+            raise ValueError(f"override {item!r}: config section {parts[0]!r} is not a mapping")
+        for part in parts[1:-1]:  # nested dict fields such as model.router_options.alpha
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML preset (or defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+    return run_config_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,110 @@
+"""Training metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard.
+
+Records look like {"step": 100, "split": "train", "loss": 3.2, ..., "layers": [{per MoE layer}]}.
+Per-layer routing stats come from DecoderOutput.routing and are converted to plain floats/lists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["MetricsWriter", "routing_summary", "mean_active_experts", "read_metrics"]
+
+
+def _plain(value):
+    """Tensors and numbers -> JSON-friendly floats / lists."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.dim() == 0 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) -> list[dict]:
+    """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe)."""
+    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items()}}
+              for block, stats in routing.items()]
+    if k_L is not None:
+        for layer, k in zip(layers, k_L.tolist()):
+            layer["k"] = k
+    return layers
+
+
+def mean_active_experts(layers: list[dict]) -> float | None:
+    """Average over MoE layers of the realized mean active experts per token (None without MoE)."""
+    values = [layer["active_experts_mean"] for layer in layers if "active_experts_mean" in layer]
+    return sum(values) / len(values) if values else None
+
+
+class MetricsWriter:
+    """Appends records to `<run_dir>/metrics.jsonl` (flushed per line) and scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        record = _plain(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._to_tensorboard(record)
+
+    def _to_tensorboard(self, record: dict) -> None:
+        step, split = record["step"], record["split"]
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+        for layer in record.get("layers", []):
+            for key in ("k", "active_experts_mean"):
+                if isinstance(layer.get(key), (int, float)):
+                    self._tb.add_scalar(f"{split}/{key}/block{layer.get('block', '?')}", layer[key], step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    @staticmethod
+    def truncate_after(run_dir: Path, step: int) -> None:
+        """Drop records with step > `step` (a resumed run re-logs them), rewriting the file atomically."""
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if (record := _parse(line)) and record["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    """All records of a run (optionally one split), in file order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [record for line in path.read_text().splitlines() if (record := _parse(line))]
+    return [r for r in records if split is None or r["split"] == split]
+
+
+def _parse(line: str) -> dict | None:
+    """One record, or None for a blank line or the torn last line of a run killed mid-write."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,209 @@
+"""MoELayer: equals the naive dense oracle for every router and combine mode; batch invariant,
+padding invariant and token-by-token identical; gradients reach the router, k_l and alpha; edge
+shapes (single token, E = 1, E >> tokens); clear errors.
+
+Run: .venv/bin/python -m pytest -q tests/unit/layers/test_moe_layer.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softmoe.layers import MoELayer, SwiGLU
+from softmoe.routing import Budget
+from tests.reference import dense_moe as ref
+
+D, H, E = 16, 32, 8
+
+# name -> (router, k, options, mean_k given by a "budget" or None)
+CASES = {
+    "switch_k1": ("topk", 1.0, dict(normalize=False), None),
+    "gshard_k2": ("topk", 2.0, dict(normalize=False), None),
+    "mixtral_k2": ("topk", 2.0, dict(normalize=True), None),
+    "softmoe_mask_softmax": ("softmoe", 2.0, dict(combine="mask_softmax"), None),
+    "softmoe_mask_softmax_raw": ("softmoe", 2.0, dict(combine="mask_softmax_raw"), None),
+    "softmoe_p": ("softmoe", 2.0, dict(combine="p"), None),
+    "softmoe_max_active": ("softmoe", 2.5, dict(max_active=2, alpha=0.5), None),
+    "softmoe_budget_k": ("softmoe", 2.0, dict(), 3.3),
+}
+
+
+def make_layer(case: str, impl: str = "padded", seed: int = 0) -> tuple[MoELayer, torch.Tensor | None]:
+    router, k, options, mean_k = CASES[case]
+    torch.manual_seed(seed)
+    layer = MoELayer(D, H, E, router=router, k=k, experts_impl=impl, **options)
+    return layer, None if mean_k is None else torch.tensor(mean_k)
+
+
+def reference_weights(layer: MoELayer, x_TD: torch.Tensor, mean_k) -> torch.Tensor:
+    if layer.router.name == "topk":
+        return ref.topk_weights(layer, x_TD)
+    return ref.softk_weights(layer, x_TD, float(layer.router.config.k if mean_k is None else mean_k))
+
+
+@pytest.mark.parametrize("impl", ["padded", "grouped", "loop"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_equals_dense_reference(case, impl):
+    layer, mean_k = make_layer(case, impl)
+    x = torch.randn(3, 7, D)
+    y = layer(x, mean_k=mean_k)
+    weight_TE = reference_weights(layer, x.reshape(-1, D), mean_k)
+    routed = layer.router(x.reshape(-1, D), mean_k=mean_k).routing
+    torch.testing.assert_close(routed.dense_weights(), weight_TE, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_output_independent_of_batch_and_decoding(case):
+    layer, mean_k = make_layer(case)
+    x = torch.randn(4, 6, D)
+    full = layer(x, mean_k=mean_k)
+    # Same tokens next to different company, in a different batch shape.
+    other = torch.cat([torch.randn(2, 6, D) * 3, x[1:3]], dim=0)
+    torch.testing.assert_close(layer(other, mean_k=mean_k)[2:], full[1:3], rtol=0, atol=1e-6)
+    # Token by token, as in incremental decoding.
+    for b, s in [(0, 0), (1, 3), (3, 5)]:
+        one = layer(x[b:b + 1, s:s + 1], mean_k=mean_k)
+        torch.testing.assert_close(one[0, 0], full[b, s], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mixtral_k2", "softmoe_mask_softmax", "softmoe_p"])
+def test_padding_changes_nothing_for_real_tokens(case):
+    layer, mean_k = make_layer(case)
+    x = torch.randn(2, 5, D)
+    y = layer(x, mean_k=mean_k)
+    stats, aux = layer.stats, layer.aux_loss.detach()
+    padded = torch.cat([x, torch.full((2, 3, D), float("nan"))], dim=1)  # garbage in the padding
+    mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
+    y_pad = layer(padded, mean_k=mean_k, pad_mask_BS=mask)
+    torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
+    assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, D))
+    for name in ("active_experts_mean", "load_balance_loss", "z_loss"):
+        assert layer.stats[name] == pytest.approx(stats[name], abs=1e-6), name
+    torch.testing.assert_close(layer.stats["active_experts_hist"], stats["active_experts_hist"])
+    torch.testing.assert_close(layer.aux_loss.detach(), aux, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_router_budget_alpha_and_experts():
+    torch.manual_seed(0)
+    budget = Budget(2, E, 2.0)
+    layers = [MoELayer(D, H, E, router="softmoe", learn_alpha=True, alpha=0.5, combine=c)
+              for c in ("mask_softmax", "p")]
+    x = torch.randn(2, 5, D)
+    k_L = budget.k()
+    h = x
+    for layer, k_l in zip(layers, k_L):
+        h = h + layer(h, mean_k=k_l)
+    (h.square().mean() + sum(layer.aux_loss for layer in layers)).backward()
+    assert budget.theta.grad is not None and budget.theta.grad.abs().sum() > 0
+    for layer in layers:
+        for name, param in [("gate", layer.router.gate.weight), ("alpha", layer.router.log_alpha),
+                            ("w_gate", layer.experts.w_gate), ("w_down", layer.experts.w_down)]:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+            assert param.grad.abs().sum() > 0, name
+
+
+def test_standalone_learned_k_gets_gradient_and_penalty():
+    torch.manual_seed(0)
+    layer = MoELayer(D, H, E, router="softmoe", k=2.0, learn_k=True)
+    layer(torch.randn(2, 5, D)).square().mean().backward()
+    assert layer.router.own_k.theta.grad.abs() > 0
+    assert layer.stats.k == pytest.approx(2.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["padded", "grouped"])
+def test_backward_from_broadcast_gradient(impl):
+    # y.sum() sends a zero-stride gradient; the fast paths must still produce weight gradients.
+    layer, _ = make_layer("softmoe_mask_softmax", impl)
+    layer(torch.randn(2, 5, D)).sum().backward()
+    assert layer.experts.w_up.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router,k", [("topk", 1.0), ("softmoe", 1.0)])
+def test_single_expert_equals_dense_swiglu(router, k):
+    torch.manual_seed(0)
+    layer = MoELayer(D, H, 1, router=router, k=k)
+    dense = SwiGLU(D, H)
+    with torch.no_grad():
+        layer.experts.w_gate[0].copy_(dense.w_gate.weight.t())
+        layer.experts.w_up[0].copy_(dense.w_up.weight.t())
+        layer.experts.w_down[0].copy_(dense.w_down.weight.t())
+    x = torch.randn(2, 5, D)
+    torch.testing.assert_close(layer(x), dense(x), rtol=0, atol=1e-6)
+    assert layer.stats.active_experts_mean == 1.0
+
+
+@pytest.mark.parametrize("router,k", [("topk", 2.0), ("softmoe", 2.0)])
+def test_single_token_and_many_more_experts_than_tokens(router, k):
+    torch.manual_seed(0)
+    layer = MoELayer(D, H, 64, router=router, k=k)
+    for x in (torch.randn(1, 1, D), torch.randn(1, 3, D)):
+        y = layer(x)
+        weight_TE = reference_weights(layer, x.reshape(-1, D), None)
+        torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
+        assert int((layer.stats["expert_load"] == 0).sum()) >= 64 - 2 * 3 * 4  # most experts are empty
+
+
+def test_stats_are_detached_and_consistent():
+    layer, _ = make_layer("softmoe_mask_softmax")
+    layer(torch.randn(3, 4, D))
+    stats = layer.stats
+    assert isinstance(stats.active_experts_mean, float) and isinstance(stats["k"], float)
+    hist = stats["active_experts_hist"]
+    assert hist.shape == (E + 1,) and hist.sum() == 12 and hist[0] == 0
+    mean_from_hist = float((hist * torch.arange(E + 1)).sum() / hist.sum())
+    assert stats.active_experts_mean == pytest.approx(mean_from_hist)
+    assert float(stats["expert_load"].sum()) == pytest.approx(1.0)
+    assert all(not t.requires_grad for t in stats.tensors.values())
+    assert layer.aux_loss.dim() == 0 and layer.aux_loss.requires_grad
+
+
+def test_bf16_autocast_close_to_fp32_and_padded_matches_loop():
+    layer, _ = make_layer("softmoe_mask_softmax", "padded")
+    loop, _ = make_layer("softmoe_mask_softmax", "loop")
+    x = torch.randn(2, 8, D)
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, y16_loop = layer(x), loop(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y16.float(), y16_loop.float(), rtol=0.02, atol=0.02)
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer, _ = make_layer("softmoe_mask_softmax")
+    with pytest.raises(ValueError, match="d_model=16"):
+        layer(torch.randn(2, 3, D + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 3, D, dtype=torch.long))
+    with pytest.raises(ValueError, match="pad_mask_BS"):
+        layer(torch.randn(2, 3, D), pad_mask_BS=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mean_k"):
+        layer(torch.randn(2, 3, D), mean_k=torch.tensor([2.0, 2.0]))
+    with pytest.raises(ValueError, match="k="):
+        layer(torch.randn(2, 3, D), mean_k=torch.tensor(float(E)))
+    with pytest.raises(ValueError, match="not finite"):
+        layer(torch.full((1, 2, D), float("nan")))
+    topk, _ = make_layer("mixtral_k2")
+    with pytest.raises(ValueError, match="mean_k must be None"):
+        topk(torch.randn(1, 2, D), mean_k=torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(router="dense"), "SwiGLU"),
+    (dict(router="nope"), "registered routers"),
+    (dict(router="topk", k=1.5), "k=1.5 must be an integer"),
+    (dict(router="topk", k=9.0), "k=9.0"),
+    (dict(router="softmoe", k=8.0), r"k=8.0 must be in \(0, num_experts=8\)"),
+    (dict(router="softmoe", alpha=0.0), "alpha=0.0"),
+    (dict(router="softmoe", min_weight=-0.1), "min_weight=-0.1"),
+    (dict(router="softmoe", max_active=0), "max_active=0"),
+    (dict(router="softmoe", combine="mean"), "combine='mean'"),
+    (dict(router="softmoe", lb_coef=float("nan")), "lb_coef=nan"),
+    (dict(router="softmoe", temperature=1.0), r"unknown option\(s\) \['temperature'\]"),
+    (dict(router="topk", experts_impl="cuda"), "impl='cuda'"),
+])
+def test_bad_config_raises_naming_field(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MoELayer(D, H, E, **kwargs)

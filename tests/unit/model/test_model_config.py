@@ -1,0 +1,51 @@
+"""ModelConfig validation: every bad field raises naming itself; derived layout is right.
+
+Run: .venv/bin/python -m pytest -q tests/unit/model/test_model_config.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from softmoe.model import ModelConfig
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(d_model=30, n_heads=4), ValueError, "d_model=30"),
+        (dict(d_model=24, n_heads=8), ValueError, "head_dim"),  # 24 / 8 = 3 is odd: RoPE needs pairs
+        (dict(n_layers=0), ValueError, "n_layers=0"),
+        (dict(vocab_size=2.5), TypeError, "vocab_size"),
+        (dict(ffn="sparse"), ValueError, "ffn='sparse'"),
+        (dict(router="hash"), ValueError, "router='hash'"),
+        (dict(moe_every=5, n_layers=4), ValueError, "moe_every=5"),
+        (dict(router="topk", k=1.5), ValueError, "k=1.5"),
+        (dict(router="topk", k=9.0, num_experts=8), ValueError, "k=9.0"),
+        (dict(router="softmoe", k=8.0, num_experts=8), ValueError, "k=8.0"),
+        (dict(rope_theta=-1.0), ValueError, "rope_theta"),
+        (dict(router_options=[1]), TypeError, "router_options"),
+    ],
+)
+def test_invalid_fields_raise_naming_the_field(overrides, error, match):
+    with pytest.raises(error, match=match):
+        ModelConfig(**overrides)
+
+
+def test_dense_config_ignores_moe_fields():
+    ModelConfig(ffn="dense", router="topk", k=1.5)  # MoE fields are not checked for a dense model
+
+
+def test_moe_layout_and_active_params():
+    c = ModelConfig(n_layers=4, moe_every=2, d_model=64, d_ff=256, d_expert=64, k=2.0)
+    assert c.moe_layers == [1, 3]
+    dense = ModelConfig(n_layers=4, ffn="dense", d_model=64, d_ff=128)
+    moe = ModelConfig(n_layers=4, ffn="moe", d_model=64, d_expert=64, k=2.0)
+    assert dense.active_ffn_params() == moe.active_ffn_params()
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelConfig().d_model = 3

@@ -1,0 +1,37 @@
+"""Metrics: routing stats become plain JSON, records append and truncate on resume.
+
+Run: .venv/bin/python -m pytest -q tests/unit/train/test_metrics.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metrics, routing_summary
+
+
+def test_routing_summary_is_json_friendly():
+    routing = {1: {"active_experts_mean": torch.tensor(2.5), "expert_load": torch.tensor([0.5, 0.5])},
+               3: {"active_experts_mean": 1.5, "expert_load": torch.tensor([1.0, 0.0])}}
+    layers = routing_summary(routing, torch.tensor([2.25, 1.75]))
+    assert layers == [{"block": 1, "active_experts_mean": 2.5, "expert_load": [0.5, 0.5], "k": 2.25},
+                      {"block": 3, "active_experts_mean": 1.5, "expert_load": [1.0, 0.0], "k": 1.75}]
+    json.dumps(layers)
+    assert mean_active_experts(layers) == 2.0
+    assert mean_active_experts([]) is None
+
+
+def test_write_read_and_truncate(tmp_path):
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step in (5, 10, 15):
+        writer.write({"step": step, "split": "train", "loss": torch.tensor(1.0 / step)})
+    writer.write({"step": 10, "split": "val", "loss": 0.5})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "spl')  # the torn last line of a killed run
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [5, 10, 15]
+    MetricsWriter.truncate_after(tmp_path, 10)
+    assert [(r["step"], r["split"]) for r in read_metrics(tmp_path)] == [(5, "train"), (10, "train"), (10, "val")]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,75 @@
+"""RunConfig loading: YAML sections, unknown keys rejected, dotted overrides, validation errors.
+
+Run: .venv/bin/python -m pytest -q tests/unit/train/test_train_config.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softmoe.train.config import TrainConfig, apply_overrides, load_run_config, run_config_from_dict
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_sections_and_overrides(tmp_path):
+    path = write(tmp_path, "model: {d_model: 64, n_heads: 4}\ntrain: {lr: 3e-4, steps: 10}\n")
+    cfg = load_run_config(path, ["train.lr=1e-3", "model.n_layers=2", "model.router_options.alpha=0.3"])
+    assert cfg.model.d_model == 64 and cfg.model.n_layers == 2
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.model.router_options == {"alpha": 0.3}
+    assert cfg.train.steps == 10
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("train: {lrr: 1.0}\n", [], r"unknown config key train\.lrr \(did you mean train\.lr\?\)"),
+        ("optimizer: {}\n", [], "unknown config section"),
+        ("", ["train.lr"], "section.key=value"),
+        ("", ["lr=3"], "section.key=value"),
+        ("", ["trainer.lr=3"], "unknown section 'trainer'"),
+        ("", ["model.n_layer=3"], r"model\.n_layer"),
+        ("", ["train.lr=fast"], r"train\.lr='fast' must be a number"),
+        ("", ["train.precision=fp8"], "precision='fp8'"),
+        ("", ["train.steps=0"], r"train\.steps=0"),
+        ("", ["data.seq_len=512", "model.max_seq_len=256"], "data.seq_len=512 exceeds"),
+        ("model: [1, 2]\n", [], "must be a mapping"),
+    ],
+)
+def test_bad_configs_raise_value_error(tmp_path, text, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_run_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file_and_type_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(TypeError, match="train.steps"):
+        TrainConfig(steps=2.5)
+
+
+def test_round_trip_through_dict():
+    cfg = load_run_config(None, ["model.d_model=64", "train.name=x"])
+    assert run_config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"train": {"lr": 1.0}}
+    apply_overrides(raw, ["train.lr=2.0"])
+    assert raw == {"train": {"lr": 1.0}}
+
+
+def test_every_shipped_preset_loads():
+    presets = sorted((REPO / "configs").rglob("*.yaml"))
+    assert presets, "configs/ has no presets"
+    for path in presets:
+        load_run_config(path)
