@@ -121,7 +121,7 @@ def test_iteration_agrees_with_closed_form_including_fallback_rows():
     # Huge spreads with k near n force some rows past the iteration cap into the closed form.
     s = torch.randn(256, 64, generator=gen, dtype=torch.float64) * torch.logspace(-2, 3, 256, dtype=torch.float64)[:, None]
     k = torch.rand(256, generator=gen, dtype=torch.float64) * 63.0 + 0.5
-    t_iter, converged = _threshold_newton(s, k, max_iter=64)
+    t_iter, converged, _ = _threshold_newton(s, k, max_iter=64)
     t_closed = _threshold_closed_form(s, k)
     p_iter = soft_topk(s, k, 1.0)
     ref = soft_topk_reference(s, k, 1.0)
