@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/softmoe demo
+	$(BIN)/softmoe main
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

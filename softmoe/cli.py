@@ -17,7 +17,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_main(args: argparse.Namespace) -> int:
     from softmoe.main_job import run_main_job
 
-    report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")), args.eval_max_batches)
+    report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
+                          args.eval_max_batches, tuple(args.overrides))
     print(f"report written: {report}")
     return 0
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--data-dir", type=Path, default=None, help="data directory (default: $SOFTMOE_DATA_DIR or data/)")
     main.add_argument("--variants", default="softmoe,topk", help="comma-separated preset variants to train")
     main.add_argument("--eval-max-batches", type=int, default=None, help="cap validation batches (default: whole split)")
+    main.add_argument("overrides", nargs="*", help="section.key=value settings for every variant (e.g. train.steps=50)")
     main.set_defaults(func=_cmd_main)
 
     from softmoe.data.cli import add_data_parser

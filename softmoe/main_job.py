@@ -1,4 +1,4 @@
-"""The main job (README command 1): fetch the prose corpus, train SoftMoE and its top-k baseline at the
+"""The main job (README command 1): fetch the preset's corpus (prose for `demo`), train SoftMoE and its top-k baseline at the
 same budget, evaluate both on the whole validation split, and write a report with plots.
 
     softmoe main [--preset demo] [--out runs/demo]
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from softmoe.data import load_split, prepare, read_meta
+from softmoe.data import DataConfig, dataset_dir_for, load_split, prepare, read_meta
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, write_report
 from softmoe.train.config import RunConfig, load_run_config
@@ -30,14 +30,21 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 VARIANT_LABELS = {"softmoe": "SoftMoE", "topk": "top-k", "dense": "dense"}
 
 
-def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None) -> RunConfig:
+def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None,
+                    overrides: tuple[str, ...]) -> RunConfig:
     path = CONFIGS_DIR / preset / f"{variant}.yaml"
     if not path.is_file():
         raise ValueError(f"preset={preset!r} has no variant {variant!r}: {path} does not exist")
-    overrides = [f"train.out_dir={out_dir}"]
-    if data_dir is not None:
-        overrides.append(f"data.data_dir={data_dir}")
-    return load_run_config(path, overrides)
+    placed = [f"train.out_dir={out_dir}"] + ([f"data.data_dir={data_dir}"] if data_dir is not None else [])
+    return load_run_config(path, [*placed, *overrides])
+
+
+def _dataset_dir(data: DataConfig) -> Path:
+    """The preset's dataset, fetched and prepared if needed (the only step that may use the network)."""
+    if data.corpus == "tiny":
+        return dataset_dir_for(data)
+    return prepare(data.corpus, data.data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
+                   split_seed=data.split_seed)
 
 
 def _train_or_reuse(config: RunConfig) -> Path:
@@ -61,12 +68,14 @@ def _label(config: RunConfig) -> str:
     return f"{VARIANT_LABELS.get(model.router, model.router)} ({what}={model.k:g} of {model.num_experts})"
 
 
-def _context(preset: str, dataset_dir: Path, configs: list[RunConfig], seconds: float) -> list[str]:
+def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs: list[RunConfig],
+             seconds: float) -> list[str]:
     meta = read_meta(dataset_dir)
     c = configs[0]
     tokens = c.train.steps * c.train.grad_accum * c.data.batch_size * c.data.seq_len
+    files = ", ".join(f"`configs/{preset}/{variant}.yaml`" for variant in variants)
     return [
-        f"Preset `{preset}`: {', '.join(f'`configs/{preset}/{cfg.model.router if cfg.model.ffn == "moe" else "dense"}.yaml`' for cfg in configs)}.",
+        f"Preset `{preset}`: {files}.",
         f"Data: corpus `{c.data.corpus}` ({dataset_dir}), BPE vocabulary {meta.get('vocab_size')}; "
         f"each run trains on {tokens:,} tokens ({c.train.steps} steps of {c.data.batch_size} x {c.data.seq_len}); "
         f"the final models are scored on the whole validation split.",
@@ -79,12 +88,22 @@ def _context(preset: str, dataset_dir: Path, configs: list[RunConfig], seconds: 
 
 
 def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_dir: Path | None = None,
-                 variants: tuple[str, ...] = ("softmoe", "topk"), eval_max_batches: int | None = None) -> Path:
-    """Fetch, train every variant, evaluate, report. Returns the report's path."""
+                 variants: tuple[str, ...] = ("softmoe", "topk"), eval_max_batches: int | None = None,
+                 overrides: tuple[str, ...] = ()) -> Path:
+    """Fetch, train every variant, evaluate, report. Returns the report's path.
+
+    Args:
+        preset: folder under configs/ holding one YAML per variant.
+        out_dir: parent of the run directories and of report.md.
+        data_dir: data directory (None: $SOFTMOE_DATA_DIR or <repo>/data).
+        variants: preset variants to train, e.g. ("softmoe", "topk").
+        eval_max_batches: cap on validation batches of the final evaluation (None: whole split).
+        overrides: `section.key=value` settings applied to every variant.
+    """
     start = time.time()
     out_dir = Path(out_dir)
-    dataset_dir = prepare("prose", data_dir)
-    configs = [_variant_config(preset, variant, out_dir, data_dir) for variant in variants]
+    configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
+    dataset_dir = _dataset_dir(configs[0].data)
     results = []
     for config in configs:
         print(f"== training {config.train.name} ==", flush=True)
@@ -95,4 +114,4 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
                                config.data.batch_size, config.train.precision, eval_max_batches)
         results.append(RunResult(_label(config), run_dir, final))
     title = f"SoftMoE vs top-k at the same budget: preset `{preset}`"
-    return write_report(results, out_dir, title, _context(preset, dataset_dir, configs, time.time() - start))
+    return write_report(results, out_dir, title, _context(preset, variants, dataset_dir, configs, time.time() - start))

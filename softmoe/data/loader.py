@@ -70,7 +70,9 @@ def _check_tokens(tokens: object, seq_len: int) -> None:
 def _gather(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = tokens[offsets[:, None] + np.arange(seq_len + 1)].astype(np.int64)  # (B, T + 1)
     rows_t = torch.from_numpy(rows)
-    return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
+    # clone, not contiguous(): with one row both slices are already contiguous views of the same
+    # memory, and masking targets (eval_batches) would then overwrite the inputs.
+    return rows_t[:, :-1].clone(), rows_t[:, 1:].clone()
 
 
 class WindowLoader:

@@ -125,6 +125,27 @@ def results_table(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def observations(runs: list[RunResult]) -> list[str]:
+    """Plain statements computed from the results: each run against the first one (loss, expert compute)."""
+    if len(runs) < 2:
+        return []
+    base = runs[0]
+    lines = []
+    for run in runs[1:]:
+        diff = run.final.loss - base.final.loss
+        lines.append(f"- {base.label}: final validation loss {base.final.loss:.4f} vs {run.label} {run.final.loss:.4f} "
+                     f"({'lower' if diff > 0 else 'higher'} by {abs(diff):.4f} nats/token, one seed each).")
+        a, b = base.final.active_experts_mean, run.final.active_experts_mean
+        if a is not None and b:
+            lines.append(f"- Realized active experts per token: {a:.2f} vs {b:.2f}, so {base.label} ran "
+                         f"{a / b:.2f}x the expert FLOPs per token of {run.label}.")
+    k_values = [layer.k for layer in base.final.layers]
+    if k_values and _has_learned_k(base):
+        lines.append(f"- Learned per-layer k_l of {base.label}: {min(k_values):.2f} to {max(k_values):.2f} "
+                     f"(mean {sum(k_values) / len(k_values):.2f}, the global budget).")
+    return lines
+
+
 def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list[str]) -> Path:
     """Write `<out_dir>/report.md` and its plots; returns the report's path.
 
@@ -141,7 +162,7 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
             plots.append((f"Per-layer k_l: {run.label}", plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
     if any(run.final.layers for run in runs):
         plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
-    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), ""]
+    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), ""]
     for caption, path in plots:
         body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     report = out_dir / "report.md"

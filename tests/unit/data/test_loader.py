@@ -64,14 +64,17 @@ def test_windows_reach_the_last_token():
     assert seen.max().item() == 10  # the only window is tokens[0:11]
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("n", [9, 10, 11, 37, 64, 65])
-def test_eval_batches_cover_each_target_once(n):
+def test_eval_batches_cover_each_target_once(n, batch_size):
     tokens = np.arange(n, dtype=np.uint16)
     seen = []
-    for idx_BT, targets_BT in eval_batches(tokens, seq_len=8, batch_size=3):
+    for idx_BT, targets_BT in eval_batches(tokens, seq_len=8, batch_size=batch_size):
         assert idx_BT.shape == targets_BT.shape and idx_BT.shape[1] == 8 and idx_BT.shape[0] <= 3
         keep = targets_BT != IGNORE_INDEX
         assert torch.equal(targets_BT[keep], (idx_BT + 1)[keep])  # arange tokens: target = input + 1
+        # inputs are never masked (a one-window last batch once aliased inputs and targets)
+        assert torch.equal(idx_BT, idx_BT[:, :1] + torch.arange(8))
         seen += targets_BT[keep].tolist()
     assert sorted(seen) == list(range(1, n))
 

@@ -1,0 +1,40 @@
+"""The main job end to end on the tiny preset: both variants train, evaluate and land in the report.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_main_job.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from softmoe.cli import main
+
+
+def test_main_job_writes_report_with_plots_and_measured_numbers(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["main", "--preset", "tiny", "--out", str(out), "--data-dir", str(tmp_path / "data"),
+                 "train.progress=false", "train.tensorboard=false", "train.steps=12", "train.eval_every=0"])
+    assert code == 0
+    report = out / "report.md"
+    assert f"report written: {report}" in capsys.readouterr().out
+    text = report.read_text()
+    for png in ("loss.png", "layer_k_0.png", "active_experts.png"):
+        assert (out / png).stat().st_size > 1000
+        assert f"({png})" in text
+    # the table's throughput is the run's measured number, not typed in
+    for name, label in (("tiny-softmoe", "SoftMoE (budget K=2 of 4)"), ("tiny-topk", "top-k (k=2 of 4)")):
+        summary = json.loads((out / name / "summary.json").read_text())
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{summary['tokens_per_sec']:,.0f}" in row
+        assert re.search(r"\| \d+\.\d{4} \|", row)  # final validation loss
+
+
+def test_main_job_reuses_finished_runs(tmp_path, capsys):
+    args = ["main", "--preset", "tiny", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"),
+            "--variants", "topk", "train.progress=false", "train.tensorboard=false", "train.steps=4",
+            "train.eval_every=0", "train.ckpt_every=0"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already trained to step 4; reusing it" in capsys.readouterr().out
