@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_generate_parser(sub)
+
+    from softmoe.eval.cli import add_compare_parser, add_eval_parser
+
+    add_eval_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

@@ -9,20 +9,18 @@ checkpoint is reused), and an interrupted one resumes from its last good checkpo
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from softmoe.data import DataConfig, dataset_dir_for, load_split, prepare, read_meta
+from softmoe.data import load_split, read_meta
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, write_report
 from softmoe.train.config import RunConfig, load_run_config
-from softmoe.train.loop import Trainer
 from softmoe.train.restore import load_model
+from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
 
 __all__ = ["run_main_job", "CONFIGS_DIR"]
 
@@ -37,27 +35,6 @@ def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | N
         raise ValueError(f"preset={preset!r} has no variant {variant!r}: {path} does not exist")
     placed = [f"train.out_dir={out_dir}"] + ([f"data.data_dir={data_dir}"] if data_dir is not None else [])
     return load_run_config(path, [*placed, *overrides])
-
-
-def _dataset_dir(data: DataConfig) -> Path:
-    """The preset's dataset, fetched and prepared if needed (the only step that may use the network)."""
-    if data.corpus == "tiny":
-        return dataset_dir_for(data)
-    return prepare(data.corpus, data.data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
-                   split_seed=data.split_seed)
-
-
-def _train_or_reuse(config: RunConfig) -> Path:
-    """Run directory of a finished training run: trains (or resumes) unless it already finished."""
-    run_dir = config.train.run_dir
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("step") == config.train.steps:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if saved == config.to_dict():
-            print(f"{run_dir}: already trained to step {config.train.steps}; reusing it", flush=True)
-            return run_dir
-    Trainer(config).fit(resume=True)
-    return run_dir
 
 
 def _label(config: RunConfig) -> str:
@@ -103,11 +80,11 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
     start = time.time()
     out_dir = Path(out_dir)
     configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
-    dataset_dir = _dataset_dir(configs[0].data)
+    dataset_dir = prepared_dataset_dir(configs[0].data)
     results = []
     for config in configs:
         print(f"== training {config.train.name} ==", flush=True)
-        run_dir = _train_or_reuse(config)
+        run_dir = train_or_reuse(config)
         model, _, _ = load_model(run_dir, report=lambda message: print(message, flush=True))
         print(f"== evaluating {config.train.name} on the validation split ==", flush=True)
         final = evaluate_split(model, load_split(dataset_dir, "val"), config.data.seq_len,

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Under pytest-xdist every worker is its own process: one intra-op thread each avoids
 # oversubscribing the cores (2 workers x N threads) and keeps timings of the suite predictable.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards: tiny matmuls only pay sync overhead with more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,7 +22,22 @@ from softmoe.data import IGNORE_INDEX, eval_batches
 from softmoe.model import GPT
 from softmoe.train.loop import autocast_context
 
-__all__ = ["LayerRouting", "SplitEval", "evaluate_split"]
+__all__ = ["LayerRouting", "SplitEval", "accumulate_routing", "bits_per_byte", "evaluate_split"]
+
+
+def bits_per_byte(loss: float, tokens: int, num_bytes: int) -> float:
+    """Bits per UTF-8 byte of text: loss (nats/token) * tokens / (bytes * ln 2).
+
+    Unlike per-token perplexity it does not depend on the tokenizer, so BPE and word-level models
+    (or two BPE vocabularies) compare on the same text.
+    """
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 1:
+        raise ValueError(f"num_bytes={num_bytes!r} must be an int >= 1")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens={tokens!r} must be an int >= 0")
+    if not math.isfinite(loss) or loss < 0:
+        raise ValueError(f"loss={loss!r} must be a finite number >= 0")
+    return loss * tokens / (num_bytes * math.log(2))
 
 
 @dataclass
@@ -72,7 +87,7 @@ class SplitEval:
         return sum(layer.active_mean for layer in self.layers) / len(self.layers)
 
 
-def _accumulate(layers: dict[int, LayerRouting], out_routing, k_L: torch.Tensor | None) -> None:
+def accumulate_routing(layers: dict[int, LayerRouting], out_routing, k_L: torch.Tensor | None) -> None:
     """Add one batch's per-layer histograms and loads into `layers` (keyed by block)."""
     for index, (block, stats) in enumerate(out_routing.items()):
         hist = stats["active_experts_hist"].double().cpu().numpy()
@@ -115,6 +130,6 @@ def evaluate_split(
         scored = int((targets_BT != IGNORE_INDEX).sum())
         total_nats += float(out.loss) * scored
         total_tokens += scored
-        _accumulate(layers, out.routing, out.k_L)
+        accumulate_routing(layers, out.routing, out.k_L)
     model.train(was_training)
     return SplitEval(loss=total_nats / max(total_tokens, 1), tokens=total_tokens, layers=list(layers.values()))

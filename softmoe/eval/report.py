@@ -21,7 +21,7 @@ import yaml  # noqa: E402
 from softmoe.eval.perplexity import SplitEval  # noqa: E402
 from softmoe.train.metrics import read_metrics  # noqa: E402
 
-__all__ = ["RunResult", "write_report"]
+__all__ = ["RunResult", "save_figure", "write_report"]
 
 
 @dataclass
@@ -38,6 +38,17 @@ class RunResult:
         return json.loads((self.run_dir / "summary.json").read_text())
 
 
+def style_axes(ax, xlabel: str, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8,
+               legend_cols: int = 1) -> None:
+    """The labels, grid and legend every plot of the project uses (legend_size 0: no legend)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    if legend_size:
+        ax.legend(fontsize=legend_size, ncol=legend_cols)
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [p[0] for p in points], [p[1] for p in points]
@@ -52,12 +63,8 @@ def plot_losses(runs: list[RunResult], path: Path) -> Path:
         ax.plot(steps, loss, color=color, alpha=0.55, lw=1, label=f"{run.label} train")
         steps, loss = _series(read_metrics(run.run_dir, "val"), "loss")
         ax.plot(steps, loss, color=color, marker="o", lw=2, label=f"{run.label} val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("Training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(ax, "optimizer step", "cross-entropy (nats / token)", "Training and validation loss")
+    return save_figure(fig, path)
 
 
 def plot_layer_k(run: RunResult, path: Path) -> Path:
@@ -70,12 +77,13 @@ def plot_layer_k(run: RunResult, path: Path) -> Path:
     if records:
         mean_k = [np.mean([layer["k"] for layer in r["layers"]]) for r in records]
         ax.plot(steps, mean_k, color="black", ls="--", lw=1, label="mean over layers (budget K)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("k_l (mean active experts, learned)")
-    ax.set_title(f"Per-layer budget allocation: {run.label}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(
+        ax,
+        "optimizer step",
+        "k_l (mean active experts, learned)",
+        f"Per-layer budget allocation: {run.label}",
+    )
+    return save_figure(fig, path)
 
 
 def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
@@ -87,15 +95,17 @@ def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
         frac = hist / max(hist.sum(), 1)
         x = np.arange(frac.shape[0]) + (i - (len(runs) - 1) / 2) * width
         ax.bar(x, frac, width=width, label=f"{run.label} (mean {run.final.active_experts_mean:.2f})")
-    ax.set_xlabel("active experts per token")
-    ax.set_ylabel(f"fraction of (token, layer) pairs, {runs[0].split if runs else ''} split")
-    ax.set_title("Active experts per token")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(
+        ax,
+        "active experts per token",
+        f"fraction of (token, layer) pairs, {runs[0].split if runs else ''} split",
+        "Active experts per token",
+        grid_axis="y",
+    )
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()

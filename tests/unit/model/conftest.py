@@ -1,12 +1,8 @@
-"""Model tests run tiny matmuls: one intra-op thread is several times faster than two on a busy CPU."""
+"""Model tests run tiny matmuls: every test here uses one intra-op thread (see tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_for_model_tests(one_thread):
     yield
-    torch.set_num_threads(threads)

@@ -15,13 +15,6 @@ from softmoe.routing.budget import exact_allocation
 from tests.reference.dense_moe import expert_outputs
 
 
-@pytest.fixture
-def one_thread():
-    # The toy task is many tiny ops; on a shared 2-core box extra threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def check_exact(k_L: torch.Tensor, budget: Budget) -> None:

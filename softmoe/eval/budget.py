@@ -1,0 +1,171 @@
+"""The budget dial: evaluate one trained SoftMoE model at several global budgets K', no retraining.
+
+Shape legend:
+    L   SoftMoE layers (the Budget's layer axis)
+
+At each K' the per-layer budgets are the learned allocation scaled proportionally,
+    k_l' = clip(c * k_l, k_min, k_max)   with c such that mean_l k_l' = K' exactly,
+so a layer that is capped hands its overflow to the others in proportion to their learned k_l (and a
+layer lifted to k_min takes its deficit from them). Without clipping c = K'/K. The values are pinned
+with `Budget.set_budget(K', per_layer=...)`, which checks the bounds and the mean again; the model's
+own budget state is restored after each evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softmoe.eval.flops import compute_cost
+from softmoe.eval.perplexity import bits_per_byte, evaluate_split
+from softmoe.eval.report import save_figure, style_axes  # first: selects the file-only matplotlib backend
+from softmoe.model import GPT
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+__all__ = ["BudgetPoint", "budget_sweep", "check_budgets", "dialed", "plot_budget_sweep", "scaled_allocation"]
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """The model evaluated at one global budget."""
+
+    budget: float  # K' = mean_l k_l'
+    k_L: list[float]  # the pinned per-layer k_l'
+    loss: float  # nats per token
+    tokens: int  # scored targets
+    bits_per_byte: float | None  # None when the byte count is unknown
+    active_experts_mean: float  # realized, mean over layers
+    active_experts_per_layer: list[float]  # realized, by layer
+    expert_flops_per_token: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "perplexity": self.perplexity}
+
+
+def scaled_allocation(k_L: torch.Tensor, budget: float, k_min: float, k_max: float) -> torch.Tensor:
+    """Scale a learned allocation to a new mean: k_l' = clip(c k_l, k_min, k_max), mean_l k_l' = budget.
+
+    mean_l clip(c k_l, ...) is continuous and non-decreasing in c, so c is found by bisection and then
+    solved exactly on the layers left unclipped.
+
+    Args:
+        k_L: (L,) positive learned per-layer k_l.
+        budget: K' in [k_min, k_max].
+    Returns:
+        (L,) float64 k_l' in [k_min, k_max] with mean K' (to float64 rounding).
+    """
+    if not k_min <= budget <= k_max:
+        raise ValueError(f"budget={budget} must be in [k_min={k_min}, k_max={k_max}]")
+    k_L = k_L.detach().double()
+    if bool((k_L <= 0).any()):
+        raise ValueError(f"k_L={k_L.tolist()} must be positive to be scaled")
+    target = budget * k_L.shape[0]
+    low, high = 0.0, k_max / float(k_L.min())  # mean at c=low is k_min, at c=high k_max
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if float((mid * k_L).clamp(k_min, k_max).sum()) < target:
+            low = mid
+        else:
+            high = mid
+    c = 0.5 * (low + high)
+    free_L = (c * k_L > k_min) & (c * k_L < k_max)
+    if bool(free_L.any()):  # solve c exactly for the unclipped layers
+        pinned = (c * k_L).clamp(k_min, k_max)[~free_L].sum()
+        c = float((target - pinned) / k_L[free_L].sum())
+    return (c * k_L).clamp(k_min, k_max)
+
+
+def check_budgets(model: GPT, budgets: Sequence[float]) -> None:
+    """ValueError unless `model` has a SoftMoE budget and every K' in `budgets` lies in its bounds."""
+    if model.budget is None:
+        c = model.config
+        raise ValueError(f"budget dial needs a SoftMoE checkpoint with a budget; this model has ffn={c.ffn!r}, "
+                         f"router={c.router!r}")
+    if not budgets:
+        raise ValueError("budgets=[] must list at least one global budget")
+    low, high = model.budget.k_min, model.budget.k_max
+    for value in budgets:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"budget={value!r} must be a finite number")
+        if not low <= value <= high:
+            raise ValueError(f"budget={value} is out of range: this model's budget allows [k_min={low}, "
+                             f"E - margin={high}]")
+
+
+@contextlib.contextmanager
+def dialed(model: GPT, budget: float) -> Iterator[torch.Tensor]:
+    """Pin the model's per-layer budgets to the learned allocation scaled to `budget`; restore on exit.
+
+    Yields:
+        (L,) float32 k_l' in use.
+    """
+    check_budgets(model, [budget])
+    saved = {name: buffer.clone() for name, buffer in model.budget.named_buffers()}
+    b = model.budget
+    with torch.no_grad():
+        k_L = scaled_allocation(b.k(), budget, b.k_min, b.k_max)
+    try:
+        b.set_budget(float(budget), per_layer=k_L.float())
+        yield b.k()
+    finally:
+        for name, buffer in b.named_buffers():
+            buffer.copy_(saved[name])
+
+
+def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence[float], batch_size: int = 16,
+                 precision: str = "fp32", max_batches: int | None = None,
+                 num_bytes: int | None = None) -> list[BudgetPoint]:
+    """Evaluate `model` on one split at each global budget K' (see the module docstring).
+
+    Args:
+        model: a SoftMoE decoder (ValueError otherwise).
+        tokens: (N,) token ids of the split.
+        seq_len, batch_size, precision, max_batches: as in `evaluate_split`.
+        budgets: the K' values, each in the Budget's [k_min, E - margin].
+        num_bytes: UTF-8 bytes of the split's text, for bits per byte (whole splits only).
+    Returns:
+        One BudgetPoint per K', in the given order.
+    """
+    check_budgets(model, budgets)
+    points = []
+    for budget in budgets:
+        with dialed(model, budget) as k_L:
+            result = evaluate_split(model, tokens, seq_len, batch_size, precision, max_batches)
+            cost = compute_cost(model, result.layers)
+        bpb = None
+        if num_bytes and max_batches is None:
+            bpb = bits_per_byte(result.loss, result.tokens, num_bytes)
+        points.append(BudgetPoint(
+            budget=float(budget), k_L=[round(v, 6) for v in k_L.tolist()], loss=result.loss, tokens=result.tokens,
+            bits_per_byte=bpb, active_experts_mean=float(result.active_experts_mean),
+            active_experts_per_layer=[layer.active_mean for layer in result.layers],
+            expert_flops_per_token=cost.expert_flops_per_token,
+        ))
+    return points
+
+
+def plot_budget_sweep(points: Sequence[BudgetPoint], path: Path, trained_budget: float | None = None,
+                      title: str = "Budget dial") -> Path:
+    """PNG of loss against realized mean active experts, one labelled point per K'."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [p.active_experts_mean for p in points]
+    ys = [p.loss for p in points]
+    ax.plot(xs, ys, marker="o", color="C0")
+    for p in points:
+        trained = trained_budget is not None and abs(p.budget - trained_budget) < 1e-9
+        ax.annotate(f"K'={p.budget:g}" + (" (trained)" if trained else ""), (p.active_experts_mean, p.loss),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    style_axes(ax, "realized mean active experts per token (mean over layers)", "cross-entropy (nats / token)", title,
+               legend_size=0)
+    return save_figure(fig, path)

@@ -1,0 +1,424 @@
+"""`softmoe compare --study configs/studies/<name>.yaml`: train, evaluate and compare variants over seeds.
+
+A study file:
+
+    name: small                       # runs go to <out_dir>/<name>-<variant>-s<seed>/
+    base: configs/small/softmoe.yaml  # the preset every variant starts from (relative to the repo root)
+    out_dir: runs/studies/small
+    seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
+    overrides: {train.progress: false}            # optional, applied to every variant
+    eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no tasks or budgets)
+    variants:
+      - name: topk-k1
+        overrides: {model.router: topk, model.k: 1}
+
+Every (variant, seed) sees the same data and the same number of training tokens (checked). A finished
+run is reused, an interrupted one resumes (`softmoe.train.runs.train_or_reuse`), and a run's evaluation
+is cached in `<run_dir>/eval/eval.json`. The study writes `results.json`, `results.md` and plots into
+its out_dir: the frontier (validation loss vs realized mean active experts), the per-layer allocation of
+the SoftMoE runs, and the loss curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
+from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
+from softmoe.eval.report import save_figure, style_axes
+from softmoe.train.checkpoint import latest_good_checkpoint
+from softmoe.train.config import RunConfig, load_run_config
+from softmoe.train.metrics import read_metrics
+from softmoe.train.runs import is_finished, prepared_dataset_dir, train_or_reuse
+
+import matplotlib.pyplot as plt  # noqa: E402  (after report.py chose the file-only backend)
+
+__all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_study"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description"}
+METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "expert_flops_per_token",
+           "tokens_per_sec")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # short id, used in run names
+    overrides: tuple[str, ...]  # `section.key=value` strings on top of the study's overrides
+    label: str  # legend / table label
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file (see the module docstring)."""
+
+    name: str
+    base: Path
+    out_dir: Path
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]
+    evaluation: EvalSettings  # the `eval:` section
+    variants: tuple[Variant, ...]
+    path: Path
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: Variant
+    seed: int
+    config: RunConfig
+
+    @property
+    def tokens(self) -> int:
+        t, d = self.config.train, self.config.data
+        return t.steps * t.grad_accum * d.batch_size * d.seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# Study file -> planned runs
+# --------------------------------------------------------------------------------------------
+
+
+def _overrides(raw, where: str) -> tuple[str, ...]:
+    """A {dotted.key: value} mapping -> `key=value` strings (values as JSON, which YAML reads back)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}={raw!r} must be a mapping of section.key: value")
+    return tuple(f"{key}={json.dumps(value)}" for key, value in raw.items())
+
+
+def _resolve(path: str, where: str) -> Path:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}={path!r} must be a path string")
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _variants(raw) -> tuple[Variant, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"variants={raw!r} must be a non-empty list of {{name, overrides}}")
+    variants = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label"}:
+            raise ValueError(f"variants[{i}]={item!r} must be a mapping with name, overrides and optional label")
+        name = item.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"variants[{i}].name={name!r} must be a non-empty name of letters, digits, _ . -")
+        variants.append(Variant(name, _overrides(item.get("overrides"), f"variants[{i}].overrides"),
+                                str(item.get("label", name))))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants: names {names} must be distinct")
+    return tuple(variants)
+
+
+def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
+    """Parse and check a study file; `out_dir` overrides the file's."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"study={str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"study={str(path)!r} must be a YAML mapping, got {type(raw).__name__}")
+    if set(raw) - _STUDY_KEYS:
+        raise ValueError(f"study {path}: unknown keys {sorted(set(raw) - _STUDY_KEYS)}; valid keys: "
+                         f"{sorted(_STUDY_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name={name!r} must be a non-empty name of letters, digits, _ . -")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ValueError(f"seeds={seeds!r} must be a non-empty list of distinct ints >= 0")
+    eval_raw = raw.get("eval") or {}
+    if not isinstance(eval_raw, dict) or {"tasks", "budgets"} & set(eval_raw):
+        raise ValueError(f"eval={eval_raw!r} must be a mapping of EvalSettings fields (tasks and budgets "
+                         "are run with `softmoe eval`)")
+    try:
+        settings = EvalSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in eval_raw.items()})
+    except TypeError as err:
+        raise ValueError(f"eval={eval_raw!r}: {err}") from None
+    if out_dir is None:
+        out_dir = _resolve(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
+    return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
+                 seeds=tuple(seeds), overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
+                 variants=_variants(raw.get("variants")), path=path)
+
+
+def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[PlannedRun]:
+    """Every (variant, seed) config, seed-major (all variants of seed 0 first, so a partial study compares).
+
+    Raises:
+        ValueError: a variant's config is invalid, or variants differ in data or training tokens.
+    """
+    runs = []
+    for seed in study.seeds:
+        for variant in study.variants:
+            placed = [f"train.out_dir={study.out_dir}", f"train.name={study.name}-{variant.name}-s{seed}",
+                      f"train.seed={seed}", f"data.seed={seed}"]
+            try:
+                config = load_run_config(study.base, [*study.overrides, *variant.overrides, *extra_overrides,
+                                                      *placed])
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"variant {variant.name!r}: {err}") from None
+            runs.append(PlannedRun(variant, seed, config))
+    first = runs[0]
+    for run in runs[1:]:
+        if run.tokens != first.tokens or dataclasses.replace(run.config.data, seed=0) != \
+                dataclasses.replace(first.config.data, seed=0):
+            raise ValueError(f"variant {run.variant.name!r}: trains on {run.tokens:,} tokens of {run.config.data}, "
+                             f"but {first.variant.name!r} on {first.tokens:,} of {first.config.data}; a study "
+                             f"compares variants on the same data and token budget")
+    return runs
+
+
+def _status(run: PlannedRun) -> str:
+    if is_finished(run.config):
+        return "finished (reused)"
+    checkpoints = run.config.train.run_dir / "checkpoints"
+    found = latest_good_checkpoint(checkpoints, lambda message: None) if checkpoints.is_dir() else None
+    return f"resumes from {found.name}" if found is not None else "new"
+
+
+def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
+    """The --dry-run text: one line per run with its status, and the token counts."""
+    lines = [f"study {study.name} ({study.path}): base {study.base}, {len(study.variants)} variants x "
+             f"{len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
+    for run in runs:
+        m = run.config.model
+        letter = "K" if m.router == "softmoe" else "k"  # SoftMoE's k is the global budget
+        what = "dense" if m.ffn == "dense" else f"{m.router} {letter}={m.k:g} of {m.num_experts}"
+        lines.append(f"  {run.config.train.name:<36} {what:<22} {run.config.train.steps} steps  {_status(run)}")
+    total = sum(run.tokens for run in runs)
+    todo = sum(run.tokens for run in runs if not is_finished(run.config))
+    lines.append(f"tokens: {runs[0].tokens:,} per run, {total:,} in total ({todo:,} not yet trained, upper bound)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Train + evaluate every run
+# --------------------------------------------------------------------------------------------
+
+
+def _cached_eval(run_dir: Path, settings: EvalSettings) -> dict | None:
+    """The run's eval.json if it measured the newest checkpoint with these settings."""
+    path = run_dir / "eval" / "eval.json"
+    if not path.is_file():
+        return None
+    payload = read_json(path)
+    newest = latest_good_checkpoint(run_dir / "checkpoints", lambda message: None)
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    same = all(payload["settings"].get(k) == v for k, v in wanted.items() if v is not None)
+    return payload if same and newest is not None and payload["model"]["checkpoint"] == str(newest) else None
+
+
+def _evaluate_run(run_dir: Path, settings: EvalSettings) -> dict:
+    payload = _cached_eval(run_dir, settings)
+    if payload is not None:
+        print(f"{run_dir}: evaluation cached in eval/eval.json", flush=True)
+        return payload
+    payload, points = evaluate_checkpoint(run_dir, settings, report=lambda message: print(message, flush=True))
+    write_eval(payload, points, run_dir / "eval")
+    return payload
+
+
+def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
+    entry = payload["language_modelling"][0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    m = run.config.model
+    return {
+        "variant": run.variant.name, "label": run.variant.label, "seed": run.seed, "run_dir": str(run_dir),
+        "ffn": m.ffn, "router": m.router if m.ffn == "moe" else "dense", "k": m.k,
+        "loss": entry["loss"], "perplexity": entry["perplexity"], "bits_per_byte": entry["bits_per_byte"],
+        "active_experts_mean": entry["routing"]["active_experts_mean"],
+        "active_experts_per_layer": [layer["active_experts_mean"] for layer in entry["routing"]["layers"]],
+        "k_L": payload["model"]["k_L"], "expert_flops_per_token": entry["cost"]["expert_flops_per_token"],
+        "active_params": entry["cost"]["active_params"], "tokens_per_sec": summary.get("tokens_per_sec"),
+        "expert_equivalents": _expert_equivalents(run.config, entry["cost"]["expert_flops_per_token"]),
+    }
+
+
+def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
+    """FFN FLOPs per token in units of "experts per layer" (for a dense model: d_ff / d_expert)."""
+    m = config.model
+    return ffn_flops / (m.n_layers * 2 * 3 * m.d_model * m.d_expert)
+
+
+def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
+    """Mean and sample std over seeds of every metric, per variant (std None with one seed)."""
+    rows = []
+    for variant in variants:
+        mine = [r for r in runs if r["variant"] == variant.name]
+        if not mine:
+            continue
+        row = {"variant": variant.name, "label": variant.label, "router": mine[0]["router"], "seeds": len(mine)}
+        for key in (*METRICS, "expert_equivalents"):
+            values = [r[key] for r in mine if r[key] is not None]
+            row[key] = {"mean": float(np.mean(values)) if values else None,
+                        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+        rows.append(row)
+    return rows
+
+
+def run_study(study: Study, extra_overrides: tuple[str, ...] = ()) -> Path:
+    """Train (or reuse) and evaluate every run of the study, then write the results; returns results.md."""
+    runs = plan_runs(study, extra_overrides)
+    prepared_dataset_dir(runs[0].config.data)  # fetch/prepare once, before any training
+    records = []
+    for i, run in enumerate(runs, 1):
+        print(f"== [{i}/{len(runs)}] {run.config.train.name} ==", flush=True)
+        run_dir = train_or_reuse(run.config)
+        records.append(_run_record(run, run_dir, _evaluate_run(run_dir, study.evaluation)))
+    return write_results(study, runs, records)
+
+
+# --------------------------------------------------------------------------------------------
+# Results: json, markdown, plots
+# --------------------------------------------------------------------------------------------
+
+_MARKERS = {"dense": "s", "topk": "^", "softmoe": "o"}
+
+
+def plot_frontier(rows: list[dict], records: list[dict], path: Path) -> Path:
+    """Validation loss vs realized mean active experts: seeds as small points, the seed mean large."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, row in enumerate(rows):
+        color, marker = f"C{i % 10}", _MARKERS.get(row["router"], "D")
+        mine = [r for r in records if r["variant"] == row["variant"]]
+        xs = [_x(r) for r in mine]
+        ax.scatter(xs, [r["loss"] for r in mine], color=color, marker=marker, alpha=0.35, s=18)
+        std = row["loss"]["std"]
+        ax.errorbar([_x(row)], [row["loss"]["mean"]], yerr=None if std is None else [std], color=color,
+                    marker=marker, ms=8, capsize=3, label=row["label"])
+    style_axes(
+        ax,
+        "mean active experts per token (dense: FFN width in experts)",
+        "validation loss (nats / token)",
+        "Loss vs active experts (seeds: small points; mean ± std: large)",
+        legend_size=7,
+        legend_cols=2,
+    )
+    return save_figure(fig, path)
+
+
+def _x(item: dict) -> float:
+    """x of the frontier: realized active experts, or the dense FFN's width in experts."""
+    value = item["active_experts_mean"]
+    value = value["mean"] if isinstance(value, dict) else value
+    if value is None:
+        value = item["expert_equivalents"]
+        value = value["mean"] if isinstance(value, dict) else value
+    return float(value)
+
+
+def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path | None:
+    """Per-layer learned k_l (solid) and realized active experts (dashed) of the SoftMoE variants."""
+    soft = [v for v in variants if any(r["variant"] == v.name and r["k_L"] for r in records)]
+    if not soft:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, variant in enumerate(soft):
+        mine = [r for r in records if r["variant"] == variant.name]
+        k_L = np.mean([r["k_L"] for r in mine], axis=0)
+        active = np.mean([r["active_experts_per_layer"] for r in mine], axis=0)
+        layers = np.arange(len(k_L))
+        ax.plot(layers, k_L, color=f"C{i % 10}", marker="o", label=f"{variant.label}: k_l")
+        ax.plot(layers, active, color=f"C{i % 10}", ls="--", marker="x", label=f"{variant.label}: realized")
+    ax.set_xticks(layers)  # every variant has the same layers
+    style_axes(
+        ax,
+        "MoE layer",
+        "experts per token (mean over seeds)",
+        "Per-layer allocation of the SoftMoE runs",
+        legend_size=7,
+        legend_cols=2,
+    )
+    return save_figure(fig, path)
+
+
+def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
+    """Training loss of every run (thin, one colour per variant) and validation passes (markers)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, variant in enumerate(variants):
+        color = f"C{i % 10}"
+        for j, r in enumerate(x for x in records if x["variant"] == variant.name):
+            train = read_metrics(Path(r["run_dir"]), "train")
+            val = read_metrics(Path(r["run_dir"]), "val")
+            ax.plot([m["step"] for m in train], [m["loss"] for m in train], color=color, lw=0.8, alpha=0.5,
+                    label=variant.label if j == 0 else None)
+            ax.plot([m["step"] for m in val], [m["loss"] for m in val], color=color, marker="o", ms=3, lw=0)
+    style_axes(
+        ax,
+        "optimizer step",
+        "cross-entropy (nats / token)",
+        "Loss curves (lines: train, markers: validation passes)",
+        legend_size=7,
+        legend_cols=2,
+    )
+    return save_figure(fig, path)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (stable across checkouts)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _pm(stat: dict, spec: str, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = format(stat["mean"] / scale, spec)
+    return text if stat["std"] is None else f"{text} ± {format(stat['std'] / scale, spec)}"
+
+
+def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plots: list[tuple[str, Path]]) -> str:
+    c, limit = runs[0].config, study.evaluation.max_batches
+    head = [f"# Study `{study.name}`", "",
+            f"Study file `{_shown(study.path)}`; base preset `{_shown(study.base)}`. "
+            f"Command: `softmoe compare --study {_shown(study.path)}`.",
+            f"Each run trains on {runs[0].tokens:,} tokens ({c.train.steps} steps x {c.train.grad_accum} x "
+            f"{c.data.batch_size} x {c.data.seq_len}) of corpus `{c.data.corpus}`; seeds {list(study.seeds)} set "
+            f"the init and the batch order. Scored on the whole `{study.evaluation.splits[0]}` split"
+            + ("" if limit is None else f" (at most {limit} batches)") + ".",
+            f"Machine: {platform.machine()}, torch {torch.__version__}. Mean ± sample std over seeds.", "",
+            "| variant | seeds | val loss | perplexity | bits per byte | mean active experts | "
+            "FFN FLOPs / token (M) | train tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [_pm(row["loss"], ".4f"), _pm(row["perplexity"], ".2f"), _pm(row["bits_per_byte"], ".4f"),
+                 _pm(row["active_experts_mean"], ".3f"), _pm(row["expert_flops_per_token"], ".3f", 1e6),
+                 _pm(row["tokens_per_sec"], ",.0f")]
+        head.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    head += ["", "FFN FLOPs count the realized experts of MoE layers and the whole FFN of dense layers "
+             "(matmuls only, 2 per multiply-add); dense models have no active-expert count.", ""]
+    for caption, path in plots:
+        head += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+    return "\n".join(head)
+
+
+def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> Path:
+    """results.json, results.md and the plots into the study's out_dir; returns results.md."""
+    out = study.out_dir
+    rows = _aggregate(records, study.variants)
+    frontier = plot_frontier(rows, records, out / "frontier.png")
+    plots = [("Frontier: validation loss vs mean active experts", frontier)]
+    allocation = plot_allocation(records, study.variants, out / "allocation.png")
+    if allocation is not None:
+        plots.append(("Per-layer allocation (SoftMoE)", allocation))
+    plots.append(("Loss curves", plot_loss_curves(records, study.variants, out / "loss_curves.png")))
+    atomic_write_json(out / "results.json", {
+        "study": study.name, "study_file": str(study.path), "base": str(study.base), "seeds": list(study.seeds),
+        "tokens_per_run": runs[0].tokens, "eval": dataclasses.asdict(study.evaluation), "variants": rows,
+        "runs": records})
+    atomic_write_text(out / "results.md", results_markdown(study, runs, rows, plots))
+    return out / "results.md"

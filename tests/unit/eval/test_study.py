@@ -1,0 +1,72 @@
+"""Study files: parsing, the planned runs (same data and tokens for every variant), the dry-run text, errors.
+
+Run: .venv/bin/python -m pytest -q tests/unit/eval/test_study.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from softmoe.eval.compare import describe_plan, load_study, plan_runs
+
+STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
+
+
+def write_study(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((STUDIES / "tiny.yaml").read_text())
+    raw.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_small_study_lists_the_issue_variants_with_three_seeds():
+    study = load_study(STUDIES / "small.yaml")
+    assert study.seeds == (0, 1, 2)
+    runs = plan_runs(study)
+    assert len(runs) == 12 * 3
+    models = {run.variant.name: run.config.model for run in runs if run.seed == 0}
+    assert models["dense"].ffn == "dense"
+    assert [models[f"topk-k{k}"].k for k in (1, 2, 4)] == [1, 2, 4]
+    assert all(models[f"topk-k{k}"].router == "topk" and models[f"topk-k{k}"].num_experts == 8 for k in (1, 2, 4))
+    assert [models[f"softmoe-K{k}"].k for k in ("1.0", "1.5", "2.0")] == [1.0, 1.5, 2.0]
+    assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
+    assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
+    assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
+        {0.03, 0.3}
+    assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 400 * 16 * 256
+    names = [run.config.train.name for run in runs]
+    assert len(set(names)) == len(names) and names[0] == "small-dense-s0"
+
+
+def test_plan_sets_seeds_names_and_out_dir(tmp_path):
+    study = load_study(STUDIES / "tiny.yaml", out_dir=tmp_path / "out")
+    runs = plan_runs(study, ("train.steps=3",))
+    assert [(r.variant.name, r.seed) for r in runs] == [("softmoe", 0), ("topk", 0), ("softmoe", 1), ("topk", 1)]
+    for run in runs:
+        assert run.config.train.seed == run.config.data.seed == run.seed
+        assert run.config.train.run_dir == tmp_path / "out" / f"tiny-{run.variant.name}-s{run.seed}"
+        assert run.config.train.steps == 3
+    text = describe_plan(study, runs)
+    assert "4 runs" in text and f"{3 * 8 * 32:,} per run" in text and text.count(" new") == 4
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"seeds": []}, "seeds=\\[\\]"),
+    ({"seeds": [0, 0]}, "seeds=\\[0, 0\\]"),
+    ({"name": "a b"}, "name='a b'"),
+    ({"base": "configs/tiny/nope.yaml"}, "does not exist"),
+    ({"variants": []}, "variants=\\[\\]"),
+    ({"variants": [{"name": "x"}, {"name": "x"}]}, "must be distinct"),
+    ({"variants": [{"name": "x", "overrides": {"model.routr": "topk"}}]}, "variant 'x'.*model.routr"),
+    ({"variants": [{"name": "x", "overrides": {"train.steps": 5}}, {"name": "y"}]}, "same data and token budget"),
+    ({"eval": {"tasks": ["piqa"]}}, "eval="),
+    ({"eval": {"splits": ["dev"]}}, "splits="),
+    ({"colour": "red"}, "unknown keys \\['colour'\\]"),
+])
+def test_bad_study_files_raise_value_errors_naming_the_key(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        plan_runs(load_study(write_study(tmp_path, **changes)))
