@@ -8,6 +8,7 @@ from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts, truncate
 from softmoe.routing.softk import SoftKConfig, SoftKRouter
 from softmoe.routing.topk import TopKConfig, TopKRouter
+from softmoe.routing.topp import TopPConfig, TopPRouter
 
 __all__ = [
     "Routing",
@@ -25,4 +26,6 @@ __all__ = [
     "SoftKRouter",
     "TopKConfig",
     "TopKRouter",
+    "TopPConfig",
+    "TopPRouter",
 ]

@@ -36,6 +36,25 @@ def topk_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def topp_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E) dense top-p weights from the definition: most probable experts first, add experts
+    until their summed probability reaches p (the crossing one included), at most max_active."""
+    cfg = layer.router.config
+    probs = torch.softmax(x_TD.float() @ layer.router.gate.weight.float().t(), dim=-1)
+    cap = cfg.max_active or probs.shape[-1]
+    weight = torch.zeros_like(probs)
+    for t in range(probs.shape[0]):
+        kept, mass = [], 0.0
+        for e in torch.argsort(probs[t], descending=True, stable=True).tolist():
+            if len(kept) == cap or (mass >= cfg.p and cfg.p < 1.0):
+                break
+            kept.append(e)
+            mass += float(probs[t, e].detach())
+        chosen = probs[t, kept]
+        weight[t, kept] = chosen / chosen.sum() if cfg.normalize else chosen
+    return weight
+
+
 def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
     """(T, E) dense SoftMoE weights: soft top-k, truncate, combine, from the definitions."""
     cfg = layer.router.config
