@@ -23,6 +23,12 @@ def _cmd_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from softmoe.model.hf import cmd_export  # imports transformers: only when exporting
+
+    return cmd_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--eval-max-batches", type=int, default=None, help="cap validation batches (default: whole split)")
     main.add_argument("overrides", nargs="*", help="section.key=value settings for every variant (e.g. train.steps=50)")
     main.set_defaults(func=_cmd_main)
+
+    export = sub.add_parser("export", help="convert a training checkpoint to a transformers folder")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint or run directory (newest good)")
+    export.add_argument("--out", required=True, type=Path, help="output transformers folder")
+    export.set_defaults(func=_cmd_export)
 
     from softmoe.data.cli import add_data_parser
 

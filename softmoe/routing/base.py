@@ -29,6 +29,7 @@ __all__ = [
     "RouterConfig",
     "RouterOutput",
     "LayerStats",
+    "GateRouter",
     "ROUTERS",
     "register_router",
     "build_router",
@@ -186,6 +187,22 @@ def finish_routing(
     }
     stats.update(extra_stats or {})
     return RouterOutput(routing=routing, logits_TE=logits_TE, aux_loss=aux, stats=LayerStats(stats))
+
+
+class GateRouter(torch.nn.Module):
+    """Base of every router: a linear gate W (E x D, no bias) and the router's frozen config.
+
+    Subclasses implement `forward(x_TD, mean_k=None, mask_T=None) -> RouterOutput`; routers that take
+    a budget k_l set `uses_budget = True`.
+    """
+
+    uses_budget = False
+
+    def __init__(self, d_model: int, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.gate = torch.nn.Linear(d_model, config.num_experts, bias=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 
 from softmoe.ops.lapsum import soft_topk
 from softmoe.routing.base import (
+    GateRouter,
     RouterConfig,
     RouterOutput,
     check_float,
@@ -102,7 +103,7 @@ def combine_weights(
 
 
 @register_router("softmoe", SoftKConfig)
-class SoftKRouter(nn.Module):
+class SoftKRouter(GateRouter):
     """Truncated LapSum soft top-k router; k_l from the budget (`mean_k`) or its own k.
 
     Standalone (mean_k=None) the layer is a one-layer budget: k fixed at `config.k`, or with
@@ -112,10 +113,7 @@ class SoftKRouter(nn.Module):
     uses_budget = True
 
     def __init__(self, d_model: int, config: SoftKConfig):
-        super().__init__()
-        self.config = config
-        self.num_experts = config.num_experts
-        self.gate = nn.Linear(d_model, config.num_experts, bias=False)
+        super().__init__(d_model, config)
         log_alpha = torch.tensor(math.log(config.alpha))
         if config.learn_alpha:
             self.log_alpha = nn.Parameter(log_alpha)

@@ -14,9 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from softmoe.routing.base import RouterConfig, RouterOutput, finish_routing, real_tokens, register_router, router_logits
+from softmoe.routing.base import (
+    GateRouter,
+    RouterConfig,
+    RouterOutput,
+    finish_routing,
+    real_tokens,
+    register_router,
+    router_logits,
+)
 from softmoe.routing.record import routing_from_mask
 
 __all__ = ["TopKConfig", "TopKRouter"]
@@ -35,16 +42,8 @@ class TopKConfig(RouterConfig):
 
 
 @register_router("topk", TopKConfig)
-class TopKRouter(nn.Module):
+class TopKRouter(GateRouter):
     """Hard top-k over softmax(W x). k is fixed; the budget does not apply (`uses_budget = False`)."""
-
-    uses_budget = False
-
-    def __init__(self, d_model: int, config: TopKConfig):
-        super().__init__()
-        self.config = config
-        self.num_experts = config.num_experts
-        self.gate = nn.Linear(d_model, config.num_experts, bias=False)
 
     def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
         """Route T tokens to their k most probable experts.

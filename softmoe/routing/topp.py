@@ -27,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from softmoe.routing import losses
 from softmoe.routing.base import (
+    GateRouter,
     RouterConfig,
     RouterOutput,
     check_float,
@@ -108,16 +108,8 @@ def router_entropy(probs_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor
 
 
 @register_router("topp", TopPConfig)
-class TopPRouter(nn.Module):
+class TopPRouter(GateRouter):
     """Top-p threshold router over softmax(W x); a per-token number of experts, no budget k_l."""
-
-    uses_budget = False
-
-    def __init__(self, d_model: int, config: TopPConfig):
-        super().__init__()
-        self.config = config
-        self.num_experts = config.num_experts
-        self.gate = nn.Linear(d_model, config.num_experts, bias=False)
 
     def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
         """Route T tokens to their top-p expert sets.

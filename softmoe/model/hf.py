@@ -1,0 +1,166 @@
+"""transformers integration: SoftMoEConfig and SoftMoEForCausalLM, a thin PreTrainedModel around GPT.
+
+The HF classes add no architecture: SoftMoEForCausalLM holds one `softmoe.model.GPT` as `model`, so
+`save_pretrained` writes GPT's own state dict (under `model.`) to safetensors. SoftMoEConfig stores
+exactly the fields of ModelConfig and converts both ways, so ModelConfig stays the one source of truth.
+
+Generation uses transformers' DynamicCache. GPT's attention only needs an object with `length` and
+`update(layer, k, v)`; `_CacheView` adapts the HF cache to that, so beam search and cache reordering
+are transformers' business and the attention code is unchanged.
+
+Importing this module registers "softmoe" with AutoConfig / AutoModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerFast)
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from softmoe.data.tokenizer import EOT
+from softmoe.model.attention import rope_tables
+from softmoe.model.config import ModelConfig
+from softmoe.model.decoder import GPT
+
+__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "cmd_export", "export_checkpoint", "hf_tokenizer"]
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+class SoftMoEConfig(PretrainedConfig):
+    """ModelConfig's fields as a PretrainedConfig (config.json). Validation is ModelConfig's."""
+
+    model_type = "softmoe"
+    # transformers reads these standard names (cache layout, lm-eval's max length); they alias our fields.
+    attribute_map = {"num_hidden_layers": "n_layers", "hidden_size": "d_model",
+                     "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
+
+    def __init__(self, **kwargs):
+        defaults = ModelConfig()
+        for name in _FIELDS:
+            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+        # The head is the embedding matrix itself (one tensor), so there is nothing for HF to tie.
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.to_model_config()  # raise ValueError / TypeError naming the bad field now, not at model build
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig, **kwargs) -> SoftMoEConfig:
+        return cls(**dataclasses.asdict(config), **kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(**{name: getattr(self, name) for name in _FIELDS})
+
+
+class _CacheView:
+    """Presents a transformers Cache as the `cache` GPT.forward expects (`length`, `update(layer, k, v)`)."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.length = cache.get_seq_length()  # GPT advances this after the forward; nothing reads it later
+
+    def update(self, layer: int, k_BHSd: torch.Tensor,
+               v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k_BHSd, v_BHSd, layer)
+
+
+class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM for transformers: forward(input_ids, labels, past_key_values) over one GPT."""
+
+    config_class = SoftMoEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: SoftMoEConfig):
+        super().__init__(config)
+        self.model = GPT(config.to_model_config())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # GPT initialises its own parameters, so this leaves them alone. It does recompute the non-persistent
+        # RoPE tables: from_pretrained builds the model on the meta device and the checkpoint lacks them.
+        if isinstance(module, GPT):
+            c = module.config
+            cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)
+            module.rope_cos.data = cos.to(module.rope_cos.device)
+            module.rope_sin.data = sin.to(module.rope_sin.device)
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.model.embed = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: Cache | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """Logits (and HF-style shifted loss) for input_ids (B, S).
+
+        Args:
+            input_ids: (B, S) int64 ids of positions [start, start + S), start = cached length.
+            attention_mask: (B, L) ones only; padding is not supported (GPT has causal masking only).
+            past_key_values: a transformers Cache; a DynamicCache is made when use_cache and none is given.
+            labels: (B, S) int64; the loss predicts labels[:, 1:] from positions [:-1], -100 ignored.
+            logits_to_keep: 1 = last position only (what generate asks for); 0 = all.
+        Returns:
+            CausalLMOutputWithPast with (B, S, V) float32 logits and the cache.
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("SoftMoEForCausalLM does not support padding: attention_mask must be all ones")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        view = None if past_key_values is None else _CacheView(past_key_values)
+        targets = None
+        if labels is not None:
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        last_only = logits_to_keep == 1 and labels is None
+        out = self.model(input_ids, targets_BS=targets, cache=view, last_only=last_only)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=past_key_values)
+
+
+def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:
+    """Our tokenizer.json as a PreTrainedTokenizerFast; the BPE's <|endoftext|> (if any) is bos/eos."""
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    if EOT in tok.get_vocab():
+        tok.bos_token = tok.eos_token = EOT
+    return tok
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path,
+                      report: Callable[[str], None] = print) -> Path:
+    """Write a training checkpoint as a transformers folder (config.json, model.safetensors, tokenizer)."""
+    from softmoe.train.restore import load_for_inference
+
+    gpt, _, path = load_for_inference(checkpoint, report)
+    model = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(gpt.config))
+    model.model.load_state_dict(gpt.state_dict())
+    out = Path(out)
+    model.save_pretrained(out)
+    hf_tokenizer(path / "tokenizer.json").save_pretrained(out)
+    report(f"exported {path} -> {out}")
+    return out
+
+
+def cmd_export(args) -> int:
+    """`softmoe export --checkpoint DIR --out HF_DIR` (its parser is in softmoe/cli.py)."""
+    from softmoe.train.checkpoint import CheckpointError
+
+    try:
+        export_checkpoint(args.checkpoint, args.out)
+    except (CheckpointError, ValueError) as err:
+        print(f"softmoe export: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+AutoConfig.register(SoftMoEConfig.model_type, SoftMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(SoftMoEConfig, SoftMoEForCausalLM, exist_ok=True)

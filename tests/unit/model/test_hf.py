@@ -1,0 +1,124 @@
+"""transformers wrapper: config round trip, save/load exact, Auto classes, generate == ours, export CLI.
+
+Run: .venv/bin/python -m pytest -q tests/unit/model/test_hf.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from softmoe.cli import main
+from softmoe.model import ModelConfig, generate
+from softmoe.model.hf import SoftMoEConfig, SoftMoEForCausalLM
+from softmoe.train.config import load_run_config
+from softmoe.train.loop import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+TINY = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, d_expert=16,
+                   k=1.5, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def model() -> SoftMoEForCausalLM:
+    torch.manual_seed(0)
+    return SoftMoEForCausalLM(SoftMoEConfig.from_model_config(TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(out)
+    return out
+
+
+def test_config_converts_both_ways_and_validates():
+    assert SoftMoEConfig.from_model_config(TINY).to_model_config() == TINY
+    topk = ModelConfig(router="topk", k=2.0, moe_every=2, router_options={"aux_loss_coef": 0.01})
+    assert SoftMoEConfig.from_model_config(topk).to_model_config() == topk
+    assert SoftMoEConfig().to_model_config() == ModelConfig()
+    assert SoftMoEConfig(n_layers=3).num_hidden_layers == 3  # the name transformers' caches read
+    with pytest.raises(ValueError, match="n_heads"):
+        SoftMoEConfig(d_model=30, n_heads=4)
+
+
+def test_save_load_round_trip_is_exact(model, saved):
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    loaded = SoftMoEForCausalLM.from_pretrained(saved).eval()
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # Non-persistent RoPE tables are rebuilt after HF's meta-device load.
+    assert torch.equal(loaded.model.rope_cos, model.model.rope_cos)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_auto_classes_load_the_folder(model, saved):
+    assert isinstance(AutoConfig.from_pretrained(saved), SoftMoEConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(saved).eval()
+    assert isinstance(loaded, SoftMoEForCausalLM)
+    ids = torch.randint(0, TINY.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_logits_and_loss_match_gpt(model):
+    ids = torch.randint(0, TINY.vocab_size, (2, 10))
+    with torch.no_grad():
+        ours = model.model(ids[:, :-1], targets_BS=ids[:, 1:])
+        hf = model(ids[:, :-1], labels=ids[:, :-1].clone())
+        hf_full = model(ids, labels=ids)
+    assert torch.equal(hf.logits, ours.logits)
+    assert torch.allclose(hf_full.loss, ours.loss, atol=1e-6)  # same targets: the HF shift == our targets_BS
+
+
+def test_greedy_generate_equals_ours_and_uses_the_cache(model):
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5))
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    finally:
+        hook.remove()
+    assert torch.equal(out, generate(model.model, prompt, 10, temperature=0.0))
+    assert seen == [5] + [1] * 9  # prefill once, then one cached token per step
+
+
+def test_sampling_generate_runs(model):
+    torch.manual_seed(1)
+    out = model.generate(torch.randint(0, TINY.vocab_size, (2, 4)), max_new_tokens=6, min_new_tokens=6,
+                         do_sample=True, top_p=0.9, temperature=0.8)
+    assert out.shape == (2, 10) and int(out.max()) < TINY.vocab_size
+
+
+def test_padding_mask_is_rejected(model):
+    ids = torch.randint(0, TINY.vocab_size, (2, 4))
+    with pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+
+
+def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
+    config = load_run_config(CONFIGS / "tiny" / "softmoe.yaml", [
+        f"train.out_dir={tmp_path / 'runs'}", f"data.data_dir={tmp_path / 'data'}", "train.steps=2",
+        "train.ckpt_every=2", "train.eval_every=0", "train.eval_batches=1", "train.progress=false",
+        "train.tensorboard=false"])
+    trainer = Trainer(config, report=lambda _m: None)
+    trainer.fit()
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(config.train.run_dir), "--out", str(out)]) == 0
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, PreTrainedTokenizerFast) and tok.eos_token == "<|endoftext|>"
+    want = trainer.model.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in loaded.model.state_dict().items())
+    prompt = torch.tensor([tok("Four score and").input_ids])
+    trainer.model.eval()
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False),
+                       generate(trainer.model, prompt, 5, temperature=0.0))
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(out)]) == 2
