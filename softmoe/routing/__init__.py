@@ -9,6 +9,7 @@ from softmoe.routing.record import Routing, routing_from_mask, select_experts, t
 from softmoe.routing.softk import SoftKConfig, SoftKRouter
 from softmoe.routing.topk import TopKConfig, TopKRouter
 from softmoe.routing.topp import TopPConfig, TopPRouter
+from softmoe.routing.null import NullConfig, NullRouter
 
 __all__ = [
     "Routing",
@@ -28,4 +29,6 @@ __all__ = [
     "TopKRouter",
     "TopPConfig",
     "TopPRouter",
+    "NullConfig",
+    "NullRouter",
 ]

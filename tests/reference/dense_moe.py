@@ -55,6 +55,23 @@ def topp_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def null_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E) dense AdaMoE weights from the definition: softmax over E real + num_null null slots,
+    the k most probable slots, null picks dropped; kept real probabilities renormalised among the
+    kept real experts (a token with no real pick gets an all-zero row) or raw."""
+    cfg = layer.router.config
+    probs = torch.softmax(x_TD.float() @ layer.router.gate.weight.float().t(), dim=-1)
+    weight = probs.new_zeros(probs.shape[0], cfg.num_experts)
+    for t in range(probs.shape[0]):
+        picks = torch.argsort(probs[t], descending=True, stable=True)[: int(cfg.k)].tolist()
+        kept = [e for e in picks if e < cfg.num_experts]
+        if not kept:
+            continue
+        chosen = probs[t, kept]
+        weight[t, kept] = chosen / chosen.sum() if cfg.normalize else chosen
+    return weight
+
+
 def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
     """(T, E) dense SoftMoE weights: soft top-k, truncate, combine, from the definitions."""
     cfg = layer.router.config
