@@ -35,7 +35,8 @@ try:
 except ImportError:  # the script and its test report this; importing the module still works
     TemplateLM = object
 
-__all__ = ["SoftMoELM", "TASK_YAMLS", "task_yaml", "run_lm_eval", "crosscheck", "main"]
+__all__ = ["SoftMoELM", "TASK_YAMLS", "task_yaml", "evaluate_local_task", "run_lm_eval", "crosscheck",
+           "main"]
 
 # lm-eval's own prompt templates for the two tasks, re-declared against a local Arrow file so no hub
 # access is needed. The Jinja fields are lm-eval's (doc_to_text / doc_to_target / doc_to_choice).
@@ -124,11 +125,19 @@ class SoftMoELM(TemplateLM):
 def run_lm_eval(model, tokenizer, task: str, data_file: str | Path, limit: int,
                 precision: str = "fp32") -> tuple[dict, SoftMoELM]:
     """lm-eval's acc / acc_norm on the first `limit` rows of `data_file`, and the LM that scored them."""
+    lm = SoftMoELM(model, tokenizer, precision)
+    return evaluate_local_task(lm, task, data_file, limit), lm
+
+
+def evaluate_local_task(lm, task: str, data_file: str | Path, limit: int | None) -> dict:
+    """acc / acc_norm of any lm-eval LM (SoftMoELM, HFLM, ...) on the first `limit` rows of `data_file`.
+
+    Runs `simple_evaluate` zero-shot on the local task YAML of `task_yaml`, written to a scratch folder.
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    lm = SoftMoELM(model, tokenizer, precision)
     with tempfile.TemporaryDirectory() as scratch:
         # A private datasets cache: nothing left behind, nothing stale picked up.
         name, text = task_yaml(task, data_file, cache_dir=Path(scratch) / "cache")
@@ -139,7 +148,7 @@ def run_lm_eval(model, tokenizer, task: str, data_file: str | Path, limit: int,
         out = simple_evaluate(model=lm, tasks=[name], limit=limit, task_manager=manager, bootstrap_iters=0,
                               log_samples=False, num_fewshot=0)
     metrics = out["results"][name]
-    return {"acc": float(metrics["acc,none"]), "acc_norm": float(metrics["acc_norm,none"])}, lm
+    return {"acc": float(metrics["acc,none"]), "acc_norm": float(metrics["acc_norm,none"])}
 
 
 def crosscheck(model, tokenizer, task: str, rows: list[dict], data_file: str | Path, batch_size: int = 16,

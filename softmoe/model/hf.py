@@ -71,6 +71,23 @@ class _CacheView:
         return self.cache.update(k_BHSd, v_BHSd, layer)
 
 
+def _check_right_padding(mask_BL: torch.Tensor, cached: bool) -> None:
+    """Raise ValueError unless every row of a (not all-ones) attention mask is ones then zeros, uncached.
+
+    Causal attention alone keeps trailing padding out of real positions; leading padding or holes
+    would be attended to, and with a KV cache the next token would follow the padding.
+    """
+    real_BL = mask_BL.bool()
+    if bool((~real_BL[:, :-1] & real_BL[:, 1:]).any()):
+        raise ValueError("SoftMoEForCausalLM supports right padding only: attention_mask has a 0 before a 1 "
+                         "(left padding or a hole); the model has causal masking only, so pad on the right "
+                         "(tokenizer.padding_side = 'right') or score rows one at a time")
+    if cached:
+        raise ValueError("SoftMoEForCausalLM supports right padding only in a forward without a cache "
+                         "(use_cache=False, no past_key_values); generate() needs unpadded prompts, "
+                         "one row at a time or of equal length")
+
+
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM for transformers: forward(input_ids, labels, past_key_values) over one GPT."""
 
@@ -107,7 +124,10 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: (B, S) int64 ids of positions [start, start + S), start = cached length.
-            attention_mask: (B, L) ones only; padding is not supported (GPT has causal masking only).
+            attention_mask: (B, L) ones, or right padding (zeros only after a row's last real token) in a
+                forward without a cache. GPT has causal masking only, so trailing pad positions never
+                affect real positions: their logits are garbage and the caller ignores them (lm-eval's
+                HFLM right-pads loglikelihood batches). Left padding and holes raise ValueError.
             past_key_values: a transformers Cache; a DynamicCache is made when use_cache and none is given.
             labels: (B, S) int64; the loss predicts labels[:, 1:] from positions [:-1], -100 ignored.
             logits_to_keep: 1 = last position only (what generate asks for); 0 = all.
@@ -115,7 +135,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             CausalLMOutputWithPast with (B, S, V) float32 logits and the cache.
         """
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("SoftMoEForCausalLM does not support padding: attention_mask must be all ones")
+            _check_right_padding(attention_mask, cached=past_key_values is not None or bool(use_cache))
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         view = None if past_key_values is None else _CacheView(past_key_values)
