@@ -15,7 +15,6 @@ Reading: a checkpoint is used only if its manifest lists exactly its files and e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from softmoe.data.io import sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -43,13 +44,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt."""
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -100,7 +94,7 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync_file(tmp / name)
-    manifest = {"step": step, "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
+    manifest = {"step": step, "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
                                         for n in files}}
     _write_json(tmp / MANIFEST, manifest)
     _fsync_file(tmp / MANIFEST)
@@ -142,7 +136,7 @@ def verify_checkpoint(path: Path) -> dict:
     if set(listed) != present:
         raise CheckpointError(f"{path}: files {sorted(present)} differ from the manifest's {sorted(listed)}")
     for name, entry in listed.items():
-        actual = _sha256(path / name)
+        actual = sha256_file(path / name)
         if actual != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 mismatch for {name} (manifest {entry['sha256'][:12]}..., "
                                   f"file {actual[:12]}...): the file is corrupt")

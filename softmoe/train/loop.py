@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 import yaml
 
+from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT
 from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from softmoe.train.config import RunConfig
@@ -216,7 +216,7 @@ class Trainer:
 
     def _start(self, resume: bool, metrics_reset: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         if resume:
             path = self.restore()
             if path is None:
@@ -248,7 +248,7 @@ class Trainer:
                              tokens_per_sec=tok_per_sec, mean_active_experts=mean_active_experts(val_layers),
                              skipped_steps=self.skipped_total, checkpoint=str(ckpt),
                              num_params=self.model.num_params())
-        _atomic_write(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
         return result
 
     def _run(self, writer: MetricsWriter, end: int) -> tuple[float | None, float | None]:
@@ -322,11 +322,3 @@ def _tqdm_write(message: str) -> None:
 
     tqdm.write(message)  # prints above an active progress bar instead of through it
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
