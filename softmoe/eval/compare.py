@@ -11,6 +11,9 @@ A study file:
     variants:
       - name: topk-k1
         overrides: {model.router: topk, model.k: 1}
+      - name: ablation
+        overrides: {model.router_options.alpha: 0.3}
+        seeds: [0]                    # optional: a subset of the study's seeds (default: all of them)
 
 Every (variant, seed) sees the same data and the same number of training tokens (checked). A finished
 run is reused, an interrupted one resumes (`softmoe.train.runs.train_or_reuse`), and a run's evaluation
@@ -35,6 +38,7 @@ import yaml
 from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import save_figure, style_axes
+from softmoe.routing import ROUTERS
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.metrics import read_metrics
@@ -56,6 +60,7 @@ class Variant:
     name: str  # short id, used in run names
     overrides: tuple[str, ...]  # `section.key=value` strings on top of the study's overrides
     label: str  # legend / table label
+    seeds: tuple[int, ...] | None = None  # the study seeds this variant runs with; None = all
 
 
 @dataclass(frozen=True)
@@ -105,18 +110,32 @@ def _resolve(path: str, where: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def _variants(raw) -> tuple[Variant, ...]:
+def _check_seeds(seeds, where: str) -> tuple[int, ...]:
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ValueError(f"{where}={seeds!r} must be a non-empty list of distinct ints >= 0")
+    return tuple(seeds)
+
+
+def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"variants={raw!r} must be a non-empty list of {{name, overrides}}")
     variants = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label"}:
-            raise ValueError(f"variants[{i}]={item!r} must be a mapping with name, overrides and optional label")
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label", "seeds"}:
+            raise ValueError(f"variants[{i}]={item!r} must be a mapping with name, overrides and optional "
+                             "label and seeds")
         name = item.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"variants[{i}].name={name!r} must be a non-empty name of letters, digits, _ . -")
+        seeds = None
+        if "seeds" in item:
+            seeds = _check_seeds(item["seeds"], f"variants[{i}].seeds")
+            if set(seeds) - set(study_seeds):
+                raise ValueError(f"variants[{i}].seeds={list(seeds)} must be a subset of the study's seeds "
+                                 f"{list(study_seeds)}")
         variants.append(Variant(name, _overrides(item.get("overrides"), f"variants[{i}].overrides"),
-                                str(item.get("label", name))))
+                                str(item.get("label", name)), seeds))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variants: names {names} must be distinct")
@@ -137,10 +156,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name={name!r} must be a non-empty name of letters, digits, _ . -")
-    seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise ValueError(f"seeds={seeds!r} must be a non-empty list of distinct ints >= 0")
+    seeds = _check_seeds(raw.get("seeds", [0]), "seeds")
     eval_raw = raw.get("eval") or {}
     if not isinstance(eval_raw, dict) or {"tasks", "budgets"} & set(eval_raw):
         raise ValueError(f"eval={eval_raw!r} must be a mapping of EvalSettings fields (tasks and budgets "
@@ -152,27 +168,29 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
     if out_dir is None:
         out_dir = _resolve(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
     return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
-                 seeds=tuple(seeds), overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
-                 variants=_variants(raw.get("variants")), path=path)
+                 seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
+                 variants=_variants(raw.get("variants"), seeds), path=path)
 
 
 def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[PlannedRun]:
-    """Every (variant, seed) config, seed-major (all variants of seed 0 first, so a partial study compares).
+    """Every (variant, seed) config, seed-major (all variants of seed 0 first, so a partial study compares);
+    variants restricted to some seeds (ablations) come after the variants that run every seed.
 
     Raises:
         ValueError: a variant's config is invalid, or variants differ in data or training tokens.
     """
+    every_seed = [(seed, v) for seed in study.seeds for v in study.variants if v.seeds is None]
+    some_seeds = [(seed, v) for seed in study.seeds for v in study.variants
+                  if v.seeds is not None and seed in v.seeds]
     runs = []
-    for seed in study.seeds:
-        for variant in study.variants:
-            placed = [f"train.out_dir={study.out_dir}", f"train.name={study.name}-{variant.name}-s{seed}",
-                      f"train.seed={seed}", f"data.seed={seed}"]
-            try:
-                config = load_run_config(study.base, [*study.overrides, *variant.overrides, *extra_overrides,
-                                                      *placed])
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"variant {variant.name!r}: {err}") from None
-            runs.append(PlannedRun(variant, seed, config))
+    for seed, variant in every_seed + some_seeds:
+        placed = [f"train.out_dir={study.out_dir}", f"train.name={study.name}-{variant.name}-s{seed}",
+                  f"train.seed={seed}", f"data.seed={seed}"]
+        try:
+            config = load_run_config(study.base, [*study.overrides, *variant.overrides, *extra_overrides, *placed])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"variant {variant.name!r}: {err}") from None
+        runs.append(PlannedRun(variant, seed, config))
     first = runs[0]
     for run in runs[1:]:
         if run.tokens != first.tokens or dataclasses.replace(run.config.data, seed=0) != \
@@ -194,7 +212,7 @@ def _status(run: PlannedRun) -> str:
 def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
     """The --dry-run text: one line per run with its status, and the token counts."""
     lines = [f"study {study.name} ({study.path}): base {study.base}, {len(study.variants)} variants x "
-             f"{len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
+             f"up to {len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
     for run in runs:
         m = run.config.model
         letter = "K" if m.router == "softmoe" else "k"  # SoftMoE's k is the global budget
@@ -246,11 +264,17 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "k_L": payload["model"]["k_L"], "expert_flops_per_token": entry["cost"]["expert_flops_per_token"],
         "active_params": entry["cost"]["active_params"], "tokens_per_sec": summary.get("tokens_per_sec"),
         "expert_equivalents": _expert_equivalents(run.config, entry["cost"]["expert_flops_per_token"]),
+        "causal": m.ffn != "moe" or getattr(ROUTERS[m.router][1], "causal", True),
+        "granularity": m.granularity if m.ffn == "moe" else 1,
+        "num_shared_experts": m.num_shared_experts if m.ffn == "moe" else 0,
     }
 
 
 def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
-    """FFN FLOPs per token in units of "experts per layer" (for a dense model: d_ff / d_expert)."""
+    """Realized FFN FLOPs per token in units of "coarse experts per layer" (dense model: d_ff / d_expert).
+
+    Counts shared experts and, with granularity g, fine experts as 1/g of a coarse one (d_expert is the
+    coarse width), so variants compare on one compute axis."""
     m = config.model
     return ffn_flops / (m.n_layers * 2 * 3 * m.d_model * m.d_expert)
 
@@ -263,6 +287,8 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
         if not mine:
             continue
         row = {"variant": variant.name, "label": variant.label, "router": mine[0]["router"], "seeds": len(mine)}
+        for key, default in (("causal", True), ("granularity", 1), ("num_shared_experts", 0)):
+            row[key] = mine[0].get(key, default)
         for key in (*METRICS, "expert_equivalents"):
             values = [r[key] for r in mine if r[key] is not None]
             row[key] = {"mean": float(np.mean(values)) if values else None,
@@ -313,10 +339,11 @@ def plot_frontier(rows: list[dict], records: list[dict], path: Path) -> Path:
 
 
 def _x(item: dict) -> float:
-    """x of the frontier: realized active experts, or the dense FFN's width in experts."""
+    """x of the frontier: realized active experts, or the FFN FLOPs in coarse experts (`expert_equivalents`)
+    for dense models and for fine-grained or shared-expert variants (whose routed count is not comparable)."""
     value = item["active_experts_mean"]
     value = value["mean"] if isinstance(value, dict) else value
-    if value is None:
+    if value is None or item.get("granularity", 1) != 1 or item.get("num_shared_experts", 0):
         value = item["expert_equivalents"]
         value = value["mean"] if isinstance(value, dict) else value
     return float(value)
@@ -398,9 +425,15 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
         cells = [_pm(row["loss"], ".4f"), _pm(row["perplexity"], ".2f"), _pm(row["bits_per_byte"], ".4f"),
                  _pm(row["active_experts_mean"], ".3f"), _pm(row["expert_flops_per_token"], ".3f", 1e6),
                  _pm(row["tokens_per_sec"], ",.0f")]
-        head.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(cells) + " |")
-    head += ["", "FFN FLOPs count the realized experts of MoE layers and the whole FFN of dense layers "
-             "(matmuls only, 2 per multiply-add); dense models have no active-expert count.", ""]
+        mark = "" if row.get("causal", True) else " †"
+        head.append(f"| {row['label']}{mark} | {row['seeds']} | " + " | ".join(cells) + " |")
+    head += ["", "FFN FLOPs count the realized routed and shared experts of MoE layers and the whole FFN of dense "
+             "layers (matmuls only, 2 per multiply-add); dense models have no active-expert count. Mean active "
+             "experts count routed experts only (fine-grained ones with granularity > 1).", ""]
+    if not all(row.get("causal", True) for row in rows):
+        head += ["† non-causal router (expert choice): a token's experts depend on the other tokens of its batch, "
+                 "later positions included, so its loss is not comparable as a language model and it cannot "
+                 "decode with a KV cache; a reference point only.", ""]
     for caption, path in plots:
         head += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     return "\n".join(head)

@@ -2,12 +2,17 @@
 
 Counting rules (matmul FLOPs only, 2 per multiply-accumulate; norms, activations and softmax are
 left out because they are small and the same for every router):
-    MoE block   realized mean active experts a_l x (2 x parameters of one expert), plus the router
-                (2 x D x E, reported separately);
+    MoE block   realized mean active routed experts a_l x (2 x parameters of one routed expert)
+                + 2 x parameters of the shared experts (always on), plus the router (2 x its gate's
+                parameters, reported separately; null experts' gate rows included);
     dense block 2 x parameters of its SwiGLU FFN, i.e. one always-active "expert".
+Everything is read from the built layers and the measured routing, never from the config's k: with
+granularity g a routed expert is the bank's (narrow) expert and a_l counts them; for variable-k
+routers (top-p, null, ReMoE, expert choice) a_l is what the routing did, not the nominal budget
+(`ModelConfig.active_ffn_params`). Only real (non-padding) tokens are counted.
 `expert_flops_per_token` sums both kinds of block, so a dense baseline and an MoE model compare on one
-number. Active parameters are the model's parameters minus the experts a token does not use on
-average: total - sum_l (E - a_l) x parameters of one expert (the tied embedding counted once).
+number. Active parameters are the model's parameters minus the routed experts a token does not use on
+average: total - sum_l (E_l - a_l) x parameters of one routed expert (the tied embedding counted once).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ __all__ = ["ComputeCost", "compute_cost"]
 class ComputeCost:
     """Per-token cost of a model under a measured routing."""
 
-    expert_flops_per_token: float  # FFN matmul FLOPs: realized experts (MoE blocks) + dense FFN blocks
+    expert_flops_per_token: float  # FFN matmul FLOPs: realized + shared experts (MoE blocks) + dense FFN blocks
     router_flops_per_token: float  # gate matmuls of the MoE blocks
     active_params: float  # parameters a token uses on average (realized routing)
     active_params_non_embedding: float  # the same without the (tied) token embedding
@@ -57,9 +62,10 @@ def compute_cost(model: GPT, layers: list[LayerRouting]) -> ComputeCost:
             continue
         if i not in realized:
             raise ValueError(f"layers has no routing for MoE block {i}; got blocks {sorted(realized)}")
-        num_experts = block.ffn.experts.w_gate.shape[0]
+        num_experts = block.ffn.experts.w_gate.shape[0]  # routed experts (E * granularity)
         per_expert = _numel(block.ffn.experts) / num_experts
-        per_layer.append(2.0 * realized[i] * per_expert)
+        shared = _numel(block.ffn.shared_experts) if block.ffn.shared_experts is not None else 0
+        per_layer.append(2.0 * (realized[i] * per_expert + shared))
         router_flops += 2.0 * _numel(block.ffn.router.gate)
         unused += (num_experts - realized[i]) * per_expert
     active = total - unused

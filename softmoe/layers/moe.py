@@ -7,6 +7,7 @@ Shape legend:
     D   d_model
     E   experts
     N   routed (token, expert) pairs, sorted by expert; data dependent
+    g   granularity (fine-grained experts per coarse expert)
 """
 
 from __future__ import annotations
@@ -15,10 +16,42 @@ import torch
 from torch import nn
 
 from softmoe.layers.experts import ExpertBank
+from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
 from softmoe.routing.record import Routing
 
-__all__ = ["MoELayer", "dispatch", "combine"]
+__all__ = ["MoELayer", "dispatch", "combine", "fine_grained"]
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) -> tuple[int, int, float]:
+    """Split every expert into `granularity` experts (DeepSeekMoE, Dai et al. 2024).
+
+    E experts of width H with budget k become E * g experts of width H / g with budget k * g, so the
+    active FFN parameters and FLOPs per token (k * 3 * D * H) and the total expert parameters are
+    those of the coarse layer; only the routing is finer. g = 1 changes nothing. This is the one
+    place the scaling happens: MoELayer and ModelConfig (its `routed_*` properties and the Budget's
+    K) both call it.
+
+    Args:
+        num_experts: E, coarse experts.
+        d_expert: H, hidden width of one coarse expert; must be divisible by g.
+        k: the coarse budget (top-k's k, or the soft routers' mean active experts).
+        granularity: g >= 1.
+    Returns:
+        (E * g, H // g, k * g): the routed experts, their width and the routed budget.
+    Raises:
+        ValueError: g not an int >= 1, or H not divisible by g (naming both).
+    """
+    _check_int("granularity", granularity, 1)
+    if d_expert % granularity:
+        raise ValueError(f"d_expert={d_expert} (one coarse expert's hidden width) must be divisible by "
+                         f"granularity={granularity}")
+    return num_experts * granularity, d_expert // granularity, k * granularity
 
 
 def dispatch(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -46,16 +79,31 @@ class MoELayer(nn.Module):
            losses and statistics;
         3. dispatch gathers x_ND in expert-sorted order;
         4. the expert bank runs expert e on its contiguous rows (no capacity, nothing dropped);
-        5. combine scales by weight_N and index-adds back into y_TD, reshaped to (B, S, D).
+        5. combine scales by weight_N and index-adds back into y_TD;
+        6. shared experts (if any) run on every real token and are added; reshape to (B, S, D).
+
+    Fine-grained and shared experts (DeepSeekMoE, Dai et al. 2024):
+        granularity g splits every expert into g experts of width H / g: the layer routes over E * g
+        experts with budget k * g (`fine_grained`), keeping active and total expert parameters equal
+        to the coarse layer. `num_experts`, `d_hidden` and `k` are the COARSE values; `mean_k`,
+        `stats["k"]` and every routing statistic count routed (fine) experts. Router options are
+        passed unchanged (e.g. null's num_null, top-p's max_active are not scaled).
+        num_shared_experts s adds s always-on experts of the routed width H / g, implemented as ONE
+        SwiGLU of width s * H / g: the sum of s SwiGLU experts equals one SwiGLU whose hidden units are
+        their concatenation, so this is mathematically s separate shared experts summed (weight 1
+        each). Padding tokens get no shared output either.
 
     Args:
         d_model: D.
-        d_hidden: H, hidden width of one SwiGLU expert.
-        num_experts: E.
+        d_hidden: H, hidden width of one (coarse) SwiGLU expert.
+        num_experts: E, coarse experts.
         router: a registered router name ("softmoe", "topk", ...).
-        k: top-k's k, or the soft router's mean active experts when no budget k_l is passed.
+        k: top-k's k, or the soft router's mean active experts when no budget k_l is passed (coarse;
+            the router gets k * g).
         experts_impl: "padded" (default; fastest on CPU), "grouped" (torch grouped_mm) or "loop" (the
             reference). See layers/experts.py.
+        num_shared_experts: s >= 0 always-on experts (default 0: none).
+        granularity: g >= 1 routed experts per coarse expert (default 1: coarse).
         **router_options: fields of the router's config dataclass (e.g. alpha, min_weight, combine).
     Attributes after forward:
         aux_loss: 0-d float32, differentiable sum of the configured aux terms.
@@ -64,13 +112,19 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, router: str = "softmoe", k: float = 2.0,
-                 experts_impl: str = "padded", **router_options):
+                 experts_impl: str = "padded", num_shared_experts: int = 0, granularity: int = 1,
+                 **router_options):
         super().__init__()
         if router == "dense":
             raise ValueError("router='dense' is not an MoE router; use softmoe.layers.SwiGLU for the dense baseline")
+        _check_int("num_shared_experts", num_shared_experts, 0)
+        _check_int("d_hidden", d_hidden, 1)
+        routed_experts, routed_hidden, routed_k = fine_grained(num_experts, d_hidden, k, granularity)
         self.d_model = d_model
-        self.router = routing_base.build_router(router, d_model, num_experts, k, **router_options)
-        self.experts = ExpertBank(num_experts, d_model, d_hidden, impl=experts_impl)
+        self.router = routing_base.build_router(router, d_model, routed_experts, routed_k, **router_options)
+        self.experts = ExpertBank(routed_experts, d_model, routed_hidden, impl=experts_impl)
+        # s shared experts of width H/g summed == one SwiGLU of width s*H/g (concatenated hidden units).
+        self.shared_experts = SwiGLU(d_model, num_shared_experts * routed_hidden) if num_shared_experts else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: routing_base.LayerStats | None = None
 
@@ -78,6 +132,11 @@ class MoELayer(nn.Module):
     def uses_budget(self) -> bool:
         """Whether this layer takes a per-layer k_l from the model's Budget (softmoe)."""
         return self.router.uses_budget
+
+    @property
+    def causal(self) -> bool:
+        """Whether a token's output depends on that token alone (False for expert choice)."""
+        return getattr(self.router, "causal", True)
 
     def forward(self, x_BSD: torch.Tensor, mean_k: torch.Tensor | None = None,
                 pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,8 +153,17 @@ class MoELayer(nn.Module):
         out = self.router(x_TD, mean_k=mean_k, mask_T=mask_T)
         y_ND = self.experts(dispatch(x_TD, out.routing), out.routing.counts_E)
         y_TD = combine(y_ND, out.routing)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self._shared(x_TD, mask_T)
         self.aux_loss, self.stats = out.aux_loss, out.stats
         return y_TD.reshape(x_BSD.shape)
+
+    def _shared(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+        """(T, D) output of the shared experts; padding rows are zeroed BEFORE the FFN (SwiGLU(0) = 0),
+        so padding garbage (even NaN) reaches neither the output nor the weight gradients."""
+        if mask_T is not None:
+            x_TD = torch.where(mask_T.unsqueeze(-1), x_TD, 0.0)
+        return self.shared_experts(x_TD)
 
     def _flatten(self, x_BSD: torch.Tensor) -> torch.Tensor:
         if not isinstance(x_BSD, torch.Tensor):

@@ -22,8 +22,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config.d_model, config.n_heads)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if self.is_moe:
+            # Coarse (num_experts, d_expert, k): the layer applies `granularity` itself (layers.moe.fine_grained).
             self.ffn = MoELayer(config.d_model, config.d_expert, config.num_experts, router=config.router,
-                                k=float(config.k), **config.router_options)
+                                k=float(config.k), num_shared_experts=config.num_shared_experts,
+                                granularity=config.granularity, **config.router_options)
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 

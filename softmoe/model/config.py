@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelConfig", "FFN_KINDS", "ROUTERS"]
+from softmoe.layers.moe import fine_grained
+from softmoe.routing import ROUTERS, router_config
+
+__all__ = ["ModelConfig", "FFN_KINDS"]
 
 FFN_KINDS = ("dense", "moe")
-ROUTERS = ("softmoe", "topk")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -43,10 +45,12 @@ class ModelConfig:
     moe_every: int = 1  # MoE FFN in every n-th block (1 = every block); others are dense
     num_experts: int = 8  # E, experts per MoE layer
     d_expert: int = 256  # hidden width of one SwiGLU expert
-    router: str = "softmoe"  # "softmoe" (LapSum soft top-k, learned k_l) | "topk"
-    k: float = 2.0  # softmoe: global budget K = mean over MoE layers of k_l; topk: experts per token
+    router: str = "softmoe"  # a registered router: softmoe (LapSum soft top-k, learned k_l) | topk | topp | null ...
+    k: float = 2.0  # softmoe: global budget K = mean over MoE layers of k_l; other routers: their config's k
     router_options: dict = field(default_factory=dict)  # passed to MoELayer as **router_options
     budget_options: dict = field(default_factory=dict)  # passed to Budget (softmoe only)
+    num_shared_experts: int = 0  # always-on experts per MoE layer, each as wide as a routed expert (DeepSeekMoE)
+    granularity: int = 1  # split each expert into g of width d_expert/g: E*g routed experts, budget k*g
     rope_theta: float = 10000.0  # RoPE base
     max_seq_len: int = 256  # longest sequence (RoPE table and KV cache size)
     init_std: float = 0.02  # std of embedding and attention weights at init
@@ -54,7 +58,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, low in [("vocab_size", 2), ("d_model", 1), ("n_layers", 1), ("n_heads", 1), ("d_ff", 1),
-                          ("moe_every", 1), ("num_experts", 1), ("d_expert", 1), ("max_seq_len", 1)]:
+                          ("moe_every", 1), ("num_experts", 1), ("d_expert", 1), ("max_seq_len", 1),
+                          ("num_shared_experts", 0), ("granularity", 1)]:
             _check_int(name, getattr(self, name), low)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -62,8 +67,11 @@ class ModelConfig:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn={self.ffn!r} must be one of {FFN_KINDS}")
+        if self.router is None:  # YAML reads a bare `null` as None
+            raise ValueError("router=None: to select the null-expert router write the name as a string, "
+                             "e.g. model.router='\"null\"' on the command line or router: \"null\" in YAML")
         if self.router not in ROUTERS:
-            raise ValueError(f"router={self.router!r} must be one of {ROUTERS}")
+            raise ValueError(f"router={self.router!r} must be one of the registered routers {sorted(ROUTERS)}")
         for name in ("rope_theta", "init_std", "norm_eps"):
             _check_positive_float(name, getattr(self, name))
         for name in ("router_options", "budget_options"):
@@ -80,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"k={self.k} must be an integer in [1, num_experts={self.num_experts}] for router='topk'")
         if self.router == "softmoe" and not 0 < self.k < self.num_experts:
             raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router='softmoe'")
+        fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)  # d_expert % granularity
+        self.routed_router_config()  # router-specific checks
 
     # ---- derived, read-only ----
 
@@ -96,11 +106,50 @@ class ModelConfig:
         """Block indices with an MoE FFN, in order (the budget's layer axis)."""
         return [i for i in range(self.n_layers) if self.is_moe_block(i)]
 
-    def active_ffn_params(self) -> float:
-        """FFN parameters a token uses on average (SwiGLU: 3 matrices), summed over blocks.
+    # Fine-grained experts (DeepSeekMoE): the scaling lives in softmoe.layers.moe.fine_grained, which
+    # MoELayer applies to the coarse (num_experts, d_expert, k) it is given. These are its results,
+    # for the Budget (built over routed experts with K = k * g) and for counting.
 
-        MoE blocks count k experts (the budget), so dense and MoE presets can be matched on this.
+    @property
+    def routed_experts(self) -> int:
+        """Experts the router chooses from: num_experts * granularity."""
+        return fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)[0]
+
+    @property
+    def routed_d_expert(self) -> int:
+        """Hidden width of one routed (and one shared) expert: d_expert / granularity."""
+        return fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)[1]
+
+    @property
+    def routed_k(self) -> float:
+        """The router's k (and the Budget's K): k * granularity."""
+        return float(fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)[2])
+
+    def routed_router_config(self):
+        """The checked config of the MoE blocks' router (routed experts and k, `router_options`)."""
+        return router_config(self.router, self.routed_experts, self.routed_k, **self.router_options)
+
+    def nominal_active_experts(self) -> float:
+        """NOMINAL routed experts per token of one MoE block, in routed (fine) experts, shared excluded.
+
+        From the config alone: the router config's `nominal_active_experts()` (k for top-k, the mean
+        K for softmoe, k * E / (E + num_null) for null experts at uniform slot load, the configured k
+        for top-p and ReMoE whose realised count is data dependent). The realised count is
+        `stats["active_experts_mean"]`, and `softmoe.eval.flops.compute_cost` counts from it.
+        """
+        return self.routed_router_config().nominal_active_experts()
+
+    def active_ffn_params(self) -> float:
+        """NOMINAL FFN parameters a token uses, summed over blocks (SwiGLU: 3 matrices of D x width).
+
+        A budget to match presets on before training, not a measurement: dense blocks count d_ff;
+        MoE blocks count `nominal_active_experts()` routed experts plus `num_shared_experts` shared
+        ones, each of width d_expert / granularity. Reported numbers (eval.json's `cost`, the compare
+        tables) use the REALISED routing instead (`softmoe.eval.flops.compute_cost`).
         """
         dense = 3 * self.d_model * self.d_ff
-        moe = 3 * self.d_model * self.d_expert * float(self.k)
+        if self.ffn != "moe":
+            return float(dense * self.n_layers)
+        experts = self.nominal_active_experts() + self.num_shared_experts
+        moe = 3 * self.d_model * self.routed_d_expert * experts
         return sum(moe if self.is_moe_block(i) else dense for i in range(self.n_layers))

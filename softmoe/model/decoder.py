@@ -63,7 +63,8 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.budget = None
         if config.ffn == "moe" and config.router == "softmoe":
-            self.budget = Budget(len(config.moe_layers), config.num_experts, float(config.k),
+            # Over routed experts: with granularity g the k_l are in fine experts (K = k * g of E * g).
+            self.budget = Budget(len(config.moe_layers), config.routed_experts, config.routed_k,
                                  **config.budget_options)
         cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -84,8 +85,20 @@ class GPT(nn.Module):
         """Parameter count (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def causal(self) -> bool:
+        """False when an MoE block's router is non-causal (expert choice): no KV-cache decoding then."""
+        return all(block.ffn.causal for block in self.blocks if block.is_moe)
+
+    def _check_causal(self) -> None:
+        if not self.causal:
+            raise ValueError(f"router={self.config.router!r} is not causal (a token's experts depend on the other "
+                             "tokens of the forward call, later ones included), so incremental KV-cache decoding "
+                             "would route differently from training; generate with a causal router")
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for up to `max_len` positions (default max_seq_len)."""
+        """An empty KV cache for up to `max_len` positions (default max_seq_len); causal routers only."""
+        self._check_causal()
         c = self.config
         max_len = c.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= c.max_seq_len:
@@ -109,6 +122,8 @@ class GPT(nn.Module):
             raise ValueError(f"idx_BS must be a 2-D int64 tensor, got shape {tuple(idx_BS.shape)} {idx_BS.dtype}")
         if last_only and targets_BS is not None:
             raise ValueError("last_only=True computes one position's logits; it cannot take targets_BS")
+        if cache is not None:
+            self._check_causal()
         start = 0 if cache is None else cache.length
         S = idx_BS.shape[1]
         if start + S > self.config.max_seq_len:

@@ -3,13 +3,24 @@
 Importing a router module registers it; a new router is one file plus one import line here.
 """
 
-from softmoe.routing.base import ROUTERS, LayerStats, RouterConfig, RouterOutput, build_router, register_router
+from softmoe.routing.base import (
+    ROUTERS,
+    LayerStats,
+    RouterConfig,
+    RouterOutput,
+    build_router,
+    register_router,
+    router_config,
+)
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts, truncate
 from softmoe.routing.softk import SoftKConfig, SoftKRouter
 from softmoe.routing.topk import TopKConfig, TopKRouter
 from softmoe.routing.topp import TopPConfig, TopPRouter
 from softmoe.routing.null import NullConfig, NullRouter
+from softmoe.routing.expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
+from softmoe.routing.remoe import ReMoEConfig, ReMoERouter
+from softmoe.routing.balance import BiasBalanceConfig, ExpertBias
 
 __all__ = [
     "Routing",
@@ -23,6 +34,7 @@ __all__ = [
     "RouterOutput",
     "build_router",
     "register_router",
+    "router_config",
     "SoftKConfig",
     "SoftKRouter",
     "TopKConfig",
@@ -31,4 +43,10 @@ __all__ = [
     "TopPRouter",
     "NullConfig",
     "NullRouter",
+    "ExpertChoiceConfig",
+    "ExpertChoiceRouter",
+    "ReMoEConfig",
+    "ReMoERouter",
+    "BiasBalanceConfig",
+    "ExpertBias",
 ]

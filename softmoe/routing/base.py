@@ -33,6 +33,7 @@ __all__ = [
     "ROUTERS",
     "register_router",
     "build_router",
+    "router_config",
     "router_logits",
     "finish_routing",
     "real_tokens",
@@ -69,6 +70,14 @@ class RouterConfig:
         check_float("k", self.k, 0.0, self.num_experts, open_low=True)
         check_float("lb_coef", self.lb_coef, 0.0)
         check_float("z_coef", self.z_coef, 0.0)
+
+    def nominal_active_experts(self) -> float:
+        """Experts per token this config asks for: a nominal budget, not a measurement (default k).
+
+        Routers whose count is not k override it (null experts); where the count is data dependent
+        (top-p, ReMoE) it stays k. The realised count is `stats["active_experts_mean"]`.
+        """
+        return float(self.k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,10 +202,12 @@ class GateRouter(torch.nn.Module):
     """Base of every router: a linear gate W (E x D, no bias) and the router's frozen config.
 
     Subclasses implement `forward(x_TD, mean_k=None, mask_T=None) -> RouterOutput`; routers that take
-    a budget k_l set `uses_budget = True`.
+    a budget k_l set `uses_budget = True`. `causal = False` marks a router whose routing of a token
+    depends on other tokens of the call (expert choice): the model refuses KV-cache decoding with it.
     """
 
     uses_budget = False
+    causal = True
 
     def __init__(self, d_model: int, config: RouterConfig):
         super().__init__()
@@ -225,19 +236,29 @@ def register_router(name: str, config_cls: type[RouterConfig]) -> Callable[[type
     return wrap
 
 
-def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> torch.nn.Module:
-    """Build the registered router `name` with config `config_cls(num_experts, k, **options)`.
+def router_config(name: str, num_experts: int, k: float, **options) -> RouterConfig:
+    """The checked config `config_cls(num_experts, k, **options)` of the registered router `name`.
 
     Raises:
-        ValueError: unknown router name, or an option the router does not have.
+        ValueError: unknown router name, an option the router does not have, or an invalid value.
     """
     if name not in ROUTERS:
         raise ValueError(f"router={name!r} is not one of the registered routers {sorted(ROUTERS)}")
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"d_model={d_model!r} must be an int >= 1")
-    config_cls, router_cls = ROUTERS[name]
+    config_cls = ROUTERS[name][0]
     valid = {f.name for f in fields(config_cls)} - {"num_experts", "k"}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for router={name!r}; valid options: {sorted(valid)}")
-    return router_cls(d_model, config_cls(num_experts=num_experts, k=k, **options))
+    return config_cls(num_experts=num_experts, k=k, **options)
+
+
+def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> torch.nn.Module:
+    """Build the registered router `name` with config `router_config(name, num_experts, k, **options)`.
+
+    Raises:
+        ValueError: unknown router name, an option the router does not have, or an invalid value.
+    """
+    config = router_config(name, num_experts, k, **options)
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model={d_model!r} must be an int >= 1")
+    return ROUTERS[name][1](d_model, config)

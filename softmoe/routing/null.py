@@ -67,6 +67,10 @@ class NullConfig(RouterConfig):
         if not isinstance(self.normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
 
+    def nominal_active_experts(self) -> float:
+        """Real experts per token at uniform load over the slots: k * E / (E + num_null) (nominal)."""
+        return float(self.k) * self.num_experts / (self.num_experts + self.num_null)
+
 
 def null_balance_loss(
     picks_S: torch.Tensor, probs_TS: torch.Tensor, mask_T: torch.Tensor, num_null: int

@@ -16,6 +16,13 @@ Per token (METHOD.md, "SoftMoE layer"):
          mask_softmax_raw  w = p * softmax(r), not renormalised (soft Switch)
          p                 w = p / k_l
 Routing depends on the token alone, so outputs are batch invariant and causal.
+
+`loss_free_bias=True` (DeepSeek-V3, see routing/balance.py): the per-expert bias b_E (logit units) is
+added to r for *selection* only. Truncation (step 3) uses p_sel = soft_topk(r + b, k_l, alpha); the
+combine weights (step 4) use the unbiased p = soft_topk(r, k_l, alpha) and softmax(r), so b moves which
+experts are computed, never their weights, and gets no gradient. This costs a second threshold solve.
+The bias shifts the soft top-k's scores rather than p itself because the threshold solve is what turns
+scores into the set that survives truncation; adding b to p would bypass the sum-to-k_l constraint.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from torch import nn
 from softmoe.ops.lapsum import soft_topk
 from softmoe.routing.base import (
     GateRouter,
-    RouterConfig,
     RouterOutput,
     check_float,
     finish_routing,
@@ -37,6 +43,7 @@ from softmoe.routing.base import (
     register_router,
     router_logits,
 )
+from softmoe.routing.balance import BiasBalanceConfig, expert_bias
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import routing_from_mask, select_experts
 
@@ -46,7 +53,7 @@ COMBINE_MODES = ("mask_softmax", "mask_softmax_raw", "p")
 
 
 @dataclass(frozen=True)
-class SoftKConfig(RouterConfig):
+class SoftKConfig(BiasBalanceConfig):
     alpha: float = 0.1  # Laplace scale of the soft top-k, in logit units; smaller is harder (-> hard top-k)
     learn_alpha: bool = False  # learn alpha (as log alpha) by gradient
     min_weight: float = 0.05  # truncation tau: experts with p < tau are not computed
@@ -123,6 +130,7 @@ class SoftKRouter(GateRouter):
         if config.learn_k and config.num_experts > 1:
             self.own_k = Budget(1, config.num_experts, config.k, k_min=config.k_min, margin=config.margin,
                                 mode="penalty", penalty_coef=config.k_penalty_coef)
+        self.balance = expert_bias(config)  # loss-free selection bias, or None
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -154,8 +162,19 @@ class SoftKRouter(GateRouter):
             p_TE = torch.ones_like(logits_TE)  # the only expert is always fully active
         else:
             p_TE = soft_topk(logits_TE, k, self.alpha)
-        keep_TE = select_experts(p_TE, cfg.min_weight, cfg.max_active) & real_T.unsqueeze(-1)
+        keep_TE = select_experts(self._selection_p(p_TE, logits_TE, k), cfg.min_weight,
+                                 cfg.max_active) & real_T.unsqueeze(-1)
         weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, cfg.combine)
         routing = routing_from_mask(weight_TE, keep_TE)
         extra = {"alpha": self.alpha, "kept_mass": (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)}
+        if self.balance is not None:
+            self.balance.record(routing.counts_E)
+            extra.update(self.balance.stats())
         return finish_routing(routing, logits_TE, real_T, cfg, k, penalty, extra)
+
+    def _selection_p(self, p_TE: torch.Tensor, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(T, E) probabilities that decide truncation: p, or soft_topk(r + b) with the loss-free bias."""
+        if self.balance is None or self.num_experts == 1:
+            return p_TE
+        with torch.no_grad():  # selection only: no gradient through the biased solve
+            return soft_topk(self.balance.shift(logits_TE), k, self.alpha)

@@ -23,6 +23,7 @@ import yaml
 
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT
+from softmoe.train import controllers
 from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
@@ -146,6 +147,7 @@ class Trainer:
         else:
             # Never let NaN/inf reach the weights: drop this step's gradients instead.
             self.optimizer.zero_grad(set_to_none=True)
+        controllers.step(self.model, update=finite)  # ReMoE lambda, loss-free bias; a skipped step moves neither
         return StepStats(loss=loss_sum / t.grad_accum, aux_loss=aux_sum / t.grad_accum, grad_norm=grad_norm,
                          lr=lr, skipped=not finite, layers=routing_summary(out.routing, out.k_L))
 

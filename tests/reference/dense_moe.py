@@ -72,6 +72,27 @@ def null_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def expert_choice_weights(layer, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, E) dense expert-choice weights from the definition: per group of `group_size` tokens, every
+    expert takes the C = clamp(round_half_up(cf * T_g * k / E), 1, T_g) real tokens with the highest
+    softmax probability for it (ties: lower token index), weight = that probability."""
+    cfg = layer.router.config
+    probs = torch.softmax(x_TD.float() @ layer.router.gate.weight.float().t(), dim=-1)
+    real = [True] * probs.shape[0] if mask_T is None else [bool(m) for m in mask_T]
+    size = cfg.group_size or probs.shape[0]
+    weight = torch.zeros_like(probs)
+    for start in range(0, probs.shape[0], size):
+        tokens = [t for t in range(start, min(start + size, probs.shape[0])) if real[t]]
+        if not tokens:
+            continue
+        capacity = min(len(tokens), max(1, int(cfg.capacity_factor * len(tokens) * cfg.k / cfg.num_experts + 0.5)))
+        for e in range(cfg.num_experts):
+            ranked = sorted(tokens, key=lambda t: (-float(probs[t, e].detach()), t))
+            for t in ranked[:capacity]:
+                weight[t, e] = probs[t, e]
+    return weight
+
+
 def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
     """(T, E) dense SoftMoE weights: soft top-k, truncate, combine, from the definitions."""
     cfg = layer.router.config
@@ -98,3 +119,30 @@ def dense_moe(layer, x_BSD: torch.Tensor, weight_TE: torch.Tensor) -> torch.Tens
     x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
     y_TD = torch.einsum("te,ted->td", weight_TE.to(x_TD.dtype), expert_outputs(layer, x_TD))
     return y_TD.reshape(x_BSD.shape)
+
+
+def remoe_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E) dense ReMoE weights from the definition: w = ReLU(W x); experts with w > 0 are kept,
+    the max_active largest if capped; raw weights, no normalisation (a token may keep none)."""
+    cfg = layer.router.config
+    relu = torch.relu(x_TD.float() @ layer.router.gate.weight.float().t())
+    weight = torch.zeros_like(relu)
+    for t in range(relu.shape[0]):
+        kept = [e for e in torch.argsort(relu[t], descending=True).tolist() if relu[t, e] > 0]
+        kept = kept[: cfg.max_active or relu.shape[-1]]
+        weight[t, kept] = relu[t, kept]
+    return weight
+
+
+def biased_topk_weights(layer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E) dense top-k weights with a loss-free bias: the k largest of softmax + b are picked,
+    the weights are the unbiased probabilities of those picks (renormalised if `normalize`)."""
+    cfg = layer.router.config
+    probs = torch.softmax(x_TD.float() @ layer.router.gate.weight.float().t(), dim=-1)
+    bias = layer.router.balance.bias_E
+    weight = torch.zeros_like(probs)
+    for t in range(probs.shape[0]):
+        idx = torch.argsort(probs[t] + bias, descending=True)[: int(cfg.k)]
+        chosen = probs[t, idx]
+        weight[t, idx] = chosen / chosen.sum() if cfg.normalize else chosen
+    return weight

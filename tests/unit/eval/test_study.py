@@ -27,19 +27,35 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     study = load_study(STUDIES / "small.yaml")
     assert study.seeds == (0, 1, 2)
     runs = plan_runs(study)
-    assert len(runs) == 12 * 3
+    seeds = {name: sorted(r.seed for r in runs if r.variant.name == name) for name in {r.variant.name for r in runs}}
+    main = ["dense", "topk-k1", "topk-k2", "topk-k4", "softmoe-K1.0", "softmoe-K1.5", "softmoe-K2.0",
+            "topp-p0.4", "null-k4-n8"]
+    assert all(seeds[name] == [0, 1, 2] for name in main)
+    ablations = sorted(set(seeds) - set(main))
+    assert len(ablations) == 5 and all(seeds[name] == [0] for name in ablations)
+    assert {r.variant.name for r in runs[-5:]} == set(ablations)  # ablations run after every main seed
     models = {run.variant.name: run.config.model for run in runs if run.seed == 0}
     assert models["dense"].ffn == "dense"
     assert [models[f"topk-k{k}"].k for k in (1, 2, 4)] == [1, 2, 4]
     assert all(models[f"topk-k{k}"].router == "topk" and models[f"topk-k{k}"].num_experts == 8 for k in (1, 2, 4))
     assert [models[f"softmoe-K{k}"].k for k in ("1.0", "1.5", "2.0")] == [1.0, 1.5, 2.0]
+    assert models["topp-p0.4"].router == "topp" and models["null-k4-n8"].router == "null"
     assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
     assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
     assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
         {0.03, 0.3}
-    assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 400 * 16 * 256
+    assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 120 * 16 * 256
     names = [run.config.train.name for run in runs]
     assert len(set(names)) == len(names) and names[0] == "small-dense-s0"
+
+
+def test_a_variant_may_run_a_subset_of_the_seeds_after_the_others(tmp_path):
+    raw = yaml.safe_load((STUDIES / "tiny.yaml").read_text())
+    raw["variants"][0]["seeds"] = [1]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runs = plan_runs(load_study(path))
+    assert [(r.variant.name, r.seed) for r in runs] == [("topk", 0), ("topk", 1), ("softmoe", 1)]
 
 
 def test_plan_sets_seeds_names_and_out_dir(tmp_path):
@@ -57,6 +73,8 @@ def test_plan_sets_seeds_names_and_out_dir(tmp_path):
 @pytest.mark.parametrize("changes, match", [
     ({"seeds": []}, "seeds=\\[\\]"),
     ({"seeds": [0, 0]}, "seeds=\\[0, 0\\]"),
+    ({"variants": [{"name": "x", "seeds": [5]}]}, "variants\\[0\\].seeds=\\[5\\] must be a subset"),
+    ({"variants": [{"name": "x", "seeds": []}]}, "variants\\[0\\].seeds=\\[\\]"),
     ({"name": "a b"}, "name='a b'"),
     ({"base": "configs/tiny/nope.yaml"}, "does not exist"),
     ({"variants": []}, "variants=\\[\\]"),

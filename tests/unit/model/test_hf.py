@@ -37,7 +37,7 @@ def saved(model, tmp_path_factory) -> Path:
 
 def test_config_converts_both_ways_and_validates():
     assert SoftMoEConfig.from_model_config(TINY).to_model_config() == TINY
-    topk = ModelConfig(router="topk", k=2.0, moe_every=2, router_options={"aux_loss_coef": 0.01})
+    topk = ModelConfig(router="topk", k=2.0, moe_every=2, router_options={"lb_coef": 0.02})
     assert SoftMoEConfig.from_model_config(topk).to_model_config() == topk
     assert SoftMoEConfig().to_model_config() == ModelConfig()
     assert SoftMoEConfig(n_layers=3).num_hidden_layers == 3  # the name transformers' caches read

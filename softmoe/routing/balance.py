@@ -1,0 +1,82 @@
+"""Loss-free load balancing (DeepSeek-V3): a per-expert bias that shifts expert *selection* only.
+
+Shape legend:
+    T   tokens
+    E   experts
+
+Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts" (arXiv 2408.15664),
+used by DeepSeek-V3 (arXiv 2412.19437, sec. 2.1.2). Each MoE layer keeps a bias b_E, not learned by
+gradient. A router adds it to its selection scores; the combine weights use the unbiased scores, so the
+bias decides *which* experts run, never how much they contribute. Between optimizer steps,
+`softmoe.train.controllers.step` moves it towards balance:
+
+    b_e <- b_e + u * sign(mean_e' load_e' - load_e)
+
+with load_e the pairs routed to expert e on real tokens over all micro-batches of the step (u = 1e-3 in
+the paper). The bias is a persistent buffer (state_dict, exact resume); the load is a non-persistent
+counter, filled only in training mode, so evaluation neither reads nor moves the balance state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from softmoe.routing.base import RouterConfig, check_float
+
+__all__ = ["BiasBalanceConfig", "ExpertBias", "expert_bias"]
+
+
+@dataclass(frozen=True)
+class BiasBalanceConfig(RouterConfig):
+    """RouterConfig plus the loss-free balancing switch, for routers that support it (topk, softmoe)."""
+
+    loss_free_bias: bool = False  # add a per-expert selection bias updated between steps (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # u in b_e += u * sign(mean load - load_e); DeepSeek-V3 uses 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.loss_free_bias, bool):
+            raise TypeError(f"loss_free_bias must be a bool, got {type(self.loss_free_bias).__name__} "
+                            f"({self.loss_free_bias!r})")
+        check_float("bias_update_rate", self.bias_update_rate, 0.0, open_low=True)
+
+
+class ExpertBias(nn.Module):
+    """One layer's selection bias b_E (persistent buffer) and the load routed since the last update.
+
+    Attributes:
+        bias_E: (E,) float32 selection bias, updated only by `softmoe.train.controllers`.
+        load_E: (E,) int64 pairs routed per expert on real tokens since the last controller step
+            (training mode only; not saved).
+        rate: u, the update rate.
+    """
+
+    def __init__(self, num_experts: int, rate: float):
+        super().__init__()
+        self.rate = rate
+        self.register_buffer("bias_E", torch.zeros(num_experts))
+        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def shift(self, score_TE: torch.Tensor) -> torch.Tensor:
+        """(T, E) selection scores score + b (no gradient reaches b: it is a buffer)."""
+        return score_TE + self.bias_E
+
+    def record(self, counts_E: torch.Tensor) -> None:
+        """Add a forward's routed pairs per expert (E,) int64 to the step's load; a no-op in eval mode."""
+        if self.training:
+            with torch.no_grad():
+                self.load_E += counts_E
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Detached copies for LayerStats (a later controller step must not change a reported value)."""
+        return {"expert_bias": self.bias_E.clone(), "expert_bias_absmax": self.bias_E.abs().max()}
+
+
+def expert_bias(config: RouterConfig) -> ExpertBias | None:
+    """The ExpertBias a router with this config needs, or None when `loss_free_bias` is off."""
+    if not getattr(config, "loss_free_bias", False):
+        return None
+    return ExpertBias(config.num_experts, config.bias_update_rate)

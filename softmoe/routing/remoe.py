@@ -1,0 +1,152 @@
+"""ReMoE router: ReLU gates, a variable number of experts per token, an adaptive load-weighted L1 penalty.
+
+Shape legend:
+    T   tokens
+    D   d_model
+    E   experts
+
+Wang et al., ICLR 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing" (arXiv 2412.14711).
+Per token:
+    1. w = ReLU(W x), in fp32 (`router_logits`).
+    2. Every expert with w_e > 0 is routed (optionally only the `max_active` largest). A token may get
+       no expert at all: its FFN output is exactly zero.
+    3. Combine with the raw ReLU weights w (no normalisation, as in the paper).
+    4. aux_loss = lambda * L_reg (+ the shared balance/z terms, off by default: ReMoE balances through
+       L_reg), with the paper's load-balanced L1 (sec. 3.3):
+           L_reg = sum_e f_e * mean_t w_te,   f_e = E / (k T) * #{t : expert e routed for t}
+       over real tokens; f carries no gradient. At perfect balance (k experts per token, spread evenly)
+       f_e = 1 and L_reg is the plain L1 mean.
+
+lambda is not a constant. `softmoe.train.controllers.step` updates it after every optimizer step
+(paper sec. 3.2): lambda <- lambda * factor^sign(target - S), with S the sparsity (fraction of zero
+(token, expert) entries over real tokens) pooled over all ReMoE layers and the step's micro-batches,
+target = 1 - k/E, factor = 1.2, starting at lambda_init = 1e-8. lambda is a persistent buffer
+(`l1_coef`, in the state_dict: exact resume); the pair counts are non-persistent and filled only in
+training mode, so evaluation never moves lambda.
+
+Layer sum vs mean: the paper averages L_reg over the L layers; the decoder sums each layer's aux
+loss (as for every other router), so our lambda is the paper's lambda / L. The controller is
+multiplicative, so this only shifts lambda's trajectory by log_1.2(L) steps.
+With `max_active`, sparsity and f count the routed pairs (what is computed), not every w_e > 0.
+Routing depends on the token alone, so outputs are batch invariant and causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from softmoe.routing import losses
+from softmoe.routing.base import (
+    GateRouter,
+    RouterConfig,
+    RouterOutput,
+    check_float,
+    finish_routing,
+    real_tokens,
+    register_router,
+    router_logits,
+)
+from softmoe.routing.record import routing_from_mask, select_experts
+
+__all__ = ["ReMoEConfig", "ReMoERouter", "relu_l1_loss"]
+
+
+@dataclass(frozen=True)
+class ReMoEConfig(RouterConfig):
+    """ReMoE config. `k` is the budget: the controller drives the sparsity to 1 - k/E (k in (0, E])."""
+
+    lb_coef: float = 0.0  # Switch balance loss off: ReMoE balances through its load-weighted L1 (paper)
+    z_coef: float = 0.0  # z-loss off: the L1 term already keeps the ReLU gates small
+    lambda_init: float = 1e-8  # initial L1 coefficient lambda (paper: 1e-8)
+    lambda_factor: float = 1.2  # multiplicative controller step alpha > 1 (paper: 1.2)
+    max_active: int | None = None  # optional cap on experts per token, in [1, E]; None = no cap (paper)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float("lambda_init", self.lambda_init, 0.0, open_low=True)
+        check_float("lambda_factor", self.lambda_factor, 1.0, open_low=True)
+        if self.max_active is not None and (
+            isinstance(self.max_active, bool) or not isinstance(self.max_active, int)
+            or not 1 <= self.max_active <= self.num_experts
+        ):
+            raise ValueError(f"max_active={self.max_active!r} must be None or an int in [1, {self.num_experts}]")
+
+    @property
+    def target_sparsity(self) -> float:
+        """1 - k/E: the fraction of zero (token, expert) entries the controller aims for."""
+        return 1.0 - float(self.k) / self.num_experts
+
+
+def relu_l1_loss(weight_TE: torch.Tensor, routed_TE: torch.Tensor, mask_T: torch.Tensor, k: float) -> torch.Tensor:
+    """ReMoE's load-balanced L1 of one layer: sum_e f_e * mean_t w_te, f_e = E/(k T) * #routed tokens of e.
+
+    Args:
+        weight_TE: (T, E) float32 ReLU gate outputs (carry the gradient).
+        routed_TE: (T, E) bool routed pairs (f has no gradient).
+        mask_T: (T,) float, 1 = real token; means are over real tokens.
+        k: the layer's budget.
+    Returns:
+        0-d float32 loss.
+    """
+    num_experts = weight_TE.shape[-1]
+    f_E = num_experts / float(k) * losses.masked_mean(routed_TE.float(), mask_T)
+    return (f_E * losses.masked_mean(weight_TE, mask_T)).sum()
+
+
+@register_router("remoe", ReMoEConfig)
+class ReMoERouter(GateRouter):
+    """ReLU router with an adaptive L1 penalty; lambda is a buffer owned by `train/controllers`.
+
+    Buffers:
+        l1_coef: 0-d float32 lambda (persistent).
+        routed_pairs, entries: 0-d int64 routed pairs and real tokens x E since the last controller
+            step (training mode only; not saved).
+    """
+
+    def __init__(self, d_model: int, config: ReMoEConfig):
+        super().__init__(d_model, config)
+        self.register_buffer("l1_coef", torch.tensor(float(config.lambda_init)))
+        self.register_buffer("routed_pairs", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("entries", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
+        """Route each token to the experts whose ReLU gate is positive.
+
+        Args:
+            x_TD: (T, D) token hidden states.
+            mean_k: must be None (the controller, not a budget k_l, sets the sparsity).
+            mask_T: optional (T,) bool, True = real token; padding is not routed.
+        """
+        if mean_k is not None:
+            raise ValueError("router='remoe' sets its sparsity with the L1 controller; mean_k must be None "
+                             "(only 'softmoe' takes a budget k_l)")
+        cfg = self.config
+        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
+        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
+        weight_TE = torch.relu(logits_TE)
+        # select_experts applies the cap (and always adds the top expert); `> 0` then drops zero gates,
+        # so a token whose gates are all zero is routed nowhere.
+        routed_TE = select_experts(weight_TE, 0.0, cfg.max_active) & (weight_TE > 0) & real_T.unsqueeze(-1)
+        routing = routing_from_mask(weight_TE, routed_TE)
+        mask_f = real_T.float()
+        reg = relu_l1_loss(weight_TE, routed_TE, mask_f, cfg.k)
+        self._count(routing.counts_E, real_T)
+        # A copy: the controller updates the buffer in place, which must not touch this step's graph or stats.
+        l1_coef = self.l1_coef.clone()
+        extra = {
+            "l1_coef": l1_coef,
+            "l1_reg": reg,
+            "sparsity": 1.0 - losses.masked_mean(routed_TE.float().mean(dim=-1), mask_f),
+            "zero_expert_fraction": losses.masked_mean((~routed_TE.any(dim=-1)).float(), mask_f),
+        }
+        k = torch.tensor(float(cfg.k), device=x_TD.device)
+        return finish_routing(routing, logits_TE, real_T, cfg, k, l1_coef * reg, extra)
+
+    def _count(self, counts_E: torch.Tensor, real_T: torch.Tensor) -> None:
+        """Accumulate routed pairs and real entries for the controller (training mode only)."""
+        if self.training:
+            with torch.no_grad():
+                self.routed_pairs += counts_E.sum()
+                self.entries += real_T.sum() * self.num_experts

@@ -1,0 +1,250 @@
+"""Between-step controllers: ReMoE's multiplicative L1 coefficient and DeepSeek-V3's loss-free bias.
+
+The update rules move in the right direction; the hook pools sparsity over all ReMoE layers, drops the
+counts of skipped steps and never moves anything in eval mode; the state round-trips through
+state_dict; on a short toy training the ReMoE controller moves sparsity towards 1 - k/E; the loss-free
+bias balances a skewed router, changes selection only (never the combine weights), and rejects bad
+options by name.
+
+Run: .venv/bin/python -m pytest -q tests/unit/train/test_controllers.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from softmoe.layers import MoELayer
+from softmoe.model import GPT
+from softmoe.model.config import ModelConfig
+from softmoe.ops.lapsum import soft_topk
+from softmoe.routing import build_router
+from softmoe.routing.softk import combine_weights
+from softmoe.train import controllers
+from softmoe.train.config import load_run_config
+from softmoe.train.loop import Trainer
+from softmoe.train.metrics import read_metrics
+from tests.reference import dense_moe as ref
+
+D, H, E = 16, 32, 8
+TINY_REMOE = Path(__file__).resolve().parents[3] / "configs" / "tiny" / "remoe.yaml"
+
+
+def remoe_layers(n: int = 2, k: float = 2.0, lambda_init: float = 1e-3) -> nn.ModuleList:
+    torch.manual_seed(0)
+    return nn.ModuleList(MoELayer(D, H, E, router="remoe", k=k, lambda_init=lambda_init) for _ in range(n))
+
+
+def coefs(model: nn.Module) -> list[float]:
+    return [float(m.router.l1_coef) for m in model.modules() if isinstance(m, MoELayer)]
+
+
+# ---- ReMoE: the multiplicative controller ----
+
+
+def test_multiplicative_update_direction():
+    coef = torch.tensor(1e-3)
+    up = controllers.multiplicative_update(coef, torch.tensor(0.5), 0.75, 1.2)  # too dense: penalise more
+    down = controllers.multiplicative_update(coef, torch.tensor(0.9), 0.75, 1.2)  # too sparse: penalise less
+    same = controllers.multiplicative_update(coef, torch.tensor(0.75, dtype=torch.float64), 0.75, 1.2)
+    assert float(up) == pytest.approx(1.2e-3) and float(down) == pytest.approx(1e-3 / 1.2)
+    assert float(same) == pytest.approx(1e-3) and up.dtype == torch.float32
+
+
+def test_step_pools_sparsity_over_layers_and_resets_counts():
+    model = remoe_layers()
+    x = torch.randn(4, 8, D)
+    model[0](x)
+    model[1](x)
+    routed = sum(int(m.router.routed_pairs) for m in model)
+    sparsity = 1 - routed / (2 * 32 * E)
+    assert float(controllers.pooled_sparsity([m.router for m in model])) == pytest.approx(sparsity)
+    expected = 1e-3 * (1.2 if sparsity < 0.75 else 1 / 1.2)
+    controllers.step(model)
+    assert coefs(model) == pytest.approx([expected, expected])  # one decision for all layers
+    assert all(int(m.router.routed_pairs) == 0 and int(m.router.entries) == 0 for m in model)
+    controllers.step(model)  # nothing counted since: no update
+    assert coefs(model) == pytest.approx([expected, expected])
+
+
+def test_sparse_layers_lower_the_coefficient():
+    model = remoe_layers(k=6.0)  # target 0.25; random ReLU gates are ~half zero
+    model[0](torch.randn(4, 8, D))
+    controllers.step(model)
+    assert coefs(model)[0] == pytest.approx(1e-3 / 1.2)
+
+
+def test_skipped_step_and_eval_mode_do_not_move_the_coefficient():
+    model = remoe_layers()
+    x = torch.randn(4, 8, D)
+    model[0](x)
+    controllers.step(model, update=False)  # a skipped (non-finite) step
+    assert coefs(model) == [pytest.approx(1e-3)] * 2 and int(model[0].router.entries) == 0
+    model.eval()
+    for _ in range(3):
+        model[0](x)
+        controllers.step(model)
+    assert coefs(model) == [pytest.approx(1e-3)] * 2 and int(model[0].router.entries) == 0
+
+
+def test_eval_forward_between_training_forward_and_step_is_not_counted():
+    model = remoe_layers()
+    model[0](torch.randn(2, 8, D))
+    entries = int(model[0].router.entries)
+    model.eval()
+    model[0](torch.randn(5, 8, D))
+    model.train()
+    assert int(model[0].router.entries) == entries
+
+
+def test_state_dict_round_trip_restores_the_coefficient_and_bias():
+    config = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, num_experts=4, d_expert=8,
+                         router="remoe", k=1.0, max_seq_len=16, router_options=dict(lambda_init=1e-3))
+    torch.manual_seed(0)
+    model = GPT(config)
+    for _ in range(3):
+        model(torch.randint(0, 32, (2, 8)))
+        controllers.step(model)
+    state = model.state_dict()
+    assert "blocks.0.ffn.router.l1_coef" in state and "blocks.0.ffn.router.entries" not in state
+    fresh = GPT(config)
+    assert float(fresh.blocks[0].ffn.router.l1_coef) == pytest.approx(1e-3)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.blocks[1].ffn.router.l1_coef, model.blocks[1].ffn.router.l1_coef)
+    assert float(fresh.blocks[1].ffn.router.l1_coef) != pytest.approx(1e-3)
+
+    biased = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, num_experts=4, d_expert=8, router="topk",
+                         k=1.0, max_seq_len=16, router_options=dict(loss_free_bias=True, bias_update_rate=0.1))
+    model = GPT(biased)
+    model(torch.randint(0, 32, (2, 8)))
+    controllers.step(model)
+    fresh = GPT(biased)
+    fresh.load_state_dict(model.state_dict())
+    bias = model.blocks[0].ffn.router.balance.bias_E
+    assert bias.abs().sum() > 0 and torch.equal(fresh.blocks[0].ffn.router.balance.bias_E, bias)
+
+
+def test_toy_training_moves_sparsity_towards_target(tmp_path):
+    # k = 1 of 4: target 0.75, while random ReLU gates start near 0.5 sparsity.
+    config = load_run_config(TINY_REMOE, [
+        f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}", "train.progress=false",
+        "train.tensorboard=false", "model.k=1", "model.router_options.lambda_init=1.0e-3", "train.steps=40",
+        "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0"])
+    result = Trainer(config, report=lambda _m: None).fit()
+    records = read_metrics(result.run_dir, "train")
+    sparsity = [sum(layer["sparsity"] for layer in r["layers"]) / len(r["layers"]) for r in records]
+    first, last = sum(sparsity[:3]) / 3, sum(sparsity[-5:]) / 5
+    assert first < 0.7
+    assert abs(last - 0.75) < abs(first - 0.75)  # direction, not timing
+    assert records[-1]["layers"][0]["l1_coef"] > 1e-3  # the controller raised lambda to get there
+
+
+# ---- Loss-free balancing bias ----
+
+
+def test_bias_update_direction():
+    bias = torch.zeros(4)
+    new = controllers.bias_update(bias, torch.tensor([10, 2, 2, 2]), 1e-3)  # mean 4
+    torch.testing.assert_close(new, torch.tensor([-1e-3, 1e-3, 1e-3, 1e-3]))
+    torch.testing.assert_close(controllers.bias_update(bias, torch.tensor([3, 3, 3, 3]), 1e-3), bias)
+
+
+def skewed_layer(router: str, rate: float, k: float) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(D, H, 4, router=router, k=k, loss_free_bias=True, bias_update_rate=rate)
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(0.3)
+        layer.router.gate.weight[0] += 1.0  # expert 0 scores sum(x), high for inputs with positive mean
+    return layer
+
+
+@pytest.mark.parametrize("router,rate,k", [("topk", 0.02, 1.0), ("softmoe", 0.05, 1.0)])
+def test_bias_moves_towards_balance_on_skewed_input(router, rate, k):
+    layer = skewed_layer(router, rate, k)
+    x = torch.randn(8, 16, D) * 0.5 + 0.3
+    layer(x)
+    start = layer.stats["expert_load"].clone()
+    assert float(start[0]) > 0.5  # skewed
+    for _ in range(60):
+        layer(x)
+        controllers.step(layer)
+    layer(x)
+    end = layer.stats["expert_load"]
+    bias = layer.router.balance.bias_E
+    assert float(end.max()) < float(start.max()) - 0.2
+    assert float(bias[0]) < 0 and float(bias[0]) == float(bias.min())
+
+
+def test_topk_bias_changes_selection_not_combine_weights():
+    layer = MoELayer(D, H, E, router="topk", k=2.0, loss_free_bias=True)
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        layer.router.balance.bias_E[3] = 10.0  # expert 3 wins every selection
+    routing = layer.router(x).routing
+    weight = routing.dense_weights()
+    assert bool((weight[:, 3] > 0).all())
+    torch.testing.assert_close(weight, ref.biased_topk_weights(layer, x), rtol=0, atol=1e-6)
+    # The weights are the unbiased probabilities of the picks, renormalised: no bias in them.
+    probs = torch.softmax(x @ layer.router.gate.weight.t(), -1).detach()
+    picked = weight > 0
+    torch.testing.assert_close(weight, torch.where(picked, probs, 0.0) / (probs * picked).sum(-1, keepdim=True))
+    assert layer.router.balance.bias_E.grad is None and not layer.router.balance.bias_E.requires_grad
+
+
+def test_zero_bias_routes_like_no_bias():
+    for router in ("topk", "softmoe"):
+        torch.manual_seed(0)
+        plain = MoELayer(D, H, E, router=router, k=2.0)
+        torch.manual_seed(0)
+        biased = MoELayer(D, H, E, router=router, k=2.0, loss_free_bias=True)
+        x = torch.randn(3, 5, D)
+        assert torch.equal(plain(x), biased(x))
+
+
+def test_softmoe_bias_changes_truncation_not_combine_weights():
+    router = build_router("softmoe", D, E, 2.0, loss_free_bias=True, min_weight=0.2)
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        router.balance.bias_E[5] = 20.0
+    out = router(x)
+    weight = out.routing.dense_weights()
+    keep = weight > 0
+    assert bool(keep[:, 5].all())
+    logits = out.logits_TE
+    k = torch.tensor(2.0)
+    p = soft_topk(logits, k, router.alpha)  # unbiased soft top-k
+    expected = combine_weights(p, logits, keep, k, router.config.combine)
+    torch.testing.assert_close(weight, torch.where(keep, expected, 0.0).detach(), rtol=0, atol=1e-6)
+    # Without the bias, expert 5 is not kept for every token: the bias changed the selection.
+    with torch.no_grad():
+        router.balance.bias_E.zero_()
+    assert not bool((router(x).routing.dense_weights()[:, 5] > 0).all())
+
+
+def test_bias_frozen_in_eval_and_on_skipped_steps():
+    layer = skewed_layer("topk", 0.1, 1.0)
+    x = torch.randn(4, 8, D) + 0.3
+    layer(x)
+    controllers.step(layer, update=False)
+    assert torch.equal(layer.router.balance.bias_E, torch.zeros(4))
+    layer.eval()
+    layer(x)
+    controllers.step(layer)
+    assert torch.equal(layer.router.balance.bias_E, torch.zeros(4))
+    assert int(layer.router.balance.load_E.sum()) == 0
+
+
+@pytest.mark.parametrize("router,options,error,match", [
+    ("topk", dict(bias_update_rate=0.0), ValueError, r"bias_update_rate=0.0 must be"),
+    ("topk", dict(bias_update_rate=-1e-3), ValueError, r"bias_update_rate=-0.001"),
+    ("softmoe", dict(bias_update_rate=float("nan")), ValueError, r"bias_update_rate=nan"),
+    ("softmoe", dict(bias_update_rate="fast"), TypeError, r"bias_update_rate must be a float"),
+    ("topk", dict(loss_free_bias=1), TypeError, r"loss_free_bias must be a bool, got int \(1\)"),
+    ("topp", dict(loss_free_bias=True), ValueError, r"unknown option\(s\) \['loss_free_bias'\]"),
+])
+def test_bad_bias_options_raise_naming_the_argument(router, options, error, match):
+    with pytest.raises(error, match=match):
+        build_router(router, D, E, 2.0, **options)
