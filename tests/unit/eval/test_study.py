@@ -29,7 +29,7 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     runs = plan_runs(study)
     seeds = {name: sorted(r.seed for r in runs if r.variant.name == name) for name in {r.variant.name for r in runs}}
     main = ["dense", "topk-k1", "topk-k2", "topk-k4", "softmoe-K1.0", "softmoe-K1.5", "softmoe-K2.0",
-            "topp-p0.4", "null-k4-n8"]
+            "topp-p0.4", "null-k4-n8", "remoe-k2"]
     assert all(seeds[name] == [0, 1, 2] for name in main)
     ablations = sorted(set(seeds) - set(main))
     assert len(ablations) == 5 and all(seeds[name] == [0] for name in ablations)
@@ -40,6 +40,7 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     assert all(models[f"topk-k{k}"].router == "topk" and models[f"topk-k{k}"].num_experts == 8 for k in (1, 2, 4))
     assert [models[f"softmoe-K{k}"].k for k in ("1.0", "1.5", "2.0")] == [1.0, 1.5, 2.0]
     assert models["topp-p0.4"].router == "topp" and models["null-k4-n8"].router == "null"
+    assert models["remoe-k2"].router == "remoe" and models["remoe-k2"].k == 2
     assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
     assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
     assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
