@@ -24,7 +24,7 @@ import yaml
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
 
-__all__ = ["TrainConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides"]
+__all__ = ["TrainConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides", "same_config"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -137,6 +137,17 @@ def run_config_from_dict(raw: dict) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {list(_SECTIONS)}")
     return RunConfig(**{name: _section(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()})
+
+
+def same_config(saved: dict, config: RunConfig, sections: tuple[str, ...] = ("model", "data", "train")) -> bool:
+    """Whether a saved `config.to_dict()` equals `config` in `sections`, after filling the defaults of fields
+    added since it was written (so a new option at its default does not orphan older runs)."""
+    try:
+        parsed = run_config_from_dict(saved).to_dict()
+    except (ValueError, TypeError):
+        return False
+    now = config.to_dict()
+    return all(parsed.get(section) == now[section] for section in sections)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -25,7 +25,7 @@ from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT
 from softmoe.train import controllers
 from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
-from softmoe.train.config import RunConfig
+from softmoe.train.config import RunConfig, same_config
 from softmoe.train.data import TrainData, open_data
 from softmoe.train.metrics import MetricsWriter, mean_active_experts, routing_summary
 from softmoe.train.optim import build_optimizer
@@ -188,7 +188,7 @@ class Trainer:
         if path is None:
             return None
         model_state, train_state, meta = load_checkpoint(path)
-        if meta["config"]["model"] != self.config.to_dict()["model"]:
+        if not same_config(meta["config"], self.config, sections=("model",)):
             raise ValueError(f"{path}: the checkpoint's model config differs from the requested one; "
                              f"use another train.name or the same model settings")
         self._warn_changed_settings(meta["config"], path)

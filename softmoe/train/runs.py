@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from softmoe.data import DataConfig, dataset_dir_for, prepare
-from softmoe.train.config import RunConfig
+from softmoe.train.config import RunConfig, same_config
 from softmoe.train.loop import Trainer
 
 __all__ = ["is_finished", "prepared_dataset_dir", "train_or_reuse"]
@@ -36,7 +36,8 @@ def is_finished(config: RunConfig) -> bool:
         return False
     if json.loads(summary.read_text()).get("step") != config.train.steps:
         return False
-    return yaml.safe_load(saved.read_text()) == config.to_dict()
+    return same_config(yaml.safe_load(saved.read_text()), config)
+
 
 
 def train_or_reuse(config: RunConfig) -> Path:

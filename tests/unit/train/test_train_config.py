@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from softmoe.train.config import TrainConfig, apply_overrides, load_run_config, run_config_from_dict
+from softmoe.train.config import TrainConfig, apply_overrides, load_run_config, run_config_from_dict, same_config
 
 REPO = Path(__file__).resolve().parents[3]
+TINY = REPO / "configs" / "tiny" / "softmoe.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -74,3 +75,16 @@ def test_every_shipped_preset_loads():
     assert presets, "configs/ has no presets"
     for path in presets:
         load_run_config(path)
+
+
+def test_same_config_fills_defaults_of_fields_added_since_a_run_was_saved():
+    config = load_run_config(TINY)
+    saved = config.to_dict()
+    del saved["model"]["granularity"], saved["model"]["num_shared_experts"]  # a run saved before they existed
+    assert same_config(saved, config)
+    assert same_config(saved, config, sections=("model",))
+    changed = load_run_config(TINY, ["model.num_shared_experts=1"])
+    assert not same_config(saved, changed)
+    assert same_config(saved, load_run_config(TINY, ["train.lr=0.5"]), sections=("model",))
+    assert not same_config(saved, load_run_config(TINY, ["train.lr=0.5"]))
+    assert not same_config({"model": {"no_such_field": 1}}, config)  # unreadable: never the same
