@@ -249,7 +249,19 @@ def router_config(name: str, num_experts: int, k: float, **options) -> RouterCon
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for router={name!r}; valid options: {sorted(valid)}")
+    types = {f.name: f.type for f in fields(config_cls)}
+    options = {name: _number_from_yaml(name, value, types[name]) for name, value in options.items()}
     return config_cls(num_experts=num_experts, k=k, **options)
+
+
+def _number_from_yaml(name: str, value, kind) -> object:
+    """YAML 1.1 reads `1e-3` as the string '1e-3': read such a string as the float a float field declares."""
+    if kind in ("float", float, "float | None") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"{name} must be a float, got str {value!r}") from None
+    return value
 
 
 def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> torch.nn.Module:

@@ -64,3 +64,12 @@ def test_registry_errors():
         build_router("topk", 0, 4, 1.0)
     with pytest.raises(ValueError, match="num_experts=0"):
         build_router("topk", 8, 0, 1.0)
+
+
+def test_router_options_written_as_yaml_1_1_exponent_strings_are_read_as_floats():
+    from softmoe.routing import router_config
+
+    assert router_config("remoe", 8, 2.0, lambda_init="1e-3").lambda_init == 1e-3  # YAML 1.1 reads 1e-3 as str
+    assert router_config("topk", 8, 2, loss_free_bias=True, bias_update_rate="1e-3").bias_update_rate == 1e-3
+    with pytest.raises(TypeError, match="alpha must be a float, got str 'soft'"):
+        router_config("softmoe", 8, 2.0, alpha="soft")
