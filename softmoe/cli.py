@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output transformers folder")
     export.set_defaults(func=_cmd_export)
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness's CLI with the softmoe model type registered (all arguments go to lm-eval)")
+
+    from softmoe.convert.cli import add_convert_parser
+
+    add_convert_parser(sub)
+
     from softmoe.data.cli import add_data_parser
 
     add_data_parser(sub)
@@ -68,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # a passthrough: lm-eval's own options must not meet our parser
+        from softmoe.lm_eval import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

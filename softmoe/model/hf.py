@@ -8,7 +8,8 @@ Generation uses transformers' DynamicCache. GPT's attention only needs an object
 `update(layer, k, v)`; `_CacheView` adapts the HF cache to that, so beam search and cache reordering
 are transformers' business and the attention code is unchanged.
 
-Importing this module registers "softmoe" with AutoConfig / AutoModelForCausalLM.
+Importing this module registers "softmoe" with AutoConfig / AutoModelForCausalLM. `import softmoe` arranges
+for that import to happen when transformers is imported (softmoe/__init__.py), so users need not import it.
 """
 
 from __future__ import annotations

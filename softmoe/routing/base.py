@@ -15,6 +15,7 @@ in `softmoe/routing/__init__.py`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -256,12 +257,13 @@ def router_config(name: str, num_experts: int, k: float, **options) -> RouterCon
 
 def _number_from_yaml(name: str, value, kind) -> object:
     """YAML 1.1 reads `1e-3` as the string '1e-3': read such a string as the float a float field declares."""
-    if kind in ("float", float, "float | None") and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise TypeError(f"{name} must be a float, got str {value!r}") from None
+    if kind in ("float", float, "float | None") and isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
     return value
+
+
+# What YAML 1.1 leaves as a string although it is a float: a mantissa without a dot and an exponent (1e-3).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> torch.nn.Module:

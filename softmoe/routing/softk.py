@@ -45,9 +45,9 @@ from softmoe.routing.base import (
 )
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
 from softmoe.routing.budget import Budget
-from softmoe.routing.record import routing_from_mask, select_experts
+from softmoe.routing.record import Routing, routing_from_mask, select_experts
 
-__all__ = ["SoftKConfig", "SoftKRouter", "COMBINE_MODES", "combine_weights"]
+__all__ = ["SoftKConfig", "SoftKRouter", "COMBINE_MODES", "combine_weights", "soft_routing"]
 
 COMBINE_MODES = ("mask_softmax", "mask_softmax_raw", "p")
 
@@ -158,23 +158,42 @@ class SoftKRouter(GateRouter):
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
         k, penalty = self._layer_k(mean_k, x_TD.device)
         logits_TE = router_logits(x_TD, self.gate.weight, real_T)
-        if self.num_experts == 1:
-            p_TE = torch.ones_like(logits_TE)  # the only expert is always fully active
-        else:
-            p_TE = soft_topk(logits_TE, k, self.alpha)
-        keep_TE = select_experts(self._selection_p(p_TE, logits_TE, k), cfg.min_weight,
-                                 cfg.max_active) & real_T.unsqueeze(-1)
-        weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, cfg.combine)
-        routing = routing_from_mask(weight_TE, keep_TE)
-        extra = {"alpha": self.alpha, "kept_mass": (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)}
+        routing, extra = soft_routing(logits_TE, k, self.alpha, cfg, real_T, self._selection_p(logits_TE, k))
         if self.balance is not None:
             self.balance.record(routing.counts_E)
             extra.update(self.balance.stats())
         return finish_routing(routing, logits_TE, real_T, cfg, k, penalty, extra)
 
-    def _selection_p(self, p_TE: torch.Tensor, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(T, E) probabilities that decide truncation: p, or soft_topk(r + b) with the loss-free bias."""
+    def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """(T, E) soft_topk(r + b) that decides truncation with the loss-free bias; None without it."""
         if self.balance is None or self.num_experts == 1:
-            return p_TE
+            return None
         with torch.no_grad():  # selection only: no gradient through the biased solve
             return soft_topk(self.balance.shift(logits_TE), k, self.alpha)
+
+
+def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, config: SoftKConfig,
+                 real_T: torch.Tensor, selection_p_TE: torch.Tensor | None = None) -> tuple[Routing, dict]:
+    """The SoftMoE rule on given router scores: soft top-k -> truncation -> combine weights.
+
+    Shared by SoftKRouter and the retrofitted transformers blocks (softmoe/convert), which bring their own gate.
+
+    Args:
+        logits_TE: (T, E) float32 router scores r.
+        k: 0-d (or (T, 1)) tensor, the layer's k_l in (0, E).
+        alpha: 0-d tensor, the Laplace scale.
+        config: the rule's settings (min_weight, max_active, combine).
+        real_T: (T,) bool, True for real tokens; padding is not routed.
+        selection_p_TE: optional (T, E) probabilities that decide truncation instead of p (loss-free bias).
+    Returns:
+        (routing, extra): the routing to dispatch and the 0-d stats `alpha` and `kept_mass` (mass of p kept).
+    """
+    if logits_TE.shape[-1] == 1:
+        p_TE = torch.ones_like(logits_TE)  # the only expert is always fully active
+    else:
+        p_TE = soft_topk(logits_TE, k, alpha)
+    select_TE = p_TE if selection_p_TE is None else selection_p_TE
+    keep_TE = select_experts(select_TE, config.min_weight, config.max_active) & real_T.unsqueeze(-1)
+    weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, config.combine)
+    kept_mass = (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)
+    return routing_from_mask(weight_TE, keep_TE), {"alpha": alpha, "kept_mass": kept_mass}

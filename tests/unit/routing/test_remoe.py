@@ -160,7 +160,7 @@ def test_model_config_accepts_remoe():
 
 @pytest.mark.parametrize("options,error,match", [
     (dict(lambda_init=0.0), ValueError, r"lambda_init=0.0 must be"),
-    (dict(lambda_init="1e-3"), TypeError, "lambda_init must be a float"),
+    (dict(lambda_init="tiny"), TypeError, "lambda_init must be a float"),
     (dict(lambda_factor=1.0), ValueError, r"lambda_factor=1.0 must be"),
     (dict(lambda_factor=float("inf")), ValueError, r"lambda_factor=inf"),
     (dict(max_active=0), ValueError, r"max_active=0 must be None or an int in \[1, 8\]"),

@@ -1,0 +1,60 @@
+"""`softmoe convert --model HF_DIR --out OUT_DIR`: retrofit a saved transformers MoE model with SoftMoE routing."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+# Files that travel with the weights but are not written by save_pretrained.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    from softmoe.convert.retrofit import RetrofitConfig
+
+    p = sub.add_parser("convert", help="retrofit a transformers Mixtral / Qwen2-MoE / OLMoE folder with SoftMoE routing")
+    p.add_argument("--model", required=True, type=Path, help="a local transformers folder (config.json + weights)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (load it with softmoe.convert.from_pretrained)")
+    p.add_argument("--alpha", type=float, default=RetrofitConfig.alpha, help="initial soft top-k scale, logit units")
+    p.add_argument("--budget", type=float, default=None, help="global mean active experts K (default: the model's top-k)")
+    p.add_argument("--min-weight", type=float, default=RetrofitConfig.min_weight, help="truncation threshold tau")
+    p.add_argument("--max-active", type=int, default=None, help="optional cap on experts per token")
+    p.add_argument("--learn-alpha", action="store_true", help="make log alpha per layer trainable")
+    p.set_defaults(func=cmd_convert)
+
+
+def convert_folder(model_dir: Path, out: Path, report=print, **options) -> Path:
+    """Load `model_dir`, convert it with from_hf(**options), save to `out` with its tokenizer files."""
+    from transformers import AutoModelForCausalLM
+
+    from softmoe.convert.retrofit import from_hf, soft_blocks
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"--model {str(model_dir)!r} is not a transformers folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    from_hf(model, **options)
+    out = Path(out)
+    model.save_pretrained(out)
+    for name in _TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file() and not (out / name).exists():
+            shutil.copy2(Path(model_dir) / name, out / name)
+    k_L = model.softmoe_retrofit.budget().tolist()
+    report(f"converted {len(soft_blocks(model))} {type(model).__name__} MoE blocks (k_l = {k_L}, "
+           f"combine={model.config.softmoe_retrofit['combine']}) -> {out}")
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    options = {"alpha": args.alpha, "min_weight": args.min_weight, "max_active": args.max_active,
+               "learn_alpha": args.learn_alpha}
+    if args.budget is not None:
+        options["budget"] = args.budget
+    try:
+        convert_folder(args.model, args.out, **options)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"softmoe convert: {err}", file=sys.stderr)
+        return 2
+    return 0
