@@ -127,8 +127,10 @@ def _window(context_ids: list[int], continuation_ids: list[int], max_len: int) -
 def masked_padding(model: nn.Module, mask_BS: torch.Tensor) -> Iterator[None]:
     """Hand `mask_BS` (True = real token) to every MoE layer of `model` for the forwards inside the block.
 
-    The decoder does not take a padding mask, but MoELayer does: masked tokens are not routed and
-    are left out of its statistics, so per-task routing reports count only real tokens.
+    Batches here are right-padded, which causal attention already keeps away from real positions, so the
+    decoder's own `pad_mask_BL` (masked attention, per-row positions) is not needed; MoELayer still takes
+    the mask: masked tokens are not routed and are left out of its statistics, so per-task routing
+    reports count only real tokens.
     """
     def add_mask(module, args, kwargs):
         return args, {**kwargs, "pad_mask_BS": mask_BS}

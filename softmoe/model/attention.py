@@ -4,6 +4,7 @@ Shape legend:
     B   batch
     S   query positions in this call (the whole sequence in training, 1 per step when decoding)
     L   key positions visible to the queries (cached + new)
+    f   RoPE frequencies (Dh / 2)
     H   heads
     Dh  head dim
     D   d_model
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["rope_tables", "apply_rope", "KVCache", "CausalSelfAttention"]
+__all__ = ["rope_tables", "apply_rope", "padded_positions", "padded_causal_mask", "KVCache", "CausalSelfAttention"]
 
 
 def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,10 +27,37 @@ def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head vector by position-dependent angles (GPT-NeoX layout)."""
+    """Rotate the two halves of each head vector by position-dependent angles (GPT-NeoX layout).
+
+    cos_Sf, sin_Sf are (S, f) when every row shares positions, or (B, 1, S, f) for per-row positions.
+    """
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos_Sf - x2 * sin_Sf, x1 * sin_Sf + x2 * cos_Sf], dim=-1)
     return rotated.to(x_BHSd.dtype)
+
+
+def padded_positions(real_BL: torch.Tensor) -> torch.Tensor:
+    """(B, L) int64 RoPE position of every slot: each row's first real token is 0, padding repeats a neighbour.
+
+    Args:
+        real_BL: (B, L) bool, True = real token; a row's real tokens are contiguous (checked by the decoder).
+    """
+    return (real_BL.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def padded_causal_mask(real_BL: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, 1, S, L) bool attention mask of the last S slots, True = may attend: causal and real keys only.
+
+    A padding query may also attend to itself. Otherwise its row would be all False and SDPA would
+    return NaN there. Padding outputs are discarded, but a NaN would not stay put: the next layer's
+    value vector of that slot enters every real query's weighted sum with weight 0, and 0 * NaN = NaN.
+    So no row is ever empty (a real query's own key is real, so this changes nothing for real tokens).
+    """
+    L = real_BL.shape[1]
+    k_pos = torch.arange(L, device=real_BL.device)
+    q_pos = k_pos[L - S:].unsqueeze(1)
+    mask_BSL = ((k_pos <= q_pos) & real_BL.unsqueeze(1)) | (k_pos == q_pos)
+    return mask_BSL.unsqueeze(1)
 
 
 class KVCache:
@@ -67,14 +95,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0,
+                mask_B1SL: torch.Tensor | None = None) -> torch.Tensor:
         """Attend causally over the sequence (and over the cache's earlier positions, if given).
 
         Args:
-            x_BSD: (B, S, D) normalised hidden states of positions [start, start + S).
-            cos_Sf, sin_Sf: (S, Dh / 2) RoPE tables for those positions.
+            x_BSD: (B, S, D) normalised hidden states of slots [start, start + S).
+            cos_Sf, sin_Sf: (S, f) RoPE tables for those positions, or (B, 1, S, f) per-row (padding).
             cache: optional KV cache; start = cache.length. This layer writes its slice.
             layer: this layer's index in the cache.
+            mask_B1SL: optional (B, 1, S, L) bool mask (padded_causal_mask), True = may attend; it
+                replaces the causal mask. None (no padding) keeps SDPA's causal fast path.
         Returns:
             (B, S, D) attention output.
         """
@@ -85,8 +116,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
-        y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(S, start, x_BSD.device),
-                                                is_causal=start == 0 and S > 1)
+        if mask_B1SL is not None:
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL)
+        else:
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(S, start, x_BSD.device),
+                                                    is_causal=start == 0 and S > 1)
         return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
 
 

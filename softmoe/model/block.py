@@ -30,10 +30,15 @@ class Block(nn.Module):
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
     def forward(self, x_BSD: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor,
-                mean_k: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D). `mean_k` is this block's k_l (softmoe MoE blocks only)."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_Sf, sin_Sf, cache, layer)
+                mean_k: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0,
+                mask_B1SL: torch.Tensor | None = None, real_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D). `mean_k` is this block's k_l (softmoe MoE blocks only).
+
+        With padding, `mask_B1SL` is the attention mask (CausalSelfAttention) and `real_BS` (True = real
+        token) keeps padding tokens out of the MoE layer's routing, outputs and statistics.
+        """
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_Sf, sin_Sf, cache, layer, mask_B1SL)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            return x_BSD + self.ffn(h_BSD, mean_k=mean_k)
+            return x_BSD + self.ffn(h_BSD, mean_k=mean_k, pad_mask_BS=real_BS)
         return x_BSD + self.ffn(h_BSD)

@@ -3,6 +3,7 @@
 Shape legend:
     B   batch
     S   positions in this call
+    L   slots visible to this call (cached + new, L = start + S)
     D   d_model
     V   vocab size
     L   MoE layers (the budget's layer axis; block indices in `config.moe_layers`)
@@ -18,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softmoe.model.attention import KVCache, rope_tables
+from softmoe.model.attention import KVCache, padded_causal_mask, padded_positions, rope_tables
 from softmoe.model.block import Block
 from softmoe.model.config import ModelConfig
 from softmoe.routing.budget import Budget
 
-__all__ = ["GPT", "DecoderOutput"]
+__all__ = ["GPT", "DecoderOutput", "check_pad_mask"]
 
 
 @dataclass
@@ -50,6 +51,30 @@ class DecoderOutput:
         if self.loss is None:
             raise ValueError("objective needs targets: call the model with targets_BS")
         return self.loss + self.aux_loss
+
+
+def check_pad_mask(mask_BL: torch.Tensor, shape: tuple[int, int], name: str = "pad_mask_BL") -> torch.Tensor:
+    """`mask_BL` as (B, L) bool, True = real token, after checking it; raise ValueError naming `name`.
+
+    Each row's real tokens must be contiguous: padding before them (left), after them (right), or both.
+    A 0 between 1s (a hole) has no single position numbering, so it is refused.
+    """
+    if not isinstance(mask_BL, torch.Tensor) or tuple(mask_BL.shape) != tuple(shape):
+        got = tuple(mask_BL.shape) if isinstance(mask_BL, torch.Tensor) else type(mask_BL).__name__
+        raise ValueError(f"{name} has shape {got}; it must be (batch, cached + new positions) = {tuple(shape)}")
+    if mask_BL.dtype != torch.bool and bool(((mask_BL != 0) & (mask_BL != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token), got values "
+                         f"{sorted(set(mask_BL.unique().tolist()))[:8]}")
+    real_BL = mask_BL.bool()
+    # A hole is a 0 with real tokens both before it (count > 0) and after it (count < row total).
+    seen_BL = real_BL.long().cumsum(dim=1)
+    hole_BL = ~real_BL & (seen_BL > 0) & (seen_BL < seen_BL[:, -1:])
+    if bool(hole_BL.any()):
+        row, slot = (int(i) for i in hole_BL.nonzero()[0])
+        raise ValueError(f"{name} row {row} has a 0 between 1s (a hole, first at slot {slot}); each row "
+                         "must be padding, then its real tokens, then padding (right-padded prompts get a hole "
+                         "once generation appends tokens: pad them on the left)")
+    return real_BL
 
 
 class GPT(nn.Module):
@@ -107,14 +132,21 @@ class GPT(nn.Module):
                        dtype=self.embed.weight.dtype, device=self.embed.weight.device)
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
+                cache: KVCache | None = None, last_only: bool = False,
+                pad_mask_BL: torch.Tensor | None = None) -> DecoderOutput:
         """Next-token logits (and loss) for token ids.
 
         Args:
-            idx_BS: (B, S) int64 token ids of positions [start, start + S), start = cache.length or 0.
+            idx_BS: (B, S) int64 token ids of slots [start, start + S), start = cache.length or 0.
             targets_BS: optional (B, S) int64 next-token ids; -100 (torch's default ignore_index) is ignored.
             cache: optional KV cache, advanced by S.
             last_only: compute logits for the last position only (generation).
+            pad_mask_BL: optional (B, L = start + S) bool or 0/1, True = real token, over the cached AND the
+                new slots (contiguous real tokens per row: left and/or right padding, no holes). Each row's
+                RoPE positions count its real tokens from 0, padding keys are masked out of attention and
+                padding tokens are not routed, so a padded row's real outputs equal the unpadded row's (to
+                float round-off). Padding slots' logits are meaningless. None = no padding: the training
+                path, unchanged.
         Returns:
             DecoderOutput.
         """
@@ -128,10 +160,10 @@ class GPT(nn.Module):
         S = idx_BS.shape[1]
         if start + S > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        cos, sin, padding = self._positions(idx_BS.shape[0], start, S, pad_mask_BL)
         k_L = self._budget_k()
 
-        x_BSD, routing, aux_losses = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache)
+        x_BSD, routing, aux_losses = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding)
         if cache is not None:
             cache.length += S
 
@@ -146,14 +178,32 @@ class GPT(nn.Module):
         return DecoderOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(aux_losses), routing=routing,
                              k_L=None if k_L is None else k_L.detach())
 
+    def _positions(self, B: int, start: int, S: int, pad_mask_BL: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """RoPE cos / sin of slots [start, start + S) and the blocks' padding arguments.
+
+        Without a mask: (S, f) table slices and no padding arguments (the training path). With one:
+        (B, 1, S, f) tables at each row's own positions, plus Block's mask_B1SL and real_BS.
+        """
+        if pad_mask_BL is None:
+            return self.rope_cos[start:start + S], self.rope_sin[start:start + S], {}
+        real_BL = check_pad_mask(pad_mask_BL, (B, start + S)).to(self.rope_cos.device)
+        pos_BS = padded_positions(real_BL)[:, start:]
+        padding = {"mask_B1SL": padded_causal_mask(real_BL, S), "real_BS": real_BL[:, start:]}
+        return self.rope_cos[pos_BS].unsqueeze(1), self.rope_sin[pos_BS].unsqueeze(1), padding
+
     def _run_blocks(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_L: torch.Tensor | None,
-                    cache: KVCache | None) -> tuple[torch.Tensor, dict[int, Mapping], list[torch.Tensor]]:
-        """All blocks in order; MoE block l gets k_L[l] and reports its stats and aux loss."""
+                    cache: KVCache | None, padding: Mapping[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[int, Mapping], list[torch.Tensor]]:
+        """All blocks in order; MoE block l gets k_L[l] and reports its stats and aux loss.
+
+        `padding` is empty without a pad mask, else Block's mask_B1SL and real_BS.
+        """
         routing, aux_losses = {}, []
         for i, block in enumerate(self.blocks):
             # len(aux_losses) = MoE blocks seen so far = this block's index on the budget's layer axis.
             mean_k = k_L[len(aux_losses)] if (block.is_moe and k_L is not None) else None
-            x_BSD = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i)
+            x_BSD = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i, **padding)
             if block.is_moe:
                 routing[i] = block.ffn.stats
                 aux_losses.append(block.ffn.aux_loss)

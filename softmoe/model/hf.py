@@ -8,6 +8,15 @@ Generation uses transformers' DynamicCache. GPT's attention only needs an object
 `update(layer, k, v)`; `_CacheView` adapts the HF cache to that, so beam search and cache reordering
 are transformers' business and the attention code is unchanged.
 
+Padding: `attention_mask` (B, cached + new) is handed to GPT as its `pad_mask_BL`, which does all the
+work in the one forward path: per-row RoPE positions counted from each row's first real token, padding
+keys masked out of attention, padding tokens not routed by the MoE layers. Left padding (what `generate`
+and lm-eval's HFLM use for batched generation, and what transformers extends by one 1 per generated token)
+and right padding (e.g. batched scoring) both give each row's real tokens the logits and routing of
+the unpadded row. A 0 between 1s (a hole) raises ValueError naming attention_mask; so does right padding
+under generate, whose appended tokens make one. An all-ones mask is dropped, so unpadded calls run
+GPT's unmasked path. Positions always come from the mask: `position_ids` is refused.
+
 Importing this module registers "softmoe" with AutoConfig / AutoModelForCausalLM. `import softmoe` arranges
 for that import to happen when transformers is imported (softmoe/__init__.py), so users need not import it.
 """
@@ -28,11 +37,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from softmoe.data.tokenizer import EOT
 from softmoe.model.attention import rope_tables
 from softmoe.model.config import ModelConfig
-from softmoe.model.decoder import GPT
+from softmoe.model.decoder import GPT, check_pad_mask
 
 __all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "cmd_export", "export_checkpoint", "hf_tokenizer"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+# The output's cache field: `cache` in recent transformers (5.24 here), `past_key_values` in older releases.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SoftMoEConfig(PretrainedConfig):
@@ -72,25 +83,8 @@ class _CacheView:
         return self.cache.update(k_BHSd, v_BHSd, layer)
 
 
-def _check_right_padding(mask_BL: torch.Tensor, cached: bool) -> None:
-    """Raise ValueError unless every row of a (not all-ones) attention mask is ones then zeros, uncached.
-
-    Causal attention alone keeps trailing padding out of real positions; leading padding or holes
-    would be attended to, and with a KV cache the next token would follow the padding.
-    """
-    real_BL = mask_BL.bool()
-    if bool((~real_BL[:, :-1] & real_BL[:, 1:]).any()):
-        raise ValueError("SoftMoEForCausalLM supports right padding only: attention_mask has a 0 before a 1 "
-                         "(left padding or a hole); the model has causal masking only, so pad on the right "
-                         "(tokenizer.padding_side = 'right') or score rows one at a time")
-    if cached:
-        raise ValueError("SoftMoEForCausalLM supports right padding only in a forward without a cache "
-                         "(use_cache=False, no past_key_values); generate() needs unpadded prompts, "
-                         "one row at a time or of equal length")
-
-
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM for transformers: forward(input_ids, labels, past_key_values) over one GPT."""
+    """A causal LM for transformers: forward(input_ids, attention_mask, cache, labels) over one GPT."""
 
     config_class = SoftMoEConfig
     base_model_prefix = "model"
@@ -119,33 +113,48 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.embed = value
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                cache: Cache | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int = 0,
+                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """Logits (and HF-style shifted loss) for input_ids (B, S).
 
         Args:
-            input_ids: (B, S) int64 ids of positions [start, start + S), start = cached length.
-            attention_mask: (B, L) ones, or right padding (zeros only after a row's last real token) in a
-                forward without a cache. GPT has causal masking only, so trailing pad positions never
-                affect real positions: their logits are garbage and the caller ignores them (lm-eval's
-                HFLM right-pads loglikelihood batches). Left padding and holes raise ValueError.
-            past_key_values: a transformers Cache; a DynamicCache is made when use_cache and none is given.
+            input_ids: (B, S) int64 ids of slots [start, start + S), start = cached length.
+            attention_mask: optional (B, start + S) 0/1 over the cached and new slots, 1 = real token;
+                left and/or right padding, no holes (ValueError). Becomes GPT's pad_mask_BL (module
+                docstring); padding slots' logits are meaningless and the caller ignores them.
+            cache: a transformers Cache; a DynamicCache is made when use_cache and none is given.
+                recent transformers (5.24) passes it as `cache`, older releases as `past_key_values`; either
+                name is accepted (not both), and the output carries it under the installed release's name.
             labels: (B, S) int64; the loss predicts labels[:, 1:] from positions [:-1], -100 ignored.
             logits_to_keep: 1 = last position only (what generate asks for); 0 = all.
+            **kwargs: ignored (transformers passes e.g. return_dict), except `position_ids`, which must be
+                None: positions come from attention_mask. It is kept out of the signature on purpose, since
+                generate builds position_ids only for models whose forward names it.
         Returns:
             CausalLMOutputWithPast with (B, S, V) float32 logits and the cache.
         """
-        if attention_mask is not None and not bool(attention_mask.all()):
-            _check_right_padding(attention_mask, cached=past_key_values is not None or bool(use_cache))
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        view = None if past_key_values is None else _CacheView(past_key_values)
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("position_ids is not supported by SoftMoEForCausalLM: positions are derived from "
+                             "attention_mask (each row's first real token is position 0); pass attention_mask")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        start = 0 if cache is None else cache.get_seq_length()
+        pad_mask = None
+        if attention_mask is not None:
+            shape = (input_ids.shape[0], start + input_ids.shape[1])
+            if tuple(attention_mask.shape) != shape or not bool(attention_mask.all()):
+                pad_mask = check_pad_mask(attention_mask, shape, name="attention_mask")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        view = None if cache is None else _CacheView(cache)
         targets = None
         if labels is not None:
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         last_only = logits_to_keep == 1 and labels is None
-        out = self.model(input_ids, targets_BS=targets, cache=view, last_only=last_only)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=past_key_values)
+        out = self.model(input_ids, targets_BS=targets, cache=view, last_only=last_only, pad_mask_BL=pad_mask)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_OUTPUT_CACHE_FIELD: cache})
 
 
 def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:

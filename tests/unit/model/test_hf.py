@@ -96,10 +96,11 @@ def test_sampling_generate_runs(model):
     assert out.shape == (2, 10) and int(out.max()) < TINY.vocab_size
 
 
-def test_padding_mask_is_rejected(model):
+def test_mask_with_a_hole_is_rejected(model):
+    # Left and right padding work (tests/unit/model/test_hf_padding.py); a 0 between 1s does not.
     ids = torch.randint(0, TINY.vocab_size, (2, 4))
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask row 0 has a 0 between 1s"):
+        model(ids, attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
 
 
 def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
