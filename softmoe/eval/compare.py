@@ -7,7 +7,8 @@ A study file:
     out_dir: runs/studies/small
     seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
     overrides: {train.progress: false}            # optional, applied to every variant
-    eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no tasks or budgets)
+    eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no budgets)
+    # eval may name zero-shot tasks (and a per-task limit): tasks: [piqa, arc_easy], limit: 500
     variants:
       - name: topk-k1
         overrides: {model.router: topk, model.k: 1}
@@ -19,7 +20,7 @@ Every (variant, seed) sees the same data and the same number of training tokens 
 run is reused, an interrupted one resumes (`softmoe.train.runs.train_or_reuse`), and a run's evaluation
 is cached in `<run_dir>/eval/eval.json`. The study writes `results.json`, `results.md` and plots into
 its out_dir: the frontier (validation loss vs realized mean active experts), the per-layer allocation of
-the SoftMoE runs, and the loss curves.
+the SoftMoE runs, and the loss curves; with zero-shot tasks, a table of their accuracies over seeds.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description"}
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "expert_flops_per_token",
            "tokens_per_sec")
+TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,9 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
         raise ValueError(f"name={name!r} must be a non-empty name of letters, digits, _ . -")
     seeds = _check_seeds(raw.get("seeds", [0]), "seeds")
     eval_raw = raw.get("eval") or {}
-    if not isinstance(eval_raw, dict) or {"tasks", "budgets"} & set(eval_raw):
-        raise ValueError(f"eval={eval_raw!r} must be a mapping of EvalSettings fields (tasks and budgets "
-                         "are run with `softmoe eval`)")
+    if not isinstance(eval_raw, dict) or "budgets" in eval_raw:
+        raise ValueError(f"eval={eval_raw!r} must be a mapping of EvalSettings fields (the budget dial "
+                         "is run with `softmoe eval --budget`)")
     try:
         settings = EvalSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in eval_raw.items()})
     except TypeError as err:
@@ -267,6 +269,7 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "causal": m.ffn != "moe" or getattr(ROUTERS[m.router][1], "causal", True),
         "granularity": m.granularity if m.ffn == "moe" else 1,
         "num_shared_experts": m.num_shared_experts if m.ffn == "moe" else 0,
+        "tasks": {name: {key: result[key] for key in TASK_METRICS} for name, result in payload["tasks"].items()},
     }
 
 
@@ -279,8 +282,16 @@ def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
     return ffn_flops / (m.n_layers * 2 * 3 * m.d_model * m.d_expert)
 
 
+def _mean_std(values: list) -> dict:
+    """{"mean", "std"} of the non-None values (mean None without any, sample std None with fewer than 2)."""
+    values = [v for v in values if v is not None]
+    return {"mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
 def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
-    """Mean and sample std over seeds of every metric, per variant (std None with one seed)."""
+    """Mean and sample std over seeds of every metric, per variant (std None with one seed); zero-shot
+    metrics per task under row["tasks"][task][metric]."""
     rows = []
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant.name]
@@ -290,9 +301,14 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
         for key, default in (("causal", True), ("granularity", 1), ("num_shared_experts", 0)):
             row[key] = mine[0].get(key, default)
         for key in (*METRICS, "expert_equivalents"):
-            values = [r[key] for r in mine if r[key] is not None]
-            row[key] = {"mean": float(np.mean(values)) if values else None,
-                        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+            row[key] = _mean_std([r[key] for r in mine])
+        tasks = sorted({task for r in mine for task in r.get("tasks", {})})
+        row["tasks"] = {task: {key: _mean_std([r["tasks"].get(task, {}).get(key) for r in mine])
+                               for key in TASK_METRICS} for task in tasks}
+        # Multiple-choice tasks are the ones with acc_norm (LAMBADA has none).
+        choice_acc = [np.mean(accs) for r in mine
+                      if (accs := [res["acc"] for res in r.get("tasks", {}).values() if res["acc_norm"] is not None])]
+        row["mean_choice_acc"] = _mean_std(choice_acc) if choice_acc else None
         rows.append(row)
     return rows
 
@@ -434,9 +450,45 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
         head += ["† non-causal router (expert choice): a token's experts depend on the other tokens of its batch, "
                  "later positions included, so its loss is not comparable as a language model and it cannot "
                  "decode with a KV cache; a reference point only.", ""]
+    head += _zero_shot_markdown(study, rows)
     for caption, path in plots:
         head += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     return "\n".join(head)
+
+
+def _zero_shot_markdown(study: Study, rows: list[dict]) -> list[str]:
+    """The zero-shot section: per variant and task, acc / acc_norm (LAMBADA: acc and perplexity), mean ±
+    std over seeds, and the mean acc over the multiple-choice tasks. Empty without tasks."""
+    tasks = sorted({task for row in rows for task in row["tasks"]})
+    if not tasks:
+        return []
+    choice = [t for t in tasks if all(row["tasks"].get(t, {}).get("acc_norm", {}).get("mean") is not None
+                                      for row in rows if t in row["tasks"])]
+    items = {t: next(int(row["tasks"][t]["n"]["mean"]) for row in rows if t in row["tasks"]) for t in tasks}
+    limit = study.evaluation.limit
+    lines = ["## Zero-shot tasks", "",
+             "Per task: acc / acc_norm (lm-evaluation-harness definitions), mean ± std over seeds; LAMBADA: "
+             "last-word accuracy / perplexity of the last word. Items per task: "
+             + ", ".join(f"{t} {items[t]:,}" for t in tasks)
+             + ("" if limit is None else f" (at most {limit} each, the first of the split)") + ". "
+             "Mean acc averages acc over the multiple-choice tasks of each run, then over seeds.", "",
+             "| variant | " + " | ".join(tasks) + " | mean acc (" + ", ".join(choice) + ") |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for row in rows:
+        cells = []
+        for task in tasks:
+            stats = row["tasks"].get(task)
+            if stats is None:
+                cells.append("-")
+            elif task in choice:
+                cells.append(f"{_pm(stats['acc'], '.3f')} / {_pm(stats['acc_norm'], '.3f')}")
+            else:
+                cells.append(f"{_pm(stats['acc'], '.3f')} / ppl {_pm(stats['perplexity'], ',.0f')}")
+        mean_acc = row.get("mean_choice_acc")
+        cells.append("-" if mean_acc is None else _pm(mean_acc, ".4f"))
+        mark = "" if row.get("causal", True) else " †"
+        lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> Path:

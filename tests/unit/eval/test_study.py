@@ -32,8 +32,8 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
             "topp-p0.4", "null-k4-n8", "remoe-k2"]
     assert all(seeds[name] == [0, 1, 2] for name in main)
     ablations = sorted(set(seeds) - set(main))
-    assert len(ablations) == 5 and all(seeds[name] == [0] for name in ablations)
-    assert {r.variant.name for r in runs[-5:]} == set(ablations)  # ablations run after every main seed
+    assert len(ablations) == 6 and all(seeds[name] == [0] for name in ablations)
+    assert {r.variant.name for r in runs[-6:]} == set(ablations)  # ablations run after every main seed
     models = {run.variant.name: run.config.model for run in runs if run.seed == 0}
     assert models["dense"].ffn == "dense"
     assert [models[f"topk-k{k}"].k for k in (1, 2, 4)] == [1, 2, 4]
@@ -43,6 +43,7 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     assert models["remoe-k2"].router == "remoe" and models["remoe-k2"].k == 2
     assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
     assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
+    assert models["softmoe-K2.0-budget-lr10"].k == 2.0 and runs[-1].config.train.budget_lr_mult == 10.0
     assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
         {0.03, 0.3}
     assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 120 * 16 * 256
@@ -82,10 +83,53 @@ def test_plan_sets_seeds_names_and_out_dir(tmp_path):
     ({"variants": [{"name": "x"}, {"name": "x"}]}, "must be distinct"),
     ({"variants": [{"name": "x", "overrides": {"model.routr": "topk"}}]}, "variant 'x'.*model.routr"),
     ({"variants": [{"name": "x", "overrides": {"train.steps": 5}}, {"name": "y"}]}, "same data and token budget"),
-    ({"eval": {"tasks": ["piqa"]}}, "eval="),
+    ({"eval": {"budgets": [1.0, 2.0]}}, "eval=.*budget dial"),
+    ({"eval": {"tasks": ["piqa"], "limit": 0}}, "limit=0"),
     ({"eval": {"splits": ["dev"]}}, "splits="),
     ({"colour": "red"}, "unknown keys \\['colour'\\]"),
 ])
 def test_bad_study_files_raise_value_errors_naming_the_key(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
         plan_runs(load_study(write_study(tmp_path, **changes)))
+
+
+def _record(variant: str, seed: int, piqa_acc: float, arc_acc: float, lambada_ppl: float) -> dict:
+    task = {"n": 10, "acc_norm": 0.5, "perplexity": None, "active_experts_mean": 2.0}
+    return {"variant": variant, "seed": seed, "loss": 6.0 + seed, "perplexity": 400.0, "bits_per_byte": None,
+            "active_experts_mean": 2.0, "expert_flops_per_token": 1e6, "tokens_per_sec": 1000.0,
+            "expert_equivalents": 2.0, "causal": True, "router": "topk",
+            "tasks": {"piqa": {**task, "acc": piqa_acc}, "arc_easy": {**task, "acc": arc_acc},
+                      "lambada": {**task, "acc": 0.1, "acc_norm": None, "perplexity": lambada_ppl}}}
+
+
+def test_zero_shot_tasks_are_aggregated_over_seeds_and_tabulated(tmp_path):
+    from softmoe.eval.compare import _aggregate, results_markdown
+
+    study = load_study(write_study(tmp_path, eval={"splits": ["val"], "tasks": ["piqa", "arc_easy", "lambada"],
+                                                   "limit": 10}))
+    assert study.evaluation.tasks == ("piqa", "arc_easy", "lambada") and study.evaluation.limit == 10
+    records = [_record("softmoe", 0, 0.6, 0.2, 100.0), _record("softmoe", 1, 0.8, 0.4, 300.0),
+               _record("topk", 0, 0.5, 0.3, 50.0)]
+    rows = {row["variant"]: row for row in _aggregate(records, study.variants)}
+    soft = rows["softmoe"]
+    assert soft["tasks"]["piqa"]["acc"]["mean"] == pytest.approx(0.7)
+    assert soft["tasks"]["piqa"]["acc"]["std"] == pytest.approx(0.1414213562)
+    assert soft["tasks"]["lambada"]["perplexity"]["mean"] == pytest.approx(200.0)
+    # mean acc over the multiple-choice tasks (not LAMBADA) per run: 0.4 and 0.6
+    assert soft["mean_choice_acc"]["mean"] == pytest.approx(0.5)
+    assert rows["topk"]["mean_choice_acc"] == {"mean": pytest.approx(0.4), "std": None}
+    md = results_markdown(study, plan_runs(study), list(rows.values()), [])
+    assert "## Zero-shot tasks" in md and "(at most 10 each, the first of the split)" in md
+    assert "| variant | arc_easy | lambada | piqa | mean acc (arc_easy, piqa) |" in md
+    assert "| SoftMoE K=2 of 4 | 0.300 ± 0.141 / 0.500 ± 0.000 | 0.100 ± 0.000 / ppl 200 ± 141 | " \
+           "0.700 ± 0.141 / 0.500 ± 0.000 | 0.5000 ± 0.1414 |" in md
+    assert "| top-k k=2 of 4 | 0.300 / 0.500 | 0.100 / ppl 50 | 0.500 / 0.500 | 0.4000 |" in md
+
+
+def test_without_tasks_there_is_no_zero_shot_section(tmp_path):
+    from softmoe.eval.compare import _aggregate, results_markdown
+
+    study = load_study(write_study(tmp_path))
+    records = [{**_record("topk", 0, 0.5, 0.3, 50.0), "tasks": {}}]
+    md = results_markdown(study, plan_runs(study), _aggregate(records, study.variants), [])
+    assert "Zero-shot" not in md
