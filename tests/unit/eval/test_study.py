@@ -32,8 +32,8 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
             "topp-p0.4", "null-k4-n8", "remoe-k2"]
     assert all(seeds[name] == [0, 1, 2] for name in main)
     ablations = sorted(set(seeds) - set(main))
-    assert len(ablations) == 6 and all(seeds[name] == [0] for name in ablations)
-    assert {r.variant.name for r in runs[-6:]} == set(ablations)  # ablations run after every main seed
+    assert len(ablations) == 7 and all(seeds[name] == [0] for name in ablations)
+    assert {r.variant.name for r in runs[-7:]} == set(ablations)  # ablations run after every main seed
     models = {run.variant.name: run.config.model for run in runs if run.seed == 0}
     assert models["dense"].ffn == "dense"
     assert [models[f"topk-k{k}"].k for k in (1, 2, 4)] == [1, 2, 4]
@@ -43,7 +43,7 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     assert models["remoe-k2"].router == "remoe" and models["remoe-k2"].k == 2
     assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
     assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
-    assert models["softmoe-K2.0-budget-lr10"].k == 2.0 and runs[-1].config.train.budget_lr_mult == 10.0
+    assert models["softmoe-K2.0-budget-lr10"].k == 2.0 and runs[-2].config.train.budget_lr_mult == 10.0
     assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
         {0.03, 0.3}
     assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 120 * 16 * 256
