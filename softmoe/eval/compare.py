@@ -7,6 +7,7 @@ A study file:
     out_dir: runs/studies/small
     seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
     overrides: {train.progress: false}            # optional, applied to every variant
+    reference: topk-k2                # optional: a variant every other is compared with, paired by seed
     eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no budgets)
     # eval may name zero-shot tasks (and a per-task limit): tasks: [piqa, arc_easy], limit: 500
     variants:
@@ -51,7 +52,7 @@ __all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_study"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description"}
+_STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference"}
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "expert_flops_per_token",
            "tokens_per_sec")
 TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
@@ -77,6 +78,7 @@ class Study:
     evaluation: EvalSettings  # the `eval:` section
     variants: tuple[Variant, ...]
     path: Path
+    reference: str | None = None  # variant name: the others' val loss minus its, paired by seed
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,13 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
         raise ValueError(f"eval={eval_raw!r}: {err}") from None
     if out_dir is None:
         out_dir = _resolve(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
+    variants = _variants(raw.get("variants"), seeds)
+    reference = raw.get("reference")
+    if reference is not None and reference not in {v.name for v in variants}:
+        raise ValueError(f"reference={reference!r} must name one of the variants {[v.name for v in variants]}")
     return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
-                 variants=_variants(raw.get("variants"), seeds), path=path)
+                 variants=variants, path=path, reference=reference)
 
 
 def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[PlannedRun]:
@@ -289,9 +295,15 @@ def _mean_std(values: list) -> dict:
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
 
 
-def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
+def _aggregate(runs: list[dict], variants: tuple[Variant, ...], reference: str | None = None) -> list[dict]:
     """Mean and sample std over seeds of every metric, per variant (std None with one seed); zero-shot
-    metrics per task under row["tasks"][task][metric]."""
+    metrics per task under row["tasks"][task][metric].
+
+    With a `reference` variant, row["loss_vs_reference"] holds the variant's val loss minus the reference's
+    at the same seed (same batch order), mean ± std over the seeds both ran, and how many of them the
+    variant won (lower loss); None for the reference itself and without shared seeds.
+    """
+    reference_loss = {r["seed"]: r["loss"] for r in runs if r["variant"] == reference}
     rows = []
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant.name]
@@ -309,6 +321,10 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
         choice_acc = [np.mean(accs) for r in mine
                       if (accs := [res["acc"] for res in r.get("tasks", {}).values() if res["acc_norm"] is not None])]
         row["mean_choice_acc"] = _mean_std(choice_acc) if choice_acc else None
+        deltas = [r["loss"] - reference_loss[r["seed"]] for r in mine
+                  if reference_loss and r["seed"] in reference_loss]
+        row["loss_vs_reference"] = None if variant.name == reference or not deltas else {
+            **_mean_std(deltas), "seeds": len(deltas), "lower": sum(d < 0 for d in deltas)}
         rows.append(row)
     return rows
 
@@ -427,6 +443,7 @@ def _pm(stat: dict, spec: str, scale: float = 1.0) -> str:
 
 def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plots: list[tuple[str, Path]]) -> str:
     c, limit = runs[0].config, study.evaluation.max_batches
+    ref = None if study.reference is None else next(v.label for v in study.variants if v.name == study.reference)
     head = [f"# Study `{study.name}`", "",
             f"Study file `{_shown(study.path)}`; base preset `{_shown(study.base)}`. "
             f"Command: `softmoe compare --study {_shown(study.path)}`.",
@@ -436,16 +453,25 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
             + ("" if limit is None else f" (at most {limit} batches)") + ".",
             f"Machine: {platform.machine()}, torch {torch.__version__}. Mean ± sample std over seeds.", "",
             "| variant | seeds | val loss | perplexity | bits per byte | mean active experts | "
-            "FFN FLOPs / token (M) | train tok/s |", "|---|---|---|---|---|---|---|---|"]
+            "FFN FLOPs / token (M) | train tok/s |" + ("" if ref is None else f" Δ val loss vs {ref} |"),
+            "|---|---|---|---|---|---|---|---|" + ("" if ref is None else "---|")]
     for row in rows:
         cells = [_pm(row["loss"], ".4f"), _pm(row["perplexity"], ".2f"), _pm(row["bits_per_byte"], ".4f"),
                  _pm(row["active_experts_mean"], ".3f"), _pm(row["expert_flops_per_token"], ".3f", 1e6),
                  _pm(row["tokens_per_sec"], ",.0f")]
+        if ref is not None:
+            delta = row.get("loss_vs_reference")
+            cells.append("(reference)" if row["variant"] == study.reference else "-" if delta is None else
+                         f"{delta['mean']:+.4f}" + ("" if delta["std"] is None else f" ± {delta['std']:.4f}")
+                         + f" (lower in {delta['lower']}/{delta['seeds']})")
         mark = "" if row.get("causal", True) else " †"
         head.append(f"| {row['label']}{mark} | {row['seeds']} | " + " | ".join(cells) + " |")
     head += ["", "FFN FLOPs count the realized routed and shared experts of MoE layers and the whole FFN of dense "
              "layers (matmuls only, 2 per multiply-add); dense models have no active-expert count. Mean active "
-             "experts count routed experts only (fine-grained ones with granularity > 1).", ""]
+             "experts count routed experts only (fine-grained ones with granularity > 1)."
+             + ("" if ref is None else f" Δ val loss: the variant's loss minus {ref}'s at the same seed (same "
+                "batch order), mean ± std over the seeds both ran; \"lower in\" counts the seeds where the "
+                "variant's loss is lower."), ""]
     if not all(row.get("causal", True) for row in rows):
         head += ["† non-causal router (expert choice): a token's experts depend on the other tokens of its batch, "
                  "later positions included, so its loss is not comparable as a language model and it cannot "
@@ -494,7 +520,7 @@ def _zero_shot_markdown(study: Study, rows: list[dict]) -> list[str]:
 def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> Path:
     """results.json, results.md and the plots into the study's out_dir; returns results.md."""
     out = study.out_dir
-    rows = _aggregate(records, study.variants)
+    rows = _aggregate(records, study.variants, study.reference)
     frontier = plot_frontier(rows, records, out / "frontier.png")
     plots = [("Frontier: validation loss vs mean active experts", frontier)]
     allocation = plot_allocation(records, study.variants, out / "allocation.png")
@@ -503,6 +529,7 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> 
     plots.append(("Loss curves", plot_loss_curves(records, study.variants, out / "loss_curves.png")))
     atomic_write_json(out / "results.json", {
         "study": study.name, "study_file": str(study.path), "base": str(study.base), "seeds": list(study.seeds),
+        "reference": study.reference,
         "tokens_per_run": runs[0].tokens, "eval": dataclasses.asdict(study.evaluation), "variants": rows,
         "runs": records})
     atomic_write_text(out / "results.md", results_markdown(study, runs, rows, plots))

@@ -28,7 +28,7 @@ def test_non_causal_variants_are_marked_in_results_md():
     rows = _aggregate([record("topk"), record("ec", causal=False)], variants)
     config = SimpleNamespace(train=SimpleNamespace(steps=1, grad_accum=1),
                              data=SimpleNamespace(batch_size=1, seq_len=8, corpus="tiny"))
-    study = SimpleNamespace(name="s", path=Path("/x/s.yaml"), base=Path("/x/b.yaml"), seeds=(0,),
+    study = SimpleNamespace(name="s", path=Path("/x/s.yaml"), base=Path("/x/b.yaml"), seeds=(0,), reference=None,
                             evaluation=SimpleNamespace(max_batches=None, splits=("val",)))
     text = results_markdown(study, [SimpleNamespace(config=config, tokens=8)], rows, [])
     assert "| expert choice † |" in text and "| top-k |" in text

@@ -133,3 +133,22 @@ def test_without_tasks_there_is_no_zero_shot_section(tmp_path):
     records = [{**_record("topk", 0, 0.5, 0.3, 50.0), "tasks": {}}]
     md = results_markdown(study, plan_runs(study), _aggregate(records, study.variants), [])
     assert "Zero-shot" not in md
+
+
+def test_a_reference_variant_gives_paired_loss_differences(tmp_path):
+    from softmoe.eval.compare import _aggregate, results_markdown
+
+    study = load_study(write_study(tmp_path, reference="topk"))
+    assert study.reference == "topk"
+    records = [_record("softmoe", 0, 0.5, 0.5, 1.0), _record("softmoe", 1, 0.5, 0.5, 1.0),
+               _record("topk", 0, 0.5, 0.5, 1.0), _record("topk", 1, 0.5, 0.5, 1.0)]
+    records[0]["loss"], records[1]["loss"], records[2]["loss"], records[3]["loss"] = 6.0, 6.5, 6.2, 6.4
+    rows = {row["variant"]: row for row in _aggregate(records, study.variants, study.reference)}
+    delta = rows["softmoe"]["loss_vs_reference"]
+    assert delta["mean"] == pytest.approx(-0.05) and delta["std"] == pytest.approx(0.2121320344)
+    assert (delta["seeds"], delta["lower"]) == (2, 1) and rows["topk"]["loss_vs_reference"] is None
+    md = results_markdown(study, plan_runs(study), list(rows.values()), [])
+    assert "| Δ val loss vs top-k k=2 of 4 |" in md
+    assert "| -0.0500 ± 0.2121 (lower in 1/2) |" in md and "| (reference) |" in md
+    with pytest.raises(ValueError, match="reference='nope' must name one of the variants"):
+        load_study(write_study(tmp_path, reference="nope"))
