@@ -348,11 +348,16 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = ()) -> Path:
 _MARKERS = {"dense": "s", "topk": "^", "softmoe": "o"}
 
 
+def _color(i: int):
+    """Colour of the i-th variant of a study, the same in every plot (20 distinct before repeating)."""
+    return plt.cm.tab20(i % 20)
+
+
 def plot_frontier(rows: list[dict], records: list[dict], path: Path) -> Path:
     """Validation loss vs realized mean active experts: seeds as small points, the seed mean large."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for i, row in enumerate(rows):
-        color, marker = f"C{i % 10}", _MARKERS.get(row["router"], "D")
+        color, marker = _color(i), _MARKERS.get(row["router"], "D")
         mine = [r for r in records if r["variant"] == row["variant"]]
         xs = [_x(r) for r in mine]
         ax.scatter(xs, [r["loss"] for r in mine], color=color, marker=marker, alpha=0.35, s=18)
@@ -365,7 +370,7 @@ def plot_frontier(rows: list[dict], records: list[dict], path: Path) -> Path:
         "validation loss (nats / token)",
         "Loss vs active experts (seeds: small points; mean ± std: large)",
         legend_size=7,
-        legend_cols=2,
+        legend_outside=True,
     )
     return save_figure(fig, path)
 
@@ -382,35 +387,37 @@ def _x(item: dict) -> float:
 
 
 def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path | None:
-    """Per-layer learned k_l (solid) and realized active experts (dashed) of the SoftMoE variants."""
+    """Per-layer experts of the variable-count variants, mean over seeds: the learned k_l of the SoftMoE
+    variants (left) and the realized active experts of every MoE variant whose count is not fixed (right:
+    SoftMoE, top-p, null experts, ReMoE, ...; top-k's constant k is left out). None without SoftMoE runs."""
     soft = [v for v in variants if any(r["variant"] == v.name and r["k_L"] for r in records)]
     if not soft:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, variant in enumerate(soft):
+    fixed = {"dense", "topk", "expert_choice"}
+    variable = [v for v in variants if any(r["variant"] == v.name and r["router"] not in fixed for r in records)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for variant in variable:
+        i = variants.index(variant)
         mine = [r for r in records if r["variant"] == variant.name]
-        k_L = np.mean([r["k_L"] for r in mine], axis=0)
         active = np.mean([r["active_experts_per_layer"] for r in mine], axis=0)
-        layers = np.arange(len(k_L))
-        ax.plot(layers, k_L, color=f"C{i % 10}", marker="o", label=f"{variant.label}: k_l")
-        ax.plot(layers, active, color=f"C{i % 10}", ls="--", marker="x", label=f"{variant.label}: realized")
-    ax.set_xticks(layers)  # every variant has the same layers
-    style_axes(
-        ax,
-        "MoE layer",
-        "experts per token (mean over seeds)",
-        "Per-layer allocation of the SoftMoE runs",
-        legend_size=7,
-        legend_cols=2,
-    )
+        marker = _MARKERS.get(mine[0]["router"], "D")
+        right.plot(np.arange(len(active)), active, color=_color(i), marker=marker, label=variant.label)
+        if variant in soft:
+            k_L = np.mean([r["k_L"] for r in mine], axis=0)
+            left.plot(np.arange(len(k_L)), k_L, color=_color(i), marker=marker)
+    for ax in (left, right):
+        ax.set_xticks(np.arange(len(active)))  # every variant has the same MoE layers
+    style_axes(left, "MoE layer", "experts per token (mean over seeds)", "Learned k_l (SoftMoE)", legend_size=0)
+    style_axes(right, "MoE layer", "", "Realized active experts per token", legend_size=7,
+               legend_outside=True)
     return save_figure(fig, path)
 
 
 def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
     """Training loss of every run (thin, one colour per variant) and validation passes (markers)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for i, variant in enumerate(variants):
-        color = f"C{i % 10}"
+        color = _color(i)
         for j, r in enumerate(x for x in records if x["variant"] == variant.name):
             train = read_metrics(Path(r["run_dir"]), "train")
             val = read_metrics(Path(r["run_dir"]), "val")
@@ -423,7 +430,7 @@ def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: P
         "cross-entropy (nats / token)",
         "Loss curves (lines: train, markers: validation passes)",
         legend_size=7,
-        legend_cols=2,
+        legend_outside=True,
     )
     return save_figure(fig, path)
 
@@ -525,7 +532,7 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> 
     plots = [("Frontier: validation loss vs mean active experts", frontier)]
     allocation = plot_allocation(records, study.variants, out / "allocation.png")
     if allocation is not None:
-        plots.append(("Per-layer allocation (SoftMoE)", allocation))
+        plots.append(("Per-layer allocation: learned k_l and realized active experts", allocation))
     plots.append(("Loss curves", plot_loss_curves(records, study.variants, out / "loss_curves.png")))
     atomic_write_json(out / "results.json", {
         "study": study.name, "study_file": str(study.path), "base": str(study.base), "seeds": list(study.seeds),

@@ -39,14 +39,17 @@ class RunResult:
 
 
 def style_axes(ax, xlabel: str, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8,
-               legend_cols: int = 1) -> None:
-    """The labels, grid and legend every plot of the project uses (legend_size 0: no legend)."""
+               legend_cols: int = 1, legend_outside: bool = False) -> None:
+    """The labels, grid and legend every plot of the project uses (legend_size 0: no legend).
+
+    legend_outside puts the legend right of the axes, for plots with many series."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis=grid_axis)
     if legend_size:
-        ax.legend(fontsize=legend_size, ncol=legend_cols)
+        where = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if legend_outside else {}
+        ax.legend(fontsize=legend_size, ncol=legend_cols, **where)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -109,7 +112,7 @@ def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(fig)
     tmp.replace(path)
     return path
