@@ -152,3 +152,11 @@ def test_a_reference_variant_gives_paired_loss_differences(tmp_path):
     assert "| -0.0500 ± 0.2121 (lower in 1/2) |" in md and "| (reference) |" in md
     with pytest.raises(ValueError, match="reference='nope' must name one of the variants"):
         load_study(write_study(tmp_path, reference="nope"))
+
+
+def test_small_long_study_trains_three_times_the_tokens_of_small():
+    long_runs = plan_runs(load_study(STUDIES / "small-long.yaml"))
+    short_runs = plan_runs(load_study(STUDIES / "small.yaml"))
+    assert [r.variant.name for r in long_runs] == ["topk-k1", "topk-k2", "softmoe-K1.0", "softmoe-K1.5"]
+    assert long_runs[0].tokens == 3 * short_runs[0].tokens
+    assert load_study(STUDIES / "small-long.yaml").reference == "topk-k2"
