@@ -353,11 +353,12 @@ def _color(i: int):
     return plt.cm.tab20(i % 20)
 
 
-def plot_frontier(rows: list[dict], records: list[dict], path: Path) -> Path:
+def plot_frontier(rows: list[dict], records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
     """Validation loss vs realized mean active experts: seeds as small points, the seed mean large."""
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    for i, row in enumerate(rows):
-        color, marker = _color(i), _MARKERS.get(row["router"], "D")
+    index = {v.name: i for i, v in enumerate(variants)}  # colour by study position, as the other plots
+    for row in rows:
+        color, marker = _color(index[row["variant"]]), _MARKERS.get(row["router"], "D")
         mine = [r for r in records if r["variant"] == row["variant"]]
         xs = [_x(r) for r in mine]
         ax.scatter(xs, [r["loss"] for r in mine], color=color, marker=marker, alpha=0.35, s=18)
@@ -528,7 +529,7 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> 
     """results.json, results.md and the plots into the study's out_dir; returns results.md."""
     out = study.out_dir
     rows = _aggregate(records, study.variants, study.reference)
-    frontier = plot_frontier(rows, records, out / "frontier.png")
+    frontier = plot_frontier(rows, records, study.variants, out / "frontier.png")
     plots = [("Frontier: validation loss vs mean active experts", frontier)]
     allocation = plot_allocation(records, study.variants, out / "allocation.png")
     if allocation is not None:

@@ -3,10 +3,10 @@
 Shape legend:
     B   batch
     S   positions in this call
-    L   slots visible to this call (cached + new, L = start + S)
     D   d_model
     V   vocab size
-    L   MoE layers (the budget's layer axis; block indices in `config.moe_layers`)
+    L   MoE layers (the budget's layer axis, as in k_L; block indices in `config.moe_layers`), except in
+        pad masks (pad_mask_BL, real_BL): there L = slots visible to this call, cached + new = start + S
 """
 
 from __future__ import annotations
