@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         from softmoe.lm_eval import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `train --config X --resume a.b=1`: argparse stops the positional overrides at the first flag; the
+    # key=value items after it come back unrecognised and are overrides too.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     return args.func(args)
 
 

@@ -99,8 +99,10 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     _write_json(tmp / MANIFEST, manifest)
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old one
+    if final.is_dir() and not final.is_symlink():  # a re-save of the same step (e.g. after a resume)
         shutil.rmtree(final)
+    elif final.exists() or final.is_symlink():  # a stray file or link where the checkpoint goes
+        final.unlink()
     os.replace(tmp, final)
     _fsync_dir(root)
     _prune(root, keep_last)
@@ -130,8 +132,11 @@ def verify_checkpoint(path: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         listed = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({err})") from None
+        if not isinstance(listed, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                                   for e in listed.values()):
+            raise TypeError("every file entry needs a sha256 string")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({type(err).__name__}: {err})") from None
     present = {p.name for p in path.iterdir()} - {MANIFEST}
     if set(listed) != present:
         raise CheckpointError(f"{path}: files {sorted(present)} differ from the manifest's {sorted(listed)}")
@@ -147,9 +152,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Verify, then load (model_state, train_state, meta) from one checkpoint directory."""
     path = Path(path)
     verify_checkpoint(path)
-    model_state = load_file(str(path / "model.safetensors"))
-    train_state = torch.load(path / "train_state.pt", weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
+    name = "model.safetensors"
+    try:
+        model_state = load_file(str(path / name))
+        name = "train_state.pt"
+        train_state = torch.load(path / name, weights_only=True)
+        name = "meta.json"
+        meta = json.loads((path / name).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except Exception as err:  # any failure to parse a verified file: the writer wrote garbage
+        raise CheckpointError(f"{path / name}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
     return model_state, train_state, meta
 
 

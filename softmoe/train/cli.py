@@ -10,13 +10,23 @@ __all__ = ["add_train_parser", "add_generate_parser"]
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.data.fetch import FetchError
+    from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.config import load_run_config
-    from softmoe.train.loop import Trainer
+    from softmoe.train.loop import Trainer, TrainingAborted
+    from softmoe.train.rundir import RunDirError, resume_config
 
+    if args.resume and args.overwrite:
+        print("softmoe train: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
+    if args.stop_after is not None and args.stop_after < 1:
+        print(f"softmoe train: --stop-after={args.stop_after} must be >= 1", file=sys.stderr)
+        return 2
     try:
         config = load_run_config(args.config, args.overrides)
+        if args.resume:  # the run's own config.yaml; the preset only locates the run directory
+            config = resume_config(config, args.overrides)
     except (ValueError, TypeError) as err:
-        print(f"softmoe train: invalid config: {err}", file=sys.stderr)
+        print(f"softmoe train: {'' if isinstance(err, RunDirError) else 'invalid config: '}{err}", file=sys.stderr)
         return 2
     try:
         trainer = Trainer(config)
@@ -26,11 +36,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     variant = config.model.router if config.model.ffn == "moe" else "dense"
     print(f"run {config.train.run_dir}: {variant}, {trainer.model.num_params():,} parameters, "
           f"{config.train.steps} steps, precision {config.train.precision}")
-    result = trainer.fit(resume=args.resume, stop_after=args.stop_after)
+    try:
+        result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+    except (RunDirError, CheckpointError, TrainingAborted) as err:
+        print(f"softmoe train: {err}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        print(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
+        return 130
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    val_loss = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     tok = f"{result.tokens_per_sec:.0f}" if result.tokens_per_sec else "n/a"
     active = f", mean active experts {result.mean_active_experts:.2f}" if result.mean_active_experts else ""
-    print(f"done at step {result.step}: train loss {train_loss}, val loss {result.val_loss:.4f}, "
+    print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0
 
@@ -72,7 +90,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML preset with model / data / train sections")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=2")
-    p.add_argument("--resume", action="store_true", help="continue from the run's newest good checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run (train.out_dir/train.name) from its newest good checkpoint, with the "
+                        "run's own config.yaml; overrides may change only logging/eval/checkpoint cadence")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what the run directory holds and start again (default: refuse an existing run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="checkpoint and stop once STEP steps are done (resume later with --resume)")
     p.set_defaults(func=_cmd_train)

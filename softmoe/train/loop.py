@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +28,26 @@ from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT
 from softmoe.train import controllers
 from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
-from softmoe.train.config import RunConfig, same_config
+from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
 from softmoe.train.metrics import MetricsWriter, mean_active_experts, routing_summary
 from softmoe.train.optim import build_optimizer
+from softmoe.train.rundir import (
+    RunDirError,
+    RunLock,
+    check_ownership,
+    clean_stale_temp,
+    empty_run_dir,
+    resolved_dict,
+    trajectory_diff,
+)
 from softmoe.train.schedule import lr_at
 
-__all__ = ["Trainer", "TrainResult", "StepStats", "autocast_context", "evaluate"]
+__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "autocast_context", "evaluate"]
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps (e.g. a learning rate far too high)."""
 
 
 @dataclass
@@ -59,6 +75,7 @@ class TrainResult:
     skipped_steps: int
     checkpoint: str | None
     num_params: int
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM (checkpointed; continue with --resume)
 
 
 def autocast_context(precision: str):
@@ -115,6 +132,10 @@ class Trainer:
         self.saved_step: int | None = None  # step of the newest checkpoint of this session
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_total = 0
+        # The train-log window since the last record: [loss sum, good steps, steps, seconds]. Checkpointed, so a
+        # resume between two log steps writes the same record as the uninterrupted run.
+        self.window: list = [0.0, 0, 0, 0.0]
+        self.stop_requested: str | None = None  # the signal that asked to stop after the current step
 
     # ---- one step ----
 
@@ -160,7 +181,7 @@ class Trainer:
         self.report(f"step {step}: non-finite loss={stats.loss} aux={stats.aux_loss} grad_norm={stats.grad_norm}; "
                     f"step skipped, weights unchanged ({self.bad_steps} in a row)")
         if self.bad_steps > self.config.train.max_bad_steps:
-            raise RuntimeError(f"aborting at step {step}: {self.bad_steps} consecutive non-finite steps "
+            raise TrainingAborted(f"aborting at step {step}: {self.bad_steps} consecutive non-finite steps "
                                f"(train.max_bad_steps={self.config.train.max_bad_steps})")
 
     # ---- checkpoints ----
@@ -173,8 +194,9 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "data_position": self.data.train.state_dict(next_step=self.step * self.config.train.grad_accum),
             "skipped_total": self.skipped_total,
+            "log_window": list(self.window),
         }
-        meta = {"step": self.step, "config": self.config.to_dict()}
+        meta = {"step": self.step, "config": resolved_dict(self.config)}
         self.saved_step = self.step
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model.state_dict(), train_state, meta,
                                extra_files=self.data.checkpoint_files(), keep_last=self.config.train.keep_last)
@@ -182,21 +204,29 @@ class Trainer:
     def _latest(self) -> Path:
         return self.run_dir / "checkpoints" / f"step_{self.step:07d}"
 
-    def restore(self) -> Path | None:
-        """Load the newest good checkpoint of this run (rejected ones are reported); None if there is none."""
-        path = latest_good_checkpoint(self.run_dir / "checkpoints", self.report)
+    def restore(self, path: Path | None = None) -> Path | None:
+        """Load checkpoint `path` (default: the newest good one of this run; rejected ones are reported).
+
+        Returns the checkpoint used, None if there is none. RunDirError if its run config differs from
+        this trainer's in a setting that changes the trajectory (the keys are named).
+        """
+        path = path or latest_good_checkpoint(self.run_dir / "checkpoints", self.report)
         if path is None:
             return None
         model_state, train_state, meta = load_checkpoint(path)
-        if not same_config(meta["config"], self.config, sections=("model",)):
-            raise ValueError(f"{path}: the checkpoint's model config differs from the requested one; "
-                             f"use another train.name or the same model settings")
-        self._warn_changed_settings(meta["config"], path)
+        try:
+            changed = trajectory_diff(meta["config"], self.config)
+        except (KeyError, ValueError, TypeError) as err:
+            raise RunDirError(f"{path}/meta.json: unreadable run config ({err})") from None
+        if changed:
+            raise RunDirError(f"{path}: the checkpoint was trained with other settings {changed}; resume with the "
+                              f"run's own config (softmoe train --resume reads it) or use another train.name")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(train_state["optimizer"])
         torch.set_rng_state(train_state["rng_torch"])
         self.step = self.saved_step = train_state["step"]
         self.skipped_total = train_state["skipped_total"]
+        self.window = list(train_state.get("log_window", [0.0, 0, 0, 0.0]))
         # The loader checks the saved position was taken on the same data with the same windows.
         next_batch = self.data.train.load_state_dict(train_state["data_position"])
         if next_batch != self.step * self.config.train.grad_accum:
@@ -204,61 +234,97 @@ class Trainer:
                              f"{self.config.train.grad_accum}; resume with the same train.grad_accum")
         return path
 
-    def _warn_changed_settings(self, saved: dict, path: Path) -> None:
-        """Report settings that differ from the checkpoint's run (the result is then not an exact resume)."""
-        now = self.config.to_dict()
-        cosmetic = {"progress", "tensorboard", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
-                    "out_dir", "threads", "data_dir"}
-        changed = [f"{section}.{key}" for section in ("data", "train") for key in now[section]
-                   if key not in cosmetic and saved[section].get(key) != now[section][key]]
-        if changed:
-            self.report(f"warning: resuming {path} with changed settings {changed}; not an exact continuation")
-
     # ---- the loop ----
 
-    def _start(self, resume: bool, metrics_reset: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        if resume:
-            path = self.restore()
-            if path is None:
-                self.report(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; starting at step 0")
-            else:
-                self.report(f"resumed from {path} at step {self.step}")
-            MetricsWriter.truncate_after(self.run_dir, self.step)
-        elif metrics_reset and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()
+    def _start(self, mode: str) -> TrainResult | None:
+        """Claim the run directory for `mode` (see train/rundir.py) and restore; the saved result if finished."""
+        clean_stale_temp(self.run_dir, self.report)
+        if mode == "overwrite":
+            empty_run_dir(self.run_dir)
+        good = latest_good_checkpoint(self.run_dir / "checkpoints", self.report) if mode in ("resume", "auto") else None
+        check_ownership(self.config, mode, good is not None)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
+        if good is None:  # a fresh start: nothing of an earlier attempt may mix into this run's logs
+            for name in ("metrics.jsonl", "summary.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+            return None
+        self.restore(good)
+        finished = _read_summary(self.run_dir)
+        if self.step >= self.config.train.steps and finished is not None and finished.step == self.step:
+            self.report(f"{self.run_dir}: already trained to step {self.step}; nothing to do")
+            return finished
+        self.report(f"resumed from {good} at step {self.step}")
+        t = self.config.train
+        MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
+        return None
 
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    def fit(self, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False) -> TrainResult:
         """Train to `train.steps` (or stop after step `stop_after`), evaluating and checkpointing on the way.
 
         Args:
-            resume: continue from the newest good checkpoint of this run directory.
+            resume: True: continue from the newest good checkpoint of this run (an error if there is none);
+                "auto": continue when there is a checkpoint, else start; False: a new run.
             stop_after: end the session once this many steps are done (checkpointed), as if interrupted.
+            overwrite: delete whatever the run directory holds and start again.
+        Ctrl-C / SIGTERM stop after the current step with a checkpoint (`interrupted=True` in the result).
         """
         t = self.config.train
-        self._start(resume, metrics_reset=not resume)
-        end = t.steps if stop_after is None else min(stop_after, t.steps)
-        writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard)
-        try:
-            train_loss, tok_per_sec = self._run(writer, end)
-            val_loss, val_layers = self._validate(writer)
-            ckpt = self.save() if self.saved_step != self.step else self._latest()
-        finally:
-            writer.close()
-        result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss, val_loss=val_loss,
-                             tokens_per_sec=tok_per_sec, mean_active_experts=mean_active_experts(val_layers),
-                             skipped_steps=self.skipped_total, checkpoint=str(ckpt),
-                             num_params=self.model.num_params())
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
+        mode = "overwrite" if overwrite else "auto" if resume == "auto" else "resume" if resume else "new"
+        with RunLock(self.run_dir, self.report):
+            finished = self._start(mode)
+            if finished is not None:
+                return finished
+            end = t.steps if stop_after is None else min(stop_after, t.steps)
+            writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
+                                   report=self.report)
+            try:
+                with self._stop_on_signal():
+                    train_loss, tok_per_sec = self._run(writer, end)
+                    if self.stop_requested:
+                        val_loss, val_layers = None, []
+                    else:
+                        val_loss, val_layers = self._validate(writer)
+                    ckpt = self.save() if self.saved_step != self.step else self._latest()
+            finally:
+                writer.close()
+            result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss,
+                                 val_loss=val_loss, tokens_per_sec=tok_per_sec,
+                                 mean_active_experts=mean_active_experts(val_layers),
+                                 skipped_steps=self.skipped_total, checkpoint=str(ckpt),
+                                 num_params=self.model.num_params(), interrupted=self.stop_requested is not None)
+            if not result.interrupted:
+                atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
         return result
+
+    @contextlib.contextmanager
+    def _stop_on_signal(self):
+        """While training: the first Ctrl-C / SIGTERM asks to stop after the current step (and checkpoint),
+        a second one aborts at once. Only the main thread can own signal handlers; elsewhere nothing changes."""
+        self.stop_requested = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_requested is not None:
+                raise KeyboardInterrupt
+            self.stop_requested = signal.Signals(signum).name
+            self.report(f"{self.stop_requested}: stopping after step {self.step + 1} with a checkpoint "
+                        f"(press Ctrl-C again to abort without one)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _run(self, writer: MetricsWriter, end: int) -> tuple[float | None, float | None]:
         """Steps self.step..end-1 with logging, periodic eval and checkpoints; returns last loss and tok/s."""
         t = self.config.train
         tokens_per_step = self.data.tokens_per_batch * t.grad_accum
         bar = _progress(t.progress, total=t.steps, initial=self.step)
-        window_loss, window_steps, window_n, window_time = 0.0, 0, 0, 0.0
         train_time, train_steps = 0.0, 0
         last_loss = None
         while self.step < end:
@@ -268,21 +334,25 @@ class Trainer:
             self._guard(stats, self.step)
             self.step += 1
             train_time, train_steps = train_time + elapsed, train_steps + 1
-            window_time, window_n = window_time + elapsed, window_n + 1
+            w = self.window  # [loss sum, good steps, steps, seconds] since the last record
+            w[2], w[3] = w[2] + 1, w[3] + elapsed
             if not stats.skipped:
-                window_loss, window_steps, last_loss = window_loss + stats.loss, window_steps + 1, stats.loss
+                w[0], w[1], last_loss = w[0] + stats.loss, w[1] + 1, stats.loss
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(_postfix(stats, tokens_per_step / elapsed), refresh=False)
-            if self.step % t.log_every == 0 or self.step == end:
-                mean_loss = window_loss / window_steps if window_steps else None  # None: all skipped
-                writer.write(_train_record(self.step, stats, mean_loss,
-                                           tokens_per_step * window_n / max(window_time, 1e-9)))
-                window_loss, window_steps, window_n, window_time = 0.0, 0, 0, 0.0
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < end:  # fit evaluates at end
-                self._validate(writer)
+            stopping = self.step == end or self.stop_requested is not None
+            if self.step % t.log_every == 0 or stopping:
+                mean_loss = w[0] / w[1] if w[1] else None  # None: all skipped
+                writer.write(_train_record(self.step, stats, mean_loss, tokens_per_step * w[2] / max(w[3], 1e-9)))
+                if self.step % t.log_every == 0:  # an off-schedule record (a stop) keeps the window running
+                    self.window = [0.0, 0, 0, 0.0]
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
+                self._validate(writer)  # fit evaluates at the end
             if t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save()
+            if self.stop_requested is not None:
+                break
         if bar is not None:
             bar.close()
         tok_per_sec = tokens_per_step * train_steps / train_time if train_steps else None
@@ -295,6 +365,27 @@ class Trainer:
                       "active_experts_mean": mean_active_experts(layers), "layers": layers})
         self.report(f"step {self.step}: val loss {val_loss:.4f}")
         return val_loss, layers
+
+
+def _on_schedule(record: dict, t) -> bool:
+    """Whether an uninterrupted run writes `record` too (a stopped session adds a train and a val record at
+    its last step; a resume drops them so the curves equal the uninterrupted run's)."""
+    step = record.get("step")
+    if not isinstance(step, int) or step >= t.steps:
+        return True
+    if record.get("split") == "val":
+        return bool(t.eval_every) and step % t.eval_every == 0
+    return step % t.log_every == 0
+
+
+def _read_summary(run_dir: Path) -> TrainResult | None:
+    """The summary.json of a finished session, or None when missing or unreadable."""
+    try:
+        raw = json.loads((run_dir / "summary.json").read_text())
+        fields = {f for f in TrainResult.__dataclass_fields__}
+        return TrainResult(**{k: v for k, v in raw.items() if k in fields})
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _train_record(step: int, stats: StepStats, mean_loss: float | None, tok_per_sec: float) -> dict:

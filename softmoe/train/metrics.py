@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,15 +49,29 @@ def mean_active_experts(layers: list[dict]) -> float | None:
 class MetricsWriter:
     """Appends records to `<run_dir>/metrics.jsonl` (flushed per line) and scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None,
+                 report: Callable[[str], None] = print):
+        """
+        Args:
+            tensorboard: also write TensorBoard events (needs the `viz` extra; skipped with a note if missing).
+            purge_step: a resumed run's step: TensorBoard hides the crashed session's events from this step on,
+                and the records kept in metrics.jsonl at this step are written again.
+        """
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
-
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
+            except ImportError:
+                report("tensorboard is not installed (pip install 'softmoe[viz]'); metrics go to metrics.jsonl only")
+                return
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+            if purge_step is not None:
+                for record in read_metrics(run_dir):
+                    if record.get("step") == purge_step:
+                        self._to_tensorboard(record)
 
     def write(self, record: dict) -> None:
         record = _plain(record)
@@ -81,12 +96,14 @@ class MetricsWriter:
             self._tb.close()
 
     @staticmethod
-    def truncate_after(run_dir: Path, step: int) -> None:
-        """Drop records with step > `step` (a resumed run re-logs them), rewriting the file atomically."""
+    def truncate_after(run_dir: Path, step: int, keep: Callable[[dict], bool] | None = None) -> None:
+        """Drop records with step > `step` (a resumed run re-logs them), and those at `step` that `keep`
+        rejects (a stopped session's off-schedule records), rewriting the file atomically."""
         path = Path(run_dir) / "metrics.jsonl"
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if (record := _parse(line)) and record["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if (record := _parse(line)) and
+                (record["step"] < step or (record["step"] == step and (keep is None or keep(record))))]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as f:
             f.write("".join(line + "\n" for line in kept))

@@ -1,9 +1,9 @@
 """Finished-or-resume training, shared by the main job and the comparison study.
 
 A run directory is *finished* when its summary.json records the configured final step and its
-saved config.yaml equals the config asked for; such a run is reused as it is. Anything else
-(missing, interrupted, or trained with other settings) goes through `Trainer.fit(resume=True)`,
-which continues from the newest good checkpoint when there is one.
+saved config.yaml trains what the config asked for (train/rundir.py's trajectory settings); such a run is reused as it is. Anything else
+(missing or interrupted) goes through `Trainer.fit(resume="auto")`, which continues from the newest good
+checkpoint when there is one; a run directory holding another config is refused (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 
 from softmoe.data import DataConfig, dataset_dir_for, prepare
-from softmoe.train.config import RunConfig, same_config
+from softmoe.train.config import RunConfig
 from softmoe.train.loop import Trainer
+from softmoe.train.rundir import trajectory_diff
 
 __all__ = ["is_finished", "prepared_dataset_dir", "train_or_reuse"]
 
@@ -34,10 +35,12 @@ def is_finished(config: RunConfig) -> bool:
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
     if not (summary.is_file() and saved.is_file()):
         return False
-    if json.loads(summary.read_text()).get("step") != config.train.steps:
+    try:
+        if json.loads(summary.read_text()).get("step") != config.train.steps:
+            return False
+        return not trajectory_diff(yaml.safe_load(saved.read_text()), config)
+    except (yaml.YAMLError, ValueError, TypeError):
         return False
-    return same_config(yaml.safe_load(saved.read_text()), config)
-
 
 
 def train_or_reuse(config: RunConfig) -> Path:
@@ -46,5 +49,7 @@ def train_or_reuse(config: RunConfig) -> Path:
     if is_finished(config):
         print(f"{run_dir}: already trained to step {config.train.steps}; reusing it", flush=True)
         return run_dir
-    Trainer(config).fit(resume=True)
+    result = Trainer(config).fit(resume="auto")
+    if result.interrupted:
+        raise KeyboardInterrupt
     return run_dir

@@ -1,0 +1,185 @@
+"""Run-directory ownership: a run dir keeps one config, one trainer at a time, --resume continues the run's
+own config, Ctrl-C checkpoints, a finished run resumes to itself, and the logs after a resume equal the
+uninterrupted run's.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_rundir.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from softmoe.cli import main
+from softmoe.train.checkpoint import list_checkpoints
+from softmoe.train.loop import Trainer
+from softmoe.train.metrics import read_metrics
+from softmoe.train.rundir import RunDirError, RunLock
+from tests.e2e.test_smoke import CONFIGS, EXACT, assert_bitwise_equal, quiet, state_of, tiny
+
+TINY = str(CONFIGS / "tiny" / "softmoe.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def train_cli(out_dir: Path, data_dir: Path, *args: str) -> int:
+    return main(["train", "--config", TINY, f"train.out_dir={out_dir}", f"data.data_dir={data_dir}",
+                 "train.progress=false", "train.tensorboard=false", *args])
+
+
+def test_a_different_config_is_refused_unless_overwrite(tmp_path, data_dir, capsys):
+    assert train_cli(tmp_path, data_dir, "train.steps=4") == 0
+    run_dir = tmp_path / "tiny-softmoe"
+    before = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    # the README's peer line reused the SoftMoE run's name: it must not touch that run
+    assert train_cli(tmp_path, data_dir, "train.steps=4", "model.router=remoe") == 2
+    err = capsys.readouterr().err
+    assert "model.router 'softmoe' -> 'remoe'" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (run_dir / "config.yaml").read_text() == before
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_0000004"]
+    # the same config without --resume would retrain over the checkpoints: refused as well
+    assert train_cli(tmp_path, data_dir, "train.steps=4") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_cli(tmp_path, data_dir, "train.steps=4", "model.router=remoe", "--overwrite") == 0
+    assert "router: remoe" in (run_dir / "config.yaml").read_text()
+    assert [r["step"] for r in read_metrics(run_dir, "val")] == [4]  # nothing of the old run is left
+
+
+def test_saved_config_resolves_router_options(tmp_path, data_dir):
+    assert train_cli(tmp_path, data_dir, "train.steps=2") == 0
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "tiny-softmoe" / "config.yaml").read_text())
+    assert {"alpha", "min_weight", "combine", "lb_coef"} <= set(saved["model"]["router_options"])
+
+
+def test_resume_reads_the_runs_own_config(tmp_path, data_dir, capsys):
+    assert train_cli(tmp_path, data_dir, "train.steps=12", "train.ckpt_every=4", "--stop-after", "6") == 0
+    capsys.readouterr()
+    # the preset says steps: 40; the run says 12: --resume continues the run, not the preset
+    assert train_cli(tmp_path, data_dir, "--resume", "train.log_every=2") == 0
+    assert "done at step 12" in capsys.readouterr().out
+    assert train_cli(tmp_path, data_dir, "--resume", "train.steps=20", "train.lr=0.5") == 2
+    err = capsys.readouterr().err
+    assert "train.steps 12 -> 20" in err and "train.lr" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["nothing", "mistyped name", "all corrupt"])
+def test_resume_without_a_good_checkpoint_is_an_error(tmp_path, data_dir, capsys, case):
+    name = "tiny-softmoe"
+    if case != "nothing":
+        assert train_cli(tmp_path, data_dir, "train.steps=4", "train.ckpt_every=2") == 0
+    if case == "mistyped name":
+        name = "tiny-softmo"
+    corrupt = []
+    if case == "all corrupt":
+        for ckpt in list_checkpoints(tmp_path / name / "checkpoints"):
+            weights = ckpt / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            weights.write_bytes(bytes(data))
+            corrupt.append((weights, weights.read_bytes()))
+    capsys.readouterr()
+    assert train_cli(tmp_path, data_dir, f"train.name={name}", "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("softmoe train: ") and str(tmp_path / name) in err[-1], err
+    for path, data in corrupt:  # nothing was overwritten
+        assert path.read_bytes() == data
+
+
+def test_second_trainer_is_refused_and_a_crashed_lock_recovered(tmp_path, data_dir):
+    config = tiny(tmp_path, data_dir, "train.steps=2")
+    with RunLock(config.train.run_dir):
+        with pytest.raises(RunDirError, match=f"in use by another trainer \\(pid {os.getpid()} on host"):
+            Trainer(config, report=quiet).fit()
+    # what a killed trainer leaves: a lock file naming it (its flock died with it) and a half-written checkpoint
+    run_dir = config.train.run_dir
+    (run_dir / ".lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere"}) + "\n")
+    (run_dir / "checkpoints" / ".tmp-step_0000001-999999").mkdir(parents=True)
+    reports: list[str] = []
+    assert Trainer(config, report=reports.append).fit().step == 2
+    assert any("recovered the lock" in r and "pid 999999" in r for r in reports), reports
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert (run_dir / ".lock").read_text() == ""  # released
+
+
+def test_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, data_dir, straight_run, monkeypatch, capsys):
+    original = Trainer.train_step
+
+    def interrupted_at_step_5(self, step):
+        stats = original(self, step)
+        if step == 4:  # the 5th step: Ctrl-C arrives while it runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_5)
+    args = [f"train.{kv}" for kv in ("steps=12", "grad_accum=2", "ckpt_every=4", "keep_last=5", "eval_batches=1")]
+    assert train_cli(tmp_path, data_dir, *args, "train.eval_every=0") == 130
+    assert "interrupted at step 5" in capsys.readouterr().out
+    run_dir = tmp_path / "tiny-softmoe"
+    assert list_checkpoints(run_dir / "checkpoints")[-1].name == "step_0000005"
+    assert not (run_dir / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    monkeypatch.setattr(Trainer, "train_step", original)
+    config = tiny(tmp_path, data_dir, *EXACT)
+    resumed = Trainer(config, report=quiet)
+    assert resumed.fit(resume=True).step == 12
+    assert_bitwise_equal(state_of(resumed), straight_run)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+    trainer = Trainer(tiny(tmp_path_factory.mktemp("straight"), data_dir, *EXACT), report=quiet)
+    trainer.fit()
+    return state_of(trainer)
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
+
+
+def test_logs_after_resume_equal_the_uninterrupted_run(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # resume at step 7: not a multiple of log_every (5) or eval_every (4)
+    settings = ("train.steps=12", "train.ckpt_every=7", "train.log_every=5", "train.eval_every=4",
+                "train.tensorboard=true", "train.eval_batches=1")
+    straight = tiny(tmp_path / "a", data_dir, *settings)
+    Trainer(straight, report=quiet).fit()
+    config = tiny(tmp_path / "b", data_dir, *settings)
+    assert Trainer(config, report=quiet).fit(stop_after=9).step == 9  # a crash after the step-7 checkpoint ...
+    ckpts = list_checkpoints(config.train.run_dir / "checkpoints")
+    for ckpt in ckpts[1:]:
+        import shutil
+
+        shutil.rmtree(ckpt)  # ... left only step 7 (and logs up to step 9)
+    assert Trainer(config, report=quiet).fit(resume=True).step == 12
+    assert _comparable(read_metrics(config.train.run_dir)) == _comparable(read_metrics(straight.train.run_dir))
+
+    def scalar_steps(run_dir: Path) -> dict[str, list[int]]:
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    assert scalar_steps(config.train.run_dir) == scalar_steps(straight.train.run_dir)
+
+
+def test_resume_on_a_finished_run_changes_nothing(tmp_path, data_dir):
+    config = tiny(tmp_path, data_dir, "train.steps=4")
+    Trainer(config, report=quiet).fit()
+    run_dir = config.train.run_dir
+    files = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
+    reports: list[str] = []
+    result = Trainer(config, report=reports.append).fit(resume=True)
+    assert result.step == 4 and result.train_loss is not None and result.tokens_per_sec
+    assert {name: (run_dir / name).read_bytes() for name in files} == files
+    assert any("nothing to do" in r for r in reports)
