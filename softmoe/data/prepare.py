@@ -208,7 +208,11 @@ def _fill(tmp_dir: Path, tok: Tokenizer, kind: str, texts: dict, ids: dict, extr
 def is_prepared(dataset_dir: Path, recipe_sha256: str) -> bool:
     """True if `dataset_dir` is complete (meta.json is written last) and built from this recipe."""
     meta_path = Path(dataset_dir) / "meta.json"
-    return meta_path.is_file() and read_json(meta_path).get("recipe_sha256") == recipe_sha256
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError):  # missing or damaged: build it again
+        return False
+    return isinstance(meta, dict) and meta.get("recipe_sha256") == recipe_sha256
 
 
 def build_atomically(final: Path, fill: Callable[[Path], None]) -> None:
@@ -232,7 +236,13 @@ def read_meta(dataset_dir: Path) -> dict:
         raise FileNotFoundError(
             f"dataset_dir={str(dataset_dir)!r} has no meta.json; run `softmoe data fetch`"
         )
-    return read_json(path)
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object; prepare the dataset again")
+    return meta
 
 
 def load_split(dataset_dir: Path, split: str) -> np.memmap:
@@ -245,7 +255,11 @@ def load_split(dataset_dir: Path, split: str) -> np.memmap:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
     meta = read_meta(dataset_dir)
     path = Path(dataset_dir) / f"{split}.bin"
-    expected = meta["splits"][split]["tokens"]
+    try:
+        expected = int(meta["splits"][split]["tokens"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{Path(dataset_dir) / 'meta.json'}: no token count for split {split!r}; "
+                         f"prepare the dataset again") from None
     size = path.stat().st_size if path.is_file() else -1
     if size != expected * TOKEN_DTYPE.itemsize:
         raise ValueError(f"{path}: {size} bytes, meta.json says {expected} uint16 tokens")

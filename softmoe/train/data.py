@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from softmoe.data import WindowLoader, dataset_dir_for, load_split, read_meta
+from softmoe.data import WindowLoader, dataset_dir_for, load_split
 from softmoe.data.config import DataConfig
+from softmoe.data.verify import verify_dataset
 
 __all__ = ["TrainData", "open_data", "VAL_SEED_OFFSET"]
 
@@ -46,9 +47,9 @@ def _as_long(pair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def open_data(config: DataConfig) -> TrainData:
-    """Locate (never download) the dataset of `config` and build its train and val loaders."""
+    """Locate (never download) and verify the dataset of `config`, and build its train and val loaders."""
     dataset_dir = dataset_dir_for(config)
-    meta = read_meta(dataset_dir)
+    meta = verify_dataset(dataset_dir)  # sha256 of the splits and the tokenizer, token ids < vocab (cached)
     train = WindowLoader(load_split(dataset_dir, "train"), config.seq_len, config.batch_size, config.seed)
     val = WindowLoader(load_split(dataset_dir, "val"), config.seq_len, config.batch_size,
                        config.seed + VAL_SEED_OFFSET)
