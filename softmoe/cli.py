@@ -24,13 +24,20 @@ def _cmd_main(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from softmoe.extras import require
+
+    require("transformers", "hf", "softmoe export")
     from softmoe.model.hf import cmd_export  # imports transformers: only when exporting
 
     return cmd_export(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softmoe", description=__doc__)
+    from softmoe import __version__
+
+    parser = argparse.ArgumentParser(prog="softmoe", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"softmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="print soft top-k weights next to hard top-k on a few score rows")
@@ -88,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    return args.func(args)
+    from softmoe.extras import MissingExtra
+
+    try:
+        return args.func(args)
+    except MissingExtra as err:  # an optional dependency the command needs: say which extra installs it
+        print(f"softmoe {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
+from softmoe.extras import require
 from softmoe.ops import soft_topk
 from softmoe.routing import truncate
 
 
-def _row_table(title: str, scores_E: torch.Tensor, k: float, alphas: list[float]) -> Table:
-    """One table: scores, the hard top-k mask, and soft top-k weights at several alphas."""
+def _row_table(title: str, scores_E: torch.Tensor, k: float, alphas: list[float]):
+    """One rich Table: scores, the hard top-k mask, and soft top-k weights at several alphas."""
     num_experts = scores_E.shape[0]
-    table = Table(title=title)
+    table = require("rich.table", "viz", "softmoe demo").Table(title=title)
     table.add_column("row")
     for e in range(num_experts):
         table.add_column(f"e{e}", justify="right")
@@ -28,6 +27,7 @@ def _row_table(title: str, scores_E: torch.Tensor, k: float, alphas: list[float]
 
 
 def run_demo(seed: int = 0) -> None:
+    Console = require("rich.console", "viz", "softmoe demo").Console
     console = Console(width=max(Console().width, 110))
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(2, 8, generator=gen, dtype=torch.float64)

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
-        print(f"softmoe lm-eval: lm-eval is not installed ({err}); pip install -e '.[dev]'", file=sys.stderr)
+        print(f"softmoe lm-eval: lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'", file=sys.stderr)
         return 2
     import softmoe.model.hf  # noqa: F401  (registers "softmoe" with AutoConfig / AutoModelForCausalLM)
 

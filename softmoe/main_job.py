@@ -18,13 +18,14 @@ import torch
 from softmoe.data import load_split, read_meta
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, write_report
+from softmoe.presets import presets_dir
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.restore import load_model
 from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
 
 __all__ = ["run_main_job", "CONFIGS_DIR"]
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = presets_dir()  # configs/ of a clone, or the presets packaged in the wheel
 VARIANT_LABELS = {"softmoe": "SoftMoE", "topk": "top-k", "dense": "dense"}
 
 

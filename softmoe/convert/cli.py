@@ -1,4 +1,4 @@
-"""`softmoe convert --model HF_DIR --out OUT_DIR`: retrofit a saved transformers MoE model with SoftMoE routing."""
+"""`softmoe convert --checkpoint HF_DIR --out OUT_DIR`: retrofit a saved transformers MoE model with SoftMoE routing."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     from softmoe.convert.retrofit import RetrofitConfig
 
     p = sub.add_parser("convert", help="retrofit a transformers Mixtral / Qwen2-MoE / OLMoE folder with SoftMoE routing")
-    p.add_argument("--model", required=True, type=Path, help="a local transformers folder (config.json + weights)")
+    p.add_argument("--checkpoint", "--model", dest="model", required=True, type=Path, metavar="HF_DIR",
+                   help="a local transformers folder (config.json + weights); --model is the old name")
     p.add_argument("--out", required=True, type=Path, help="output folder (load it with softmoe.convert.from_pretrained)")
     p.add_argument("--alpha", type=float, default=RetrofitConfig.alpha, help="initial soft top-k scale, logit units")
     p.add_argument("--budget", type=float, default=None, help="global mean active experts K (default: the model's top-k)")
@@ -48,6 +49,9 @@ def convert_folder(model_dir: Path, out: Path, report=print, **options) -> Path:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from softmoe.extras import require
+
+    require("transformers", "hf", "softmoe convert")
     options = {"alpha": args.alpha, "min_weight": args.min_weight, "max_active": args.max_active,
                "learn_alpha": args.learn_alpha}
     if args.budget is not None:

@@ -24,10 +24,8 @@ import torch
 
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import bits_per_byte, evaluate_split
-from softmoe.eval.report import save_figure, style_axes  # first: selects the file-only matplotlib backend
+from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.model import GPT
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 __all__ = ["BudgetPoint", "budget_sweep", "check_budgets", "dialed", "plot_budget_sweep", "scaled_allocation"]
 
@@ -158,6 +156,7 @@ def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence
 def plot_budget_sweep(points: Sequence[BudgetPoint], path: Path, trained_budget: float | None = None,
                       title: str = "Budget dial") -> Path:
     """PNG of loss against realized mean active experts, one labelled point per K'."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [p.active_experts_mean for p in points]
     ys = [p.loss for p in points]

@@ -39,14 +39,12 @@ import yaml
 
 from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
-from softmoe.eval.report import save_figure, style_axes
+from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.routing import ROUTERS
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.metrics import read_metrics
 from softmoe.train.runs import is_finished, prepared_dataset_dir, train_or_reuse
-
-import matplotlib.pyplot as plt  # noqa: E402  (after report.py chose the file-only backend)
 
 __all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_study"]
 
@@ -350,11 +348,12 @@ _MARKERS = {"dense": "s", "topk": "^", "softmoe": "o"}
 
 def _color(i: int):
     """Colour of the i-th variant of a study, the same in every plot (20 distinct before repeating)."""
-    return plt.cm.tab20(i % 20)
+    return pyplot().cm.tab20(i % 20)
 
 
 def plot_frontier(rows: list[dict], records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
     """Validation loss vs realized mean active experts: seeds as small points, the seed mean large."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     index = {v.name: i for i, v in enumerate(variants)}  # colour by study position, as the other plots
     for row in rows:
@@ -391,6 +390,7 @@ def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Pa
     """Per-layer experts of the variable-count variants, mean over seeds: the learned k_l of the SoftMoE
     variants (left) and the realized active experts of every MoE variant whose count is not fixed (right:
     SoftMoE, top-p, null experts, ReMoE, ...; top-k's constant k is left out). None without SoftMoE runs."""
+    plt = pyplot()
     soft = [v for v in variants if any(r["variant"] == v.name and r["k_L"] for r in records)]
     if not soft:
         return None
@@ -416,6 +416,7 @@ def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Pa
 
 def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
     """Training loss of every run (thin, one colour per variant) and validation passes (markers)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for i, variant in enumerate(variants):
         color = _color(i)

@@ -11,15 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import yaml
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from softmoe.eval.perplexity import SplitEval  # noqa: E402
-from softmoe.train.metrics import read_metrics  # noqa: E402
+from softmoe.eval.perplexity import SplitEval
+from softmoe.extras import require
+from softmoe.train.metrics import read_metrics
 
 __all__ = ["RunResult", "save_figure", "write_report"]
 
@@ -57,8 +54,18 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on the first plot (the `viz` extra)."""
+    matplotlib = require("matplotlib", "viz", "plotting")
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_losses(runs: list[RunResult], path: Path) -> Path:
     """Training loss (thin) and validation loss (markers) of every run against the step."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, run in enumerate(runs):
         color = f"C{i}"
@@ -72,6 +79,7 @@ def plot_losses(runs: list[RunResult], path: Path) -> Path:
 
 def plot_layer_k(run: RunResult, path: Path) -> Path:
     """Per-layer k_l of a SoftMoE run over training (from the training records)."""
+    plt = pyplot()
     records = [r for r in read_metrics(run.run_dir, "train") if r.get("layers")]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = [r["step"] for r in records]
@@ -91,6 +99,7 @@ def plot_layer_k(run: RunResult, path: Path) -> Path:
 
 def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
     """Fraction of tokens by number of active experts, summed over MoE layers, per run."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     width = 0.8 / max(len(runs), 1)
     for i, run in enumerate(runs):
@@ -109,6 +118,7 @@ def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
 
 
 def save_figure(fig, path: Path) -> Path:
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()

@@ -23,6 +23,7 @@ import yaml
 
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
+from softmoe.presets import find_config
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides", "same_config"]
 
@@ -79,8 +80,8 @@ class TrainConfig:
             raise ValueError("train.lr=0 must be > 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"train.name={self.name!r} must be a non-empty name without '/'")
+        if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"train.name={self.name!r} must be a directory name (not '.' or '..', no '/')")
 
     @property
     def run_dir(self) -> Path:
@@ -169,16 +170,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in parts[1:-1]:  # nested dict fields such as model.router_options.alpha
             target[part] = dict(target.get(part) or {})
             target = target[part]
-        target[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            target[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_first_line(err)})") from None
     return raw
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:160]
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML preset (or defaults when `path` is None) and apply `key=value` overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        path = find_config(path)  # a file, or a preset name such as tiny/softmoe
+        if not path.exists():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} is not a file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML ({_first_line(err)})") from None
     return run_config_from_dict(apply_overrides(raw, overrides or []))
