@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +28,17 @@ def format_summary(meta: dict, dataset_dir: Path, seconds: float) -> str:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
+    from softmoe.data.fetch import FetchError
     from softmoe.data.prepare import prepare, read_meta
 
     corpora = ["prose", "ptb"] if args.corpus == "all" else [args.corpus]
     for corpus in corpora:
         start = time.perf_counter()
-        dataset_dir = prepare(corpus, args.data_dir, offline=args.offline, vocab_size=args.vocab_size)
+        try:
+            dataset_dir = prepare(corpus, args.data_dir, offline=args.offline, vocab_size=args.vocab_size)
+        except (FetchError, ValueError, OSError) as err:  # --offline with nothing cached, bad --data-dir, ...
+            print(f"softmoe data fetch: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
         print(format_summary(read_meta(dataset_dir), dataset_dir, time.perf_counter() - start))
     return 0
 

@@ -181,4 +181,7 @@ class MoELayer(nn.Module):
         if not isinstance(pad_mask_BS, torch.Tensor) or tuple(pad_mask_BS.shape) != tuple(x_BSD.shape[:-1]):
             shape = tuple(pad_mask_BS.shape) if isinstance(pad_mask_BS, torch.Tensor) else type(pad_mask_BS).__name__
             raise ValueError(f"pad_mask_BS has shape {shape}; it must match x's leading shape {tuple(x_BSD.shape[:-1])}")
+        if pad_mask_BS.dtype != torch.bool and not ((pad_mask_BS == 0) | (pad_mask_BS == 1)).all():
+            bad = pad_mask_BS[(pad_mask_BS != 0) & (pad_mask_BS != 1)].flatten()[0].item()
+            raise ValueError(f"pad_mask_BS holds {bad!r}; it must be bool or 0/1 (1 = real token)")
         return pad_mask_BS.reshape(-1).to(torch.bool)

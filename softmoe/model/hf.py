@@ -184,10 +184,14 @@ def cmd_export(args) -> int:
     """`softmoe export --checkpoint DIR --out HF_DIR` (its parser is in softmoe/cli.py)."""
     from softmoe.train.checkpoint import CheckpointError
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"softmoe export: --out {str(out)!r} is an existing file, not a folder", file=sys.stderr)
+        return 2
     try:
-        export_checkpoint(args.checkpoint, args.out)
-    except (CheckpointError, ValueError) as err:
-        print(f"softmoe export: {err}", file=sys.stderr)
+        export_checkpoint(args.checkpoint, out)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"softmoe export: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 

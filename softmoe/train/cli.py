@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["add_train_parser", "add_generate_parser"]
 
@@ -28,18 +29,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"softmoe train: {'' if isinstance(err, RunDirError) else 'invalid config: '}{err}", file=sys.stderr)
         return 2
+    bad_path = _unusable_paths(config)
+    if bad_path:
+        print(f"softmoe train: {bad_path}", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(config)
-    except (FetchError, FileNotFoundError, ValueError) as err:  # data not prepared, vocab mismatch, ...
-        print(f"softmoe train: {err}", file=sys.stderr)
+    except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
+        print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     variant = config.model.router if config.model.ffn == "moe" else "dense"
     print(f"run {config.train.run_dir}: {variant}, {trainer.model.num_params():,} parameters, "
           f"{config.train.steps} steps, precision {config.train.precision}")
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
-    except (RunDirError, CheckpointError, TrainingAborted) as err:
-        print(f"softmoe train: {err}", file=sys.stderr)
+    except (RunDirError, CheckpointError, TrainingAborted, OSError) as err:
+        print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if result.interrupted:
         print(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
@@ -53,6 +58,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unusable_paths(config) -> str | None:
+    """Why train.out_dir / data.data_dir cannot be used (a file, not creatable), or None."""
+    for key, path in (("data.data_dir", config.data.resolved_data_dir), ("train.out_dir", Path(config.train.out_dir))):
+        if path.exists() and not path.is_dir():
+            return f"{key}={str(path)!r} is a file, not a directory"
+    try:
+        Path(config.train.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"train.out_dir={config.train.out_dir!r}: cannot create it ({err.strerror})"
+    return None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,6 +77,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.restore import load_for_inference
 
+    if not 0 <= args.seed < 2**64:
+        print(f"softmoe generate: --seed={args.seed} must be in [0, 2**64)", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"softmoe generate: --threads={args.threads} must be >= 1", file=sys.stderr)
         return 2
@@ -69,6 +89,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model, tokenizer, path = load_for_inference(args.checkpoint)
     except (CheckpointError, ValueError) as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
+        return 2
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        print("softmoe generate: --prompt is not valid UTF-8 text", file=sys.stderr)
         return 2
     ids = tokenizer.encode(args.prompt).ids
     if not ids:

@@ -179,6 +179,10 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.ones(2, 3, D, dtype=torch.long))
     with pytest.raises(ValueError, match="pad_mask_BS"):
         layer(torch.randn(2, 3, D), pad_mask_BS=torch.ones(3, 2, dtype=torch.bool))
+    for value in (0.5, 2):  # a mask is bool or 0/1: anything else was silently read as True
+        with pytest.raises(ValueError, match=f"pad_mask_BS holds {value}"):
+            layer(torch.randn(2, 3, D), pad_mask_BS=torch.full((2, 3), value))
+    layer(torch.randn(2, 3, D), pad_mask_BS=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # 0/1 floats are fine
     with pytest.raises(ValueError, match="mean_k"):
         layer(torch.randn(2, 3, D), mean_k=torch.tensor([2.0, 2.0]))
     with pytest.raises(ValueError, match="k="):

@@ -1,0 +1,69 @@
+"""Every user mistake of issue 13 is exit code 2 and one line on stderr naming the input, never a traceback.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_cli_errors.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softmoe.cli import main
+from tests.e2e.test_smoke import CONFIGS
+
+TINY = str(CONFIGS / "tiny" / "softmoe.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(a trained tiny run directory, its data directory)."""
+    root = tmp_path_factory.mktemp("cli")
+    data_dir = root / "data"
+    assert main(["train", "--config", TINY, f"train.out_dir={root / 'runs'}", f"data.data_dir={data_dir}",
+                 "train.steps=2", "train.progress=false", "train.tensorboard=false"]) == 0
+    return root / "runs" / "tiny-softmoe", data_dir
+
+
+def _train(*args: str) -> list[str]:
+    return ["train", "--config", TINY, "train.progress=false", "train.tensorboard=false", *args]
+
+
+# name -> (argv built from (run_dir, data_dir, tmp_path), text the one-line message must contain)
+CASES = {
+    "malformed YAML file": (lambda r, d, t: ["train", "--config", str(t / "bad.yaml")], "not valid YAML"),
+    "malformed YAML override": (lambda r, d, t: _train(f"data.data_dir={d}", "train.lr=[1,"), "train.lr=[1,"),
+    "config is a directory": (lambda r, d, t: ["train", "--config", str(t)], "is not a file"),
+    "data_dir is a file": (lambda r, d, t: _train("data.data_dir=/etc/hostname", f"train.out_dir={t}"),
+                           "data.data_dir='/etc/hostname'"),
+    "out_dir not creatable": (lambda r, d, t: _train(f"data.data_dir={d}", "train.out_dir=/proc/x"),
+                              "train.out_dir='/proc/x'"),
+    "name escapes out_dir": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.name=.."),
+                             "train.name='..'"),
+    "negative --stop-after": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "--stop-after",
+                                                     "-1"), "--stop-after=-1"),
+    "lr diverges": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.lr=1e6",
+                                           "train.warmup_steps=0", "train.max_bad_steps=0"), "aborting at step"),
+    "resume nothing": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "--resume"),
+                       "no config.yaml"),
+    "export --out not creatable": (lambda r, d, t: ["export", "--checkpoint", str(r), "--out", "/proc/x"], "/proc/x"),
+    "export --out is a file": (lambda r, d, t: ["export", "--checkpoint", str(r), "--out", "/etc/hostname"],
+                               "--out '/etc/hostname' is an existing file"),
+    "prompt not UTF-8": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt",
+                                          b"\xff\xfe".decode("utf-8", "surrogateescape")], "--prompt"),
+    "seed too large": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a", "--seed",
+                                        str(2**70)], f"--seed={2**70}"),
+    "fetch offline, nothing cached": (lambda r, d, t: ["data", "fetch", "--offline", "--data-dir", str(t / "empty")],
+                                      "softmoe data fetch:"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistake_is_exit_2_with_one_line(trained, tmp_path, capsys, case):
+    (tmp_path / "bad.yaml").write_text("model: [1,\n")
+    build, expected = CASES[case]
+    capsys.readouterr()
+    assert main(build(*trained, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err and err.startswith("softmoe "), err
