@@ -35,8 +35,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from softmoe import __version__
 
-    parser = argparse.ArgumentParser(prog="softmoe", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="softmoe", description=__doc__)
     parser.add_argument("--version", action="version", version=f"softmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -49,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and report.md go")
     main.add_argument("--data-dir", type=Path, default=None, help="data directory (default: $SOFTMOE_DATA_DIR or data/)")
     main.add_argument("--variants", default="softmoe,topk", help="comma-separated preset variants to train")
-    main.add_argument("--eval-max-batches", type=int, default=None, help="cap validation batches (default: whole split)")
+    main.add_argument("--max-batches", "--eval-max-batches", dest="eval_max_batches", type=int, default=None,
+                      help="cap validation batches of the final evaluation (default: whole split)")
     main.add_argument("overrides", nargs="*", help="section.key=value settings for every variant (e.g. train.steps=50)")
     main.set_defaults(func=_cmd_main)
 
@@ -78,7 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_compare_parser(sub)
+    for command in sub.choices.values():  # every verb's help shows its defaults
+        _show_defaults(command)
     return parser
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings
+                or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def main(argv: list[str] | None = None) -> int:

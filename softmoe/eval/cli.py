@@ -114,7 +114,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train and evaluate a study's variants over seeds; results.md with plots")
-    p.add_argument("--study", required=True, help="study YAML, e.g. configs/studies/small.yaml")
+    p.add_argument("--config", "--study", dest="study", required=True,
+                   help="study YAML, e.g. configs/studies/small.yaml (--study is the old name)")
     p.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and token counts, train nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value",

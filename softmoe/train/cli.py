@@ -22,6 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         print(f"softmoe train: --stop-after={args.stop_after} must be >= 1", file=sys.stderr)
         return 2
+    flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
+        ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
+    args.overrides = [*args.overrides, *flags]
     try:
         config = load_run_config(args.config, args.overrides)
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
@@ -112,12 +115,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML preset (configs/<preset>/<variant>.yaml)")
-    p.add_argument("--config", required=True, help="YAML preset with model / data / train sections")
+    p.add_argument("--config", required=True,
+                   help="YAML file with model / data / train sections, or a packaged preset name (tiny/softmoe)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=2")
     p.add_argument("--resume", action="store_true",
                    help="continue the run (train.out_dir/train.name) from its newest good checkpoint, with the "
                         "run's own config.yaml; overrides may change only logging/eval/checkpoint cadence")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="parent of the run directory (the same as train.out_dir=DIR; default: the preset's)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data directory (the same as data.data_dir=DIR; default: the preset's, $SOFTMOE_DATA_DIR, data/)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete what the run directory holds and start again (default: refuse an existing run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",

@@ -67,3 +67,34 @@ def test_user_mistake_is_exit_2_with_one_line(trained, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert expected in err and err.startswith("softmoe "), err
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["convert", "--checkpoint", "m", "--out", "o"], "model", Path("m")),
+    (["convert", "--model", "m", "--out", "o"], "model", Path("m")),  # the old name still works
+    (["compare", "--config", "s.yaml"], "study", "s.yaml"),
+    (["compare", "--study", "s.yaml"], "study", "s.yaml"),
+    (["main", "--max-batches", "3"], "eval_max_batches", 3),
+    (["main", "--eval-max-batches", "3"], "eval_max_batches", 3),
+    (["train", "--config", "c", "--out", "o", "--data-dir", "d"], "out", "o"),
+])
+def test_one_flag_convention_with_old_names_kept(argv, dest, value):
+    from softmoe.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+def test_help_shows_defaults():
+    from softmoe.cli import build_parser
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    text = generate.format_help()
+    assert "(default: 0)" in text and "(default: 100)" in text
+
+
+def test_train_flags_are_overrides(trained, tmp_path):
+    run_dir, data_dir = trained
+    assert main(["train", "--config", TINY, "--out", str(tmp_path), "--data-dir", str(data_dir), "train.steps=1",
+                 "train.progress=false", "train.tensorboard=false"]) == 0
+    assert (tmp_path / "tiny-softmoe" / "summary.json").is_file()
