@@ -17,8 +17,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_main(args: argparse.Namespace) -> int:
     from softmoe.main_job import run_main_job
 
+    overrides = (*args.overrides, "train.progress=false") if args.quiet else tuple(args.overrides)
     report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
-                          args.eval_max_batches, tuple(args.overrides))
+                          args.eval_max_batches, overrides, progress=not args.quiet)
     print(f"report written: {report}")
     return 0
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--variants", default="softmoe,topk", help="comma-separated preset variants to train")
     main.add_argument("--max-batches", "--eval-max-batches", dest="eval_max_batches", type=int, default=None,
                       help="cap validation batches of the final evaluation (default: whole split)")
+    main.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
     main.add_argument("overrides", nargs="*", help="section.key=value settings for every variant (e.g. train.steps=50)")
     main.set_defaults(func=_cmd_main)
 

@@ -67,7 +67,7 @@ def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs:
 
 def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_dir: Path | None = None,
                  variants: tuple[str, ...] = ("softmoe", "topk"), eval_max_batches: int | None = None,
-                 overrides: tuple[str, ...] = ()) -> Path:
+                 overrides: tuple[str, ...] = (), progress: bool = False) -> Path:
     """Fetch, train every variant, evaluate, report. Returns the report's path.
 
     Args:
@@ -77,19 +77,24 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
         variants: preset variants to train, e.g. ("softmoe", "topk").
         eval_max_batches: cap on validation batches of the final evaluation (None: whole split).
         overrides: `section.key=value` settings applied to every variant.
+        progress: bars for data preparation and evaluation on a terminal (training's is `train.progress`).
     """
     start = time.time()
     out_dir = Path(out_dir)
     configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
-    dataset_dir = prepared_dataset_dir(configs[0].data)
+    print(f"== data: {configs[0].data.corpus} ==", flush=True)
+    dataset_dir = prepared_dataset_dir(configs[0].data, progress)
     results = []
-    for config in configs:
-        print(f"== training {config.train.name} ==", flush=True)
+    for i, config in enumerate(configs, 1):
+        print(f"== [{i}/{len(configs)}] training {config.train.name} ==", flush=True)
         run_dir = train_or_reuse(config)
         model, _, _ = load_model(run_dir, report=lambda message: print(message, flush=True))
-        print(f"== evaluating {config.train.name} on the validation split ==", flush=True)
+        what = "the whole validation split" if eval_max_batches is None else \
+            f"the first {eval_max_batches} validation batches"
+        print(f"== [{i}/{len(configs)}] evaluating {config.train.name} on {what} ==", flush=True)
         final = evaluate_split(model, load_split(dataset_dir, "val"), config.data.seq_len,
-                               config.data.batch_size, config.train.precision, eval_max_batches)
+                               config.data.batch_size, config.train.precision, eval_max_batches,
+                               progress=progress, desc=f"scoring {config.train.name}")
         results.append(RunResult(_label(config), run_dir, final))
     title = f"SoftMoE vs top-k at the same budget: preset `{preset}`"
     return write_report(results, out_dir, title, _context(preset, variants, dataset_dir, configs, time.time() - start))

@@ -35,7 +35,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     for corpus in corpora:
         start = time.perf_counter()
         try:
-            dataset_dir = prepare(corpus, args.data_dir, offline=args.offline, vocab_size=args.vocab_size)
+            dataset_dir = prepare(corpus, args.data_dir, offline=args.offline, vocab_size=args.vocab_size,
+                                  progress=not args.quiet)
         except (FetchError, ValueError, OSError) as err:  # --offline with nothing cached, bad --data-dir, ...
             print(f"softmoe data fetch: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
@@ -58,5 +59,6 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                        help="BPE vocabulary (default 8192; ptb uses its word vocabulary)")
     fetch.add_argument("--offline", action="store_true",
                        help="use cached downloads only; never touch the network")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar (also off when not a terminal)")
     fetch.set_defaults(func=_cmd_fetch)
     return data

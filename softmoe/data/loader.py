@@ -134,6 +134,13 @@ class WindowLoader:
         return int(state["next_step"])
 
 
+def num_eval_batches(num_tokens: int, seq_len: int, batch_size: int) -> int:
+    """How many batches `eval_batches` yields for a split of `num_tokens` tokens."""
+    windows = len(range(0, num_tokens - seq_len, seq_len))
+    windows += int(num_tokens - 1 - windows * seq_len > 0)
+    return -(-windows // batch_size)
+
+
 def eval_batches(
     tokens: np.ndarray, seq_len: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -160,6 +160,7 @@ def prepare(
     split_seed: int = 0,
     val_frac: float = 0.05,
     test_frac: float = 0.05,
+    progress: bool = False,
 ) -> Path:
     """Build (or find) the tokenized dataset of `corpus` and return its directory.
 
@@ -170,6 +171,7 @@ def prepare(
         tokenizer: "bpe" or "word" (ptb only); None -> "bpe" for prose, "word" for ptb.
         vocab_size: BPE vocabulary (default 8192).
         split_seed, val_frac, test_frac: the prose document split (ignored by ptb).
+        progress: a bar over the build's phases (download, split, tokenizer, encode) on a terminal.
     Returns:
         Path of the dataset directory `<data_dir>/<name>`.
     """
@@ -186,18 +188,29 @@ def prepare(
         return final  # already prepared with this exact recipe: no network, no work
     with build_lock(final):
         if not is_prepared(final, _recipe_sha(recipe)):  # another process may have just built it
-            _build(final, recipe, kind, vocab, offline)
+            _build(final, recipe, kind, vocab, offline, progress)
     return final
 
 
-def _build(final: Path, recipe: dict, kind: str, vocab: int | None, offline: bool) -> None:
+def _build(final: Path, recipe: dict, kind: str, vocab: int | None, offline: bool, progress: bool = False) -> None:
+    from softmoe.progress import progress_bar
+
     corpus, root, split = recipe["corpus"], final.parent, recipe["split"]
+    bar = progress_bar(4, f"{corpus}: download", progress, unit="phase")
     paths = fetch_corpus(corpus, root, offline=offline)
+    bar.update(1)
+    bar.set_description(f"{corpus}: extract and split")
     texts, ids = _ptb_splits(paths) if corpus == "ptb" else _prose_splits(paths, root, split)
+    bar.update(1)
+    bar.set_description(f"{corpus}: tokenizer")
     tok = build_word_level(texts["train"]) if kind == "word" else train_bpe(texts["train"], vocab)
+    bar.update(1)
+    bar.set_description(f"{corpus}: encode")
     extra = {"format": FORMAT_VERSION, "name": final.name, "corpus": corpus, "unit": kind,
              "sources": recipe["sources"], "split": split, "recipe_sha256": _recipe_sha(recipe)}
     build_atomically(final, lambda tmp: _fill(tmp, tok, kind, texts, ids, extra))
+    bar.update(1)
+    bar.close()
 
 
 def _fill(tmp_dir: Path, tok: Tokenizer, kind: str, texts: dict, ids: dict, extra: dict) -> None:

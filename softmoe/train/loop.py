@@ -407,7 +407,7 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None)  # None: off unless a TTY
 
 
 def _tqdm_write(message: str) -> None:

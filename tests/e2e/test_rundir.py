@@ -183,3 +183,13 @@ def test_resume_on_a_finished_run_changes_nothing(tmp_path, data_dir):
     assert result.step == 4 and result.train_loss is not None and result.tokens_per_sec
     assert {name: (run_dir / name).read_bytes() for name in files} == files
     assert any("nothing to do" in r for r in reports)
+
+
+def test_main_and_compare_start_new_runs_without_a_resume_warning(tmp_path, data_dir, capsys):
+    from softmoe.train.runs import train_or_reuse
+
+    config = tiny(tmp_path, data_dir, "train.steps=2")
+    train_or_reuse(config)
+    assert "--resume" not in capsys.readouterr().out
+    train_or_reuse(config)
+    assert "already trained to step 2; reusing it" in capsys.readouterr().out
