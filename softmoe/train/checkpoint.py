@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +33,7 @@ __all__ = [
     "verify_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
+    "good_checkpoints",
     "latest_good_checkpoint",
     "resolve_checkpoint",
 ]
@@ -166,15 +167,20 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return model_state, train_state, meta
 
 
-def latest_good_checkpoint(root: Path, report: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint under `root` that verifies; each rejected one is reported with its reason."""
+def good_checkpoints(root: Path, report: Callable[[str], None] = print) -> Iterator[Path]:
+    """The checkpoints under `root` that verify, newest first; each rejected one is reported with its reason."""
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
-            return path
         except CheckpointError as err:
             report(f"checkpoint rejected: {err}; falling back to the previous one")
-    return None
+            continue
+        yield path
+
+
+def latest_good_checkpoint(root: Path, report: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under `root` that verifies; each rejected one is reported with its reason."""
+    return next(good_checkpoints(root, report), None)
 
 
 def resolve_checkpoint(path: Path, report: Callable[[str], None] = print) -> Path:

@@ -27,7 +27,13 @@ import yaml
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT
 from softmoe.train import controllers
-from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from softmoe.train.checkpoint import (
+    CheckpointError,
+    good_checkpoints,
+    latest_good_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
 from softmoe.train.metrics import MetricsWriter, mean_active_experts, routing_summary
@@ -217,13 +223,20 @@ class Trainer:
         try:
             changed = trajectory_diff(meta["config"], self.config)
         except (KeyError, ValueError, TypeError) as err:
-            raise RunDirError(f"{path}/meta.json: unreadable run config ({err})") from None
+            raise CheckpointError(f"{path / 'meta.json'}: unreadable run config ({err})") from None
+        missing = [k for k in ("optimizer", "step", "rng_torch", "data_position", "skipped_total")
+                   if not isinstance(train_state, dict) or k not in train_state]
+        if missing:
+            raise CheckpointError(f"{path / 'train_state.pt'}: missing {missing}")
         if changed:
             raise RunDirError(f"{path}: the checkpoint was trained with other settings {changed}; resume with the "
                               f"run's own config (softmoe train --resume reads it) or use another train.name")
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(train_state["optimizer"])
-        torch.set_rng_state(train_state["rng_torch"])
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(train_state["optimizer"])
+            torch.set_rng_state(train_state["rng_torch"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # written wrong, yet its hashes match
+            raise CheckpointError(f"{path}: its state does not load ({' '.join(str(err).split())[:200]})") from None
         self.step = self.saved_step = train_state["step"]
         self.skipped_total = train_state["skipped_total"]
         self.window = list(train_state.get("log_window", [0.0, 0, 0, 0.0]))
@@ -241,15 +254,26 @@ class Trainer:
         clean_stale_temp(self.run_dir, self.report)
         if mode == "overwrite":
             empty_run_dir(self.run_dir)
-        good = latest_good_checkpoint(self.run_dir / "checkpoints", self.report) if mode in ("resume", "auto") else None
+        candidates = good_checkpoints(self.run_dir / "checkpoints", self.report)
+        good = next(candidates, None) if mode in ("resume", "auto") else None
         check_ownership(self.config, mode, good is not None)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
         if good is None:  # a fresh start: nothing of an earlier attempt may mix into this run's logs
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
             for name in ("metrics.jsonl", "summary.json"):
                 (self.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
             return None
-        self.restore(good)
+        while True:  # a checkpoint that verifies but does not load: fall back to the previous one
+            try:
+                self.restore(good)
+                break
+            except CheckpointError as err:
+                self.report(f"checkpoint rejected: {err}; falling back to the previous one")
+                good = next(candidates, None)
+                if good is None:
+                    raise RunDirError(f"{self.run_dir}: no checkpoint can be loaded; nothing was changed; pass "
+                                      f"--overwrite to start the run again") from None
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
         finished = _read_summary(self.run_dir)
         if self.step >= self.config.train.steps and finished is not None and finished.step == self.step:
             self.report(f"{self.run_dir}: already trained to step {self.step}; nothing to do")

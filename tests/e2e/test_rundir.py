@@ -193,3 +193,55 @@ def test_main_and_compare_start_new_runs_without_a_resume_warning(tmp_path, data
     assert "--resume" not in capsys.readouterr().out
     train_or_reuse(config)
     assert "already trained to step 2; reusing it" in capsys.readouterr().out
+
+
+def _rewrite_manifest(ckpt: Path, edit) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    edit(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _resave(ckpt: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and make its manifest agree (a writer that wrote garbage)."""
+    import hashlib
+
+    (ckpt / name).write_bytes(data)
+    _rewrite_manifest(ckpt, lambda m: m["files"][name].update(sha256=hashlib.sha256(data).hexdigest(),
+                                                              bytes=len(data)))
+
+
+DAMAGE = {
+    "manifest entry without sha256": lambda c: _rewrite_manifest(c, lambda m: m["files"]["meta.json"].pop("sha256")),
+    "manifest files not a mapping": lambda c: _rewrite_manifest(c, lambda m: m.update(files=["meta.json"])),
+    "meta.json not JSON": lambda c: _resave(c, "meta.json", b"{ nope"),
+    "meta.json without config": lambda c: _resave(c, "meta.json", b'{"step": 8}'),
+    "train_state.pt garbage": lambda c: _resave(c, "train_state.pt", b"not a torch file"),
+    "weights garbage": lambda c: _resave(c, "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir, straight_run, damage):
+    config = tiny(tmp_path, data_dir, *EXACT)
+    Trainer(config, report=quiet).fit(stop_after=8)
+    newest = list_checkpoints(config.train.run_dir / "checkpoints")[-1]
+    assert newest.name == "step_0000008"
+    DAMAGE[damage](newest)
+    reports: list[str] = []
+    trainer = Trainer(config, report=reports.append)
+    trainer.fit(resume=True)
+    assert any("checkpoint rejected" in r and "step_0000008" in r for r in reports), reports
+    assert any("resumed from" in r and "step_0000004" in r for r in reports), reports
+    assert_bitwise_equal(state_of(trainer), straight_run)
+
+
+def test_a_file_where_a_checkpoint_goes_does_not_break_the_next_save(tmp_path, data_dir):
+    import shutil
+
+    config = tiny(tmp_path, data_dir, "train.steps=4", "train.ckpt_every=2")
+    Trainer(config, report=quiet).fit(stop_after=2)
+    root = config.train.run_dir / "checkpoints"
+    (root / "step_0000004").write_text("not a checkpoint")  # where the next save goes
+    shutil.copytree(root / "step_0000002", root / "step_0000002.bak")  # noise next to it
+    assert Trainer(config, report=quiet).fit(resume=True).step == 4
+    assert (root / "step_0000004" / "manifest.json").is_file()
