@@ -17,7 +17,7 @@ import torch
 
 from softmoe.data import load_split, read_meta
 from softmoe.eval.perplexity import evaluate_split
-from softmoe.eval.report import RunResult, write_report
+from softmoe.eval.report import RunResult, compute_title, write_report
 from softmoe.presets import presets_dir
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.restore import load_model
@@ -96,5 +96,6 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
                                config.data.batch_size, config.train.precision, eval_max_batches,
                                progress=progress, desc=f"scoring {config.train.name}")
         results.append(RunResult(_label(config), run_dir, final))
-    title = f"SoftMoE vs top-k at the same budget: preset `{preset}`"
+    spent = compute_title(results)
+    title = f"{' vs '.join(r.label for r in results)}, preset `{preset}`" + (f": {spent}" if spent else "")
     return write_report(results, out_dir, title, _context(preset, variants, dataset_dir, configs, time.time() - start))

@@ -349,18 +349,35 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
 _MARKERS = {"dense": "s", "topk": "^", "softmoe": "o"}
 
 
-def _color(i: int):
-    """Colour of the i-th variant of a study, the same in every plot (20 distinct before repeating)."""
-    return pyplot().cm.tab20(i % 20)
+# One hue per router family (tab10, a qualitative palette); variants of one family get shades of it.
+_FAMILY_HUES = {"softmoe": 0, "topk": 1, "topp": 2, "remoe": 3, "null": 4, "expert_choice": 5, "dense": 7}
+
+
+def variant_colors(variants: tuple[Variant, ...], records: list[dict]) -> dict[str, tuple]:
+    """Colour of each variant, the same in every plot: its router family's hue, darker to lighter shades
+    for the family's variants in study order (a family with one variant gets the plain hue)."""
+    from matplotlib.colors import to_rgb
+
+    plt = pyplot()
+    family = {r["variant"]: r["router"] for r in records}
+    colors = {}
+    for name in dict.fromkeys(family.get(v.name, "dense") for v in variants):
+        members = [v.name for v in variants if family.get(v.name, "dense") == name]
+        hue = np.array(to_rgb(plt.cm.tab10(_FAMILY_HUES.get(name, 8))))
+        for j, member in enumerate(members):
+            t = 0.0 if len(members) == 1 else -0.45 + 0.9 * j / (len(members) - 1)  # <0 darker, >0 lighter
+            shade = hue * (1 + t) if t < 0 else hue + (1 - hue) * t
+            colors[member] = tuple(float(c) for c in np.clip(shade, 0, 1))
+    return colors
 
 
 def plot_frontier(rows: list[dict], records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
     """Validation loss vs realized mean active experts: seeds as small points, the seed mean large."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    index = {v.name: i for i, v in enumerate(variants)}  # colour by study position, as the other plots
+    colors = variant_colors(variants, records)
     for row in rows:
-        color, marker = _color(index[row["variant"]]), _MARKERS.get(row["router"], "D")
+        color, marker = colors[row["variant"]], _MARKERS.get(row["router"], "D")
         mine = [r for r in records if r["variant"] == row["variant"]]
         xs = [_x(r) for r in mine]
         ax.scatter(xs, [r["loss"] for r in mine], color=color, marker=marker, alpha=0.35, s=18)
@@ -400,15 +417,15 @@ def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Pa
     fixed = {"dense", "topk", "expert_choice"}
     variable = [v for v in variants if any(r["variant"] == v.name and r["router"] not in fixed for r in records)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    colors = variant_colors(variants, records)
     for variant in variable:
-        i = variants.index(variant)
         mine = [r for r in records if r["variant"] == variant.name]
         active = np.mean([r["active_experts_per_layer"] for r in mine], axis=0)
         marker = _MARKERS.get(mine[0]["router"], "D")
-        right.plot(np.arange(len(active)), active, color=_color(i), marker=marker, label=variant.label)
+        right.plot(np.arange(len(active)), active, color=colors[variant.name], marker=marker, label=variant.label)
         if variant in soft:
             k_L = np.mean([r["k_L"] for r in mine], axis=0)
-            left.plot(np.arange(len(k_L)), k_L, color=_color(i), marker=marker)
+            left.plot(np.arange(len(k_L)), k_L, color=colors[variant.name], marker=marker)
     for ax in (left, right):
         ax.set_xticks(np.arange(len(active)))  # every variant has the same MoE layers
     style_axes(left, "MoE layer", "experts per token (mean over seeds)", "Learned k_l (SoftMoE)", legend_size=0)
@@ -418,26 +435,43 @@ def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Pa
 
 
 def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: Path) -> Path:
-    """Training loss of every run (thin, one colour per variant) and validation passes (markers)."""
+    """Training loss per variant: the mean over seeds (line) with a band of ± one std across seeds
+    (2+ seeds), and the seed-mean validation loss (markers), on the steps every seed logged."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    for i, variant in enumerate(variants):
-        color = _color(i)
-        for j, r in enumerate(x for x in records if x["variant"] == variant.name):
-            train = read_metrics(Path(r["run_dir"]), "train")
-            val = read_metrics(Path(r["run_dir"]), "val")
-            ax.plot([m["step"] for m in train], [m["loss"] for m in train], color=color, lw=0.8, alpha=0.5,
-                    label=variant.label if j == 0 else None)
-            ax.plot([m["step"] for m in val], [m["loss"] for m in val], color=color, marker="o", ms=3, lw=0)
+    colors = variant_colors(variants, records)
+    for variant in variants:
+        runs = [Path(r["run_dir"]) for r in records if r["variant"] == variant.name]
+        if not runs:
+            continue
+        color, seeds = colors[variant.name], len(runs)
+        steps, mean, std = seed_mean(runs, "train")
+        ax.plot(steps, mean, color=color, lw=1.2, label=f"{variant.label} ({seeds} seed{'s' * (seeds > 1)})")
+        if seeds > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        steps, mean, _ = seed_mean(runs, "val")
+        ax.plot(steps, mean, color=color, marker="o", ms=3, lw=0)
     style_axes(
         ax,
         "optimizer step",
         "cross-entropy (nats / token)",
-        "Loss curves (lines: train, markers: validation passes)",
+        "Loss curves: mean over seeds ± std (lines: train, markers: validation)",
         legend_size=7,
         legend_outside=True,
     )
     return save_figure(fig, path)
+
+
+def seed_mean(run_dirs: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps logged by every run, mean loss over the runs, sample std; 0 for one run) of one split."""
+    series = []
+    for run_dir in run_dirs:
+        series.append({m["step"]: m["loss"] for m in read_metrics(run_dir, split)
+                       if isinstance(m.get("loss"), (int, float))})
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    values = np.array([[s[step] for step in steps] for s in series], dtype=float).reshape(len(series), len(steps))
+    std = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(steps))
+    return np.array(steps), values.mean(axis=0), std
 
 
 def _shown(path: Path) -> str:

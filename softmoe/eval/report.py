@@ -18,7 +18,7 @@ from softmoe.eval.perplexity import SplitEval
 from softmoe.extras import require
 from softmoe.train.metrics import read_metrics
 
-__all__ = ["RunResult", "save_figure", "write_report"]
+__all__ = ["RunResult", "compute_title", "k_range", "pyplot", "save_figure", "write_report"]
 
 
 @dataclass
@@ -88,6 +88,7 @@ def plot_layer_k(run: RunResult, path: Path) -> Path:
     if records:
         mean_k = [np.mean([layer["k"] for layer in r["layers"]]) for r in records]
         ax.plot(steps, mean_k, color="black", ls="--", lw=1, label="mean over layers (budget K)")
+        ax.set_ylim(*k_range([layer["k"] for r in records for layer in r["layers"]], float(np.mean(mean_k))))
     style_axes(
         ax,
         "optimizer step",
@@ -95,6 +96,14 @@ def plot_layer_k(run: RunResult, path: Path) -> Path:
         f"Per-layer budget allocation: {run.label}",
     )
     return save_figure(fig, path)
+
+
+def k_range(values: list[float], budget: float, half_span: float = 0.5) -> tuple[float, float]:
+    """y-limits for per-layer k_l: the data, but never narrower than budget ± half_span, so allocations
+    that barely moved (1.97 to 2.03) look flat instead of filling the axes."""
+    low, high = min([*values, budget - half_span]), max([*values, budget + half_span])
+    pad = 0.05 * (high - low)
+    return max(0.0, low - pad), high + pad
 
 
 def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
@@ -167,6 +176,16 @@ def observations(runs: list[RunResult]) -> list[str]:
         lines.append(f"- Learned per-layer k_l of {base.label}: {min(k_values):.2f} to {max(k_values):.2f} "
                      f"(mean {sum(k_values) / len(k_values):.2f}, the global budget).")
     return lines
+
+
+def compute_title(runs: list[RunResult]) -> str:
+    """What the compared runs spent, in their order: realized mean active experts per token and the ratio
+    of the first run's expert FLOPs to the others', e.g. "2.86 vs 2.00 active experts per token (1.43x)"."""
+    active = [run.final.active_experts_mean for run in runs]
+    if len(active) < 2 or not all(active):
+        return ""
+    ratios = ", ".join(f"{active[0] / value:.2f}x" for value in active[1:])
+    return f"{' vs '.join(f'{value:.2f}' for value in active)} active experts per token ({ratios} the expert FLOPs)"
 
 
 def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list[str]) -> Path:
