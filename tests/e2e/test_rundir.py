@@ -245,3 +245,32 @@ def test_a_file_where_a_checkpoint_goes_does_not_break_the_next_save(tmp_path, d
     shutil.copytree(root / "step_0000002", root / "step_0000002.bak")  # noise next to it
     assert Trainer(config, report=quiet).fit(resume=True).step == 4
     assert (root / "step_0000004" / "manifest.json").is_file()
+
+
+def test_lock_of_a_killed_trainer_is_recovered(tmp_path):
+    """A real holder process, killed with SIGKILL: its flock dies with it and the next trainer takes over."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from softmoe.train.rundir import RunLock\n"
+        f"lock = RunLock({str(tmp_path)!r}).__enter__(); print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"pid {holder.pid} on host"):
+            RunLock(tmp_path).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 30
+    notes: list[str] = []
+    while True:
+        try:
+            with RunLock(tmp_path, notes.append):
+                break
+        except RunDirError:  # the kernel has not released it yet
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert any(f"pid {holder.pid}" in n and "recovered" in n for n in notes), notes
