@@ -2,8 +2,9 @@
 
 A run directory `<out_dir>/<name>/` belongs to the config recorded in its `config.yaml`:
 
-- a new run (`mode="new"`) refuses a directory that holds a run with another config, or one with
-  checkpoints (it would silently retrain over them); `mode="overwrite"` empties it first;
+- a new run (`mode="new"`) refuses a directory that holds a run with another config (one that trains
+  something else: logging and cadence settings may differ), or one with checkpoints (it would silently
+  retrain over them); `mode="overwrite"` empties it first;
 - `mode="resume"` needs a checkpoint that verifies, and a config whose *trajectory* settings (everything
   but logging, evaluation cadence, checkpoint cadence, threads and paths) equal the run's;
 - `mode="auto"` (the main job and the comparison study) resumes when there is a checkpoint and starts
@@ -133,8 +134,7 @@ def check_ownership(config: RunConfig, mode: str, has_good_checkpoint: bool) -> 
         raise RunDirError(f"{run_dir}: no checkpoint passes verification (all {len(checkpoints)} are corrupt); "
                           f"nothing was changed; pass --overwrite to start the run again")
     if saved is not None:
-        keys = trajectory_diff(saved, config) if mode != "new" else config_diff(saved, config)
-        keys = [k for k in keys if k not in ("train.out_dir", "train.name")]
+        keys = [k for k in trajectory_diff(saved, config) if k not in ("train.out_dir", "train.name")]
         if keys:
             raise RunDirError(f"{run_dir} holds a run with another config ({_describe(keys, saved, config)}); "
                               f"choose another train.name, or pass --overwrite to replace it")
