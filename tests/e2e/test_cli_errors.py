@@ -123,3 +123,23 @@ def test_eval_with_max_batches_says_what_it_scores(trained, tmp_path, capsys):
                  "--data-dir", str(data_dir), "--out", str(tmp_path / "eval")]) == 0
     out = capsys.readouterr().out
     assert "the first 1 batches of" in out
+
+
+@pytest.mark.parametrize("damage", ["zero-filled train.bin", "corrupt tokenizer.json"])
+def test_damaged_dataset_is_refused_before_training(trained, tmp_path, capsys, damage):
+    import shutil
+
+    _, data_dir = trained
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    if damage == "zero-filled train.bin":
+        path = copy / "tiny" / "train.bin"
+        path.write_bytes(bytes(path.stat().st_size))
+    else:
+        path = copy / "tiny" / "tokenizer.json"
+        path.write_text(path.read_text()[:-20])
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={copy}", f"train.out_dir={tmp_path / 'runs'}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "sha256" in err, err
+    assert not list((tmp_path / "runs").rglob("step_*"))  # nothing trained
