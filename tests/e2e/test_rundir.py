@@ -67,6 +67,7 @@ def test_resume_reads_the_runs_own_config(tmp_path, data_dir, capsys):
     # the preset says steps: 40; the run says 12: --resume continues the run, not the preset
     assert train_cli(tmp_path, data_dir, "--resume", "train.log_every=2") == 0
     assert "done at step 12" in capsys.readouterr().out
+    assert_consistent(tmp_path / "tiny-softmoe")
     assert train_cli(tmp_path, data_dir, "--resume", "train.steps=20", "train.lr=0.5") == 2
     err = capsys.readouterr().err
     assert "train.steps 12 -> 20" in err and "train.lr" in err and len(err.splitlines()) == 1
@@ -133,6 +134,7 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, data_dir, straight_run
     resumed = Trainer(config, report=quiet)
     assert resumed.fit(resume=True).step == 12
     assert_bitwise_equal(state_of(resumed), straight_run)
+    assert_consistent(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +276,37 @@ def test_lock_of_a_killed_trainer_is_recovered(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert any(f"pid {holder.pid}" in n and "recovered" in n for n in notes), notes
+
+
+def assert_consistent(run_dir: Path) -> None:
+    """What `softmoe generate`, eval and a resume read agrees: config.yaml, the newest checkpoint's config,
+    summary.json's step and checkpoint, and the metrics (no record past the newest checkpoint's step)."""
+    import yaml
+
+    from softmoe.train.checkpoint import latest_good_checkpoint, load_checkpoint
+    from softmoe.train.rundir import config_diff
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    newest = latest_good_checkpoint(run_dir / "checkpoints", quiet)
+    _, train_state, meta = load_checkpoint(newest)
+    assert [k for k in config_diff(meta["config"], saved) if k.split(".")[1] not in ("progress", "tensorboard")] == []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == train_state["step"] == meta["step"] and summary["checkpoint"] == str(newest)
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert max(steps) == summary["step"] and len(steps) == len(set(zip(steps, [r["split"] for r in
+                                                                                 read_metrics(run_dir)])))
+
+
+def test_readme_commands_in_order_leave_every_run_consistent(tmp_path, data_dir, capsys):
+    """The README's train / resume / generate / peer lines, on the tiny preset."""
+    run = tmp_path / "tiny-softmoe"
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "model.router_options.alpha=0.05") == 0
+    assert train_cli(tmp_path, data_dir, "--resume") == 0  # finished: nothing changes
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "Four score", "--max-new-tokens", "3"]) == 0
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "model.router=remoe") == 2  # the old peer line: refused
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "model.router=remoe", "train.name=tiny-remoe") == 0
+    for run_dir in (run, tmp_path / "tiny-remoe"):
+        assert_consistent(run_dir)
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["router_options"]["alpha"] == 0.05
