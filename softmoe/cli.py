@@ -15,11 +15,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_main(args: argparse.Namespace) -> int:
+    from softmoe.data.io import unusable_dir
     from softmoe.main_job import run_main_job
 
+    why = unusable_dir(args.out)
+    if why:
+        print(f"softmoe main: --out {str(args.out)!r} {why}", file=sys.stderr)
+        return 2
+
+    from softmoe.data.fetch import FetchError
+    from softmoe.train.checkpoint import CheckpointError
+
     overrides = (*args.overrides, "train.progress=false") if args.quiet else tuple(args.overrides)
-    report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
-                          args.eval_max_batches, overrides, progress=not args.quiet)
+    try:
+        report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
+                              args.eval_max_batches, overrides, progress=not args.quiet)
+    except (ValueError, TypeError, FetchError, CheckpointError) as err:  # bad preset/override, run dir, data
+        print(f"softmoe main: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softmoe main: interrupted; run it again to continue where it stopped", file=sys.stderr)
+        return 130
     print(f"report written: {report}")
     return 0
 

@@ -35,6 +35,7 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "swap_into_place",
+    "unusable_dir",
 ]
 
 # Environment variable that overrides the default data directory.
@@ -133,6 +134,21 @@ def build_lock(final: Path) -> Iterator[None]:
         finally:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def unusable_dir(path: str | os.PathLike[str], create: bool = True) -> str | None:
+    """Why `path` cannot serve as an output directory (a file; not creatable), or None when it can.
+
+    With `create`, a missing directory is created (with its parents) as the check."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"cannot create it ({err.strerror or err})"
+    return None
 
 
 def read_json(path: Path) -> Any:

@@ -51,6 +51,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, run_dir_of, write_eval
     from softmoe.train.checkpoint import CheckpointError
 
+    from softmoe.data.io import unusable_dir
+
+    why = unusable_dir(args.out, create=False) if args.out is not None else None
+    if why:
+        print(f"softmoe eval: --out {str(args.out)!r} {why}", file=sys.stderr)
+        return 2
     try:
         settings = EvalSettings(
             splits=parse_list(args.splits, "--splits"), corpora=parse_list(args.corpora, "--corpora"),
@@ -62,7 +68,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"softmoe eval: {err}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else run_dir_of(Path(payload["model"]["checkpoint"])) / "eval"
-    json_path, md_path = write_eval(payload, points, out)
+    try:
+        json_path, md_path = write_eval(payload, points, out)
+    except OSError as err:
+        print(f"softmoe eval: --out {str(out)!r}: cannot write ({err.strerror or err})", file=sys.stderr)
+        return 2
     for e in payload["language_modelling"]:
         bpb = "-" if e["bits_per_byte"] is None else f"{e['bits_per_byte']:.4f}"
         print(f"{e['corpus']}/{e['split']}: loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
@@ -88,7 +98,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(describe_plan(study, runs), flush=True)
     if args.dry_run:
         return 0
-    report = run_study(study, tuple(args.overrides), progress=not args.quiet)
+    from softmoe.data.io import unusable_dir
+
+    why = unusable_dir(study.out_dir)
+    if why:
+        print(f"softmoe compare: output directory {str(study.out_dir)!r} {why}", file=sys.stderr)
+        return 2
+    from softmoe.data.fetch import FetchError
+    from softmoe.train.checkpoint import CheckpointError
+
+    try:
+        report = run_study(study, tuple(args.overrides), progress=not args.quiet)
+    except (ValueError, TypeError, FetchError, CheckpointError) as err:  # a run dir of another config, data, ...
+        print(f"softmoe compare: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softmoe compare: interrupted; run it again to continue where it stopped", file=sys.stderr)
+        return 130
     print(f"results written: {report} (and results.json, plots) ")
     return 0
 

@@ -62,14 +62,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _unusable_paths(config) -> str | None:
-    """Why train.out_dir / data.data_dir cannot be used (a file, not creatable), or None."""
-    for key, path in (("data.data_dir", config.data.resolved_data_dir), ("train.out_dir", Path(config.train.out_dir))):
-        if path.exists() and not path.is_dir():
-            return f"{key}={str(path)!r} is a file, not a directory"
-    try:
-        Path(config.train.out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return f"train.out_dir={config.train.out_dir!r}: cannot create it ({err.strerror})"
+    """Why data.data_dir / train.out_dir cannot be used (a file, not creatable), or None."""
+    from softmoe.data.io import unusable_dir
+
+    for key, path, create in (("data.data_dir", config.data.resolved_data_dir, False),
+                              ("train.out_dir", Path(config.train.out_dir), True)):
+        why = unusable_dir(path, create)
+        if why:
+            return f"{key}={str(path)!r} {why}"
     return None
 
 
