@@ -17,6 +17,7 @@ A run directory `<out_dir>/<name>/` belongs to the config recorded in its `confi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Callable
 
 import yaml
 
+from softmoe.routing.budget import Budget
 from softmoe.train.checkpoint import list_checkpoints
 from softmoe.train.config import RunConfig, apply_overrides, run_config_from_dict
 
@@ -55,13 +57,18 @@ class RunDirError(ValueError):
 
 def resolved_dict(config: RunConfig | dict) -> dict:
     """`config` as a plain dict with every default resolved: `model.router_options` lists all the router's
-    options (not only those set), so a saved config.yaml states what was used."""
+    options and `model.budget_options` all the Budget's (SoftMoE), not only those set, so a saved
+    config.yaml states what was used."""
     if isinstance(config, dict):
         config = run_config_from_dict(config)
     raw = config.to_dict()
     if config.model.ffn == "moe":
         options = dataclasses.asdict(config.model.routed_router_config())
         raw["model"]["router_options"] = {k: v for k, v in options.items() if k not in ("num_experts", "k")}
+    if config.model.ffn == "moe" and config.model.router == "softmoe":  # the Budget's keyword defaults
+        params = inspect.signature(Budget.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        raw["model"]["budget_options"] = {**defaults, **config.model.budget_options}
     return raw
 
 

@@ -59,6 +59,8 @@ def test_saved_config_resolves_router_options(tmp_path, data_dir):
 
     saved = yaml.safe_load((tmp_path / "tiny-softmoe" / "config.yaml").read_text())
     assert {"alpha", "min_weight", "combine", "lb_coef"} <= set(saved["model"]["router_options"])
+    assert {"k_min", "margin", "mode", "learnable"} <= set(saved["model"]["budget_options"])
+    assert train_cli(tmp_path, data_dir, "--resume") == 0  # the resolved config.yaml reads back as the same run
 
 
 def test_resume_reads_the_runs_own_config(tmp_path, data_dir, capsys):
