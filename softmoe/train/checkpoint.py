@@ -35,6 +35,7 @@ __all__ = [
     "list_checkpoints",
     "good_checkpoints",
     "latest_good_checkpoint",
+    "read_meta",
     "resolve_checkpoint",
 ]
 
@@ -158,13 +159,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         model_state = load_file(str(path / name))
         name = "train_state.pt"
         train_state = torch.load(path / name, weights_only=True)
-        name = "meta.json"
-        meta = json.loads((path / name).read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
     except Exception as err:  # any failure to parse a verified file: the writer wrote garbage
         raise CheckpointError(f"{path / name}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
-    return model_state, train_state, meta
+    return model_state, train_state, read_meta(path)
 
 
 def good_checkpoints(root: Path, report: Callable[[str], None] = print) -> Iterator[Path]:
@@ -176,6 +173,17 @@ def good_checkpoints(root: Path, report: Callable[[str], None] = print) -> Itera
             report(f"checkpoint rejected: {err}; falling back to the previous one")
             continue
         yield path
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a verified checkpoint (step, run config); CheckpointError if it does not parse."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{Path(path) / 'meta.json'}: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{Path(path) / 'meta.json'}: not a JSON object")
+    return meta
 
 
 def latest_good_checkpoint(root: Path, report: Callable[[str], None] = print) -> Path | None:

@@ -158,7 +158,12 @@ def resume_config(requested: RunConfig, overrides: list[str]) -> RunConfig:
     """
     run_dir = requested.train.run_dir
     saved = read_saved_config(run_dir)
-    if saved is None:
+    if saved is None:  # a run directory from before config.yaml was kept: its newest checkpoint's config
+        from softmoe.train.checkpoint import latest_good_checkpoint, read_meta
+
+        newest = latest_good_checkpoint(run_dir / "checkpoints", lambda message: None)
+        saved = read_meta(newest).get("config") if newest is not None else None
+    if not isinstance(saved, dict):
         raise RunDirError(f"--resume: {run_dir} holds no run (no config.yaml; check train.name and train.out_dir)")
     try:
         config = run_config_from_dict(apply_overrides(saved, overrides))

@@ -312,3 +312,11 @@ def test_readme_commands_in_order_leave_every_run_consistent(tmp_path, data_dir,
     import yaml
 
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["router_options"]["alpha"] == 0.05
+
+
+def test_resume_of_a_run_without_config_yaml_uses_its_checkpoint(tmp_path, data_dir, capsys):
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "train.ckpt_every=3", "--stop-after", "3") == 0
+    (tmp_path / "tiny-softmoe" / "config.yaml").unlink()  # a run directory written before config.yaml existed
+    capsys.readouterr()
+    assert train_cli(tmp_path, data_dir, "--resume") == 0
+    assert "done at step 6" in capsys.readouterr().out
