@@ -28,7 +28,7 @@ from typing import Callable
 import yaml
 
 from softmoe.routing.budget import Budget
-from softmoe.train.checkpoint import list_checkpoints
+from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, read_meta
 from softmoe.train.config import RunConfig, apply_overrides, run_config_from_dict
 
 try:
@@ -141,7 +141,7 @@ def check_ownership(config: RunConfig, mode: str, has_good_checkpoint: bool) -> 
         raise RunDirError(f"{run_dir}: no checkpoint passes verification (all {len(checkpoints)} are corrupt); "
                           f"nothing was changed; pass --overwrite to start the run again")
     if saved is not None:
-        keys = [k for k in trajectory_diff(saved, config) if k not in ("train.out_dir", "train.name")]
+        keys = trajectory_diff(saved, config)
         if keys:
             raise RunDirError(f"{run_dir} holds a run with another config ({_describe(keys, saved, config)}); "
                               f"choose another train.name, or pass --overwrite to replace it")
@@ -159,19 +159,21 @@ def resume_config(requested: RunConfig, overrides: list[str]) -> RunConfig:
     run_dir = requested.train.run_dir
     saved = read_saved_config(run_dir)
     if saved is None:  # a run directory from before config.yaml was kept: its newest checkpoint's config
-        from softmoe.train.checkpoint import latest_good_checkpoint, read_meta
-
         newest = latest_good_checkpoint(run_dir / "checkpoints", lambda message: None)
-        saved = read_meta(newest).get("config") if newest is not None else None
+        try:
+            saved = read_meta(newest).get("config") if newest is not None else None
+        except CheckpointError as err:
+            raise RunDirError(f"--resume: {err}") from None
     if not isinstance(saved, dict):
         raise RunDirError(f"--resume: {run_dir} holds no run (no config.yaml; check train.name and train.out_dir)")
     try:
         config = run_config_from_dict(apply_overrides(saved, overrides))
     except (ValueError, TypeError) as err:
         raise RunDirError(f"--resume: {err}") from None
-    changed = [k for k in trajectory_diff(saved, config) if k not in ("train.out_dir", "train.name")]
+    changed = trajectory_diff(saved, config)
     if changed:
-        raise RunDirError(f"--resume: the override(s) would change the run's trajectory: {_describe(changed, saved, config)}; "
+        raise RunDirError(f"--resume: the override(s) would change the run's trajectory: "
+                          f"{_describe(changed, saved, config)}; "
                           f"only {sorted(NON_TRAJECTORY['train'] - {'name', 'out_dir'})} and data.data_dir may change "
                           f"on resume (start a new run with another train.name instead)")
     train = dataclasses.replace(config.train, out_dir=requested.train.out_dir, name=requested.train.name)
