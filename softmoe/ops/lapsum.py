@@ -12,9 +12,21 @@ Shape legend (rows are flattened leading dims):
     R   rows (one row = one token's router scores)
     n   entries per row (experts)
 
-The threshold is exact: a sort-free piecewise iteration that lands on the root in a few O(n) steps
-(`_threshold_newton`), with the O(n log n) closed form of METHOD.md as its reference twin and its
-fallback for rows that do not settle (`_threshold_closed_form`).
+How the threshold is made exact for every finite input, in three stages:
+    1. Centre: s = (r - max r) / alpha, so a constant added to a row changes nothing (shift
+       invariance) and every exponent below is <= 0.
+    2. Solve for x = s - t (t: the threshold in units of alpha), by one of two exact methods:
+       - `_refine` from `_initial_threshold`: sort-free exact piecewise steps, O(n) each, usually 1-3;
+         rows that do not settle within the cap are finished by the closed form (finding them needs a
+         host sync, which is free on CPU);
+       - `_threshold_closed_form`: the O(n log n) closed form of METHOD.md (sort + prefix sums), a
+         fixed amount of work per row and no host sync (used when value checks are off, e.g. on GPUs).
+       Partial sums are kept in log space, so nothing underflows into subnormals.
+    3. Polish: re-centre every row on its score nearest the threshold, x = (r - r_a) / alpha + x_a
+       from the raw scores, and take exact steps again (`_refine`). Near the threshold (where p is
+       sensitive) x is then accurate to the dtype's precision however large |r| / alpha or the
+       offset, so sum p = k to the dtype's precision.
+k and n - k are both carried, each computed in k's own precision, so k close to n stays exact.
 The backward is the analytic implicit-function gradient; it saves only x = (r - b) / alpha, O(n)
 per row. Half-precision inputs are computed in float32 and returned in their own dtype.
 """
@@ -22,9 +34,10 @@ per row. Half-precision inputs are computed in float32 and returned in their own
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from softmoe.ops.checks import value_checks_enabled
 
 __all__ = ["soft_topk", "log_soft_topk"]
 
@@ -36,176 +49,176 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 
-def _threshold_closed_form(s_Rn: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
-    """Exact LapSum threshold t (in units of alpha) for each row, in closed form (METHOD.md).
+def _log_side_sums(x_Rn: torch.Tensor, below_Rn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, 1) log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x by log-sum-exp (-inf: empty side)."""
+    neg_abs = x_Rn.abs().neg_()
+    neg_inf = torch.tensor(-math.inf, dtype=x_Rn.dtype, device=x_Rn.device)
+    log_below = torch.logsumexp(torch.where(below_Rn, neg_abs, neg_inf), dim=-1, keepdim=True)
+    log_above = torch.logsumexp(torch.where(below_Rn, neg_inf, neg_abs), dim=-1, keepdim=True)
+    return log_below, log_above
 
-    O(n log n) per row: sort, two log-cumsum-exps, a count and a quadratic. The reference twin of
-    `_threshold_newton` and its fallback for rows the iteration does not settle.
 
-    Solves sum_j F(s_j - t) = k, equivalently sum_j F(t - s_j) = w with w = n - k.
+def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At threshold x = 0: the count below, log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x.
 
-    Args:
-        s_Rn: (R, n) scores divided by alpha, any order.
-        k_R: (R,) target sums, 0 < k < n.
-    Returns:
-        t_R: (R,) thresholds such that p = F(s - t) sums to k.
+    Returns three (R, 1) tensors; log L or log U is -inf only when its side is empty. The plain sums of
+    e^{-|x|} are exact while each side has a score within ~80 (float32) of the threshold; a side whose
+    sum is subnormal or 0 (every score far away) would lose its digits, so such rows take log-sum-exp
+    (all rows when `sync_free`, else only those, found with a host sync).
     """
-    n = s_Rn.shape[-1]
-    s_sorted, _ = torch.sort(s_Rn, dim=-1)
-    # log B_i = log sum_{j<=i} exp(s_j - s_i),  log A_i = log sum_{j>=i} exp(s_i - s_j).
-    # Both are >= 0 and <= log n, so exponentiating them cannot overflow.
-    log_b = torch.logcumsumexp(s_sorted, dim=-1) - s_sorted
-    log_a = s_sorted + torch.logcumsumexp((-s_sorted).flip(-1), dim=-1).flip(-1)
-
-    # Soft count at knot i: sum_j F(s_i - s_j) = ((2i + 1) + A_i - B_i) / 2, increasing in i.
-    # m = last knot whose count is <= w (m = -1: the threshold lies below every score).
-    # Counting instead of searchsorted stays correct if rounding breaks monotonicity by an ulp.
-    idx = torch.arange(n, device=s_Rn.device, dtype=s_Rn.dtype)
-    knot_count = 0.5 * ((2.0 * idx + 1.0) + log_a.exp() - log_b.exp())
-    w = (n - k_R).unsqueeze(-1)
-    m = (knot_count <= w).sum(dim=-1, keepdim=True) - 1  # (R, 1) in [-1, n-1]
-
-    # Knots bracketing the threshold; missing sides (m = -1 or m + 1 = n) are masked below.
-    left = m.clamp(min=0)
-    right = (m + 1).clamp(max=n - 1)
-    s_left = s_sorted.gather(-1, left)
-    s_right = s_sorted.gather(-1, right)
-    log_b_left = log_b.gather(-1, left)
-    log_a_right = log_a.gather(-1, right)
-    has_left = m >= 0
-    has_right = m + 1 <= n - 1
-
-    # Inside [s_m, s_{m+1}]: i* - B_m e^{s_m - t} / 2 + A_{m+1} e^{t - s_{m+1}} / 2 = w, a quadratic
-    # in e^t. With e = w - i* and D = e^2 + A B e^{s_m - s_{m+1}}, take the cancellation-free root,
-    # all in log space so a huge gap (e^{s_m - s_{m+1}} -> 0) or e = 0 stays finite.
-    e = w - (m + 1).to(s_Rn.dtype)
-    log_abs_e = e.abs().log()
-    neg_inf = torch.full_like(log_abs_e, -math.inf)
-    log_product = torch.where(has_left & has_right, log_a_right + log_b_left + (s_left - s_right), neg_inf)
-    log_d = torch.logaddexp(2.0 * log_abs_e, log_product)
-    log_root = torch.logaddexp(log_abs_e, 0.5 * log_d)  # log(|e| + sqrt(D))
-    t_from_right = s_right + log_root - log_a_right  # used when e > 0 (then m + 1 <= n - 1)
-    t_from_left = s_left - log_root + log_b_left  # used when e <= 0 (then m >= 0)
-    return torch.where(e > 0, t_from_right, t_from_left).squeeze(-1)
+    # Float masks, not bool: these passes are memory bound and bool kernels are slow on CPU.
+    below = torch.heaviside(x_Rn.neg(), x_Rn.new_zeros(()))  # 1.0 where x < 0, else 0.0
+    e = x_Rn.abs().neg_().exp_()
+    e_below = e * below
+    sum_below = e_below.sum(dim=-1, keepdim=True)
+    sum_above = e.sub_(e_below).sum(dim=-1, keepdim=True)  # per entry e or 0: no cancellation
+    count = below.sum(dim=-1, keepdim=True)
+    log_below, log_above = sum_below.log(), sum_above.log()
+    # A side's sum keeps full precision while it is a normal number at least 2^mantissa above the
+    # smallest one; an empty side is exact at 0.
+    finfo = torch.finfo(x_Rn.dtype)
+    safe = finfo.tiny / finfo.eps
+    n = x_Rn.shape[-1]
+    unsafe = ((sum_below < safe) & (count > 0)) | ((sum_above < safe) & (count < n))
+    if sync_free:
+        exact_below, exact_above = _log_side_sums(x_Rn, below > 0)
+        return count, torch.where(unsafe, exact_below, log_below), torch.where(unsafe, exact_above, log_above)
+    if bool(unsafe.any()):
+        rows = unsafe.squeeze(-1).nonzero().squeeze(-1)
+        exact_below, exact_above = _log_side_sums(x_Rn[rows], below[rows] > 0)
+        log_below, log_above = log_below.index_put((rows,), exact_below), log_above.index_put((rows,), exact_above)
+    return count, log_below, log_above
 
 
-def _interval_step(
-    count_R1: torch.Tensor, below_sum_R1: torch.Tensor, above_sum_R1: torch.Tensor, w_R1: torch.Tensor
-) -> torch.Tensor:
-    """Exact step u solving the threshold equation, assuming no score lies between t and t + u.
+def _interval_step(count_R1, log_below_R1, log_above_R1, w_R1) -> torch.Tensor:
+    """(R, 1) step u of the threshold that solves the equation if no score lies between t and t + u.
 
-    With c scores below t, L = sum_{s_j < t} e^{s_j - t} and U = sum_{s_j >= t} e^{t - s_j}, the
-    left-hand side at t + u is c - L e^{-u} / 2 + U e^{u} / 2 = w: a quadratic in e^u. The root is
-    taken in the cancellation-free form, in log space (d = w - c, D = d^2 + L U).
+    With c scores below t, L = sum_{s<t} e^{s-t} and U = sum_{s>=t} e^{t-s}, sum_j F(t + u - s_j) is
+    c - L e^{-u} / 2 + U e^{u} / 2 = w: a quadratic in e^u. Its root, in the cancellation-free form
+    with d = w - c and D = d^2 + L U: u = log(|d| + sqrt D) - log U for d > 0, else
+    u = log L - log(|d| + sqrt D). Crossing a score, the model errs on the safe side (cosh >= 1),
+    so steps approach the root monotonically and land on it once they cross no score.
     """
     d = w_R1 - count_R1
     log_abs_d = d.abs().log()
-    log_u, log_l = above_sum_R1.log(), below_sum_R1.log()
-    log_root = torch.logaddexp(log_abs_d, 0.5 * torch.logaddexp(2.0 * log_abs_d, log_l + log_u))
-    return torch.where(d > 0, log_root - log_u, log_l - log_root)
+    log_sqrt_disc = 0.5 * torch.logaddexp(2.0 * log_abs_d, log_below_R1 + log_above_R1)
+    log_root = torch.logaddexp(log_abs_d, log_sqrt_disc)
+    return torch.where(d > 0, log_root - log_above_R1, log_below_R1 - log_root)
 
 
-@dataclass(frozen=True)
-class _Pass:
-    """One O(n) pass over the rows at thresholds t: everything a step and the output need.
+def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """(R, 1) a first threshold on the root's safe side, exact when every p < 1/2 or every p > 1/2.
 
-    x: (R, n) s - t;  below: (R, n) 1.0 where x < 0 else 0.0;  e: (R, n) exp(-|x|);
-    count: (R, 1) number below;  sum_below: (R, 1) sum of e below;  sum_above: (R, 1) sum of e at/above.
+    All scores below t: p = e^{s-t}/2, so t = log sum e^s - log 2k (>= the root, since F(x) <= e^x/2;
+    s <= 0 with max 0, so the sum is in [1, n]). All above: 1 - p = e^{t-s}/2, so
+    t = log 2(n-k) - logsumexp(-s) (<= the root); taken where k > n / 2.
     """
-
-    x: torch.Tensor
-    below: torch.Tensor
-    e: torch.Tensor
-    count: torch.Tensor
-    sum_below: torch.Tensor
-    sum_above: torch.Tensor
-
-
-def _pass_at(s_Rn: torch.Tensor, t_R1: torch.Tensor) -> _Pass:
-    x = s_Rn - t_R1
-    # Float masks, not bool: this pass is memory bound and bool kernels (where, masked sums) are slow on CPU.
-    below = torch.heaviside(x.neg(), x.new_zeros(()))  # 1.0 where x < 0, else 0.0
-    e = x.abs().neg_().exp_()
-    e_below = e * below
-    e_above = e - e_below  # exact: each entry is e or 0, so no cancellation
-    return _Pass(x, below, e, below.sum(-1, keepdim=True), e_below.sum(-1, keepdim=True), e_above.sum(-1, keepdim=True))
+    from_above = s_Rn.exp().sum(-1, keepdim=True).log_() - (k_R1.log() + _LOG2)
+    use_below = k_R1 > w_R1
+    if not sync_free and not bool(use_below.any()):
+        return from_above
+    from_below = (w_R1.log() + _LOG2) - torch.logsumexp(-s_Rn, -1, keepdim=True)
+    return torch.where(use_below, from_below, from_above)
 
 
-def _initial_threshold(s_Rn: torch.Tensor, k_R: torch.Tensor) -> torch.Tensor:
-    """(R, 1) a first threshold: exact when every p < 1/2 (k <= n/2) or every p > 1/2 (k > n/2).
+def _recentred(r_Rn: torch.Tensor, x_Rn: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(R, n) the same x = (r - b) / alpha, recomputed around the score a nearest the threshold.
 
-    All scores below t: p = e^{s - t} / 2, so t = logsumexp(s) - log 2k. All above: 1 - p = e^{t - s} / 2,
-    so t = log 2(n - k) - logsumexp(-s). This is where one step from max(s) (or min(s)) would land.
+    x = (r - r_a) / alpha + x_a: near the threshold r - r_a is small and exact, so x keeps every digit
+    there however large |r| / alpha or an offset common to the row; a frame far from the threshold
+    (s - t with |s|, |t| >> 1) would have rounded them away.
+    """
+    anchor = x_Rn.abs().argmin(dim=-1, keepdim=True)
+    return torch.sub(r_Rn, r_Rn.gather(-1, anchor)).div_(alpha).add_(x_Rn.gather(-1, anchor))
+
+
+def _refine(
+    r_Rn: torch.Tensor, x_Rn: torch.Tensor, w_R1: torch.Tensor, alpha: torch.Tensor, max_steps: int,
+    early_exit: bool, recentre_first: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact piecewise steps of each row's threshold (x becomes x - u), re-centred before each step.
+
+    A step solves the equation exactly unless it crosses a score, and then stays on the root's safe
+    side (see `_interval_step`), so the steps approach the root monotonically: from a safe-side start
+    within about 2 min(k, n - k) + 2 steps; router-like rows take 2. The step computed at the root is
+    rounding-sized, so a row has converged once its step is below sqrt(eps) (a crossing that small
+    leaves an error of order step^2 = eps). With `early_exit` the loop stops once every row has
+    converged (a host sync per step: only where syncs are free); without it, it runs `max_steps`.
+
+    Returns:
+        x_Rn at the refined thresholds, converged_R (R,) bool (all False without early_exit).
+    """
+    tolerance = math.sqrt(torch.finfo(x_Rn.dtype).eps)
+    converged = torch.zeros_like(w_R1, dtype=torch.bool)
+    for step_index in range(max_steps):
+        if step_index > 0 or recentre_first:  # the step that converges is taken in a re-centred frame
+            x_Rn = _recentred(r_Rn, x_Rn, alpha)
+        step = _interval_step(*_side_sums(x_Rn, sync_free=not early_exit), w_R1)
+        finite = torch.isfinite(step)  # never expected; such a row is left for the closed form
+        converged = finite & (step.abs() <= tolerance)
+        x_Rn = x_Rn - torch.where(finite, step, 0.0)
+        if early_exit and bool(converged.all()):
+            break
+    return x_Rn, converged.squeeze(-1) & early_exit
+
+
+def _threshold_closed_form(s_Rn: torch.Tensor, w_R1: torch.Tensor) -> torch.Tensor:
+    """(R, 1) exact threshold t per row in closed form (METHOD.md); fixed work, no host sync.
+
+    Solves sum_j F(t - s_j) = w (= n - k): sort, two log-cum-sum-exps give the soft count at every
+    knot, counting finds the bracketing knots, and the quadratic of `_interval_step` solves inside.
     """
     n = s_Rn.shape[-1]
-    k = k_R.unsqueeze(-1)
-    small = k <= n / 2
-    if bool(small.all()):
-        return torch.logsumexp(s_Rn, -1, keepdim=True) - torch.log(2.0 * k)
-    from_above = torch.log(2.0 * (n - k)) - torch.logsumexp(-s_Rn, -1, keepdim=True)
-    if not bool(small.any()):
-        return from_above
-    return torch.where(small, torch.logsumexp(s_Rn, -1, keepdim=True) - torch.log(2.0 * k), from_above)
+    s_sorted, _ = torch.sort(s_Rn, dim=-1)
+    # log B_i = log sum_{j<=i} e^{s_j - s_i},  log A_i = log sum_{j>=i} e^{s_i - s_j}; both in [0, log n].
+    log_b = torch.logcumsumexp(s_sorted, dim=-1) - s_sorted
+    log_a = s_sorted + torch.logcumsumexp((-s_sorted).flip(-1), dim=-1).flip(-1)
+    # Soft count at knot i: sum_j F(s_i - s_j) = ((2i + 1) + A_i - B_i) / 2, increasing in i.
+    # m = last knot whose count is <= w (m = -1: the threshold lies below every score). Counting rather
+    # than searchsorted stays correct if rounding breaks monotonicity by an ulp.
+    idx = torch.arange(n, device=s_Rn.device, dtype=s_Rn.dtype)
+    knot_count = 0.5 * ((2.0 * idx + 1.0) + log_a.exp() - log_b.exp())
+    m = (knot_count <= w_R1).sum(dim=-1, keepdim=True) - 1  # (R, 1) in [-1, n-1]
+    left, right = m.clamp(min=0), (m + 1).clamp(max=n - 1)
+    neg_inf = torch.tensor(-math.inf, dtype=s_Rn.dtype, device=s_Rn.device)
+    # Solve from the right knot when it exists (t <= s_{m+1}: m + 1 scores below); otherwise from
+    # the left one (the threshold is above every score). The side sums there follow from A and B.
+    has_right = m + 1 <= n - 1
+    s_right = s_sorted.gather(-1, right)
+    s_left = s_sorted.gather(-1, left)
+    log_b_left = torch.where(m >= 0, log_b.gather(-1, left) + s_left - s_right, neg_inf)
+    t_right = s_right + _interval_step((m + 1).to(s_Rn.dtype), log_b_left, log_a.gather(-1, right), w_R1)
+    log_b_top = log_b.gather(-1, left)  # m = n - 1: every score is below, sum e^{s_j - s_max} = B_{n-1}
+    t_top = s_left + _interval_step(torch.full_like(w_R1, n), log_b_top, torch.full_like(w_R1, -math.inf), w_R1)
+    return torch.where(has_right, t_right, t_top)
 
 
-def _threshold_newton(s_Rn: torch.Tensor, k_R: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, _Pass]:
-    """LapSum threshold by exact piecewise steps; O(n) per iteration, no sort.
-
-    Each step solves the equation exactly on the current interval between scores (`_interval_step`).
-    When the step crosses scores, the local model errs on the safe side (cosh >= 1), so the iterates
-    approach the root monotonically from any start and land on it once no score is crossed. A row has
-    converged when a step leaves its count of scores below t unchanged: that step was exact.
-    Router-like scores settle after 1-2 steps from `_initial_threshold`; the caller solves the rest in
-    closed form.
-
-    Args:
-        s_Rn: (R, n) scores divided by alpha.
-        k_R: (R,) target sums, 0 < k < n.
-        max_iter: iteration cap.
-    Returns:
-        t_R1: (R, 1) thresholds (exact where converged), converged_R: (R,) bool, and the pass at t_R1.
-    """
-    w = (s_Rn.shape[-1] - k_R).unsqueeze(-1)
-    t = _initial_threshold(s_Rn, k_R)
-    prev_count = torch.full_like(w, -1.0)
-    steps_finite = torch.ones_like(w, dtype=torch.bool)
-    for _ in range(max_iter):
-        at_t = _pass_at(s_Rn, t)
-        converged = (at_t.count == prev_count) & steps_finite
-        if bool((converged | ~steps_finite).all()):
-            break
-        step = _interval_step(at_t.count, at_t.sum_below, at_t.sum_above, w)
-        # An underflowed partial sum gives an infinite step: freeze that row for the fallback.
-        steps_finite &= torch.isfinite(step)
-        t = torch.where(steps_finite & ~converged, t + step, t)
-        prev_count = at_t.count
-    else:
-        at_t = _pass_at(s_Rn, t)
-        converged = (at_t.count == prev_count) & steps_finite
-    return t, converged.squeeze(-1), at_t
+def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8) -> torch.Tensor:
+    """(R, n) x = (r - b) / alpha at the exact LapSum threshold b of each row (see module docstring)."""
+    s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
+    if sync_free:
+        s = s.clamp(min=torch.finfo(s.dtype).min)  # unchecked overflow: finite (ties at the floor), never NaN
+        return _refine(r_Rn, s - _threshold_closed_form(s, w_R1), w_R1, alpha, 3, early_exit=False)[0]
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"soft_topk: (max - min) / alpha of a row overflows {s.dtype} (alpha={float(alpha):.6g}); "
+            "scale the scores down, raise alpha or compute in float64"
+        )
+    # s itself is a frame centred on the row max: the first step needs no re-centring.
+    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1, sync_free), w_R1, alpha, max_steps, early_exit=True,
+                           recentre_first=False)
+    if not bool(converged.all()):
+        rest = (~converged).nonzero().squeeze(-1)
+        x_rest = s[rest] - _threshold_closed_form(s[rest], w_R1[rest])
+        x_rest, _ = _refine(r_Rn[rest], x_rest, w_R1[rest], alpha, max_steps, early_exit=True)
+        x = x.index_put((rest,), x_rest)
+    return x
 
 
-def _solve_threshold(s_Rn: torch.Tensor, k_R: torch.Tensor, max_iter: int = 16) -> _Pass:
-    """Exact LapSum threshold per row: fast piecewise iteration, closed form where it does not settle.
-
-    Args:
-        s_Rn: (R, n) scores divided by alpha.
-        k_R: (R,) target sums, 0 < k < n.
-    Returns:
-        the pass at the thresholds t with sum_j F(s_j - t) = k (its x = s - t gives the output).
-    """
-    t, converged, at_t = _threshold_newton(s_Rn, k_R, max_iter)
-    if bool(converged.all()):
-        return at_t
-    rest = (~converged).nonzero().squeeze(-1)
-    t = t.index_put((rest,), _threshold_closed_form(s_Rn[rest], k_R[rest]).unsqueeze(-1))
-    return _pass_at(s_Rn, t)
-
-
-def _cdf_from_pass(at_t: _Pass) -> torch.Tensor:
-    """F(x) from a pass without another exp: e/2 below the threshold, 1 - e/2 above (exact either way)."""
-    half_e = at_t.e * 0.5
-    return torch.addcmul(half_e, 1.0 - at_t.below, torch.rsub(half_e, 1.0, alpha=2.0))
+def _cdf(x: torch.Tensor) -> torch.Tensor:
+    """F(x): e^x / 2 below 0, 1 - e^{-x} / 2 above (exact either way)."""
+    half_e = x.abs().neg().exp().mul_(0.5)
+    return torch.where(x < 0, half_e, 1.0 - half_e)
 
 
 def _laplace_log_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -267,24 +280,24 @@ def _row_blocks(num_rows: int, n: int) -> list[slice]:
 
 
 class _LapSumTopK(torch.autograd.Function):
-    """p = F((r - b) / alpha) (or log p) with b the LapSum threshold; rows are (R, n)."""
+    """p = F((r - b) / alpha) (or log p) with b the LapSum threshold; rows are (R, n).
+
+    k_R enters for its gradient; w_R = n - k_R (computed in k's own precision) is a constant.
+    """
 
     @staticmethod
-    def forward(ctx, scores_Rn: torch.Tensor, k_R: torch.Tensor, alpha: torch.Tensor, log: bool):
+    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool, sync_free: bool):
         x = torch.empty_like(scores_Rn)
-        out = torch.empty_like(scores_Rn)
         for rows in _row_blocks(*scores_Rn.shape):
-            at_t = _solve_threshold(scores_Rn[rows] / alpha, k_R[rows])
-            x[rows] = at_t.x
-            out[rows] = _laplace_log_cdf(at_t.x) if log else _cdf_from_pass(at_t)
+            x[rows] = _solve_x(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, sync_free)
         ctx.save_for_backward(x, alpha)
         ctx.log = log
-        return out
+        return _laplace_log_cdf(x) if log else _cdf(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, alpha = ctx.saved_tensors
-        need_scores, need_k, need_alpha = ctx.needs_input_grad[:3]
+        need_scores, need_k, _, need_alpha = ctx.needs_input_grad[:4]
         grad_scores = torch.empty_like(x) if need_scores else None
         grad_k = x.new_empty(x.shape[0]) if need_k else None
         grad_alpha = x.new_zeros(()) if need_alpha else None
@@ -296,7 +309,7 @@ class _LapSumTopK(torch.autograd.Function):
                 grad_k[rows] = g_k
             if need_alpha:
                 grad_alpha += g_alpha
-        return grad_scores, grad_k, grad_alpha, None
+        return grad_scores, grad_k, None, grad_alpha, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +322,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check_scores(scores: torch.Tensor, dim: int) -> int:
+def _check_scores(scores: torch.Tensor, dim, checks: bool) -> int:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got dtype={scores.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension, got a 0-d tensor")
     if not -scores.dim() <= dim < scores.dim():
@@ -326,7 +341,7 @@ def _check_scores(scores: torch.Tensor, dim: int) -> int:
         )
     # A finite sum proves every entry finite in one cheap reduction; only then is the exact check needed
     # (the sum can also overflow on finite inputs).
-    if scores.numel() and not bool(torch.isfinite(scores.sum())) and not bool(
+    if checks and scores.numel() and not bool(torch.isfinite(scores.sum())) and not bool(
         torch.isfinite(scores).all()
     ):
         bad = scores[~torch.isfinite(scores)].flatten()[0].item()
@@ -334,53 +349,79 @@ def _check_scores(scores: torch.Tensor, dim: int) -> int:
     return n
 
 
-def _check_alpha(alpha, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _check_alpha(alpha, dtype: torch.dtype, device: torch.device, checks: bool) -> torch.Tensor:
+    """alpha as a 0-d tensor in the compute dtype; a normal (not subnormal) positive finite number."""
+    tiny = torch.finfo(dtype).tiny
     if isinstance(alpha, torch.Tensor):
         if alpha.dim() != 0:
             raise ValueError(f"alpha must be a float or a 0-d tensor, got shape {tuple(alpha.shape)}")
-        value = alpha.detach().item()
-    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        value = float(alpha)
-    else:
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a floating-point tensor, got dtype={alpha.dtype}")
+        alpha_c = alpha.to(device=device, dtype=dtype)
+        if checks:
+            value = alpha.detach().item()
+            if not (math.isfinite(value) and value > 0 and float(alpha_c.detach()) >= tiny):
+                raise ValueError(f"alpha={value} must be a finite number > 0 and at least {tiny:.3g} "
+                                 f"(the smallest normal {dtype})")
+        return alpha_c.clamp(min=tiny) if not checks else alpha_c
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"alpha={value} must be a finite number > 0")
-    if isinstance(alpha, torch.Tensor):
-        return alpha.to(device=device, dtype=dtype)
+    value = float(alpha)
+    if not (math.isfinite(value) and value >= tiny):
+        raise ValueError(f"alpha={value} must be a finite number > 0 and at least {tiny:.3g} "
+                         f"(the smallest normal {dtype})")
     return torch.tensor(value, device=device, dtype=dtype)  # not via float32: keep a float64 alpha exact
 
 
-def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Return k broadcast to `batch_shape`, in `dtype`, after checking 0 < k < n everywhere."""
+def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: torch.device, checks: bool):
+    """k and w = n - k broadcast to `batch_shape` in `dtype`; both checked in k's own precision.
+
+    w is formed before rounding to `dtype`, so a float64 k = n - 1e-9 keeps its distance to n.
+    """
+    tiny = torch.finfo(dtype).tiny
     if isinstance(k, torch.Tensor):
+        k_own = k.detach() if k.is_floating_point() else k.detach().double()
+        wide = torch.promote_types(k_own.dtype, dtype)
         try:
             k_b = k.to(device=device, dtype=dtype).expand(batch_shape)
+            w_b = (n - k_own.to(device=device, dtype=wide)).to(dtype).expand(batch_shape)
         except RuntimeError:
             raise ValueError(
                 f"k of shape {tuple(k.shape)} does not broadcast to the scores' shape without dim, "
                 f"{tuple(batch_shape)}"
             ) from None
-        k_values = k.detach()
-    elif isinstance(k, (int, float)) and not isinstance(k, bool):
-        k_b = torch.full(batch_shape, float(k), device=device, dtype=dtype)
-        k_values = torch.tensor(float(k))
-    else:
+        if checks:
+            bad = ~(torch.isfinite(k_own) & (k_own > 0) & (k_own < n))
+            if bool(bad.any()):
+                raise ValueError(f"k={k_own[bad].flatten()[0].item()} must satisfy 0 < k < n={n}")
+            small = (k_b.detach() < tiny) | (w_b < tiny)
+            if bool(small.any()):
+                raise ValueError(f"k={k_own.expand(batch_shape)[small].flatten()[0].item()} is within "
+                                 f"{tiny:.3g} of 0 or n={n}, beyond {dtype} precision")
+        else:  # unchecked: keep the solve finite
+            k_b, w_b = k_b.clamp(tiny, n), w_b.clamp(tiny, n)
+        return k_b, w_b
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise TypeError(f"k must be a float or a tensor, got {type(k).__name__}")
-    bad = ~(torch.isfinite(k_values) & (k_values > 0) & (k_values < n))
-    if bool(bad.any()):
-        raise ValueError(f"k={k_values[bad].flatten()[0].item()} must satisfy 0 < k < n={n}")
-    return k_b
+    value = float(k)
+    if not (math.isfinite(value) and 0 < value < n):
+        raise ValueError(f"k={value} must satisfy 0 < k < n={n}")
+    if value < tiny or n - value < tiny:
+        raise ValueError(f"k={value} is within {tiny:.3g} of 0 or n={n}, beyond {dtype} precision")
+    return (torch.full(batch_shape, value, device=device, dtype=dtype),
+            torch.full(batch_shape, n - value, device=device, dtype=dtype))
 
 
 def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Tensor:
-    n = _check_scores(scores, dim)
+    checks = isinstance(scores, torch.Tensor) and value_checks_enabled(scores)
+    n = _check_scores(scores, dim, checks)
     dtype = _compute_dtype(scores.dtype)
     rows_last = scores.movedim(dim, -1)
     batch_shape = rows_last.shape[:-1]
-    k_b = _check_k(k, batch_shape, n, dtype, scores.device)
-    alpha_t = _check_alpha(alpha, dtype, scores.device)
+    k_b, w_b = _check_k(k, batch_shape, n, dtype, scores.device, checks)
+    alpha_t = _check_alpha(alpha, dtype, scores.device, checks)
     scores_Rn = rows_last.to(dtype).reshape(-1, n)
-    out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), alpha_t, log)
+    out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks)
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 
@@ -394,12 +435,15 @@ def soft_topk(scores: torch.Tensor, k, alpha=1.0, dim: int = -1) -> torch.Tensor
         alpha: float or 0-d tensor > 0, the Laplace scale. Smaller is harder. Differentiable.
         dim: the dimension to select along.
     Returns:
-        p with the shape and dtype of `scores`; p.sum(dim) == k. float32/float64 are computed
-        natively; bf16/fp16 in float32.
+        p with the shape and dtype of `scores`; p.sum(dim) == k to the dtype's precision, for any
+        finite scores (shift invariant: adding a constant to a row changes nothing). float32/float64
+        are computed natively; bf16/fp16 in float32.
     Raises:
-        ValueError: k outside (0, n) or of a non-broadcastable shape, alpha <= 0, non-finite
-            scores, fewer than 2 entries along `dim`.
-        TypeError: non-tensor or non-floating scores; k or alpha of the wrong type.
+        ValueError: k outside (0, n) or of a non-broadcastable shape, alpha <= 0 or subnormal,
+            non-finite scores, a row whose (max - min) / alpha overflows, fewer than 2 entries along
+            `dim`. Checks that read tensor values follow SOFTMOE_CHECKS (softmoe/ops/checks.py): with
+            them off the op makes no host sync and degenerate inputs give finite results.
+        TypeError: non-tensor or non-floating scores; k, alpha or dim of the wrong type.
     """
     return _soft_topk(scores, k, alpha, dim, log=False)
 

@@ -137,3 +137,100 @@ def test_truncation_invariants(tokens, experts, min_weight, max_active, seed):
     # nothing above the threshold is dropped unless the cap forced it
     if max_active is None:
         assert torch.equal(routing.dense_weights() > 0, (weights >= min_weight) | (torch.arange(experts) == best[:, None]))
+
+
+# ---------------------------------------------------------------- exactness at extreme inputs
+# sum p = k to the dtype's precision for every finite input: sharp rows (|r| / alpha up to 1e9),
+# offsets up to 1e7, ties, float32 / bfloat16, and both solvers (the CPU one with its host syncs and
+# the sync-free one that SOFTMOE_CHECKS=off selects). The oracle is float64 bisection on the same
+# (rounded) inputs.
+
+
+@st.composite
+def extreme_rows(draw):
+    n = draw(st.integers(min_value=2, max_value=64))
+    seed = draw(st.integers(min_value=0, max_value=2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e2, 1e4, 1e6]))
+    alpha = draw(st.sampled_from([1e-3, 1e-2, 1.0, 1e2]))
+    offset = draw(st.sampled_from([0.0, 1e3, -1e5, 1e7]))
+    scores = torch.randn(4, n, generator=gen, dtype=torch.float64) * scale
+    if draw(st.booleans()):  # ties: many entries coincide
+        scores = (scores / scale * 2).round() * scale
+    k = draw(st.sampled_from(["integer", "uniform"]))
+    k = (torch.randint(1, n, (4,), generator=gen).double() if k == "integer"
+         else 1e-3 + torch.rand(4, generator=gen, dtype=torch.float64) * (n - 2e-3))
+    return scores + offset, k, alpha
+
+
+@pytest.mark.parametrize("checks", ["auto", "off"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=extreme_rows())
+def test_sum_is_k_to_dtype_precision_at_extreme_inputs(case, dtype, checks, monkeypatch):
+    monkeypatch.setenv("SOFTMOE_CHECKS", checks)
+    scores, k, alpha = case
+    scores = scores.to(dtype)
+    p = soft_topk(scores, k, alpha)
+    assert p.dtype == dtype and torch.isfinite(p).all()
+    n = scores.shape[-1]
+    # float32: a few ulps per entry; bfloat16: the output's own rounding (2^-8 relative per entry).
+    eps = torch.finfo(dtype).eps
+    tol = (8 * n * eps if dtype == torch.float32 else 2 * eps) * (k + 1)
+    err = (p.double().sum(-1) - k).abs()
+    assert (err <= tol).all(), f"|sum p - k| = {err.max().item():.3g} > {tol.max().item():.3g}"
+    ref = soft_topk_reference(scores.double(), k, alpha)
+    assert (p.double() - ref).abs().max() <= (32 * eps if dtype == torch.float32 else 2 * eps)
+
+
+@pytest.mark.parametrize("checks", ["auto", "off"])
+def test_found_by_fuzzing(checks, monkeypatch):
+    """The cases of the issue that made the op exact (sum p != k before)."""
+    monkeypatch.setenv("SOFTMOE_CHECKS", checks)
+    row = torch.tensor([[2.0, 0.7179, 0.8898, 0.9173, 2.0259, 0.4188, 0.9582, 0.0]])
+    p = soft_topk(row, 2.3528, alpha=0.01)
+    torch.testing.assert_close(p.sum(), torch.tensor(2.3528), atol=2e-6, rtol=0)
+    torch.testing.assert_close(p[0, 6].double(), soft_topk_reference(row.double(), 2.3528, 0.01)[0, 6], atol=1e-6, rtol=0)
+    # Six ties between two far scores: the threshold sits 0.6931 above the ties.
+    row = torch.tensor([[0.0] + [100.0] * 6 + [200.0]])
+    torch.testing.assert_close(soft_topk(row, 2.5).sum(), torch.tensor(2.5), atol=1e-6, rtol=0)
+    # A constant offset changes nothing (shift invariance), even where it eats the float32 digits.
+    base = torch.tensor([[0.0, 1.0, -2.0, 0.5, 3.0, -1.0, 2.0, 0.25]])
+    for offset in (1e3, 1e5, 1e7):
+        torch.testing.assert_close(soft_topk(base + offset, 2.0).sum(), torch.tensor(2.0), atol=2e-6, rtol=0)
+    torch.testing.assert_close(soft_topk(base + 1e3, 2.0), soft_topk(base, 2.0), atol=1e-4, rtol=0)
+
+
+def test_k_is_checked_in_its_own_precision():
+    row = torch.randn(1, 8)
+    k = torch.tensor(8 - 1e-9, dtype=torch.float64)  # rounds to 8.0 in float32: still a valid k
+    p = soft_topk(row, k, 1.0)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.double().sum(), k, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="k=8.0 must satisfy"):
+        soft_topk(row, torch.tensor(8.0, dtype=torch.float64), 1.0)
+
+
+@pytest.mark.parametrize(
+    "scores, alpha, match",
+    [
+        (torch.randn(2, 8), 1e-40, r"alpha=1e-40 must be a finite number > 0 and at least"),
+        (torch.tensor([[3e38, -3e38, 0.0]]), 1.0, r"overflows torch.float32"),
+        (torch.tensor([[100.0, -100.0, 0.0]]), 1e-37, r"overflows torch.float32"),
+    ],
+)
+def test_degenerate_inputs_are_a_clear_error(scores, alpha, match):
+    with pytest.raises(ValueError, match=match):
+        soft_topk(scores, 1.5, alpha)
+
+
+def test_degenerate_inputs_without_checks_stay_finite(monkeypatch):
+    monkeypatch.setenv("SOFTMOE_CHECKS", "off")
+    p = soft_topk(torch.tensor([[3e38, -3e38, 0.0]]), 1.5, 1.0)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.5), atol=1e-6, rtol=0)
+
+
+def test_dim_must_be_an_int():
+    with pytest.raises(TypeError, match="dim must be an int"):
+        soft_topk(torch.randn(2, 4), 1.0, dim="x")
