@@ -11,7 +11,7 @@ A converted block keeps the original block's modules and calls them as the origi
     1. `gate` (the HF router module, unchanged) gives the (T, E) router logits. Calling it, rather than
        reading its weight, keeps transformers' `output_router_logits` recording working: its hooks
        capture output[0] of the router class. It also computes a hard top-k we do not use (T x E, cheap).
-    2. Our rule replaces the hard top-k: p = soft_topk(logits, k_l, alpha), truncation at `min_weight`,
+    2. Our rule replaces the hard top-k: p = soft_topk(logits, k_l, alpha), truncation (the paper's relative threshold),
        combine weights, all by `softmoe.routing.softk.soft_routing` as in SoftKRouter (the family's convention: renormalised
        for Mixtral and for norm_topk_prob=True, raw softmax mass otherwise), one ragged `Routing` record.
     3. dispatch -> HF experts -> combine: the HF expert module (fused 3-D weights, whatever
@@ -185,7 +185,7 @@ class SoftRoutedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"family={self.family.name!r}, index={self.index}, combine={self.rule.combine!r}, "
-                f"min_weight={self.rule.min_weight}, max_active={self.rule.max_active}")
+                f"truncation={self.rule.truncation!r}, max_active={self.rule.max_active}")
 
 
 def _with_weights(routing: Routing, weight_N: torch.Tensor) -> Routing:

@@ -21,7 +21,10 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (load it with softmoe.convert.from_pretrained)")
     p.add_argument("--alpha", type=float, default=RetrofitConfig.alpha, help="initial soft top-k scale, logit units")
     p.add_argument("--budget", type=float, default=None, help="global mean active experts K (default: the model's top-k)")
-    p.add_argument("--min-weight", type=float, default=RetrofitConfig.min_weight, help="truncation threshold tau")
+    p.add_argument("--truncation", choices=("relative", "min_weight"), default=RetrofitConfig.truncation,
+                   help="relative: the paper's clamped threshold (--threshold x k/E); min_weight: p >= --min-weight")
+    p.add_argument("--threshold", type=float, default=RetrofitConfig.threshold, help="relative truncation threshold")
+    p.add_argument("--min-weight", type=float, default=RetrofitConfig.min_weight, help="min_weight truncation: p cut")
     p.add_argument("--max-active", type=int, default=None, help="optional cap on experts per token")
     p.add_argument("--learn-alpha", action="store_true", help="make log alpha per layer trainable")
     p.set_defaults(func=cmd_convert)
@@ -52,7 +55,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from softmoe.extras import require
 
     require("transformers", "hf", "softmoe convert")
-    options = {"alpha": args.alpha, "min_weight": args.min_weight, "max_active": args.max_active,
+    options = {"alpha": args.alpha, "truncation": args.truncation, "threshold": args.threshold,
+               "min_weight": args.min_weight, "max_active": args.max_active,
                "learn_alpha": args.learn_alpha}
     if args.budget is not None:
         options["budget"] = args.budget

@@ -44,9 +44,14 @@ _MOE_BLOCK_NAME = re.compile(r"(SparseMoeBlock|MoeBlock|MoE|SparseMoe)$")
 class RetrofitConfig:
     """Settings of one conversion (stored in config.json under `softmoe_retrofit`)."""
 
+    # alpha differs from the router's 1.0 on purpose: a small alpha makes the converted model reproduce the
+    # original top-k routing (logits equal at conversion); raise it (or learn it) to soften the routing.
     alpha: float = 1e-3  # initial Laplace scale of every layer's soft top-k, logit units (smaller = harder)
     budget: float | None = None  # global mean active experts K; None = the model's num_experts_per_tok
-    min_weight: float = 0.05  # truncation tau: experts with p < tau are not computed
+    truncation: str = "relative"  # the paper's relative threshold (see routing/softk.py) or "min_weight"
+    threshold: float = 1.8  # relative truncation: keep p >= threshold * k / E, clamped
+    cap_factor: float = 2.0  # relative truncation: at most ceil(k * cap_factor) experts per token
+    min_weight: float = 0.05  # min_weight truncation: experts with p < min_weight are not computed
     max_active: int | None = None  # optional cap on experts per token
     combine: str | None = None  # None = the model's own convention (see Family.combine_mode)
     learn_k: bool = True  # train the per-layer allocation of the budget
@@ -115,6 +120,7 @@ def _convert(model: nn.Module, settings: RetrofitConfig) -> RetrofitConfig:
     # Budget (in RetrofitState) validates budget / k_min / margin; SoftKConfig validates the rule
     # (k < E, max_active) and carries the loss coefficients.
     rule = SoftKConfig(num_experts=num_experts, k=settings.budget, alpha=settings.alpha,
+                       truncation=settings.truncation, threshold=settings.threshold, cap_factor=settings.cap_factor,
                        min_weight=settings.min_weight, max_active=settings.max_active, combine=combine,
                        lb_coef=settings.lb_coef, z_coef=settings.z_coef)
     state.to(found[0][1].gate.weight.device)

@@ -5,24 +5,26 @@ Shape legend:
     D   d_model
     E   experts
 
-Per token (METHOD.md, "SoftMoE layer"):
-    1. r = W x in fp32.
-    2. p = soft_topk(r, k_l, alpha): p_i in (0, 1), sum_i p_i = k_l, so k_l is the mean number of
-       active experts. k_l comes from the model's Budget (`mean_k`) or, standalone, from this router.
-    3. Truncation: experts with p_i < min_weight are dropped (optional cap `max_active`); every token
-       keeps at least its top expert. Peaked scores keep about ceil(k_l) experts, flat scores more.
-    4. Combine weights over the kept experts, by `combine`:
-         mask_softmax      w = p * softmax(r), renormalised over kept experts (soft Mixtral; default)
-         mask_softmax_raw  w = p * softmax(r), not renormalised (soft Switch)
-         p                 w = p / k_l
-Routing depends on the token alone, so outputs are batch invariant and causal.
+The paper's rule (Zasada et al., ICML 2026; METHOD.md, "SoftMoE layer"), the default, per token:
+    1. r = W x in fp32 (no softmax before LapSum); in training, optionally r + gate_noise * N(0, 1).
+    2. p = soft_topk(r, k_l, alpha) with alpha = 1: p_i in (0, 1), sum_i p_i = k_l. k_l comes from
+       the model's Budget (`mean_k`) or, standalone, from this router.
+    3. Truncation `relative`: tau = clamp(threshold * k_l / E, m-th largest p, largest p) with
+       m = min(ceil(k_l * cap_factor), E), on detached p; keep p_i >= tau. So every token keeps
+       between 1 and m experts (ties aside): an expert must hold `threshold` x the mean mass k_l / E.
+    4. Combine `raw_p`: y = sum_kept p_i E_i(x), no renormalisation (kept weights sum to <= k_l).
+       Gradients reach r and k_l through the kept p only.
+Our earlier rule, kept for ablations (docs/routers.md): alpha = 0.1, truncation `min_weight`
+(drop p_i < min_weight, optional cap `max_active`, keep at least the top expert) and combine
+`mask_softmax` (w = p * softmax(r), renormalised over the kept experts). Other combine modes:
+`mask_softmax_raw` (p * softmax(r), not renormalised) and `p` (p / k_l).
+Routing depends on the token alone (the gate noise is training-only), so outputs are batch
+invariant and causal.
 
 `loss_free_bias=True` (DeepSeek-V3, see routing/balance.py): the per-expert bias b_E (logit units) is
 added to r for *selection* only. Truncation (step 3) uses p_sel = soft_topk(r + b, k_l, alpha); the
 combine weights (step 4) use the unbiased p = soft_topk(r, k_l, alpha) and softmax(r), so b moves which
 experts are computed, never their weights, and gets no gradient. This costs a second threshold solve.
-The bias shifts the soft top-k's scores rather than p itself because the threshold solve is what turns
-scores into the set that survives truncation; adding b to p would bypass the sum-to-k_l constraint.
 """
 
 from __future__ import annotations
@@ -47,18 +49,24 @@ from softmoe.routing.balance import BiasBalanceConfig, expert_bias
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts
 
-__all__ = ["SoftKConfig", "SoftKRouter", "COMBINE_MODES", "combine_weights", "soft_routing"]
+__all__ = ["SoftKConfig", "SoftKRouter", "COMBINE_MODES", "TRUNCATIONS", "combine_weights", "relative_keep",
+           "soft_routing"]
 
-COMBINE_MODES = ("mask_softmax", "mask_softmax_raw", "p")
+COMBINE_MODES = ("raw_p", "mask_softmax", "mask_softmax_raw", "p")
+TRUNCATIONS = ("relative", "min_weight")
 
 
 @dataclass(frozen=True)
 class SoftKConfig(BiasBalanceConfig):
-    alpha: float = 0.1  # Laplace scale of the soft top-k, in logit units; smaller is harder (-> hard top-k)
+    alpha: float = 1.0  # Laplace scale of the soft top-k on raw logits; smaller is harder (paper: 1.0)
     learn_alpha: bool = False  # learn alpha (as log alpha) by gradient
-    min_weight: float = 0.05  # truncation tau: experts with p < tau are not computed
-    max_active: int | None = None  # optional hard cap on experts per token
-    combine: str = "mask_softmax"  # combine weights, one of COMBINE_MODES
+    truncation: str = "relative"  # "relative" (paper) or "min_weight" (our earlier rule)
+    threshold: float = 1.8  # relative: keep p_i >= threshold * k / E, clamped to [m-th largest p, largest p]
+    cap_factor: float = 2.0  # relative: at most m = min(ceil(k * cap_factor), E) experts (paper's hard_threshold_coeff)
+    min_weight: float = 0.05  # min_weight truncation: experts with p < min_weight are not computed
+    max_active: int | None = None  # optional hard cap on experts per token (either truncation)
+    combine: str = "raw_p"  # combine weights, one of COMBINE_MODES (paper: raw_p)
+    gate_noise: float = 0.0  # training only: std of N(0, 1) noise added to the fp32 logits before routing
     learn_k: bool = False  # standalone layer only: learn k in [k_min, E - margin], penalised towards k
     k_min: float = 1.0  # standalone learn_k: lower bound of k
     margin: float = 0.5  # standalone learn_k: upper bound E - margin
@@ -71,8 +79,14 @@ class SoftKConfig(BiasBalanceConfig):
                 raise ValueError(f"k={self.k} must be 1 for router='softmoe' with num_experts=1")
         elif not self.k < self.num_experts:
             raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router='softmoe'")
-        check_float("alpha", self.alpha, 0.0, open_low=True)
+        # alpha is used in float32: below its smallest normal number it would underflow to 0.
+        check_float("alpha", self.alpha, 1.2e-38, 1e30)
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={self.truncation!r} must be one of {TRUNCATIONS}")
+        check_float("threshold", self.threshold, 0.0)
+        check_float("cap_factor", self.cap_factor, 0.0, open_low=True)
         check_float("min_weight", self.min_weight, 0.0, 1.0)
+        check_float("gate_noise", self.gate_noise, 0.0, 1e3)
         check_float("k_penalty_coef", self.k_penalty_coef, 0.0)
         if self.max_active is not None and (
             isinstance(self.max_active, bool) or not isinstance(self.max_active, int)
@@ -86,6 +100,29 @@ class SoftKConfig(BiasBalanceConfig):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
 
+def relative_keep(p_TE: torch.Tensor, k: torch.Tensor, threshold: float, cap_factor: float) -> torch.Tensor:
+    """(T, E) bool experts kept by the paper's relative, clamped threshold (computed on detached p).
+
+    tau = clamp(threshold * k / E, lower = m-th largest p, upper = largest p), m = min(ceil(k c), E);
+    keep p_i >= tau. Hence 1 <= kept <= m per token (more only with ties at tau).
+
+    Args:
+        p_TE: (T, E) soft top-k probabilities, rows sum to k.
+        k: 0-d or (T, 1) the layer's k_l.
+        threshold: the relative threshold (paper: 1.8).
+        cap_factor: c in m = min(ceil(k c), E) (paper: 2.0).
+    """
+    num_experts = p_TE.shape[-1]
+    p = p_TE.detach()
+    k = k.detach().to(p.dtype)
+    if k.dim() == 0:
+        k = k.expand(p.shape[0], 1)
+    m_T1 = torch.ceil(k * cap_factor).clamp(1, num_experts).long()
+    p_desc = p.sort(dim=-1, descending=True).values
+    tau_T1 = torch.clamp(threshold * k / num_experts, min=p_desc.gather(-1, m_T1 - 1), max=p_desc[:, :1])
+    return p >= tau_T1
+
+
 def combine_weights(
     p_TE: torch.Tensor, logits_TE: torch.Tensor, keep_TE: torch.Tensor, k: torch.Tensor, mode: str
 ) -> torch.Tensor:
@@ -95,9 +132,11 @@ def combine_weights(
         p_TE: (T, E) soft top-k inclusion probabilities, rows sum to k.
         logits_TE: (T, E) float32 router scores.
         keep_TE: (T, E) bool kept pairs (only kept entries are used downstream).
-        k: 0-d mean active experts.
+        k: 0-d (or (T, 1)) mean active experts.
         mode: one of COMBINE_MODES.
     """
+    if mode == "raw_p":
+        return p_TE
     if mode == "p":
         return p_TE / k
     w_TE = p_TE * torch.softmax(logits_TE, dim=-1)
@@ -158,10 +197,14 @@ class SoftKRouter(GateRouter):
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
         k, penalty = self._layer_k(mean_k, x_TD.device)
         logits_TE = router_logits(x_TD, self.gate.weight, real_T)
-        routing, extra = soft_routing(logits_TE, k, self.alpha, cfg, real_T, self._selection_p(logits_TE, k))
+        route_TE = logits_TE
+        if self.training and cfg.gate_noise > 0:  # the training RNG draws it: resume stays exact
+            route_TE = logits_TE + cfg.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
+        routing, extra = soft_routing(route_TE, k, self.alpha, cfg, real_T, self._selection_p(route_TE, k))
         if self.balance is not None:
             self.balance.record(routing.counts_E)
             extra.update(self.balance.stats())
+        # The balance and z losses read the noiseless logits (the noise only perturbs routing).
         return finish_routing(routing, logits_TE, real_T, cfg, k, penalty, extra)
 
     def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -182,7 +225,7 @@ def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, 
         logits_TE: (T, E) float32 router scores r.
         k: 0-d (or (T, 1)) tensor, the layer's k_l in (0, E).
         alpha: 0-d tensor, the Laplace scale.
-        config: the rule's settings (min_weight, max_active, combine).
+        config: the rule's settings (truncation, threshold, cap_factor, min_weight, max_active, combine).
         real_T: (T,) bool, True for real tokens; padding is not routed.
         selection_p_TE: optional (T, E) probabilities that decide truncation instead of p (loss-free bias).
     Returns:
@@ -193,7 +236,13 @@ def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, 
     else:
         p_TE = soft_topk(logits_TE, k, alpha)
     select_TE = p_TE if selection_p_TE is None else selection_p_TE
-    keep_TE = select_experts(select_TE, config.min_weight, config.max_active) & real_T.unsqueeze(-1)
+    if config.truncation == "relative" and logits_TE.shape[-1] > 1:
+        keep_TE = relative_keep(select_TE, k, config.threshold, config.cap_factor)
+        if config.max_active is not None:
+            keep_TE &= select_experts(select_TE, 0.0, config.max_active)
+    else:
+        keep_TE = select_experts(select_TE, config.min_weight, config.max_active)
+    keep_TE = keep_TE & real_T.unsqueeze(-1)
     weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, config.combine)
     kept_mass = (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)
     return routing_from_mask(weight_TE, keep_TE), {"alpha": alpha, "kept_mass": kept_mass}

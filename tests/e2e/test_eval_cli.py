@@ -46,7 +46,9 @@ def test_eval_writes_metrics_routing_cost_and_budget_dial(runs, tmp_path, capsys
     dial = payload["budget_dial"]["points"]
     assert [p["budget"] for p in dial] == [1.0, 2.0, 3.0]
     assert all(sum(p["k_L"]) / 2 == pytest.approx(p["budget"], abs=1e-5) for p in dial)
-    assert dial[0]["active_experts_mean"] < dial[1]["active_experts_mean"] < dial[2]["active_experts_mean"]
+    # The realized count is reported for each K' and stays within the paper rule's [1, ceil(2 K')]
+    # (how it follows K' is tested on a sharper router in tests/unit/eval/test_budget_dial.py).
+    assert all(1.0 <= p["active_experts_mean"] <= math.ceil(2 * p["budget"]) for p in dial)
     assert (out / "budget_dial.png").stat().st_size > 1000
     md = (out / "eval.md").read_text()
     assert "## Budget dial" in md and "(budget_dial.png)" in md and "## Routing" in md

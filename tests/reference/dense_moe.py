@@ -8,6 +8,8 @@ layer's parameters: routing weights are rebuilt from their definitions, token by
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -102,11 +104,18 @@ def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
     weight = torch.zeros_like(p)
     for t in range(p.shape[0]):
         order = torch.argsort(p[t], descending=True)
-        kept = [int(e) for e in order if p[t, e] >= cfg.min_weight] or [int(order[0])]
+        if cfg.truncation == "relative" and num_experts > 1:
+            m = min(math.ceil(k * cfg.cap_factor), num_experts)
+            tau = min(max(cfg.threshold * k / num_experts, float(p[t, order[m - 1]])), float(p[t, order[0]]))
+            kept = [int(e) for e in order if p[t, e] >= tau]
+        else:
+            kept = [int(e) for e in order if p[t, e] >= cfg.min_weight] or [int(order[0])]
         if cfg.max_active is not None:
             kept = kept[: cfg.max_active]
         kept_idx = torch.tensor(kept)
-        if cfg.combine == "p":
+        if cfg.combine == "raw_p":
+            weight[t, kept_idx] = p[t, kept_idx]
+        elif cfg.combine == "p":
             weight[t, kept_idx] = p[t, kept_idx] / k
         else:
             w = p[t] * torch.softmax(logits[t], dim=-1)

@@ -17,15 +17,20 @@ from tests.reference import dense_moe as ref
 D, H, E = 16, 32, 8
 
 # name -> (router, k, options, mean_k given by a "budget" or None)
+EARLIER = dict(alpha=0.1, truncation="min_weight", min_weight=0.05)  # our rule before the paper's
+
 CASES = {
     "switch_k1": ("topk", 1.0, dict(normalize=False), None),
     "gshard_k2": ("topk", 2.0, dict(normalize=False), None),
     "mixtral_k2": ("topk", 2.0, dict(normalize=True), None),
-    "softmoe_mask_softmax": ("softmoe", 2.0, dict(combine="mask_softmax"), None),
-    "softmoe_mask_softmax_raw": ("softmoe", 2.0, dict(combine="mask_softmax_raw"), None),
-    "softmoe_p": ("softmoe", 2.0, dict(combine="p"), None),
-    "softmoe_max_active": ("softmoe", 2.5, dict(max_active=2, alpha=0.5), None),
-    "softmoe_budget_k": ("softmoe", 2.0, dict(), 3.3),
+    "softmoe_paper": ("softmoe", 2.0, dict(), None),
+    "softmoe_paper_budget_k": ("softmoe", 2.0, dict(), 1.3),
+    "softmoe_paper_max_active": ("softmoe", 1.5, dict(max_active=2, threshold=0.5), None),
+    "softmoe_mask_softmax": ("softmoe", 2.0, dict(EARLIER, combine="mask_softmax"), None),
+    "softmoe_mask_softmax_raw": ("softmoe", 2.0, dict(EARLIER, combine="mask_softmax_raw"), None),
+    "softmoe_p": ("softmoe", 2.0, dict(EARLIER, combine="p"), None),
+    "softmoe_max_active": ("softmoe", 2.5, dict(EARLIER, max_active=2, alpha=0.5), None),
+    "softmoe_budget_k": ("softmoe", 2.0, dict(EARLIER), 3.3),
 }
 
 

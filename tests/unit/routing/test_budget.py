@@ -126,7 +126,10 @@ def test_allocation_moves_to_the_layer_that_needs_more_experts(one_thread):
     torch.manual_seed(0)
     d, num_tokens = 8, 128
     budget = Budget(2, 4, 2.0, k_min=1.0, margin=0.5)
+    # Our earlier truncation (min_weight): with E = 4 the paper's relative threshold 1.8 k / E exceeds
+    # every p once k > 2.2 and keeps one expert, which would hide the realized count this test reads.
     layers = [MoELayer(d, 16, 4, router="softmoe", combine="mask_softmax_raw", alpha=0.5, min_weight=0.05,
+                       truncation="min_weight",
                        lb_coef=0.0, z_coef=0.0) for _ in range(2)]
     x = torch.randn(num_tokens, 1, d)
     with torch.no_grad():

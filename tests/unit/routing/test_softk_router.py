@@ -1,5 +1,6 @@
-"""SoftKRouter semantics: alpha -> 0 is Mixtral top-k; peaked scores keep ~ceil(k) experts, flat
-scores more; kept mass is k; the combine modes' sums; the budget's k_l reaches the routing.
+"""SoftKRouter semantics of our earlier rule (truncation=min_weight, options given explicitly): alpha -> 0
+is Mixtral top-k; peaked scores keep ~ceil(k) experts, flat scores more; kept mass is k; the combine modes'
+sums; the budget's k_l reaches the routing. The paper's rule (the default): test_softk_paper_rule.py.
 
 Run: .venv/bin/python -m pytest -q tests/unit/routing/test_softk_router.py
 """
@@ -16,6 +17,7 @@ D, E = 16, 8
 
 def routers(seed=0, **options):
     torch.manual_seed(seed)
+    options = {"truncation": "min_weight", "combine": "mask_softmax", **options}
     soft = build_router("softmoe", D, E, 2.0, **options)
     top = build_router("topk", D, E, 2.0, normalize=True)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_kept_mass_and_weight_sums(combine):
 
 
 def test_budget_k_changes_the_routing():
-    soft, _ = routers(alpha=0.05)
+    soft, _ = routers(alpha=0.05, min_weight=0.05)
     x = torch.randn(64, D)
     few = soft(x, mean_k=torch.tensor(1.2)).stats.active_experts_mean
     many = soft(x, mean_k=torch.tensor(5.0)).stats.active_experts_mean
