@@ -51,7 +51,7 @@ __all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_study"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference"}
-METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "expert_flops_per_token",
+METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "train_ae", "expert_flops_per_token",
            "tokens_per_sec")
 TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
 
@@ -270,6 +270,7 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "active_experts_per_layer": [layer["active_experts_mean"] for layer in entry["routing"]["layers"]],
         "k_L": payload["model"]["k_L"], "expert_flops_per_token": entry["cost"]["expert_flops_per_token"],
         "active_params": entry["cost"]["active_params"], "tokens_per_sec": summary.get("tokens_per_sec"),
+        "train_ae": summary.get("train_ae"),
         "expert_equivalents": _expert_equivalents(run.config, entry["cost"]["expert_flops_per_token"]),
         "causal": m.ffn != "moe" or getattr(ROUTERS[m.router][1], "causal", True),
         "granularity": m.granularity if m.ffn == "moe" else 1,
@@ -498,12 +499,13 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
             f"the init and the batch order. Scored on the whole `{study.evaluation.splits[0]}` split"
             + ("" if limit is None else f" (at most {limit} batches)") + ".",
             f"Machine: {platform.machine()}, torch {torch.__version__}. Mean ± sample std over seeds.", "",
-            "| variant | seeds | val loss | perplexity | bits per byte | mean active experts | "
+            "| variant | seeds | val loss | perplexity | bits per byte | Train AE | Infer AE | "
             "FFN FLOPs / token (M) | train tok/s |" + ("" if ref is None else f" Δ val loss vs {ref} |"),
-            "|---|---|---|---|---|---|---|---|" + ("" if ref is None else "---|")]
+            "|---|---|---|---|---|---|---|---|---|" + ("" if ref is None else "---|")]
     for row in rows:
         cells = [_pm(row["loss"], ".4f"), _pm(row["perplexity"], ".2f"), _pm(row["bits_per_byte"], ".4f"),
-                 _pm(row["active_experts_mean"], ".3f"), _pm(row["expert_flops_per_token"], ".3f", 1e6),
+                 _pm(row["train_ae"], ".3f"), _pm(row["active_experts_mean"], ".3f"),
+                 _pm(row["expert_flops_per_token"], ".3f", 1e6),
                  _pm(row["tokens_per_sec"], ",.0f")]
         if ref is not None:
             delta = row.get("loss_vs_reference")
@@ -513,8 +515,10 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
         mark = "" if row.get("causal", True) else " †"
         head.append(f"| {row['label']}{mark} | {row['seeds']} | " + " | ".join(cells) + " |")
     head += ["", "FFN FLOPs count the realized routed and shared experts of MoE layers and the whole FFN of dense "
-             "layers (matmuls only, 2 per multiply-add); dense models have no active-expert count. Mean active "
-             "experts count routed experts only (fine-grained ones with granularity > 1)."
+             "layers (matmuls only, 2 per multiply-add); dense models have no active-expert count. AE (active "
+             "experts, the paper's name) counts routed experts per token (fine-grained ones with granularity > 1): "
+             "Train AE in training mode over the last 20% of logged steps, Infer AE in eval mode on the scored "
+             "split."
              + ("" if ref is None else f" Δ val loss: the variant's loss minus {ref}'s at the same seed (same "
                 "batch order), mean ± std over the seeds both ran; \"lower in\" counts the seeds where the "
                 "variant's loss is lower."), ""]

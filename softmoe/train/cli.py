@@ -55,7 +55,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
     val_loss = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     tok = f"{result.tokens_per_sec:.0f}" if result.tokens_per_sec else "n/a"
-    active = f", mean active experts {result.mean_active_experts:.2f}" if result.mean_active_experts else ""
+    active = ""
+    if result.mean_active_experts:
+        train = f"{result.train_ae:.2f}" if result.train_ae is not None else "n/a"
+        active = f", AE (active experts per token) train {train} / infer {result.mean_active_experts:.2f}"
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0

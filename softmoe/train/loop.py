@@ -36,7 +36,7 @@ from softmoe.train.checkpoint import (
 )
 from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
-from softmoe.train.metrics import MetricsWriter, mean_active_experts, routing_summary
+from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metrics, routing_summary, train_ae
 from softmoe.train.optim import build_optimizer
 from softmoe.train.rundir import (
     RunDirError,
@@ -77,11 +77,14 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     tokens_per_sec: float | None
-    mean_active_experts: float | None
+    mean_active_experts: float | None  # Infer AE: realized active experts per token in eval mode, final val
     skipped_steps: int
     checkpoint: str | None
     num_params: int
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM (checkpointed; continue with --resume)
+    train_ae: float | None = None  # Train AE: realized active experts per token in training mode (last 20%)
+    train_ae_per_layer: list | None = None
+    infer_ae_per_layer: list | None = None  # per MoE layer, eval mode, final val
 
 
 def autocast_context(precision: str):
@@ -316,7 +319,8 @@ class Trainer:
                                  val_loss=val_loss, tokens_per_sec=tok_per_sec,
                                  mean_active_experts=mean_active_experts(val_layers),
                                  skipped_steps=self.skipped_total, checkpoint=str(ckpt),
-                                 num_params=self.model.num_params(), interrupted=self.stop_requested is not None)
+                                 num_params=self.model.num_params(), interrupted=self.stop_requested is not None,
+                                 **_ae_fields(self.run_dir, val_layers))
             if not result.interrupted:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
         return result
@@ -389,6 +393,13 @@ class Trainer:
                       "active_experts_mean": mean_active_experts(layers), "layers": layers})
         self.report(f"step {self.step}: val loss {val_loss:.4f}")
         return val_loss, layers
+
+
+def _ae_fields(run_dir: Path, val_layers: list[dict]) -> dict:
+    """Train AE (training mode, from metrics.jsonl) and the per-layer Infer AE (eval mode) of a session."""
+    ae, per_layer = train_ae(read_metrics(run_dir))
+    infer = [layer["active_experts_mean"] for layer in val_layers if "active_experts_mean" in layer]
+    return {"train_ae": ae, "train_ae_per_layer": per_layer or None, "infer_ae_per_layer": infer or None}
 
 
 def _on_schedule(record: dict, t) -> bool:

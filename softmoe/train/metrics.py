@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MetricsWriter", "routing_summary", "mean_active_experts", "read_metrics"]
+__all__ = ["MetricsWriter", "routing_summary", "mean_active_experts", "train_ae", "read_metrics"]
 
 
 def _plain(value):
@@ -44,6 +44,22 @@ def mean_active_experts(layers: list[dict]) -> float | None:
     """Average over MoE layers of the realized mean active experts per token (None without MoE)."""
     values = [layer["active_experts_mean"] for layer in layers if "active_experts_mean" in layer]
     return sum(values) / len(values) if values else None
+
+
+def train_ae(records: list[dict], tail: float = 0.2) -> tuple[float | None, list[float]]:
+    """Train AE (the paper's name): realized mean active experts per token in training mode.
+
+    Averaged over the train records of the last `tail` fraction of logged steps (the settled value; early
+    steps route differently), per layer and over layers. (None, []) without MoE records.
+    """
+    rows = [r for r in records if r.get("split") == "train" and r.get("active_experts_mean") is not None]
+    if not rows:
+        return None, []
+    last = max(r["step"] for r in rows)
+    rows = [r for r in rows if r["step"] >= last * (1.0 - tail)]
+    per_layer = [sum(r["layers"][i]["active_experts_mean"] for r in rows) / len(rows)
+                 for i in range(len(rows[0]["layers"]))]
+    return sum(r["active_experts_mean"] for r in rows) / len(rows), per_layer
 
 
 class MetricsWriter:
