@@ -76,7 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for e in payload["language_modelling"]:
         bpb = "-" if e["bits_per_byte"] is None else f"{e['bits_per_byte']:.4f}"
         print(f"{e['corpus']}/{e['split']}: loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
-              f"bits per byte {bpb}, mean active experts {_fmt3(e['routing']['active_experts_mean'])}")
+              f"bits per byte {bpb}, Infer AE (active experts per token) {_fmt3(e['routing']['active_experts_mean'])}")
     for p in points:
         print(f"budget K'={p.budget:g}: loss {p.loss:.4f}, "
               f"realized mean active experts {p.active_experts_mean:.3f}")

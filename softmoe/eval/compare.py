@@ -313,7 +313,7 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...], reference: str |
         for key, default in (("causal", True), ("granularity", 1), ("num_shared_experts", 0)):
             row[key] = mine[0].get(key, default)
         for key in (*METRICS, "expert_equivalents"):
-            row[key] = _mean_std([r[key] for r in mine])
+            row[key] = _mean_std([r.get(key) for r in mine])  # records of older runs may lack a metric
         tasks = sorted({task for r in mine for task in r.get("tasks", {})})
         row["tasks"] = {task: {key: _mean_std([r["tasks"].get(task, {}).get(key) for r in mine])
                                for key in TASK_METRICS} for task in tasks}

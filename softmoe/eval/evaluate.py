@@ -354,7 +354,7 @@ def _routing_table(entry: dict) -> list[str]:
     if not layers:
         return ["Dense model: no routing."]
     lines = [f"Measured on {entry['corpus']}/{entry['split']} ({entry['tokens']:,} tokens).", "",
-             "| block | k_l | realized mean active experts | expert load (fraction of routed pairs) |",
+             "| block | k_l | Infer AE (realized active experts per token, eval mode) | expert load (fraction of routed pairs) |",
              "|---|---|---|---|"]
     for layer in layers:
         load = ", ".join(f"{v:.3f}" for v in layer["expert_load"])

@@ -138,22 +138,25 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def results_table(runs: list[RunResult]) -> str:
-    """Markdown table: final loss, perplexity, active experts, throughput, parameters."""
+    """Markdown table: final loss, perplexity, Train / Infer AE, throughput, parameters."""
     lines = [
-        "| run | final val loss | val perplexity | mean active experts | per-layer active experts | k_l at the end "
+        "| run | final val loss | val perplexity | Train AE | Infer AE | per-layer Infer AE | k_l at the end "
         "| train tok/s | parameters |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s = run.summary
         per_layer = ", ".join(f"{layer.active_mean:.2f}" for layer in run.final.layers) or "-"
         k_l = ", ".join(f"{layer.k:.2f}" for layer in run.final.layers) or "-"
-        active = run.final.active_experts_mean
+        active, train = run.final.active_experts_mean, s.get("train_ae")
         lines.append(
             f"| {run.label} | {run.final.loss:.4f} | {run.final.perplexity:.1f} | "
-            f"{'-' if active is None else f'{active:.2f}'} | {per_layer} | {k_l} | "
-            f"{s.get('tokens_per_sec') or 0:,.0f} | {s.get('num_params', 0):,} |"
+            f"{'-' if train is None else f'{train:.2f}'} | {'-' if active is None else f'{active:.2f}'} | "
+            f"{per_layer} | {k_l} | {s.get('tokens_per_sec') or 0:,.0f} | {s.get('num_params', 0):,} |"
         )
+    lines += ["", "AE (active experts, the paper's name): realized routed experts per token, averaged over MoE "
+              "layers; Train AE in training mode over the last 20% of logged steps, Infer AE in eval mode on the "
+              "scored split."]
     return "\n".join(lines)
 
 
