@@ -6,7 +6,7 @@ import torch
 
 from softmoe.extras import require
 from softmoe.ops import soft_topk
-from softmoe.routing import truncate
+from softmoe.routing import relative_keep, routing_from_mask
 
 
 def _row_table(title: str, scores_E: torch.Tensor, k: float, alphas: list[float]):
@@ -35,11 +35,13 @@ def run_demo(seed: int = 0) -> None:
     console.print(_row_table("flat router scores, k = 2", scores[1] * 0.2, 2.0, [1.0, 0.3, 0.05]))
     console.print(_row_table("fractional budget, k = 1.5", scores[0] * 2.0, 1.5, [0.3]))
 
-    # Truncation: soft weights below min_weight are dropped, so the number of experts varies per token.
-    probs = soft_topk(torch.stack([scores[0] * 2.0, scores[1] * 0.2]), 2.0, 0.3)
-    routing = truncate(probs, min_weight=0.05)
+    # The paper's truncation: keep p >= tau = clamp(1.8 k / E, m-th largest p, largest p), m = min(ceil(2k), E),
+    # so the number of experts varies per token (between 1 and m) and the kept raw p are the weights.
+    probs = soft_topk(torch.stack([scores[0] * 2.0, scores[1] * 0.2]), 2.0, 1.0)
+    routing = routing_from_mask(probs, relative_keep(probs, torch.tensor(2.0), threshold=1.8, cap_factor=2.0))
     active = routing.active_per_token().tolist()
     console.print(
-        f"truncated at min_weight=0.05: peaked row keeps {active[0]} experts, flat row keeps {active[1]}; "
-        f"{routing.num_pairs} (token, expert) pairs, per-expert counts {routing.counts_E.tolist()}"
+        f"paper's truncation (alpha 1, tau = clamp(1.8 k/E, 4th p, top p)): peaked row keeps {active[0]} experts, "
+        f"flat row keeps {active[1]}; {routing.num_pairs} (token, expert) pairs, per-expert counts "
+        f"{routing.counts_E.tolist()}"
     )

@@ -14,7 +14,7 @@ from softmoe.routing.base import (
 )
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts, truncate
-from softmoe.routing.softk import SoftKConfig, SoftKRouter
+from softmoe.routing.softk import SoftKConfig, SoftKRouter, relative_keep
 from softmoe.routing.topk import TopKConfig, TopKRouter
 from softmoe.routing.topp import TopPConfig, TopPRouter
 from softmoe.routing.null import NullConfig, NullRouter
@@ -23,6 +23,7 @@ from softmoe.routing.remoe import ReMoEConfig, ReMoERouter
 from softmoe.routing.balance import BiasBalanceConfig, ExpertBias
 
 __all__ = [
+    "relative_keep",
     "Routing",
     "routing_from_mask",
     "select_experts",
