@@ -17,6 +17,8 @@ VARIANTS = {
     "remoe": ("remoe", ["model.router_options.lambda_init=1.0e-2"], "router.l1_coef"),
     "topk_bias": ("topk", ["model.router_options.loss_free_bias=true", "model.router_options.bias_update_rate=0.01"],
                   "router.balance.bias_E"),
+    # the paper rule's training-only gate noise is drawn from the torch RNG, which checkpoints carry
+    "softmoe_gate_noise": ("softmoe", ["model.router_options.gate_noise=0.5"], "router.gate.weight"),
 }
 
 

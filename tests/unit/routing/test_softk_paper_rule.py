@@ -141,3 +141,20 @@ def test_earlier_rule_reachable_by_options():
 def test_bad_options_name_the_field(options, match):
     with pytest.raises(ValueError, match=match):
         build_router("softmoe", 10, 8, 2.0, **options)
+
+
+def test_balance_loss_is_the_papers_realized_count_form():
+    """Switch loss from softmax(logits) and the truncated routing's per-expert counts, normalised by the
+    realized mean active experts (not the nominal k), padding excluded."""
+    torch.manual_seed(3)
+    router = build_router("softmoe", 10, 8, 1.5, lb_coef=1.0, z_coef=0.0).eval()
+    x = torch.randn(50, 10) * 3
+    mask = torch.ones(50, dtype=torch.bool)
+    mask[40:] = False
+    out = router(x, mask_T=mask)
+    keep = out.routing.dense_weights()[:40] > 0
+    realized_ae = keep.sum(-1).float().mean()
+    f_e = keep.sum(0).float() / (40 * realized_ae)
+    p_e = torch.softmax(x[:40] @ router.gate.weight.t(), -1).mean(0)
+    assert realized_ae != 1.5
+    torch.testing.assert_close(out.aux_loss, 8 * (f_e * p_e).sum(), rtol=1e-5, atol=1e-6)
