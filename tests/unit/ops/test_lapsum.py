@@ -273,3 +273,23 @@ def test_inputs_not_modified():
 
 def test_log_two_constant():
     assert math.isclose(log_soft_topk(torch.tensor([[0.0, 0.0]]), 1.0)[0, 0].item(), math.log(0.5), rel_tol=1e-6)
+
+
+def test_no_host_sync_with_checks_off(monkeypatch):
+    """SOFTMOE_CHECKS=off (the default for GPU tensors): forward and backward with tensor k and alpha make no
+    device-to-host sync (counted on CPU by a dispatch-mode tracer); the same inputs with checks on do."""
+    from tests.reference.sync_counter import SyncCounter
+
+    scores = torch.randn(300, 16, requires_grad=True)
+    k = torch.full((300,), 2.5, requires_grad=True)
+    alpha = torch.tensor(0.7, requires_grad=True)
+    monkeypatch.setenv("SOFTMOE_CHECKS", "off")
+    with SyncCounter() as counter:
+        p = soft_topk(scores, k, alpha)
+        (p * torch.randn_like(p)).sum().backward()
+    assert counter.count == 0, counter.ops
+    torch.testing.assert_close(p.sum(-1), k.detach(), atol=1e-5, rtol=0)
+    monkeypatch.setenv("SOFTMOE_CHECKS", "on")
+    with SyncCounter() as counter:
+        soft_topk(scores, k, alpha)
+    assert counter.count > 0  # the checks (and the early-exit solver) read values on the host
