@@ -202,7 +202,10 @@ def from_pretrained(path: str | Path, **hf_kwargs) -> nn.Module:
     if not isinstance(entry, dict) or entry.get("version") != FORMAT_VERSION:
         raise ValueError(f"path={str(path)!r}: config.json has no {CONFIG_KEY!r} entry of version "
                          f"{FORMAT_VERSION} (got {entry!r}); convert an HF model with softmoe.convert.from_hf")
-    settings = RetrofitConfig(**{k: v for k, v in entry.items() if k != "version"})
+    saved = {k: v for k, v in entry.items() if k != "version"}
+    # Folders saved before the paper's rule became the default truncated at min_weight: keep their rule.
+    saved.setdefault("truncation", "min_weight")
+    settings = RetrofitConfig(**saved)
     delattr(config, CONFIG_KEY)
     # The saved softmoe_retrofit.* tensors are "unexpected" to the HF class; we restore them below, so its
     # load report is silenced here and the missing / unexpected keys are checked by us instead.
