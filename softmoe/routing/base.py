@@ -183,7 +183,8 @@ def finish_routing(
         extra_stats: optional more 0-d/vector tensors to report.
     """
     mask_T = real_T.float()
-    lb = losses.load_balance_loss(routing.counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
+    counts_E = losses.global_sum(routing.counts_E)  # the global batch's load under data parallelism
+    lb = losses.load_balance_loss(counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
     z = losses.z_loss(logits_TE, mask_T)
     aux = config.lb_coef * lb + config.z_coef * z
     if extra_loss is not None:
@@ -193,7 +194,7 @@ def finish_routing(
         "k": k.float(),
         "active_experts_mean": losses.masked_mean(active_T.float(), mask_T),
         "active_experts_hist": losses.active_histogram(active_T, mask_T, config.num_experts),
-        "expert_load": losses.expert_load(routing.counts_E),
+        "expert_load": losses.expert_load(counts_E),
         "load_balance_loss": lb,
         "z_loss": z,
     }

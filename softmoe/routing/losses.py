@@ -6,13 +6,42 @@ Shape legend:
 
 `mask_T` is a float (T,) tensor, 1 for real tokens and 0 for padding; every mean below is over
 real tokens only, so padding never moves a loss or a statistic.
+
+Global counts (data parallel): inside `global_counts(sum_fn)` (softmoe/parallel enters it around the
+forward of a multi-process run), `global_sum` sums a count tensor over the data-parallel ranks, so the
+expert loads that balance losses and controllers see are those of the global batch. Outside it (every
+single-process run) `global_sum` returns its argument unchanged: nothing is computed differently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import torch
 
-__all__ = ["masked_mean", "expert_load", "load_balance_loss", "z_loss", "active_histogram"]
+__all__ = ["masked_mean", "expert_load", "load_balance_loss", "z_loss", "active_histogram", "global_counts",
+           "global_sum"]
+
+_GLOBAL_SUM: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+    "softmoe_global_sum", default=None)
+
+
+@contextlib.contextmanager
+def global_counts(sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within this context `global_sum(t)` returns `sum_fn(t)`: t summed over the data-parallel ranks."""
+    token = _GLOBAL_SUM.set(sum_fn)
+    try:
+        yield
+    finally:
+        _GLOBAL_SUM.reset(token)
+
+
+def global_sum(counts: torch.Tensor) -> torch.Tensor:
+    """A count (no gradient) summed over the data-parallel ranks inside `global_counts`; else `counts` itself."""
+    sum_fn = _GLOBAL_SUM.get()
+    return counts if sum_fn is None else sum_fn(counts.detach())
 
 
 def masked_mean(value_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
@@ -31,8 +60,11 @@ def load_balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, mask_T: to
     """Switch-style balance loss E * sum_e f_e * P_e, from the routing actually used.
 
     f_e is expert e's share of the routed pairs (padding is never routed, so it is excluded), P_e
-    the mean router probability of e over real tokens. Equals 1 at perfect balance. Only P carries
-    gradient (Fedus et al. 2021, eq. 4); with a variable number of experts per token, f counts pairs.
+    the mean router probability of e over real tokens. Data parallel: pass the global counts
+    (`global_sum`) with this rank's probabilities; the mean over ranks of the loss is then the global
+    batch's loss (ranks hold equal token counts), and so is the averaged gradient. Equals 1 at
+    perfect balance. Only P carries gradient (Fedus et al. 2021, eq. 4); with a variable number of
+    experts per token, f counts pairs.
 
     Args:
         counts_E: (E,) int64 pairs per expert of the routing that was dispatched.

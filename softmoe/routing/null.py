@@ -141,7 +141,7 @@ class NullRouter(GateRouter):
         """Shared statistics from `finish_routing` on the real columns, with the null-aware losses."""
         cfg = self.config
         mask_f = real_T.float()
-        lb = null_balance_loss(pick_TS.sum(dim=0), probs_TS, mask_f, cfg.num_null)
+        lb = null_balance_loss(losses.global_sum(pick_TS.sum(dim=0)), probs_TS, mask_f, cfg.num_null)
         z = losses.z_loss(logits_TS, mask_f)
         null_picks_T = pick_TS[:, cfg.num_experts:].sum(dim=-1).float()
         extra_stats = {

@@ -87,11 +87,14 @@ def relu_l1_loss(weight_TE: torch.Tensor, routed_TE: torch.Tensor, mask_T: torch
         routed_TE: (T, E) bool routed pairs (f has no gradient).
         mask_T: (T,) float, 1 = real token; means are over real tokens.
         k: the layer's budget.
+    f is counted over the global batch inside `losses.global_counts` (data parallel).
     Returns:
         0-d float32 loss.
     """
     num_experts = weight_TE.shape[-1]
-    f_E = num_experts / float(k) * losses.masked_mean(routed_TE.float(), mask_T)
+    # masked_mean's sums, taken over the global batch under data parallelism (`losses.global_sum`).
+    routed_E = losses.global_sum((routed_TE.float() * mask_T.unsqueeze(-1)).sum(0))
+    f_E = num_experts / float(k) * routed_E / losses.global_sum(mask_T.sum()).clamp(min=1.0)
     return (f_E * losses.masked_mean(weight_TE, mask_T)).sum()
 
 

@@ -17,6 +17,8 @@ The update rules are pure functions of tensors; `step` only finds the routers an
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -72,18 +74,34 @@ def _update_l1_coefs(routers: list[ReMoERouter]) -> None:
         r.l1_coef.copy_(multiplicative_update(r.l1_coef, sparsity, target, r.config.lambda_factor))
 
 
-def step(model: nn.Module, update: bool = True) -> None:
+def _sum_counts(remoe: list[ReMoERouter], biases: list[ExpertBias],
+                reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every router's step counts by their sum over processes (one collective for all of them)."""
+    counts = [t.view(-1) for r in remoe for t in (r.routed_pairs, r.entries)] + [b.load_E for b in biases]
+    if not counts:
+        return
+    total = reduce_sum(torch.cat(counts))
+    for t, part in zip(counts, total.split([c.numel() for c in counts])):
+        t.copy_(part)
+
+
+def step(model: nn.Module, update: bool = True,
+         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """The after-optimizer-step hook: update every controller of `model`, then clear the step's counts.
 
     Args:
         model: any module holding ReMoE routers and/or loss-free biases (a no-op without them).
         update: False for a skipped (non-finite) step: the counts are dropped, the state is kept.
             Nothing is updated in eval mode either (evaluation never moves the state).
+        reduce_sum: data parallel: sums a count tensor over the processes, so every rank updates from
+            the global batch's counts and the controller state stays identical across ranks.
     """
     remoe = [m for m in model.modules() if isinstance(m, ReMoERouter)]
     biases = [m for m in model.modules() if isinstance(m, ExpertBias)]
     with torch.no_grad():
         if update and model.training:
+            if reduce_sum is not None:
+                _sum_counts(remoe, biases, reduce_sum)
             if remoe:
                 _update_l1_coefs(remoe)
             for b in biases:
