@@ -10,6 +10,7 @@
     metrics.py     metrics.jsonl + TensorBoard, routing summaries
     restore.py     rebuild a trained model (and tokenizer) from a checkpoint
     cli.py         `softmoe train` and `softmoe generate`
+    __main__.py    `python -m softmoe.train` (= `softmoe train`), what torchrun launches; see softmoe/parallel
 
 Nothing is imported here, so `softmoe --help` stays fast; import the submodules directly.
 """

@@ -30,6 +30,7 @@ from softmoe.data.io import sha256_file
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "finish_checkpoint",
     "verify_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
@@ -84,11 +85,21 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         raise ValueError(f"keep_last={keep_last} must be >= 1")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    return finish_checkpoint(tmp, root, step, train_state, meta, extra_files, keep_last)
+
+
+def finish_checkpoint(tmp: Path, root: Path, step: int, train_state: dict, meta: dict,
+                      extra_files: dict[str, Path] | None, keep_last: int) -> Path:
+    """Complete a checkpoint whose weights are already in `tmp`: add train state, meta and extra files,
+    fsync everything, write the manifest last, rename `tmp` to `root/step_<step>`, prune old ones.
+
+    Shared by `save_checkpoint` and the sharded (multi-process) checkpoints of softmoe/parallel.
+    """
+    final = root / f"step_{step:07d}"
     torch.save(train_state, tmp / "train_state.pt")
     _write_json(tmp / "meta.json", meta)
     for name, src in (extra_files or {}).items():
@@ -154,6 +165,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Verify, then load (model_state, train_state, meta) from one checkpoint directory."""
     path = Path(path)
     verify_checkpoint(path)
+    if not (path / "model.safetensors").is_file() and (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: a sharded checkpoint of a multi-process run; resume it under torchrun, "
+                              f"or convert it: python -m softmoe.parallel.checkpoint {path} OUT_DIR")
     name = "model.safetensors"
     try:
         model_state = load_file(str(path / name))

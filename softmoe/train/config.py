@@ -5,6 +5,7 @@ A preset is a YAML file with three sections, each mapping onto one frozen datacl
     model: {d_model: 256, router: softmoe, ...}     -> ModelConfig
     data:  {...}                                    -> DataConfig
     train: {steps: 1000, lr: 3.0e-3, ...}           -> TrainConfig
+    parallel: {data: ddp, expert: 2}                -> ParallelConfig (optional; default: one process)
 
 Unknown sections or keys are errors (with a suggestion). Overrides are `section.field=value` strings,
 the value parsed as YAML (`train.lr=3e-4`, `model.router_options.alpha=0.3`).
@@ -25,9 +26,12 @@ from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
 from softmoe.presets import find_config
 
-__all__ = ["TrainConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides", "same_config"]
+__all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides",
+           "same_config"]
 
 PRECISIONS = ("fp32", "bf16")
+DATA_PARALLEL = ("none", "ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How a run spreads over processes (launched by torchrun; see softmoe/parallel and docs/training.md).
+
+    The default is one process, the path every single-process run takes unchanged.
+    """
+
+    data: str = "none"  # "none" (one process) | "ddp" (DistributedDataParallel) | "fsdp" (FSDP2 fully_shard)
+    expert: int = 1  # expert-parallel group size: each group of this many ranks shards the experts of a layer
+    backend: str = "auto"  # torch.distributed backend: "auto" = nccl on CUDA, gloo on CPU
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_PARALLEL:
+            raise ValueError(f"parallel.data={self.data!r} must be one of {DATA_PARALLEL}")
+        if isinstance(self.expert, bool) or not isinstance(self.expert, int) or self.expert < 1:
+            raise ValueError(f"parallel.expert={self.expert!r} must be an int >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"parallel.backend={self.backend!r} must be one of {BACKENDS}")
+        if self.expert > 1 and self.data == "none":
+            raise ValueError(f"parallel.expert={self.expert} needs parallel.data=ddp or fsdp (the ranks of an "
+                             f"expert-parallel group read different data)")
+
+    @property
+    def distributed(self) -> bool:
+        return self.data != "none"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run: model, data and training settings, checked against each other."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -104,7 +136,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
 
 
 def _coerce(cls, key: str, value: Any, where: str) -> Any:
@@ -131,7 +163,8 @@ def _section(cls, values: Any, section: str):
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
-    """Build a RunConfig from {"model": {...}, "data": {...}, "train": {...}}; missing keys take defaults."""
+    """Build a RunConfig from {"model": {...}, "data": {...}, "train": {...}, "parallel": {...}}; missing keys
+    (and the optional `parallel` section) take defaults."""
     if not isinstance(raw, dict):
         raise ValueError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
     unknown = set(raw) - set(_SECTIONS)

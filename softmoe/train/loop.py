@@ -19,13 +19,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import yaml
 
 from softmoe.data.io import atomic_write_text
-from softmoe.model import GPT
+from softmoe.model import GPT, DecoderOutput
 from softmoe.train import controllers
 from softmoe.train.checkpoint import (
     CheckpointError,
@@ -120,7 +120,13 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
 
 class Trainer:
-    """Builds model, optimizer and data from a RunConfig; `fit` trains, evaluates and checkpoints."""
+    """Builds model, optimizer and data from a RunConfig; `fit` trains, evaluates and checkpoints.
+
+    The methods marked "hook" are the single-process behaviour that softmoe.parallel.DistributedTrainer
+    overrides for a multi-process run (wrapped forward, global statistics, sharded checkpoints).
+    """
+
+    writes_run_files = True  # False on the non-zero ranks of a distributed run: rank 0 alone writes the run dir
 
     def __init__(self, config: RunConfig, report: Callable[[str], None] | None = None):
         self.config = config
@@ -165,21 +171,45 @@ class Trainer:
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
             with autocast_context(t.precision):
-                out = self.model(idx_BT, targets_BT)
+                out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item()
+        loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, routing_summary(out.routing, out.k_L))
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = self._clip_grad_norm(max_norm)
         finite = math.isfinite(loss_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         else:
             # Never let NaN/inf reach the weights: drop this step's gradients instead.
             self.optimizer.zero_grad(set_to_none=True)
-        controllers.step(self.model, update=finite)  # ReMoE lambda, loss-free bias; a skipped step moves neither
+        self._controllers_step(update=finite)  # ReMoE lambda, loss-free bias; a skipped step moves neither
         return StepStats(loss=loss_sum / t.grad_accum, aux_loss=aux_sum / t.grad_accum, grad_norm=grad_norm,
-                         lr=lr, skipped=not finite, layers=routing_summary(out.routing, out.k_L))
+                         lr=lr, skipped=not finite, layers=layers)
+
+    # ---- hooks (single process; see softmoe/parallel/trainer.py) ----
+
+    def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
+        """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced)."""
+        return self.model(idx_BT, targets_BT)
+
+    def _global_values(self, loss_sum: float, aux_sum: float, layers: list[dict]
+                       ) -> tuple[float, float, list[dict]]:
+        """Hook: the step's loss sums and routing summary over every process (here: this one's)."""
+        return loss_sum, aux_sum, layers
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Hook: clip the gradients to `max_norm`; returns the total norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+
+    def _controllers_step(self, update: bool) -> None:
+        """Hook: the after-step controllers, fed with this process's counts."""
+        controllers.step(self.model, update=update)
+
+    def num_params(self) -> int:
+        """Hook: parameters of the whole model (the tied head counted once)."""
+        return self.model.num_params()
 
     def _guard(self, stats: StepStats, step: int) -> None:
         if not stats.skipped:
@@ -195,16 +225,19 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def save(self) -> Path:
-        """Checkpoint the state after `self.step` completed steps."""
-        train_state = {
-            "optimizer": self.optimizer.state_dict(),
+    def _train_state(self) -> dict:
+        """Step, RNG state, data position and log window of a checkpoint (`save` adds the optimizer state)."""
+        return {
             "step": self.step,
             "rng_torch": torch.get_rng_state(),
             "data_position": self.data.train.state_dict(next_step=self.step * self.config.train.grad_accum),
             "skipped_total": self.skipped_total,
             "log_window": list(self.window),
         }
+
+    def save(self) -> Path:
+        """Checkpoint the state after `self.step` completed steps."""
+        train_state = {"optimizer": self.optimizer.state_dict(), **self._train_state()}
         meta = {"step": self.step, "config": resolved_dict(self.config)}
         self.saved_step = self.step
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model.state_dict(), train_state, meta,
@@ -223,23 +256,36 @@ class Trainer:
         if path is None:
             return None
         model_state, train_state, meta = load_checkpoint(path)
+        self._check_resumable(meta, train_state, path)
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(train_state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # written wrong, yet its hashes match
+            raise CheckpointError(f"{path}: its state does not load ({' '.join(str(err).split())[:200]})") from None
+        self._resume_position(train_state, path)
+        return path
+
+    def _check_resumable(self, meta: dict, train_state: dict, path: Path,
+                         required: tuple[str, ...] = ("optimizer", "step", "rng_torch", "data_position",
+                                                      "skipped_total")) -> None:
+        """CheckpointError for an unreadable config or missing train state; RunDirError for other settings."""
         try:
             changed = trajectory_diff(meta["config"], self.config)
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{path / 'meta.json'}: unreadable run config ({err})") from None
-        missing = [k for k in ("optimizer", "step", "rng_torch", "data_position", "skipped_total")
-                   if not isinstance(train_state, dict) or k not in train_state]
+        missing = [k for k in required if not isinstance(train_state, dict) or k not in train_state]
         if missing:
             raise CheckpointError(f"{path / 'train_state.pt'}: missing {missing}")
         if changed:
             raise RunDirError(f"{path}: the checkpoint was trained with other settings {changed}; resume with the "
                               f"run's own config (softmoe train --resume reads it) or use another train.name")
+
+    def _resume_position(self, train_state: dict, path: Path) -> None:
+        """Restore the RNG, the step counters, the log window and the checked data position of a checkpoint."""
         try:
-            self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(train_state["optimizer"])
             torch.set_rng_state(train_state["rng_torch"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # written wrong, yet its hashes match
-            raise CheckpointError(f"{path}: its state does not load ({' '.join(str(err).split())[:200]})") from None
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: its RNG state does not load ({' '.join(str(err).split())[:200]})") from None
         self.step = self.saved_step = train_state["step"]
         self.skipped_total = train_state["skipped_total"]
         self.window = list(train_state.get("log_window", [0.0, 0, 0, 0.0]))
@@ -248,12 +294,16 @@ class Trainer:
         if next_batch != self.step * self.config.train.grad_accum:
             raise ValueError(f"{path}: data position {next_batch} does not match step {self.step} x grad_accum "
                              f"{self.config.train.grad_accum}; resume with the same train.grad_accum")
-        return path
 
     # ---- the loop ----
 
     def _start(self, mode: str) -> TrainResult | None:
         """Claim the run directory for `mode` (see train/rundir.py) and restore; the saved result if finished."""
+        good, candidates = self._claim(mode)
+        return None if good is None else self._resume(good, candidates)
+
+    def _claim(self, mode: str) -> tuple[Path | None, Iterator[Path]]:
+        """Clean and check the run directory for `mode`; (the checkpoint to resume or None, older ones)."""
         clean_stale_temp(self.run_dir, self.report)
         if mode == "overwrite":
             empty_run_dir(self.run_dir)
@@ -265,7 +315,10 @@ class Trainer:
             for name in ("metrics.jsonl", "summary.json"):
                 (self.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-            return None
+        return good, candidates
+
+    def _resume(self, good: Path, candidates: Iterator[Path]) -> TrainResult | None:
+        """Restore `good` (falling back to older `candidates` that load); the saved result if finished."""
         while True:  # a checkpoint that verifies but does not load: fall back to the previous one
             try:
                 self.restore(good)
@@ -276,15 +329,21 @@ class Trainer:
                 if good is None:
                     raise RunDirError(f"{self.run_dir}: no checkpoint can be loaded; nothing was changed; pass "
                                       f"--overwrite to start the run again") from None
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
+        if self.writes_run_files:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
         finished = _read_summary(self.run_dir)
         if self.step >= self.config.train.steps and finished is not None and finished.step == self.step:
             self.report(f"{self.run_dir}: already trained to step {self.step}; nothing to do")
             return finished
         self.report(f"resumed from {good} at step {self.step}")
         t = self.config.train
-        MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
+        if self.writes_run_files:
+            MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
         return None
+
+    def _run_lock(self):
+        """Hook: the run directory's lock for the session (RunLock: one trainer at a time)."""
+        return RunLock(self.run_dir, self.report)
 
     def fit(self, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False) -> TrainResult:
         """Train to `train.steps` (or stop after step `stop_after`), evaluating and checkpointing on the way.
@@ -298,13 +357,13 @@ class Trainer:
         """
         t = self.config.train
         mode = "overwrite" if overwrite else "auto" if resume == "auto" else "resume" if resume else "new"
-        with RunLock(self.run_dir, self.report):
+        with self._run_lock():
             finished = self._start(mode)
             if finished is not None:
                 return finished
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
-                                   report=self.report)
+                                   report=self.report, enabled=self.writes_run_files)
             try:
                 with self._stop_on_signal():
                     train_loss, tok_per_sec = self._run(writer, end)
@@ -319,9 +378,9 @@ class Trainer:
                                  val_loss=val_loss, tokens_per_sec=tok_per_sec,
                                  mean_active_experts=mean_active_experts(val_layers),
                                  skipped_steps=self.skipped_total, checkpoint=str(ckpt),
-                                 num_params=self.model.num_params(), interrupted=self.stop_requested is not None,
+                                 num_params=self.num_params(), interrupted=self.stop_requested is not None,
                                  **_ae_fields(self.run_dir, val_layers))
-            if not result.interrupted:
+            if not result.interrupted and self.writes_run_files:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
         return result
 

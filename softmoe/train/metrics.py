@@ -63,20 +63,27 @@ def train_ae(records: list[dict], tail: float = 0.2) -> tuple[float | None, list
 
 
 class MetricsWriter:
-    """Appends records to `<run_dir>/metrics.jsonl` (flushed per line) and scalars to TensorBoard."""
+    """Appends records to `<run_dir>/metrics.jsonl` (flushed per line) and scalars to TensorBoard.
+
+    `enabled=False` writes nothing (the non-zero ranks of a distributed run).
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None,
-                 report: Callable[[str], None] = print):
+                 report: Callable[[str], None] = print, enabled: bool = True):
         """
         Args:
             tensorboard: also write TensorBoard events (needs the `viz` extra; skipped with a note if missing).
             purge_step: a resumed run's step: TensorBoard hides the crashed session's events from this step on,
                 and the records kept in metrics.jsonl at this step are written again.
+            enabled: False writes nothing.
         """
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
@@ -90,6 +97,8 @@ class MetricsWriter:
                         self._to_tensorboard(record)
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         record = _plain(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -107,7 +116,8 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{split}/{key}/block{layer.get('block', '?')}", layer[key], step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -48,6 +48,8 @@ NON_TRAJECTORY = {
               "ckpt_every", "keep_last", "threads", "max_bad_steps"},
     "data": {"data_dir"},
     "model": set(),
+    # how many processes train it: a run may continue on another layout (float round-off, not bitwise)
+    "parallel": {"data", "expert", "backend"},
 }
 
 
