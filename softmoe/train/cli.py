@@ -11,9 +11,10 @@ __all__ = ["add_train_parser", "add_generate_parser"]
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.data.fetch import FetchError
+    from softmoe.parallel.launch import build_trainer, finish
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.config import load_run_config
-    from softmoe.train.loop import Trainer, TrainingAborted
+    from softmoe.train.loop import TrainingAborted
     from softmoe.train.rundir import RunDirError, resume_config
 
     if args.resume and args.overwrite:
@@ -37,18 +38,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"softmoe train: {bad_path}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(config)
+        trainer = build_trainer(config)  # one process, or one rank of a torchrun launch (parallel.data)
     except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
         print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     variant = config.model.router if config.model.ffn == "moe" else "dense"
-    print(f"run {config.train.run_dir}: {variant}, {trainer.model.num_params():,} parameters, "
-          f"{config.train.steps} steps, precision {config.train.precision}")
+    if trainer.writes_run_files:
+        print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
+              f"{config.train.steps} steps, precision {config.train.precision}")
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, OSError) as err:
         print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    finally:
+        finish(trainer)  # a distributed run leaves its process group
+    if not trainer.writes_run_files:  # the non-zero ranks of a distributed run: rank 0 reports
+        return 0
     if result.interrupted:
         print(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         return 130
