@@ -1,0 +1,151 @@
+"""The launch command of the docs, for real: torchrun starts 2 processes of `python -m softmoe.train`.
+
+Then the sharded checkpoint converts to a single-file one that `softmoe generate` reads; a launch killed
+(SIGKILL to torchrun and every worker) after a checkpoint resumes with `--resume` to bitwise the
+uninterrupted run; a distributed config outside torchrun is a one-line error with exit code 2.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_distributed_cli.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softmoe.cli import main
+from softmoe.parallel.checkpoint import is_sharded
+from softmoe.parallel.checkpoint import main as convert_main
+from softmoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from softmoe.train.metrics import read_metrics
+from tests.unit.parallel.spawn import run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny" / "softmoe.yaml"
+
+
+def _overrides(root: Path, *args: str) -> list[str]:
+    return [f"train.out_dir={root / 'runs'}", f"data.data_dir={root / 'data'}", "train.eval_every=0",
+            "train.eval_batches=1", "train.progress=false", "train.tensorboard=false", *args]
+
+
+def _torchrun(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "softmoe.train",
+            "--config", str(TINY), *_overrides(tmp_path, *args)]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(name, None)
+    return env
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def uninterrupted(rank: int, size: int, root: str, args: list[str]) -> None:
+    """One rank of the run `softmoe train --config TINY <overrides>` is under torchrun, never stopped."""
+    from softmoe.parallel.trainer import DistributedTrainer
+    from softmoe.parallel.world import init_world
+    from softmoe.train.config import load_run_config
+
+    config = load_run_config(TINY, _overrides(Path(root), *args))
+    DistributedTrainer(config, init_world(config.parallel), report=lambda _message: None).fit()
+
+
+def test_torchrun_ddp_trains_and_converts(tmp_path, capsys):
+    proc = subprocess.run(_torchrun(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2",
+                                    "train.ckpt_every=0"),
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done at step 4") == 1, proc.stdout  # rank 0 alone reports
+    run_dir = tmp_path / "runs" / "tiny-softmoe"
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 4
+    checkpoint = run_dir / "checkpoints" / "step_0000004"
+    assert is_sharded(checkpoint)
+
+    assert convert_main([str(run_dir), str(tmp_path / "single")]) == 0
+    code = main(["generate", "--checkpoint", str(tmp_path / "single"), "--prompt", "Four score",
+                 "--max-new-tokens", "4", "--temperature", "0"])
+    assert code == 0
+    assert "Four score" in capsys.readouterr().out
+
+
+def test_killed_launch_resumes_exactly(tmp_path):
+    """SIGKILL torchrun and its workers after the step-40 checkpoint; --resume finishes the run, and its
+    weights equal bitwise those of the same run never interrupted (forked ranks: same code, same world)."""
+    from softmoe.parallel.checkpoint import to_single_file
+
+    args = ["parallel.data=ddp", "train.steps=160", "train.ckpt_every=40", "train.log_every=10", "train.keep_last=5"]
+    proc = subprocess.Popen(_torchrun(tmp_path, *args), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "tiny-softmoe" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step_0000040").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = _descendants(proc.pid)
+    for pid in [*workers, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() and "softmoe" in Path(f"/proc/{pid}/cmdline").read_text()
+                   for pid in workers), "a worker survived the kill"
+    assert not (checkpoints / "step_0000160").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_torchrun(tmp_path, *args, "--resume"), cwd=tmp_path, env=_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_0000160" not in resumed.stdout.split("resumed from")[1][:200]
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny-softmoe", "train")]
+    assert steps == sorted(set(steps)) and steps[-1] == 160  # no duplicate records after the resume
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "data").symlink_to(tmp_path / "data")
+    run_ranks(uninterrupted, 2, str(reference), args)
+    want = load_checkpoint(to_single_file(reference / "runs" / "tiny-softmoe", tmp_path / "want"))[0]
+    got = load_checkpoint(to_single_file(tmp_path / "runs" / "tiny-softmoe", tmp_path / "got"))[0]
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name}: the resumed run differs from the uninterrupted one"
+
+
+def test_distributed_config_without_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["train", "--config", str(TINY), "parallel.data=ddp", f"train.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "needs a torchrun launch" in err
+
+
+def test_single_file_readers_explain_a_sharded_checkpoint(tmp_path):
+    """`softmoe eval/generate/export` on a sharded checkpoint: a CheckpointError saying how to convert it."""
+    path = save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {}, {"step": 1})
+    (path / "model.safetensors").rename(path / ".metadata")  # the layout of a sharded checkpoint
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][".metadata"] = manifest["files"].pop("model.safetensors")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="a sharded checkpoint of a multi-process run; .* convert it"):
+        load_checkpoint(path)
