@@ -49,7 +49,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, OSError) as err:
-        print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
+        if trainer.writes_run_files:  # every rank of a distributed run raises rank 0's error: one report
+            print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     finally:
         finish(trainer)  # a distributed run leaves its process group
