@@ -138,7 +138,8 @@ class DistributedTrainer(Trainer):
             except (RunDirError, CheckpointError) as err:
                 claim = [err, []]
         dist.broadcast_object_list(claim, src=0)
-        _raise_on_every_rank(claim[0])
+        if claim[0] is not None:  # rank 0's error, raised on every rank so that all leave together
+            raise claim[0]
         paths = claim[1]
         return None if not paths else self._resume(paths[0], iter(paths[1:]))
 

@@ -146,3 +146,23 @@ def test_multi_process_training_matches_single_process(layout, single, tmp_path)
     for name, value in straight.items():
         assert torch.allclose(value.float(), ref["state"][name].float(), rtol=0, atol=ATOL), f"{name} differs"
         assert torch.equal(resumed[name], value), f"{name}: the resumed run is not bitwise the uninterrupted one"
+
+
+def refuse_twice(rank: int, size: int, root: str) -> str:
+    """Train a 2-step run, then ask for it again as a new run: every rank must get rank 0's refusal."""
+    from softmoe.train.rundir import RunDirError
+
+    config = _config(Path(root), "twice", ["parallel.data=ddp", "train.steps=2", "train.ckpt_every=0"])
+    world = init_world(config.parallel)
+    DistributedTrainer(config, world, report=_quiet).fit()
+    try:
+        DistributedTrainer(config, world, report=_quiet).fit()
+    except RunDirError as err:
+        return str(err)
+    return "not refused"
+
+
+def test_a_refused_run_directory_stops_every_rank(single, tmp_path):
+    (tmp_path / "data").symlink_to(single["root"] / "data")
+    messages = run_ranks(refuse_twice, 2, str(tmp_path), timeout=120)
+    assert all("already holds this run" in m for m in messages), messages
