@@ -1,0 +1,127 @@
+"""The fused Triton LapSum soft top-k: one kernel for the forward, one for the backward.
+
+`soft_topk` / `log_soft_topk` (softmoe/ops/lapsum.py) take this path for float32 compute on CUDA tensors
+with n <= 512 entries per row when triton is installed, and the eager path elsewhere. The environment
+variable `SOFTMOE_LAPSUM`, read at call time, forces a path:
+
+    auto    (default) Triton on CUDA for n <= MAX_ENTRIES and float32/bf16/fp16 scores, eager otherwise
+    triton  always Triton (on CPU tensors only under the interpreter, TRITON_INTERPRET=1: for tests)
+    eager   always the eager op
+
+The kernels (softmoe/ops/_lapsum_kernels.py) do the eager op's math row by row in registers: centre on
+the row max, the safe-side start, exact piecewise steps in frames re-centred on the score nearest the
+threshold, p = F(x); the backward is the same implicit-function gradient. Triton is imported only
+when a kernel runs (no import side effects). Both kernels are sync-free: grad alpha is summed from
+per-row parts on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton"]
+
+LAPSUM_MODES = ("auto", "triton", "eager")
+MAX_ENTRIES = 512  # a row lives in registers: beyond this the eager op is the better path
+_ENTRIES_PER_PROGRAM = 2048  # BLOCK_R * BLOCK_E per program (rows per program = this / padded n)
+
+
+def _mode() -> str:
+    mode = os.environ.get("SOFTMOE_LAPSUM", "auto").strip().lower()
+    if mode not in LAPSUM_MODES:
+        raise ValueError(f"SOFTMOE_LAPSUM={mode!r} must be one of {LAPSUM_MODES}")
+    return mode
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def use_triton(scores_Rn: torch.Tensor) -> bool:
+    """Whether the soft top-k of float32 rows `scores_Rn` (R, n) takes the Triton kernels (see module doc)."""
+    mode = _mode()
+    if mode == "eager":
+        return False
+    n = scores_Rn.shape[-1]
+    available = importlib.util.find_spec("triton") is not None
+    if mode == "auto":
+        return (available and scores_Rn.is_cuda and scores_Rn.dtype == torch.float32 and n <= MAX_ENTRIES
+                and not torch.compiler.is_compiling())
+    if not available:
+        raise ValueError("SOFTMOE_LAPSUM=triton but triton is not installed (pip install triton)")
+    if n > MAX_ENTRIES:
+        raise ValueError(f"SOFTMOE_LAPSUM=triton supports rows of at most {MAX_ENTRIES} entries, got n={n}")
+    if scores_Rn.dtype != torch.float32:
+        raise ValueError(f"SOFTMOE_LAPSUM=triton computes in float32, got scores of dtype {scores_Rn.dtype}")
+    if not scores_Rn.is_cuda and not _interpreting():
+        raise ValueError(f"SOFTMOE_LAPSUM=triton needs CUDA tensors (or TRITON_INTERPRET=1), got device "
+                         f"{scores_Rn.device}")
+    return True
+
+
+def _blocks(num_rows: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, number of programs) for R rows of n entries."""
+    block_e = max(16, 1 << (n - 1).bit_length())
+    block_r = max(1, min(128, _ENTRIES_PER_PROGRAM // block_e))
+    return block_r, block_e, (num_rows + block_r - 1) // block_r
+
+
+class _LapSumTopKTriton(torch.autograd.Function):
+    """Triton twin of `lapsum._LapSumTopK`: p = F((r - b) / alpha) (or log p) on float32 (R, n) rows."""
+
+    @staticmethod
+    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool):
+        from softmoe.ops import _lapsum_kernels as kernels
+
+        scores_Rn = scores_Rn.contiguous()
+        num_rows, n = scores_Rn.shape
+        x = torch.empty_like(scores_Rn)
+        out = torch.empty_like(scores_Rn)
+        if num_rows:
+            block_r, block_e, programs = _blocks(num_rows, n)
+            kernels.lapsum_forward_kernel[(programs,)](
+                scores_Rn, k_R.contiguous(), w_R.contiguous(), alpha, x, out, num_rows, n, 2 * n + 8,
+                LOG=log, BLOCK_R=block_r, BLOCK_E=block_e,
+            )
+        ctx.save_for_backward(x, alpha)
+        ctx.log = log
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from softmoe.ops import _lapsum_kernels as kernels
+
+        x, alpha = ctx.saved_tensors
+        need_scores, need_k, _, need_alpha = ctx.needs_input_grad[:4]
+        num_rows, n = x.shape
+        grad_scores = torch.empty_like(x)
+        grad_k = x.new_zeros(num_rows)
+        grad_alpha_R = x.new_zeros(num_rows)
+        if num_rows:
+            block_r, block_e, programs = _blocks(num_rows, n)
+            kernels.lapsum_backward_kernel[(programs,)](
+                x, grad_out.contiguous(), alpha, grad_scores, grad_k, grad_alpha_R, num_rows, n,
+                LOG=ctx.log, NEED_K=need_k, NEED_ALPHA=need_alpha, BLOCK_R=block_r, BLOCK_E=block_e,
+            )
+        return (grad_scores if need_scores else None, grad_k if need_k else None, None,
+                grad_alpha_R.sum() if need_alpha else None, None)
+
+
+def lapsum_triton(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor,
+                  log: bool, checks: bool) -> torch.Tensor:
+    """(R, n) p (or log p) of float32 rows by the Triton kernels; k_R, w_R = n - k_R: (R,); alpha: 0-d.
+
+    With `checks` (a host sync), a row whose (max - min) / alpha overflows float32 is an error as in the
+    eager op; without, such a row is floored at the float32 minimum (finite, never NaN).
+    """
+    if checks and scores_Rn.numel():
+        spread = (scores_Rn.amax(dim=-1) - scores_Rn.amin(dim=-1)) / alpha.detach()
+        if not bool(torch.isfinite(spread).all()):
+            raise ValueError(
+                f"soft_topk: (max - min) / alpha of a row overflows {scores_Rn.dtype} "
+                f"(alpha={float(alpha):.6g}); scale the scores down, raise alpha or compute in float64"
+            )
+    return _LapSumTopKTriton.apply(scores_Rn, k_R, w_R, alpha, log)
