@@ -38,6 +38,7 @@ import math
 import torch
 
 from softmoe.ops.checks import value_checks_enabled
+from softmoe.ops.lapsum_triton import lapsum_triton, use_triton
 
 __all__ = ["soft_topk", "log_soft_topk"]
 
@@ -421,7 +422,10 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     k_b, w_b = _check_k(k, batch_shape, n, dtype, scores.device, checks)
     alpha_t = _check_alpha(alpha, dtype, scores.device, checks)
     scores_Rn = rows_last.to(dtype).reshape(-1, n)
-    out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks)
+    if use_triton(scores_Rn):  # fused kernels on CUDA (SOFTMOE_LAPSUM, softmoe/ops/lapsum_triton.py)
+        out_Rn = lapsum_triton(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, checks)
+    else:
+        out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks)
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 
