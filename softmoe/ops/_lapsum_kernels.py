@@ -94,9 +94,9 @@ def _row_block(num_rows, n, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def lapsum_forward_kernel(
-    scores_ptr, k_ptr, w_ptr, alpha_ptr, x_ptr, out_ptr,
-    num_rows, n, max_steps,
-    LOG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    scores_ptr, k_ptr, w_ptr, alpha_ptr, x_ptr, out_ptr, keep_ptr,
+    num_rows, n, max_steps, threshold, cap_factor,
+    LOG: tl.constexpr, KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """x = (r - b) / alpha and p = F(x) (or log p) for BLOCK_R rows of contiguous float32 [R, n] scores.
 
@@ -105,6 +105,8 @@ def lapsum_forward_kernel(
     3. exact piecewise steps, each in a frame re-centred on the score nearest the threshold, until every
        row of the block has a step below sqrt(eps) (the step that converges is applied), at most
        `max_steps` (the steps approach the root monotonically within about 2 min(k, n - k) + 2).
+    With KEEP (p only), also the paper's truncation (`softk.relative_keep`): keep p >= tau with
+    tau = clamp(threshold k / n, m-th largest p, largest p), m = min(ceil(k cap_factor), n).
     """
     rows, row_ok, valid, offsets = _row_block(num_rows, n, BLOCK_R, BLOCK_E)
 
@@ -144,6 +146,14 @@ def lapsum_forward_kernel(
     else:
         out = tl.where(x < 0, half_e, 1.0 - half_e)
     tl.store(out_ptr + offsets, out, mask=valid)
+    if KEEP:
+        p = tl.where(valid, out, -1.0)  # padding sorts below every p
+        p_desc = tl.sort(p, dim=1, descending=True)
+        m = tl.minimum(tl.maximum(tl.ceil(k * cap_factor), 1.0), n * 1.0).to(tl.int32)
+        cols = tl.arange(0, BLOCK_E)[None, :]
+        p_m = tl.sum(tl.where(cols == m[:, None] - 1, p_desc, 0.0), axis=1)
+        tau = tl.minimum(tl.maximum(threshold * k / n, p_m), tl.max(p, axis=1))
+        tl.store(keep_ptr + offsets, p >= tau[:, None], mask=valid)
 
 
 @triton.jit

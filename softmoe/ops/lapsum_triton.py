@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton"]
+__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton", "lapsum_triton_keep"]
 
 LAPSUM_MODES = ("auto", "triton", "eager")
 MAX_ENTRIES = 512  # a row lives in registers: beyond this the eager op is the better path
@@ -73,25 +73,29 @@ class _LapSumTopKTriton(torch.autograd.Function):
     """Triton twin of `lapsum._LapSumTopK`: p = F((r - b) / alpha) (or log p) on float32 (R, n) rows."""
 
     @staticmethod
-    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool):
+    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool, keep_rule: tuple[float, float] | None):
         from softmoe.ops import _lapsum_kernels as kernels
 
         scores_Rn = scores_Rn.contiguous()
         num_rows, n = scores_Rn.shape
         x = torch.empty_like(scores_Rn)
         out = torch.empty_like(scores_Rn)
+        keep = torch.empty(scores_Rn.shape if keep_rule else (0, n), dtype=torch.bool, device=scores_Rn.device)
+        threshold, cap_factor = keep_rule or (0.0, 1.0)
         if num_rows:
             block_r, block_e, programs = _blocks(num_rows, n)
             kernels.lapsum_forward_kernel[(programs,)](
-                scores_Rn, k_R.contiguous(), w_R.contiguous(), alpha, x, out, num_rows, n, 2 * n + 8,
-                LOG=log, BLOCK_R=block_r, BLOCK_E=block_e,
+                scores_Rn, k_R.contiguous(), w_R.contiguous(), alpha, x, out, keep, num_rows, n, 2 * n + 8,
+                float(threshold), float(cap_factor),
+                LOG=log, KEEP=keep_rule is not None, BLOCK_R=block_r, BLOCK_E=block_e,
             )
         ctx.save_for_backward(x, alpha)
         ctx.log = log
-        return out
+        ctx.mark_non_differentiable(keep)
+        return out, keep
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_keep):
         from softmoe.ops import _lapsum_kernels as kernels
 
         x, alpha = ctx.saved_tensors
@@ -107,7 +111,7 @@ class _LapSumTopKTriton(torch.autograd.Function):
                 LOG=ctx.log, NEED_K=need_k, NEED_ALPHA=need_alpha, BLOCK_R=block_r, BLOCK_E=block_e,
             )
         return (grad_scores if need_scores else None, grad_k if need_k else None, None,
-                grad_alpha_R.sum() if need_alpha else None, None)
+                grad_alpha_R.sum() if need_alpha else None, None, None)
 
 
 def lapsum_triton(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor,
@@ -117,6 +121,19 @@ def lapsum_triton(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor,
     With `checks` (a host sync), a row whose (max - min) / alpha overflows float32 is an error as in the
     eager op; without, such a row is floored at the float32 minimum (finite, never NaN).
     """
+    return lapsum_triton_keep(scores_Rn, k_R, w_R, alpha, log, checks, None)[0]
+
+
+def lapsum_triton_keep(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor,
+                       log: bool, checks: bool, keep_rule: tuple[float, float] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lapsum_triton` and, with keep_rule = (threshold, cap_factor) (p only), the paper's truncation.
+
+    Returns p (R, n) and keep (R, n) bool, equal to `softk.relative_keep(p, k, threshold, cap_factor)`
+    computed in the same pass (keep is None without keep_rule).
+    """
+    if keep_rule is not None and log:
+        raise ValueError("lapsum_triton_keep: the truncation keep mask needs p, not log p (log=True)")
     if checks and scores_Rn.numel():
         spread = (scores_Rn.amax(dim=-1) - scores_Rn.amin(dim=-1)) / alpha.detach()
         if not bool(torch.isfinite(spread).all()):
@@ -124,4 +141,5 @@ def lapsum_triton(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor,
                 f"soft_topk: (max - min) / alpha of a row overflows {scores_Rn.dtype} "
                 f"(alpha={float(alpha):.6g}); scale the scores down, raise alpha or compute in float64"
             )
-    return _LapSumTopKTriton.apply(scores_Rn, k_R, w_R, alpha, log)
+    out, keep = _LapSumTopKTriton.apply(scores_Rn, k_R, w_R, alpha, log, keep_rule)
+    return out, (keep if keep_rule is not None else None)

@@ -139,3 +139,26 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("SOFTMOE_LAPSUM", "fast")
     with pytest.raises(ValueError, match="SOFTMOE_LAPSUM='fast' must be one of"):
         soft_topk(cpu, 2.0)
+
+
+def test_fused_keep_matches_relative_keep():
+    """The kernel's truncation mask equals `softk.relative_keep` on the p it returns (same pass).
+
+    Rows 0-19 have k = 2, rows 20-39 a fractional k per row; rows 0-9 and 20-29 have ties.
+    """
+    from softmoe.ops.lapsum_triton import lapsum_triton_keep
+    from softmoe.routing.softk import relative_keep
+
+    rows, n = 40, 16
+    scores = _rows((rows, n), seed=11)
+    ties = _rows((rows, n), seed=12, ties=True)
+    scores[0:10], scores[20:30] = ties[0:10], ties[20:30]
+    k = torch.cat([torch.full((20,), 2.0).double(), _k_per_row(20, n, seed=2).clamp(max=7.0)])
+    alpha = torch.tensor(0.5)
+    for threshold, cap_factor in [(1.8, 2.0), (0.0, 1.5), (50.0, 2.0)]:  # the paper's; clamped low; high
+        p, keep = lapsum_triton_keep(scores, k.float(), (n - k).float(), alpha, False, True, (threshold, cap_factor))
+        expected = relative_keep(p, k.float()[:, None], threshold, cap_factor)
+        assert torch.equal(keep, expected), (threshold, cap_factor)
+        assert 0 < keep.sum() < keep.numel()
+    with pytest.raises(ValueError, match="needs p, not log p"):
+        lapsum_triton_keep(scores, k.float(), (n - k).float(), alpha, True, True, (1.8, 2.0))
