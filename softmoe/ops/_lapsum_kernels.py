@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_LOG2 = 0.6931471805599453
+_LOG2 = tl.constexpr(0.6931471805599453)  # a global read by a kernel must be a constexpr
 
 
 @triton.jit
