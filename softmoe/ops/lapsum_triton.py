@@ -22,12 +22,12 @@ import os
 
 import torch
 
-__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton", "lapsum_triton_keep"]
+__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton", "lapsum_triton_keep", "compile_kernels"]
 
 LAPSUM_MODES = ("auto", "triton", "eager")
 MAX_ENTRIES = 512  # a row lives in registers: beyond this the eager op is the better path
 # BLOCK_R * BLOCK_E per program (rows per program = this / padded n): at 1024 ptxas reports no register
-# spills for sm_90 (2048 spilled at n = 16 and 64); not yet tuned on a GPU.
+# spills for sm_90 (2048 spilled at n = 64; benchmarks/triton_registers.py); not yet tuned on a GPU.
 _ENTRIES_PER_PROGRAM = 1024
 
 
@@ -69,6 +69,38 @@ def _blocks(num_rows: int, n: int) -> tuple[int, int, int]:
     block_e = max(16, 1 << (n - 1).bit_length())
     block_r = max(1, min(128, _ENTRIES_PER_PROGRAM // block_e))
     return block_r, block_e, (num_rows + block_r - 1) // block_r
+
+
+def compile_kernels(arch: int = 90, n: int = 16) -> dict:
+    """Compile both kernels, every branch (log p, keep mask, k and alpha grads), to cubins for sm_`arch`.
+
+    Needs no GPU (triton's bundled ptxas), but TRITON_INTERPRET must be unset when the kernels module is
+    first imported. The interpreter misses compile-only errors; this finds them. Returns
+    {"forward": compiled, "backward": compiled} (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata`).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from softmoe.ops import _lapsum_kernels as kernels
+
+    block_r, block_e, _ = _blocks(1, n)
+    rows = {"num_rows": "i32", "n": "i32"}
+    forward = {name: "*fp32" for name in ("scores_ptr", "k_ptr", "w_ptr", "alpha_ptr", "x_ptr", "out_ptr")}
+    forward.update(keep_ptr="*i1", **rows, max_steps="i32", threshold="fp32", cap_factor="fp32")
+    backward = {name: "*fp32" for name in ("x_ptr", "grad_out_ptr", "alpha_ptr", "grad_scores_ptr", "grad_k_ptr",
+                                           "grad_alpha_ptr")}
+    backward.update(rows)
+    blocks = dict(BLOCK_R=block_r, BLOCK_E=block_e)
+    compiled = {}
+    for name, fn, signature, constexprs in [
+        ("forward", kernels.lapsum_forward_kernel, forward, dict(LOG=True, KEEP=True, **blocks)),
+        ("backward", kernels.lapsum_backward_kernel, backward, dict(LOG=True, NEED_K=True, NEED_ALPHA=True, **blocks)),
+    ]:
+        signature.update({key: "constexpr" for key in constexprs})
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return compiled
 
 
 class _LapSumTopKTriton(torch.autograd.Function):

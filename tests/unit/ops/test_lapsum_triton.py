@@ -165,36 +165,16 @@ def test_fused_keep_matches_relative_keep():
         lapsum_triton_keep(scores, k.float(), (n - k).float(), alpha, True, True, (1.8, 2.0))
 
 
-_COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from softmoe.ops import _lapsum_kernels as kernels
-
-target = GPUTarget("cuda", 90, 32)
-rows = {"num_rows": "i32", "n": "i32"}
-forward = {name: "*fp32" for name in ("scores_ptr", "k_ptr", "w_ptr", "alpha_ptr", "x_ptr", "out_ptr")}
-forward.update(keep_ptr="*i1", **rows, max_steps="i32", threshold="fp32", cap_factor="fp32")
-backward = {name: "*fp32" for name in ("x_ptr", "grad_out_ptr", "alpha_ptr", "grad_scores_ptr", "grad_k_ptr",
-                                       "grad_alpha_ptr")}
-backward.update(rows)
-for fn, signature, constexprs in [
-    (kernels.lapsum_forward_kernel, forward, dict(LOG=True, KEEP=True, BLOCK_R=64, BLOCK_E=16)),
-    (kernels.lapsum_backward_kernel, backward, dict(LOG=True, NEED_K=True, NEED_ALPHA=True, BLOCK_R=64, BLOCK_E=16)),
-]:
-    signature.update({name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
-    assert compiled.asm["cubin"], fn
-print("compiled")
-"""
-
-
 def test_kernels_compile_for_sm90(tmp_path):
     """Both kernels (log and keep branches) compile to an sm_90 cubin: the interpreter misses compile-only
     errors (e.g. a non-constexpr global read in a kernel). Runs without TRITON_INTERPRET, in a subprocess
     with its own cache (a fresh compile, nothing written to ~/.triton)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+    code = ("from softmoe.ops.lapsum_triton import compile_kernels\n"
+            "compiled = compile_kernels(arch=90)\n"
+            "assert all(c.asm['cubin'] for c in compiled.values())\n"
+            "print('compiled')")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
