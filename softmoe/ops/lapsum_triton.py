@@ -48,11 +48,10 @@ def use_triton(scores_Rn: torch.Tensor) -> bool:
     if mode == "eager":
         return False
     n = scores_Rn.shape[-1]
-    available = importlib.util.find_spec("triton") is not None
     if mode == "auto":
-        return (available and scores_Rn.is_cuda and scores_Rn.dtype == torch.float32 and n <= MAX_ENTRIES
-                and not torch.compiler.is_compiling())
-    if not available:
+        return (scores_Rn.is_cuda and scores_Rn.dtype == torch.float32 and n <= MAX_ENTRIES
+                and not torch.compiler.is_compiling() and importlib.util.find_spec("triton") is not None)
+    if importlib.util.find_spec("triton") is None:
         raise ValueError("SOFTMOE_LAPSUM=triton but triton is not installed (pip install triton)")
     if n > MAX_ENTRIES:
         raise ValueError(f"SOFTMOE_LAPSUM=triton supports rows of at most {MAX_ENTRIES} entries, got n={n}")
@@ -129,6 +128,7 @@ class _LapSumTopKTriton(torch.autograd.Function):
         return out, keep
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are not differentiable themselves
     def backward(ctx, grad_out, _grad_keep):
         from softmoe.ops import _lapsum_kernels as kernels
 
