@@ -10,6 +10,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in triton's CPU interpreter (tests/unit/ops/test_lapsum_triton.py). triton reads
+# the variable when it is first imported (its own library functions are decorated then), before any test module
+# is collected; it changes nothing else here (no other code runs Triton kernels on CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Under pytest-xdist every worker is its own process: one intra-op thread each avoids
 # oversubscribing the cores (2 workers x N threads) and keeps timings of the suite predictable.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -1,10 +1,7 @@
-"""The fused Triton LapSum kernels against the eager op, on CPU under the Triton interpreter.
-
-TRITON_INTERPRET=1 is set before the kernels module is imported in this process (the op imports it
-lazily; triton reads the variable when a kernel is decorated) and stays set in this test process: it
-only affects Triton kernels, which nothing else runs on CPU. If the kernels were compiled earlier
-without it, the tests skip with the reason. The interpreter is slow:
-shapes are small and each case runs forward and backward once.
+"""The fused Triton LapSum kernels against the eager op: on CUDA when there is one, else on CPU under triton's
+interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is first imported: triton decorates its
+own library functions on import). The interpreter is slow: shapes are small and each case runs forward and
+backward once.
 
 Tolerances (float32): p and log p within 2e-6 absolute of the eager op (both solve the same threshold
 exactly; they differ in the last bits of the side sums); sum p = k within 1e-5 * n; gradients within
@@ -21,17 +18,16 @@ import sys
 import pytest
 import torch
 
-if "softmoe.ops._lapsum_kernels" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
 from softmoe.ops import log_soft_topk, soft_topk  # noqa: E402
 from softmoe.ops.lapsum_triton import use_triton  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
     pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-        reason="TRITON_INTERPRET=1 could not be set before the kernels were compiled in this process",
+        DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+        reason="no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)",
     ),
     # The interpreter runs kernels in numpy: log(0) = -inf of an empty side sum is intended.
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -60,13 +56,13 @@ def _upstream(shape):
 def _run(mode, monkeypatch, fn, scores, k, alpha):
     """Forward value, and grads of (scores, k, alpha) for a fixed random upstream gradient."""
     monkeypatch.setenv("SOFTMOE_LAPSUM", mode)
-    scores = scores.clone().requires_grad_(True)
-    k = k.clone().requires_grad_(True)
-    alpha = torch.tensor(alpha, dtype=torch.float32, requires_grad=True)
+    scores = scores.to(DEVICE, copy=True).requires_grad_(True)
+    k = k.to(DEVICE, copy=True).requires_grad_(True)
+    alpha = torch.tensor(alpha, dtype=torch.float32, device=DEVICE, requires_grad=True)
     out = fn(scores, k, alpha)
-    g = _upstream(out.shape)
+    g = _upstream(out.shape).to(DEVICE)
     grads = torch.autograd.grad((out * g).sum(), (scores, k, alpha))
-    return out.detach(), grads
+    return out.detach().cpu(), [grad.cpu() for grad in grads]
 
 
 CASES = [
@@ -116,7 +112,7 @@ def _log_grad_k(log_p, g):
 
 def test_scalar_k_and_partial_grads(monkeypatch):
     """A float k (no k grad) and a float alpha: only the scores' gradient is asked for."""
-    scores = _rows((5, 6), seed=3)
+    scores = _rows((5, 6), seed=3).to(DEVICE)
     monkeypatch.setenv("SOFTMOE_LAPSUM", "triton")
     s = scores.clone().requires_grad_(True)
     (grad_t,) = torch.autograd.grad(soft_topk(s, 2.5, 0.5).square().sum(), s)
@@ -127,12 +123,13 @@ def test_scalar_k_and_partial_grads(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    """auto: eager on CPU; triton: forced (errors name the limit); a bad mode is named."""
+    """auto: eager on CPU, Triton on CUDA; triton: forced (errors name the limit); a bad mode is named."""
     cpu = torch.zeros(4, 8)
     monkeypatch.setenv("SOFTMOE_LAPSUM", "auto")
     assert not use_triton(cpu)
+    assert DEVICE == "cpu" or use_triton(cpu.to(DEVICE))
     monkeypatch.setenv("SOFTMOE_LAPSUM", "triton")
-    assert use_triton(cpu)
+    assert use_triton(cpu.to(DEVICE))
     with pytest.raises(ValueError, match="at most 512 entries, got n=513"):
         use_triton(torch.zeros(2, 513))
     with pytest.raises(ValueError, match="float32"):
@@ -155,7 +152,7 @@ def test_fused_keep_matches_relative_keep():
     ties = _rows((rows, n), seed=12, ties=True)
     scores[0:10], scores[20:30] = ties[0:10], ties[20:30]
     k = torch.cat([torch.full((20,), 2.0).double(), _k_per_row(20, n, seed=2).clamp(max=7.0)])
-    alpha = torch.tensor(0.5)
+    scores, k, alpha = scores.to(DEVICE), k.to(DEVICE), torch.tensor(0.5, device=DEVICE)
     for threshold, cap_factor in [(1.8, 2.0), (0.0, 1.5), (50.0, 2.0)]:  # the paper's; clamped low; high
         p, keep = lapsum_triton_keep(scores, k.float(), (n - k).float(), alpha, False, True, (threshold, cap_factor))
         expected = relative_keep(p, k.float()[:, None], threshold, cap_factor)
