@@ -256,7 +256,9 @@ def _lapsum_backward(
     q = torch.softmax(neg_abs_x, dim=-1)
     if log:
         v = grad_out_Rn * _log_output_slope(x_Rn)
-        dy_dk = torch.exp(torch.log(q) - _laplace_log_cdf(x_Rn)) if need_k else None
+        # log q from log_softmax, not log(q): q underflows to 0 for scores far below the threshold, whose
+        # q / p is still finite (both tiny).
+        dy_dk = torch.exp(torch.log_softmax(neg_abs_x, dim=-1) - _laplace_log_cdf(x_Rn)) if need_k else None
     else:
         v = grad_out_Rn * neg_abs_x.exp_().mul_(0.5)
         dy_dk = q
