@@ -14,8 +14,8 @@ Implementations (`EXPERT_IMPLS`, chosen by name):
              build has no grouped matmul for this device, dtype or shape. On CPU (torch 2.13)
              grouped_mm runs one matmul per expert internally, so it is only as fast as those.
     padded   (default) segments padded to a common capacity and run as batched matmuls (bmm), the
-             few rows of overloaded experts past the capacity run grouped. Measured 1.2-2.6x faster
-             than `grouped` on CPU at E = 8..64 (docs/benchmarks.md).
+             few rows of overloaded experts past the capacity in a second, smaller padded batch.
+             Measured faster than `grouped` on CPU at E = 8..64 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "grouped_experts",
     "padded_experts",
     "grouped_mm_supported",
+    "compute_dtype",
 ]
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,7 +77,7 @@ def loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tens
     return torch.cat(outputs)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: the autocast dtype inside autocast, else x's dtype."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -111,7 +112,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
 @_register("grouped")
 def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
     """Grouped matmuls over the ragged expert segments; same contract as `loop_experts`."""
-    dtype = _compute_dtype(x_ND)
+    dtype = compute_dtype(x_ND)
     if not grouped_mm_supported(x_ND.device, dtype, x_ND.shape[-1], w_gate_EDH.shape[-1]):
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     # grouped_mm is not on autocast's cast list, so cast explicitly to what autocast would use.
@@ -122,54 +123,87 @@ def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.T
     return F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
 
 
-def _padded_capacity(counts: list[int], overflow_cost: float = 4.0, call_cost: float = 64.0) -> int:
-    """Rows per expert in the padded batch, from a cost model in units of one padded row.
+def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> int:
+    """Rows per expert in the main padded batch, from a cost model in units of one padded row.
 
-    A padded row costs 1 (the batch is E x C rows); a row past C runs in a small per-expert matmul,
-    measured 4-5x slower per row on CPU, plus a fixed cost per overflowing expert. C is the count
-    that minimises E * C + overflow_cost * overflow_rows + call_cost * overflowing_experts.
+    The main batch is E x C rows. The experts with more than C rows run their extra rows in a second
+    padded batch of (overflowing experts) x (max count - C) rows, which costs a fixed `call_cost`
+    (three more bmm calls, a weight gather). C is the count that minimises the padded rows of both
+    batches plus that fixed cost.
     """
-    num_experts = len(counts)
+    num_experts, largest = len(counts), max(counts)
 
     def cost(cap: int) -> float:
-        over = [n - cap for n in counts if n > cap]
-        return num_experts * cap + overflow_cost * sum(over) + call_cost * len(over)
+        over = sum(1 for n in counts if n > cap)
+        return num_experts * cap + over * (largest - cap) + (call_cost if over else 0.0)
 
     return max(1, min(set(counts), key=cost))
 
 
+def _padded_swiglu(x_RD, expert_R, pos_R, cap, w_gate_EDH, w_up_EDH, w_down_EHD, dtype) -> torch.Tensor:
+    """Rows x_RD of experts expert_R (local indices into the given weights) at positions pos_R < cap:
+    copied into an (E, cap, D) zero-padded batch, three bmms, and the rows gathered back: (R, D)."""
+    num_experts = w_gate_EDH.shape[0]
+    slot_R = expert_R * cap + pos_R  # distinct
+    x_ECD = x_RD.new_zeros(num_experts * cap, x_RD.shape[-1], dtype=dtype).index_copy(0, slot_R, x_RD.to(dtype))
+    x_ECD = x_ECD.view(num_experts, cap, -1)
+    h_ECH = F.silu(torch.bmm(x_ECD, w_gate_EDH.to(dtype))) * torch.bmm(x_ECD, w_up_EDH.to(dtype))
+    y_PD = torch.bmm(h_ECH, w_down_EHD.to(dtype)).reshape(num_experts * cap, -1)
+    return _GatherRows.apply(y_PD, slot_R)
+
+
 @_register("padded")
 def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
-    """Batched matmuls over expert segments padded to a common capacity, ragged overflow grouped.
+    """Batched matmuls over expert segments padded to a common capacity, overflow in a second batch.
 
     Expert e's first min(count_e, C) rows go to slot e of an (E, C, D) batch (zeros elsewhere) and
-    run as three `bmm`s; rows beyond C (overloaded experts only) run through `grouped_experts`.
-    Nothing is dropped. On CPU a bmm parallelises over experts and keeps every core on a large
-    matmul, where per-expert matmuls of a few hundred rows run at a fraction of the rate. C trades
-    padding against overflow (`_padded_capacity`). Same contract as `loop_experts`.
+    run as three `bmm`s; the rows beyond C of the overloaded experts run as a second, smaller padded
+    batch over those experts only. Nothing is dropped. On CPU a bmm parallelises over experts and
+    keeps every core on a large matmul, where per-expert matmuls of a few hundred rows (what
+    `grouped_mm` runs internally) are much slower. C trades padding against the second batch
+    (`_padded_capacity`). Outputs are gathered back with distinct indices, so neither direction
+    needs a scatter-add. Same contract as `loop_experts`.
     """
     counts = counts_E.tolist()  # one host sync: the padded shape must be known
     num_rows, num_experts = x_ND.shape[0], len(counts)
     if num_rows == 0:
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     cap = _padded_capacity(counts)
-    dtype = _compute_dtype(x_ND)
+    dtype = compute_dtype(x_ND)
     offsets_E = counts_E.cumsum(0) - counts_E
     expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts_E, output_size=num_rows)
-    pos_N = torch.arange(num_rows, device=x_ND.device) - offsets_E[expert_N]
-    # Overflow rows are parked in one spare slot past the batch; it is never read back.
-    slot_N = torch.where(pos_N < cap, expert_N * cap + pos_N, num_experts * cap)
-    x_PD = x_ND.new_zeros(num_experts * cap + 1, x_ND.shape[-1], dtype=dtype).index_copy(0, slot_N, x_ND.to(dtype))
-    x_ECD = x_PD[:-1].view(num_experts, cap, -1)
-    h_ECH = F.silu(torch.bmm(x_ECD, w_gate_EDH.to(dtype))) * torch.bmm(x_ECD, w_up_EDH.to(dtype))
-    y_PD = torch.bmm(h_ECH, w_down_EHD.to(dtype)).reshape(num_experts * cap, -1)
-    y_ND = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[-1])]).index_select(0, slot_N)
-    if max(counts) > cap:
-        overflow_N = (pos_N >= cap).nonzero().squeeze(-1)  # expert-sorted, so segments stay contiguous
-        y_over = grouped_experts(x_ND.index_select(0, overflow_N), (counts_E - cap).clamp(min=0),
-                                 w_gate_EDH, w_up_EDH, w_down_EHD)
-        y_ND = y_ND.index_add(0, overflow_N, y_over.to(y_ND.dtype))
-    return y_ND
+    pos_N = torch.arange(num_rows, device=x_ND.device) - offsets_E.index_select(0, expert_N)
+    weights = (w_gate_EDH, w_up_EDH, w_down_EHD)
+    if max(counts) <= cap:
+        return _padded_swiglu(x_ND, expert_N, pos_N, cap, *weights, dtype)
+    within_N = (pos_N < cap).nonzero().squeeze(-1)
+    over_N = (pos_N >= cap).nonzero().squeeze(-1)
+    y_within = _padded_swiglu(x_ND.index_select(0, within_N), expert_N.index_select(0, within_N),
+                              pos_N.index_select(0, within_N), cap, *weights, dtype)
+    over_E = torch.tensor([e for e, n in enumerate(counts) if n > cap], device=x_ND.device)
+    local_E = torch.full((num_experts,), -1, dtype=torch.int64, device=x_ND.device)
+    local_E[over_E] = torch.arange(over_E.shape[0], device=x_ND.device)
+    y_over = _padded_swiglu(x_ND.index_select(0, over_N), local_E.index_select(0, expert_N.index_select(0, over_N)),
+                            pos_N.index_select(0, over_N) - cap, max(counts) - cap,
+                            *(_GatherRows.apply(w, over_E) for w in weights), dtype)
+    y_ND = y_within.new_zeros(num_rows, y_within.shape[-1]).index_copy(0, within_N, y_within)
+    return y_ND.index_copy(0, over_N, y_over)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = src.index_select(0, index) for DISTINCT indices; backward copies the gradient rows back
+    (index_copy into zeros) instead of autograd's scatter-add, which is slow on CPU."""
+
+    @staticmethod
+    def forward(ctx, src_PD, index_N):
+        ctx.save_for_backward(index_N)
+        ctx.num_rows = src_PD.shape[0]
+        return src_PD.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (index_N,) = ctx.saved_tensors
+        return grad_ND.new_zeros((ctx.num_rows, *grad_ND.shape[1:])).index_copy_(0, index_N, grad_ND), None
 
 
 class ExpertBank(nn.Module):
