@@ -13,7 +13,8 @@ from softmoe.layers.experts import grouped_mm_supported, swiglu
 
 # (counts per expert, d_model, d_hidden): empty experts first, last and in the middle; unaligned dims.
 SHAPES = [
-    ([200, 2, 2, 2, 2, 2, 2, 0], 16, 32),  # one overloaded expert: padded runs its overflow rows grouped
+    ([200, 2, 2, 2, 2, 2, 2, 0], 16, 32),  # one overloaded expert: padded runs its overflow rows in a second batch
+    ([50, 3, 60, 3], 16, 32),  # two overloaded experts, not adjacent: a second padded batch of both
     ([3, 0, 5, 0], 16, 32),
     ([0, 0, 7, 1], 8, 24),
     ([0, 0, 0, 0], 16, 32),
