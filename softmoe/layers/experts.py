@@ -123,21 +123,34 @@ def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.T
     return F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
 
 
-def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> int:
-    """Rows per expert in the main padded batch, from a cost model in units of one padded row.
+def _bucket(rows: int) -> int:
+    """`rows` rounded up to a multiple of 2^(bits - 4): at most 1/8 more, and only ~8 sizes per octave.
+
+    Padded shapes recur from step to step instead of following every count: each new matmul shape
+    costs oneDNN a new primitive (kept in its cache) and the allocator new block sizes, which grew a
+    training process's memory step after step (docs/benchmarks.md).
+    """
+    granule = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // granule) * granule
+
+
+def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> tuple[int, int]:
+    """(C, C2): rows per expert in the main padded batch and in the overflow batch (0: none).
 
     The main batch is E x C rows. The experts with more than C rows run their extra rows in a second
-    padded batch of (overflowing experts) x (max count - C) rows, which costs a fixed `call_cost`
-    (three more bmm calls, a weight gather). C is the count that minimises the padded rows of both
-    batches plus that fixed cost.
+    padded batch of (overflowing experts) x C2 rows, C2 >= max count - C, which costs a fixed
+    `call_cost` (three more bmm calls, a weight gather). C is the bucketed (`_bucket`) count that
+    minimises the padded rows of both batches plus that fixed cost.
     """
     num_experts, largest = len(counts), max(counts)
 
-    def cost(cap: int) -> float:
+    def plan(cap: int) -> tuple[float, int, int]:
         over = sum(1 for n in counts if n > cap)
-        return num_experts * cap + over * (largest - cap) + (call_cost if over else 0.0)
+        cap2 = _bucket(largest - cap) if over else 0
+        return num_experts * cap + over * cap2 + (call_cost if over else 0.0), cap, cap2
 
-    return max(1, min(set(counts), key=cost))
+    _, cap, cap2 = min(plan(_bucket(n)) for n in set(counts) if n > 0) if largest > 0 else (0, 1, 0)
+    return cap, cap2
 
 
 def _padded_swiglu(x_RD, expert_R, pos_R, cap, w_gate_EDH, w_up_EDH, w_down_EHD, dtype) -> torch.Tensor:
@@ -168,13 +181,13 @@ def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Te
     num_rows, num_experts = x_ND.shape[0], len(counts)
     if num_rows == 0:
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
-    cap = _padded_capacity(counts)
+    cap, cap2 = _padded_capacity(counts)
     dtype = compute_dtype(x_ND)
     offsets_E = counts_E.cumsum(0) - counts_E
     expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts_E, output_size=num_rows)
     pos_N = torch.arange(num_rows, device=x_ND.device) - offsets_E.index_select(0, expert_N)
     weights = (w_gate_EDH, w_up_EDH, w_down_EHD)
-    if max(counts) <= cap:
+    if not cap2:
         return _padded_swiglu(x_ND, expert_N, pos_N, cap, *weights, dtype)
     within_N = (pos_N < cap).nonzero().squeeze(-1)
     over_N = (pos_N >= cap).nonzero().squeeze(-1)
@@ -184,7 +197,7 @@ def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Te
     local_E = torch.full((num_experts,), -1, dtype=torch.int64, device=x_ND.device)
     local_E[over_E] = torch.arange(over_E.shape[0], device=x_ND.device)
     y_over = _padded_swiglu(x_ND.index_select(0, over_N), local_E.index_select(0, expert_N.index_select(0, over_N)),
-                            pos_N.index_select(0, over_N) - cap, max(counts) - cap,
+                            pos_N.index_select(0, over_N) - cap, cap2,
                             *(_GatherRows.apply(w, over_E) for w in weights), dtype)
     y_ND = y_within.new_zeros(num_rows, y_within.shape[-1]).index_copy(0, within_N, y_within)
     return y_ND.index_copy(0, over_N, y_over)
