@@ -26,7 +26,7 @@ import yaml
 
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT, DecoderOutput
-from softmoe.train import controllers
+from softmoe.train import controllers, runtime
 from softmoe.train.checkpoint import (
     CheckpointError,
     good_checkpoints,
@@ -132,6 +132,7 @@ class Trainer:
         self.config = config
         self.run_dir = config.train.run_dir
         self.report = report or _tqdm_write
+        runtime.bound_kernel_caches()  # before the first matmul: MoE shapes vary, the caches would grow
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
