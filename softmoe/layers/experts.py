@@ -153,16 +153,11 @@ def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> tuple[int, i
     return cap, cap2
 
 
-def _padded_swiglu(x_RD, expert_R, pos_R, cap, w_gate_EDH, w_up_EDH, w_down_EHD, dtype) -> torch.Tensor:
-    """Rows x_RD of experts expert_R (local indices into the given weights) at positions pos_R < cap:
-    copied into an (E, cap, D) zero-padded batch, three bmms, and the rows gathered back: (R, D)."""
-    num_experts = w_gate_EDH.shape[0]
-    slot_R = expert_R * cap + pos_R  # distinct
-    x_ECD = x_RD.new_zeros(num_experts * cap, x_RD.shape[-1], dtype=dtype).index_copy(0, slot_R, x_RD.to(dtype))
-    x_ECD = x_ECD.view(num_experts, cap, -1)
+def _batched_swiglu(x_ECD: torch.Tensor, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
+    """SwiGLU of each expert on its padded rows, three bmms: (E, C, D) -> (E * C, D)."""
+    dtype = x_ECD.dtype
     h_ECH = F.silu(torch.bmm(x_ECD, w_gate_EDH.to(dtype))) * torch.bmm(x_ECD, w_up_EDH.to(dtype))
-    y_PD = torch.bmm(h_ECH, w_down_EHD.to(dtype)).reshape(num_experts * cap, -1)
-    return _GatherRows.apply(y_PD, slot_R)
+    return torch.bmm(h_ECH, w_down_EHD.to(dtype)).flatten(0, 1)
 
 
 @_register("padded")
@@ -170,37 +165,41 @@ def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Te
     """Batched matmuls over expert segments padded to a common capacity, overflow in a second batch.
 
     Expert e's first min(count_e, C) rows go to slot e of an (E, C, D) batch (zeros elsewhere) and
-    run as three `bmm`s; the rows beyond C of the overloaded experts run as a second, smaller padded
-    batch over those experts only. Nothing is dropped. On CPU a bmm parallelises over experts and
-    keeps every core on a large matmul, where per-expert matmuls of a few hundred rows (what
-    `grouped_mm` runs internally) are much slower. C trades padding against the second batch
-    (`_padded_capacity`). Outputs are gathered back with distinct indices, so neither direction
-    needs a scatter-add. Same contract as `loop_experts`.
+    run as three `bmm`s; the rows beyond C of the E_o overloaded experts go to a second, smaller
+    (E_o, C2, D) batch over those experts only. Both batches live in one zero-padded buffer that one
+    `index_copy` fills, and the outputs are gathered back with distinct indices, so neither direction
+    needs a scatter-add and every buffer has a bucketed size. Nothing is dropped. On CPU a bmm
+    parallelises over experts and keeps every core on a large matmul, where per-expert matmuls of a
+    few hundred rows (what `grouped_mm` runs internally) are much slower. C trades padding against
+    the second batch (`_padded_capacity`). Same contract as `loop_experts`.
     """
     counts = counts_E.tolist()  # one host sync: the padded shape must be known
     num_rows, num_experts = x_ND.shape[0], len(counts)
     if num_rows == 0:
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     cap, cap2 = _padded_capacity(counts)
-    dtype = compute_dtype(x_ND)
+    over = [e for e, n in enumerate(counts) if n > cap]
+    device, main_rows = x_ND.device, num_experts * cap
     offsets_E = counts_E.cumsum(0) - counts_E
-    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts_E, output_size=num_rows)
-    pos_N = torch.arange(num_rows, device=x_ND.device) - offsets_E.index_select(0, expert_N)
+    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), counts_E, output_size=num_rows)
+    pos_N = torch.arange(num_rows, device=device) - offsets_E.index_select(0, expert_N)
+    slot_N = expert_N * cap + pos_N  # main batch: row pos of expert e's block
+    if over:
+        # Overflow rows: row (pos - C) of the overloaded expert's block in the second batch.
+        local_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        local_E[over] = torch.arange(len(over), device=device)
+        over_slot_N = main_rows + local_E.index_select(0, expert_N) * cap2 + (pos_N - cap)
+        slot_N = torch.where(pos_N < cap, slot_N, over_slot_N)
+    x_PD = x_ND.new_zeros(main_rows + len(over) * cap2, x_ND.shape[-1], dtype=compute_dtype(x_ND))
+    x_PD = x_PD.index_copy(0, slot_N, x_ND.to(x_PD.dtype))
     weights = (w_gate_EDH, w_up_EDH, w_down_EHD)
-    if not cap2:
-        return _padded_swiglu(x_ND, expert_N, pos_N, cap, *weights, dtype)
-    within_N = (pos_N < cap).nonzero().squeeze(-1)
-    over_N = (pos_N >= cap).nonzero().squeeze(-1)
-    y_within = _padded_swiglu(x_ND.index_select(0, within_N), expert_N.index_select(0, within_N),
-                              pos_N.index_select(0, within_N), cap, *weights, dtype)
-    over_E = torch.tensor([e for e, n in enumerate(counts) if n > cap], device=x_ND.device)
-    local_E = torch.full((num_experts,), -1, dtype=torch.int64, device=x_ND.device)
-    local_E[over_E] = torch.arange(over_E.shape[0], device=x_ND.device)
-    y_over = _padded_swiglu(x_ND.index_select(0, over_N), local_E.index_select(0, expert_N.index_select(0, over_N)),
-                            pos_N.index_select(0, over_N) - cap, cap2,
-                            *(_GatherRows.apply(w, over_E) for w in weights), dtype)
-    y_ND = y_within.new_zeros(num_rows, y_within.shape[-1]).index_copy(0, within_N, y_within)
-    return y_ND.index_copy(0, over_N, y_over)
+    y_PD = _batched_swiglu(x_PD[:main_rows].view(num_experts, cap, -1), *weights)
+    if over:
+        over_E = torch.tensor(over, device=device)
+        y_over = _batched_swiglu(x_PD[main_rows:].view(len(over), cap2, -1),
+                                 *(_GatherRows.apply(w, over_E) for w in weights))
+        y_PD = torch.cat([y_PD, y_over])
+    return _GatherRows.apply(y_PD, slot_N)
 
 
 class _GatherRows(torch.autograd.Function):
