@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from softmoe.layers.experts import compute_dtype
+
 __all__ = ["linear_cross_entropy", "IGNORE_INDEX", "CHUNK_ROWS"]
 
 IGNORE_INDEX = -100  # torch's default ignore_index
 CHUNK_ROWS = 512  # rows per chunk: 512 x 8192 fp32 logits = 16 MB, fits in this machine's L3
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -101,4 +97,4 @@ def linear_cross_entropy(x_RD: torch.Tensor, weight_VD: torch.Tensor, targets_R:
         raise ValueError(f"targets_R has shape {tuple(targets_R.shape)}; it must be ({x_RD.shape[0]},)")
     grad_on = torch.is_grad_enabled()
     need_grad = (grad_on and x_RD.requires_grad, grad_on and weight_VD.requires_grad)
-    return _LinearCrossEntropy.apply(x_RD, weight_VD, targets_R, _compute_dtype(x_RD), chunk_rows, need_grad)
+    return _LinearCrossEntropy.apply(x_RD, weight_VD, targets_R, compute_dtype(x_RD), chunk_rows, need_grad)
