@@ -110,7 +110,7 @@ def profile_steps(trainer, first_step: int, steps: int, top: int = 14) -> list[d
              "calls_per_step": e.count / steps} for e in events[:top]]
 
 
-def worker(preset: str, steps: int, warmup: int, n_profile: int) -> dict:
+def worker(preset: str, steps: int, warmup: int, n_profile: int, threads: int) -> dict:
     """Build the preset's run, time `steps` optimizer steps with matmul rates in between; one JSON dict."""
     from softmoe.data import dataset_dir_for
     from softmoe.data.fetch import FetchError
@@ -120,6 +120,8 @@ def worker(preset: str, steps: int, warmup: int, n_profile: int) -> dict:
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     overrides = [f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false"]
+    if threads:
+        overrides.append(f"train.threads={threads}")
     config = load_run_config(ROOT / "configs" / f"{preset}.yaml", overrides)
     data = config.data.corpus
     try:
@@ -161,14 +163,34 @@ def worker(preset: str, steps: int, warmup: int, n_profile: int) -> dict:
     }
 
 
+def fit_run(preset: str, steps: int, threads: int) -> dict:
+    """Peak RSS and wall time of a whole `softmoe train` run of `preset` cut to `steps` steps (its
+    periodic evaluation and checkpoints included), in a child process of its own (`os.wait4`)."""
+    out_dir = tempfile.mkdtemp(prefix="bench_train_fit_")
+    cmd = [sys.executable, "-m", "softmoe.cli", "train", "--config", str(ROOT / "configs" / f"{preset}.yaml"),
+           f"train.steps={steps}", f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false",
+           f"train.eval_every={max(1, steps // 3)}", f"train.ckpt_every={max(1, steps // 3)}"]
+    if threads:
+        cmd.append(f"train.threads={threads}")
+    tic = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - tic
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"softmoe train {preset} failed:\n{child.stderr.read()[-4000:]}")
+    return {"preset": preset, "steps": steps, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
 # ---------------------------------------------------------------- the driver
 
-def run_worker(preset: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--profile-steps", str(args.profile_steps)]
+def run_worker(preset: str, args, root: Path = ROOT, profile: bool = True) -> dict:
+    """One worker subprocess running the code of checkout `root` (its benchmarks/bench_train.py)."""
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_train.py"), "--worker", preset, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--profile-steps", str(args.profile_steps if profile else 0), "--threads", str(args.threads)]
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    env["SOFTMOE_DATA_DIR"] = env.get("SOFTMOE_DATA_DIR", str(ROOT / "data"))  # one prepared corpus for both
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     if done.returncode != 0:
         raise RuntimeError(f"worker {preset} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -195,16 +217,22 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
     """Same-run ratios of the demo presets (tokens/s per round, then the median) and peak RSS."""
     out = {}
 
-    def per_round(a: str, b: str) -> float | None:
+    def per_round(a: str, b: str, key: str) -> float | None:
         if a not in rows or b not in rows:
             return None
-        return statistics.median(x / y for x, y in zip(rows[a]["tok_s_per_round"], rows[b]["tok_s_per_round"]))
+        return statistics.median(x / y for x, y in zip(rows[a][f"{key}_per_round"], rows[b][f"{key}_per_round"]))
 
-    for name, (a, b) in {"softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk"),
-                         "topk_over_dense_tok_s": ("demo/topk", "demo/dense")}.items():
-        value = per_round(a, b)
+    # tok/s ratios, and the utilisation ratio: tokens/s per model FLOP, i.e. the tok/s ratio the two
+    # would have at equal realized active experts (SoftMoE's differ from top-k's k).
+    for name, (a, b, key) in {"softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk", "tok_s"),
+                              "softmoe_over_topk_flop_rate": ("demo/softmoe", "demo/topk", "utilisation"),
+                              "topk_over_dense_tok_s": ("demo/topk", "demo/dense", "tok_s")}.items():
+        value = per_round(a, b, key)
         if value is not None:
             out[name] = value
+    for key in rows:
+        if key.startswith("before:") and key[len("before:"):] in rows:
+            out[f"{key[len('before:'):]}: after/before tok_s"] = per_round(key[len("before:"):], key, "tok_s")
     if "demo/dense" in rows:
         for moe in ("demo/topk", "demo/softmoe"):
             if moe in rows:
@@ -237,25 +265,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per preset and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (0: none)")
+    parser.add_argument("--fit-steps", type=int, default=0,
+                        help="also time whole `softmoe train` runs of this many steps per preset (peak RSS of a run)")
+    parser.add_argument("--baseline", help="a checkout of the code before (holding this file): its runs interleave "
+                                           "with this checkout's, rows 'before:<preset>'")
+    parser.add_argument("--threads", type=int, default=0, help="train.threads override (0: the preset's own)")
     parser.add_argument("--json", action="store_true", help="write benchmarks/results/<name>.json")
     parser.add_argument("--name", default="bench_train", help="results file name (with --json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.profile_steps)))
+        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.profile_steps, args.threads)))
         return 0
     presets = [p for p in args.presets.split(",") if p]
-    results: dict[str, list[dict]] = {p: [] for p in presets}
-    for _ in range(args.rounds):
+    # With --baseline, every preset also runs from that checkout, right before this one's run.
+    roots = {"": ROOT} if args.baseline is None else {"before:": Path(args.baseline).resolve(), "": ROOT}
+    results: dict[str, list[dict]] = {label + p: [] for p in presets for label in roots}
+    for r in range(args.rounds):
         for preset in presets:
-            results[preset].append(run_worker(preset, args))
-            # the last round's profile only; earlier rounds need not profile
-    rows = {p: summarise(p, results[p]) for p in presets}
+            for label, root in roots.items():  # the last round profiles
+                results[label + preset].append(run_worker(preset, args, root, profile=r == args.rounds - 1))
+    rows = {key: summarise(key, runs) for key, runs in results.items()} if args.rounds else {}
     rat = ratios(rows)
     print_table(rows, rat)
+    fits = [fit_run(p, args.fit_steps, args.threads) for p in presets] if args.fit_steps else []
+    for fit in fits:
+        print(f"softmoe train {fit['preset']} ({fit['steps']} steps, evals, checkpoints): "
+              f"{fit['wall_s']:.0f} s, peak RSS {fit['peak_rss_mb']:.0f} MB")
     if args.json:
         info = {"lscpu_model": _cpu_model(), "amx": _has_flag("amx_tile"), "avx512_bf16": _has_flag("avx512_bf16"),
-                "matmul_shape": MATMUL_SHAPE, "targets": TARGETS, "ratios": rat,
+                "matmul_shape": MATMUL_SHAPE, "targets": TARGETS, "ratios": rat, "fit_runs": fits,
                 "command": " ".join([Path(sys.executable).name, "benchmarks/bench_train.py", *(argv or sys.argv[1:])])}
         print(write_json(args.name, list(rows.values()), info))
     return 0
