@@ -132,7 +132,7 @@ def evaluate_split(
             break
         bar.update(1)
         with autocast_context(precision):
-            out = model(idx_BT, targets_BT)
+            out = model(idx_BT, targets_BT, return_logits=False)
         scored = int((targets_BT != IGNORE_INDEX).sum())
         total_nats += float(out.loss) * scored
         total_tokens += scored

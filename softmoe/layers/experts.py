@@ -14,8 +14,8 @@ Implementations (`EXPERT_IMPLS`, chosen by name):
              build has no grouped matmul for this device, dtype or shape. On CPU (torch 2.13)
              grouped_mm runs one matmul per expert internally, so it is only as fast as those.
     padded   (default) segments padded to a common capacity and run as batched matmuls (bmm), the
-             few rows of overloaded experts past the capacity run grouped. Measured 1.2-2.6x faster
-             than `grouped` on CPU at E = 8..64 (docs/benchmarks.md).
+             few rows of overloaded experts past the capacity in a second, smaller padded batch.
+             Measured faster than `grouped` on CPU at E = 8..64 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "grouped_experts",
     "padded_experts",
     "grouped_mm_supported",
+    "compute_dtype",
 ]
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,7 +77,7 @@ def loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tens
     return torch.cat(outputs)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: the autocast dtype inside autocast, else x's dtype."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -111,7 +112,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
 @_register("grouped")
 def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
     """Grouped matmuls over the ragged expert segments; same contract as `loop_experts`."""
-    dtype = _compute_dtype(x_ND)
+    dtype = compute_dtype(x_ND)
     if not grouped_mm_supported(x_ND.device, dtype, x_ND.shape[-1], w_gate_EDH.shape[-1]):
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     # grouped_mm is not on autocast's cast list, so cast explicitly to what autocast would use.
@@ -122,54 +123,99 @@ def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.T
     return F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
 
 
-def _padded_capacity(counts: list[int], overflow_cost: float = 4.0, call_cost: float = 64.0) -> int:
-    """Rows per expert in the padded batch, from a cost model in units of one padded row.
+def _bucket(rows: int) -> int:
+    """`rows` rounded up to a multiple of 2^(bits - 4): at most 1/8 more, and only ~8 sizes per octave.
 
-    A padded row costs 1 (the batch is E x C rows); a row past C runs in a small per-expert matmul,
-    measured 4-5x slower per row on CPU, plus a fixed cost per overflowing expert. C is the count
-    that minimises E * C + overflow_cost * overflow_rows + call_cost * overflowing_experts.
+    Padded shapes recur from step to step instead of following every count: each new matmul shape
+    costs oneDNN a new primitive (kept in its cache) and the allocator new block sizes, which grew a
+    training process's memory step after step (docs/benchmarks.md).
     """
-    num_experts = len(counts)
+    granule = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // granule) * granule
 
-    def cost(cap: int) -> float:
-        over = [n - cap for n in counts if n > cap]
-        return num_experts * cap + overflow_cost * sum(over) + call_cost * len(over)
 
-    return max(1, min(set(counts), key=cost))
+def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> tuple[int, int]:
+    """(C, C2): rows per expert in the main padded batch and in the overflow batch (0: none).
+
+    The main batch is E x C rows. The experts with more than C rows run their extra rows in a second
+    padded batch of (overflowing experts) x C2 rows, C2 >= max count - C, which costs a fixed
+    `call_cost` (three more bmm calls, a weight gather). C is the bucketed (`_bucket`) count that
+    minimises the padded rows of both batches plus that fixed cost.
+    """
+    num_experts, largest = len(counts), max(counts)
+
+    def plan(cap: int) -> tuple[float, int, int]:
+        over = sum(1 for n in counts if n > cap)
+        cap2 = _bucket(largest - cap) if over else 0
+        return num_experts * cap + over * cap2 + (call_cost if over else 0.0), cap, cap2
+
+    _, cap, cap2 = min(plan(_bucket(n)) for n in set(counts) if n > 0) if largest > 0 else (0, 1, 0)
+    return cap, cap2
+
+
+def _batched_swiglu(x_ECD: torch.Tensor, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
+    """SwiGLU of each expert on its padded rows, three bmms: (E, C, D) -> (E * C, D)."""
+    dtype = x_ECD.dtype
+    h_ECH = F.silu(torch.bmm(x_ECD, w_gate_EDH.to(dtype))) * torch.bmm(x_ECD, w_up_EDH.to(dtype))
+    return torch.bmm(h_ECH, w_down_EHD.to(dtype)).flatten(0, 1)
 
 
 @_register("padded")
 def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tensor:
-    """Batched matmuls over expert segments padded to a common capacity, ragged overflow grouped.
+    """Batched matmuls over expert segments padded to a common capacity, overflow in a second batch.
 
     Expert e's first min(count_e, C) rows go to slot e of an (E, C, D) batch (zeros elsewhere) and
-    run as three `bmm`s; rows beyond C (overloaded experts only) run through `grouped_experts`.
-    Nothing is dropped. On CPU a bmm parallelises over experts and keeps every core on a large
-    matmul, where per-expert matmuls of a few hundred rows run at a fraction of the rate. C trades
-    padding against overflow (`_padded_capacity`). Same contract as `loop_experts`.
+    run as three `bmm`s; the rows beyond C of the E_o overloaded experts go to a second, smaller
+    (E_o, C2, D) batch over those experts only. Both batches live in one zero-padded buffer that one
+    `index_copy` fills, and the outputs are gathered back with distinct indices, so neither direction
+    needs a scatter-add and every buffer has a bucketed size. Nothing is dropped. On CPU a bmm
+    parallelises over experts and keeps every core on a large matmul, where per-expert matmuls of a
+    few hundred rows (what `grouped_mm` runs internally) are much slower. C trades padding against
+    the second batch (`_padded_capacity`). Same contract as `loop_experts`.
     """
     counts = counts_E.tolist()  # one host sync: the padded shape must be known
     num_rows, num_experts = x_ND.shape[0], len(counts)
     if num_rows == 0:
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
-    cap = _padded_capacity(counts)
-    dtype = _compute_dtype(x_ND)
+    cap, cap2 = _padded_capacity(counts)
+    over = [e for e, n in enumerate(counts) if n > cap]
+    device, main_rows = x_ND.device, num_experts * cap
     offsets_E = counts_E.cumsum(0) - counts_E
-    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts_E, output_size=num_rows)
-    pos_N = torch.arange(num_rows, device=x_ND.device) - offsets_E[expert_N]
-    # Overflow rows are parked in one spare slot past the batch; it is never read back.
-    slot_N = torch.where(pos_N < cap, expert_N * cap + pos_N, num_experts * cap)
-    x_PD = x_ND.new_zeros(num_experts * cap + 1, x_ND.shape[-1], dtype=dtype).index_copy(0, slot_N, x_ND.to(dtype))
-    x_ECD = x_PD[:-1].view(num_experts, cap, -1)
-    h_ECH = F.silu(torch.bmm(x_ECD, w_gate_EDH.to(dtype))) * torch.bmm(x_ECD, w_up_EDH.to(dtype))
-    y_PD = torch.bmm(h_ECH, w_down_EHD.to(dtype)).reshape(num_experts * cap, -1)
-    y_ND = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[-1])]).index_select(0, slot_N)
-    if max(counts) > cap:
-        overflow_N = (pos_N >= cap).nonzero().squeeze(-1)  # expert-sorted, so segments stay contiguous
-        y_over = grouped_experts(x_ND.index_select(0, overflow_N), (counts_E - cap).clamp(min=0),
-                                 w_gate_EDH, w_up_EDH, w_down_EHD)
-        y_ND = y_ND.index_add(0, overflow_N, y_over.to(y_ND.dtype))
-    return y_ND
+    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), counts_E, output_size=num_rows)
+    pos_N = torch.arange(num_rows, device=device) - offsets_E.index_select(0, expert_N)
+    slot_N = expert_N * cap + pos_N  # main batch: row pos of expert e's block
+    if over:
+        # Overflow rows: row (pos - C) of the overloaded expert's block in the second batch.
+        local_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        local_E[over] = torch.arange(len(over), device=device)
+        over_slot_N = main_rows + local_E.index_select(0, expert_N) * cap2 + (pos_N - cap)
+        slot_N = torch.where(pos_N < cap, slot_N, over_slot_N)
+    x_PD = x_ND.new_zeros(main_rows + len(over) * cap2, x_ND.shape[-1], dtype=compute_dtype(x_ND))
+    x_PD = x_PD.index_copy(0, slot_N, x_ND.to(x_PD.dtype))
+    weights = (w_gate_EDH, w_up_EDH, w_down_EHD)
+    y_PD = _batched_swiglu(x_PD[:main_rows].view(num_experts, cap, -1), *weights)
+    if over:
+        over_E = torch.tensor(over, device=device)
+        y_over = _batched_swiglu(x_PD[main_rows:].view(len(over), cap2, -1),
+                                 *(_GatherRows.apply(w, over_E) for w in weights))
+        y_PD = torch.cat([y_PD, y_over])
+    return _GatherRows.apply(y_PD, slot_N)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = src.index_select(0, index) for DISTINCT indices; backward copies the gradient rows back
+    (index_copy into zeros) instead of autograd's scatter-add, which is slow on CPU."""
+
+    @staticmethod
+    def forward(ctx, src_PD, index_N):
+        ctx.save_for_backward(index_N)
+        ctx.num_rows = src_PD.shape[0]
+        return src_PD.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (index_N,) = ctx.saved_tensors
+        return grad_ND.new_zeros((ctx.num_rows, *grad_ND.shape[1:])).index_copy_(0, index_N, grad_ND), None
 
 
 class ExpertBank(nn.Module):

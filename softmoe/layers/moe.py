@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softmoe.layers.experts import ExpertBank
+from softmoe.layers.experts import ExpertBank, compute_dtype
 from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
 from softmoe.routing.record import Routing
 
-__all__ = ["MoELayer", "dispatch", "combine", "fine_grained"]
+__all__ = ["MoELayer", "dispatch", "combine", "fine_grained", "token_slots"]
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -54,20 +54,92 @@ def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) ->
     return num_experts * granularity, d_expert // granularity, k * granularity
 
 
-def dispatch(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Gather each routed pair's token row, in expert-sorted order: (T, D) -> (N, D)."""
-    return x_TD.index_select(0, routing.token_N)
+def token_slots(routing: Routing) -> torch.Tensor:
+    """(T, K) int64: the pairs of each token, K = the most experts any token uses; N marks an empty slot.
+
+    Row t lists token t's pair indices in ascending order (the expert-sorted order of the Routing), so
+    a per-token sum over a row adds its pairs in the same order `index_add` would. This is the inverse
+    of `routing.token_N` as a gather table: summing rows per token becomes one `index_select` plus a
+    sum over K, instead of a scatter-add (measured 5-10x slower on CPU, docs/benchmarks.md).
+    """
+    token_N, num_pairs, num_tokens = routing.token_N, routing.num_pairs, routing.num_tokens
+    if num_pairs == 0:
+        return token_N.new_empty(num_tokens, 0)
+    order_N = torch.argsort(token_N, stable=True)
+    counts_T = torch.bincount(token_N, minlength=num_tokens)
+    width = int(counts_T.max())  # one host sync: the table's width
+    start_T = counts_T.cumsum(0) - counts_T
+    token_sorted_N = token_N.index_select(0, order_N)
+    rank_N = torch.arange(num_pairs, device=token_N.device) - start_T.index_select(0, token_sorted_N)
+    slots = torch.full((num_tokens * width,), num_pairs, dtype=torch.int64, device=token_N.device)
+    slots.index_copy_(0, token_sorted_N * width + rank_N, order_N)
+    return slots.view(num_tokens, width)
 
 
-def combine(y_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
+def _sum_by_token(x_ND: torch.Tensor, slots_TK: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (T, D): row t = sum of the rows of token t's pairs (zeros for a token without pairs)."""
+    num_tokens, width = slots_TK.shape
+    if width == 0:
+        return x_ND.new_zeros(num_tokens, x_ND.shape[-1])
+    padded = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[-1])])  # row N: the empty slot
+    rows_TKD = padded.index_select(0, slots_TK.reshape(-1)).view(num_tokens, width, -1)
+    return rows_TKD[:, 0] if width == 1 else rows_TKD.sum(dim=1)
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_ND = x_TD[token_N] cast to `dtype`; backward sums the pairs' gradients per token in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, slots_TK, dtype):
+        ctx.save_for_backward(slots_TK)
+        ctx.x_dtype = x_TD.dtype
+        return x_TD.to(dtype).index_select(0, token_N)  # cast then gather: the same values, half the bytes
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (slots_TK,) = ctx.saved_tensors
+        return _sum_by_token(grad_ND.to(ctx.x_dtype), slots_TK), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum of y_ND over token t's pairs; backward gathers the token gradient to each pair."""
+
+    @staticmethod
+    def forward(ctx, y_ND, token_N, slots_TK):
+        ctx.save_for_backward(token_N)
+        return _sum_by_token(y_ND, slots_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (token_N,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_N), None, None
+
+
+def dispatch(x_TD: torch.Tensor, routing: Routing, slots_TK: torch.Tensor | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gather each routed pair's token row, in expert-sorted order: (T, D) -> (N, D).
+
+    Args:
+        x_TD: (T, D) token rows.
+        routing: the Routing.
+        slots_TK: optional `token_slots(routing)` (computed if None; pass it to share it with `combine`).
+        dtype: optional dtype of the gathered rows (e.g. the autocast dtype: casting before the gather
+            moves half the bytes); gradients reach x_TD in its own dtype. Default: x_TD's dtype.
+    """
+    slots_TK = token_slots(routing) if slots_TK is None else slots_TK
+    return _Dispatch.apply(x_TD, routing.token_N, slots_TK, x_TD.dtype if dtype is None else dtype)
+
+
+def combine(y_ND: torch.Tensor, routing: Routing, slots_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Weight each pair's expert output and sum per token: (N, D) -> (T, D).
 
     Unrouted (padding) tokens get zeros. The weights are cast to the expert output's dtype, so under
-    autocast the sum runs in the autocast dtype, as a dense FFN's output would.
+    autocast the sum runs in the autocast dtype, as a dense FFN's output would. `slots_TK` as in
+    `dispatch`. The per-token sum is a gather (`token_slots`), not a scatter-add.
     """
+    slots_TK = token_slots(routing) if slots_TK is None else slots_TK
     weighted_ND = y_ND * routing.weight_N.unsqueeze(-1).to(y_ND.dtype)
-    y_TD = y_ND.new_zeros(routing.num_tokens, y_ND.shape[-1])
-    return y_TD.index_add(0, routing.token_N, weighted_ND)
+    return _Combine.apply(weighted_ND, routing.token_N, slots_TK)
 
 
 class MoELayer(nn.Module):
@@ -151,8 +223,9 @@ class MoELayer(nn.Module):
         x_TD = self._flatten(x_BSD)
         mask_T = self._flatten_mask(pad_mask_BS, x_BSD)
         out = self.router(x_TD, mean_k=mean_k, mask_T=mask_T)
-        y_ND = self.experts(dispatch(x_TD, out.routing), out.routing.counts_E)
-        y_TD = combine(y_ND, out.routing)
+        slots_TK = token_slots(out.routing)
+        x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
+        y_TD = combine(self.experts(x_ND, out.routing.counts_E), out.routing, slots_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         self.aux_loss, self.stats = out.aux_loss, out.stats

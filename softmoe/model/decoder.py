@@ -22,6 +22,7 @@ from torch import nn
 from softmoe.model.attention import KVCache, padded_causal_mask, padded_positions, rope_tables
 from softmoe.model.block import Block
 from softmoe.model.config import ModelConfig
+from softmoe.model.loss import linear_cross_entropy
 from softmoe.routing.budget import Budget
 
 __all__ = ["GPT", "DecoderOutput", "check_pad_mask"]
@@ -32,14 +33,15 @@ class DecoderOutput:
     """What one forward returns. Everything the training loop needs flows through here.
 
     Attributes:
-        logits: (B, S, V) float32 next-token logits ((B, 1, V) with last_only).
+        logits: (B, S, V) float32 next-token logits ((B, 1, V) with last_only); None when the forward was
+            called with return_logits=False (the loss is then computed chunk by chunk, model/loss.py).
         loss: mean cross-entropy over targets != -100, or None without targets.
         aux_loss: scalar, sum of the MoE layers' aux losses plus the budget penalty (0 for dense).
         routing: block index -> that MoE layer's detached stats mapping (MoELayer.stats), in block order.
         k_L: (L,) detached per-layer mean active experts of the budget (softmoe), else None.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     routing: dict[int, Mapping] = field(default_factory=dict)
@@ -133,7 +135,7 @@ class GPT(nn.Module):
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                pad_mask_BL: torch.Tensor | None = None) -> DecoderOutput:
+                pad_mask_BL: torch.Tensor | None = None, return_logits: bool = True) -> DecoderOutput:
         """Next-token logits (and loss) for token ids.
 
         Args:
@@ -147,6 +149,9 @@ class GPT(nn.Module):
                 padding tokens are not routed, so a padded row's real outputs equal the unpadded row's (to
                 float round-off). Padding slots' logits are meaningless. None = no padding: the training
                 path, unchanged.
+            return_logits: False (with targets only) skips the (B, S, V) logits: the loss is computed by
+                the fused chunked head + cross-entropy (model/loss.py) and `logits` is None. The training
+                loop and evaluation use this; the values equal the unfused path's up to float rounding.
         Returns:
             DecoderOutput.
         """
@@ -154,6 +159,8 @@ class GPT(nn.Module):
             raise ValueError(f"idx_BS must be a 2-D int64 tensor, got shape {tuple(idx_BS.shape)} {idx_BS.dtype}")
         if last_only and targets_BS is not None:
             raise ValueError("last_only=True computes one position's logits; it cannot take targets_BS")
+        if not return_logits and targets_BS is None:
+            raise ValueError("return_logits=False needs targets_BS: without logits the forward must compute the loss")
         if cache is not None:
             self._check_causal()
         start = 0 if cache is None else cache.length
@@ -171,10 +178,13 @@ class GPT(nn.Module):
         if last_only:
             x_BSD = x_BSD[:, -1:]
         # The tied head is the embedding matrix itself, so there is one tensor to save and decay.
-        logits = F.linear(x_BSD, self.embed.weight).float()
-        loss = None
-        if targets_BS is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
+        if not return_logits:
+            logits, loss = None, linear_cross_entropy(x_BSD.flatten(0, 1), self.embed.weight, targets_BS.flatten())
+        else:
+            logits = F.linear(x_BSD, self.embed.weight).float()
+            loss = None
+            if targets_BS is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
         return DecoderOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(aux_losses), routing=routing,
                              k_L=None if k_L is None else k_L.detach())
 

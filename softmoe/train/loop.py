@@ -26,7 +26,7 @@ import yaml
 
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT, DecoderOutput
-from softmoe.train import controllers
+from softmoe.train import controllers, runtime
 from softmoe.train.checkpoint import (
     CheckpointError,
     good_checkpoints,
@@ -109,7 +109,7 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     total, count, layers = 0.0, 0, []
     for idx_BT, targets_BT in batches:
         with autocast_context(precision):
-            out = model(idx_BT, targets_BT)
+            out = model(idx_BT, targets_BT, return_logits=False)
         n = int((targets_BT != -100).sum())
         total, count = total + out.loss.item() * n, count + n
         layers = routing_summary(out.routing, out.k_L)
@@ -132,6 +132,7 @@ class Trainer:
         self.config = config
         self.run_dir = config.train.run_dir
         self.report = report or _tqdm_write
+        runtime.bound_kernel_caches()  # before the first matmul: MoE shapes vary, the caches would grow
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
@@ -191,8 +192,9 @@ class Trainer:
     # ---- hooks (single process; see softmoe/parallel/trainer.py) ----
 
     def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
-        """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced)."""
-        return self.model(idx_BT, targets_BT)
+        """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced).
+        No (B, S, V) logits: the loss comes from the fused chunked head + cross-entropy (model/loss.py)."""
+        return self.model(idx_BT, targets_BT, return_logits=False)
 
     def _global_values(self, loss_sum: float, aux_sum: float, layers: list[dict]
                        ) -> tuple[float, float, list[dict]]:

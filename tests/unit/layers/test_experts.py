@@ -13,7 +13,8 @@ from softmoe.layers.experts import grouped_mm_supported, swiglu
 
 # (counts per expert, d_model, d_hidden): empty experts first, last and in the middle; unaligned dims.
 SHAPES = [
-    ([200, 2, 2, 2, 2, 2, 2, 0], 16, 32),  # one overloaded expert: padded runs its overflow rows grouped
+    ([200, 2, 2, 2, 2, 2, 2, 0], 16, 32),  # one overloaded expert: padded runs its overflow rows in a second batch
+    ([50, 3, 60, 3], 16, 32),  # two overloaded experts, not adjacent: a second padded batch of both
     ([3, 0, 5, 0], 16, 32),
     ([0, 0, 7, 1], 8, 24),
     ([0, 0, 0, 0], 16, 32),
@@ -73,8 +74,18 @@ def test_registry_and_errors():
 
 
 def test_padded_capacity_trades_padding_against_overflow():
-    from softmoe.layers.experts import _padded_capacity
+    from softmoe.layers.experts import _bucket, _padded_capacity
 
-    assert _padded_capacity([256] * 60 + [300, 310, 320, 330]) == 256  # a few overloaded experts overflow
-    assert _padded_capacity([250, 260, 255, 270]) == 270  # near balance: pad to the largest
-    assert _padded_capacity([200, 2, 2, 2, 2, 2, 2, 0]) == 2  # one hot expert: overflow beats padding
+    assert _padded_capacity([256] * 60 + [300, 310, 320, 330]) == (256, 80)  # a few overloaded experts overflow
+    assert _padded_capacity([250, 240, 245, 255]) == (256, 0)  # near balance: pad to the largest (bucketed)
+    assert _padded_capacity([250, 260, 255, 270]) == (256, 14)  # 288 rows each would cost more than 14 extra
+    assert _padded_capacity([200, 2, 2, 2, 2, 2, 2, 0]) == (2, 208)  # one hot expert: overflow beats padding
+    assert _padded_capacity([0, 0]) == (1, 0)
+
+
+def test_bucket_rounds_up_by_at_most_an_eighth_to_few_sizes():
+    from softmoe.layers.experts import _bucket
+
+    sizes = {_bucket(n) for n in range(1025, 2049)}  # 1152, 1280, ..., 2048
+    assert len(sizes) == 8 and all(_bucket(n) >= n and _bucket(n) <= n * 9 / 8 for n in range(1, 5000))
+    assert [_bucket(n) for n in (1, 2, 7, 15, 16, 17, 1000)] == [1, 2, 7, 15, 16, 18, 1024]

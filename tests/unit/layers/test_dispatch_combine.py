@@ -1,0 +1,78 @@
+"""dispatch / combine: the gather-table versions equal index_select / index_add (forward and backward),
+for ragged routings with tokens that use 0, 1 or several experts; token_slots is the inverse table.
+
+Run: .venv/bin/python -m pytest -q tests/unit/layers/test_dispatch_combine.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softmoe.layers import combine, dispatch
+from softmoe.layers.moe import token_slots
+from softmoe.routing.record import routing_from_mask
+
+
+def ragged_routing(num_tokens: int, num_experts: int, seed: int, density: float = 0.4):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(num_tokens, num_experts, generator=g) < density
+    keep[0] = False  # a token with no expert (e.g. padding)
+    keep[1] = True  # a token with every expert
+    weight = torch.rand(num_tokens, num_experts, generator=g).requires_grad_()
+    return routing_from_mask(weight, keep), weight
+
+
+def test_token_slots_lists_each_tokens_pairs_in_order():
+    routing, _ = ragged_routing(9, 4, seed=0)
+    slots = token_slots(routing)
+    n = routing.num_pairs
+    assert slots.shape == (9, int(routing.active_per_token().max()))
+    for t in range(9):
+        mine = [int(i) for i in slots[t] if i != n]
+        assert mine == [i for i in range(n) if int(routing.token_N[i]) == t]  # ascending pair order
+    assert (slots[0] == n).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dispatch_and_combine_equal_index_select_and_index_add(seed):
+    routing, weight = ragged_routing(13, 5, seed)
+    x = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    y_g = torch.randn(13, 6, dtype=torch.float64)
+
+    x_ND = dispatch(x, routing)
+    y = combine(x_ND.sin(), routing)
+    (y * y_g).sum().backward()
+    got = (y.detach(), x.grad.clone(), weight.grad.clone())
+
+    x.grad, weight.grad = None, None
+    routing = routing_from_mask(weight, weight.detach().new_zeros(weight.shape).index_put(
+        (routing.token_N, routing.expert_N), torch.tensor(1.0)).bool())  # the same pairs, a fresh graph
+    x_ref = x.index_select(0, routing.token_N)
+    w_ND = routing.weight_N.unsqueeze(-1).to(x_ref.dtype) * x_ref.sin()
+    y_ref = x.new_zeros(13, 6).index_add(0, routing.token_N, w_ND)
+    (y_ref * y_g).sum().backward()
+    for a, b in zip(got, (y_ref.detach(), x.grad, weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (got[0][0] == 0).all()  # the token without experts gets zeros
+
+
+def test_dispatch_casts_rows_but_returns_gradients_in_the_input_dtype():
+    routing, _ = ragged_routing(7, 3, seed=3)
+    x = torch.randn(7, 4, requires_grad=True)
+    x_ND = dispatch(x, routing, dtype=torch.bfloat16)
+    assert x_ND.dtype == torch.bfloat16
+    torch.testing.assert_close(x_ND, x.detach().to(torch.bfloat16).index_select(0, routing.token_N), rtol=0, atol=0)
+    x_ND.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, routing.active_per_token().float().unsqueeze(-1).expand(7, 4))
+
+
+def test_empty_routing_gives_zeros():
+    weight = torch.rand(4, 3, requires_grad=True)
+    routing = routing_from_mask(weight, torch.zeros(4, 3, dtype=torch.bool))
+    x = torch.randn(4, 5, requires_grad=True)
+    y = combine(dispatch(x, routing), routing)
+    assert y.shape == (4, 5) and (y == 0).all()
+    y.sum().backward()
+    assert (x.grad == 0).all()
