@@ -22,12 +22,9 @@ from softmoe.ops import soft_topk
 from tests.reference.lapsum_reference import soft_topk_reference
 
 
-def fuzz(cases: int, dtype: torch.dtype, checks: str, seed: int = 0) -> dict:
-    os.environ["SOFTMOE_CHECKS"] = checks
+def fuzz_cases(cases: int, dtype: torch.dtype, seed: int = 0):
+    """Yield (case index, scores (4, n) in dtype, k (4,) float64, alpha) of the fuzz, deterministically."""
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.finfo(dtype).eps
-    worst_sum = worst_p = 0.0
-    failures = 0
     for case in range(cases):
         n = int(torch.randint(2, 65, (1,), generator=gen))
         scale = 10 ** (torch.rand(1, generator=gen).item() * 9 - 3)
@@ -40,6 +37,16 @@ def fuzz(cases: int, dtype: torch.dtype, checks: str, seed: int = 0) -> dict:
         k = torch.rand(4, generator=gen, dtype=torch.float64) * (n - 2e-3) + 1e-3
         if case % 7 == 0:
             k = torch.randint(1, n, (4,), generator=gen).double()
+        yield case, r, k, alpha
+
+
+def fuzz(cases: int, dtype: torch.dtype, checks: str, seed: int = 0) -> dict:
+    os.environ["SOFTMOE_CHECKS"] = checks
+    eps = torch.finfo(dtype).eps
+    worst_sum = worst_p = 0.0
+    failures = 0
+    for _, r, k, alpha in fuzz_cases(cases, dtype, seed):
+        n = r.shape[-1]
         p = soft_topk(r, k, alpha).double()
         err = (p.sum(-1) - k).abs()
         tol = (8 * n * eps if dtype == torch.float32 else 2 * eps) * (k + 1)
