@@ -107,7 +107,7 @@ def _interval_step(count_R1, log_below_R1, log_above_R1, w_R1) -> torch.Tensor:
     return torch.where(d > 0, log_root - log_above_R1, log_below_R1 - log_root)
 
 
-def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, sync_free: bool) -> torch.Tensor:
+def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor) -> torch.Tensor:
     """(R, 1) a first threshold on the root's safe side, exact when every p < 1/2 or every p > 1/2.
 
     All scores below t: p = e^{s-t}/2, so t = log sum e^s - log 2k (>= the root, since F(x) <= e^x/2;
@@ -116,7 +116,7 @@ def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tenso
     """
     from_above = s_Rn.exp().sum(-1, keepdim=True).log_() - (k_R1.log() + _LOG2)
     use_below = k_R1 > w_R1
-    if not sync_free and not bool(use_below.any()):
+    if not bool(use_below.any()):  # a host sync: only the early-exit (CPU) solver starts here
         return from_above
     from_below = (w_R1.log() + _LOG2) - torch.logsumexp(-s_Rn, -1, keepdim=True)
     return torch.where(use_below, from_below, from_above)
@@ -207,7 +207,7 @@ def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8) -> to
             "scale the scores down, raise alpha or compute in float64"
         )
     # s itself is a frame centred on the row max: the first step needs no re-centring.
-    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1, sync_free), w_R1, alpha, max_steps, early_exit=True,
+    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps, early_exit=True,
                            recentre_first=False)
     if not bool(converged.all()):
         rest = (~converged).nonzero().squeeze(-1)

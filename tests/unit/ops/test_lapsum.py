@@ -123,7 +123,7 @@ def test_iteration_agrees_with_closed_form_including_fallback_rows():
     s = s - s.amax(-1, keepdim=True)
     k = torch.rand(256, generator=gen, dtype=torch.float64) * 63.0 + 0.5
     w = 64.0 - k
-    x_iter, converged = _refine(s, s - _initial_threshold(s, k[:, None], w[:, None], False), w[:, None], torch.tensor(1.0, dtype=s.dtype), 64, early_exit=True)
+    x_iter, converged = _refine(s, s - _initial_threshold(s, k[:, None], w[:, None]), w[:, None], torch.tensor(1.0, dtype=s.dtype), 64, early_exit=True)
     t_iter = (s - x_iter)[:, :1]
     t_closed = _threshold_closed_form(s, w[:, None])
     p_iter = soft_topk(s, k, 1.0)
