@@ -110,64 +110,117 @@ def profile_steps(trainer, first_step: int, steps: int, top: int = 14) -> list[d
              "calls_per_step": e.count / steps} for e in events[:top]]
 
 
-def worker(preset: str, steps: int, warmup: int, n_profile: int, threads: int) -> dict:
-    """Build the preset's run, time `steps` optimizer steps with matmul rates in between; one JSON dict."""
+def split_preset(preset: str) -> tuple[str, list[str]]:
+    """'demo/topk@model.k=1@train.lr=1e-3' -> ('demo/topk', ['model.k=1', 'train.lr=1e-3']): a preset and overrides."""
+    name, *overrides = preset.split("@")
+    bad = [o for o in overrides if "=" not in o]
+    if not name or bad:
+        raise SystemExit(f"--presets: {preset!r} is not <size>/<name>[@key=value...]")
+    return name, overrides
+
+
+def build(preset: str, threads: int):
+    """The preset's `Trainer`, built exactly as `softmoe train` builds it; (trainer, config, data name)."""
     from softmoe.data import dataset_dir_for
     from softmoe.data.fetch import FetchError
     from softmoe.train.config import load_run_config
-    from softmoe.train.loop import Trainer, evaluate
-    from softmoe.train.metrics import mean_active_experts
+    from softmoe.train.loop import Trainer
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
-    overrides = [f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false"]
+    name, variant = split_preset(preset)
+    overrides = variant + [f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false"]
     if threads:
         overrides.append(f"train.threads={threads}")
-    config = load_run_config(ROOT / "configs" / f"{preset}.yaml", overrides)
+    config = load_run_config(ROOT / "configs" / f"{name}.yaml", overrides)
     data = config.data.corpus
     try:
         dataset_dir_for(config.data)
     except (FileNotFoundError, FetchError):
         data = "tiny"
-        config = load_run_config(ROOT / "configs" / f"{preset}.yaml", overrides + ["data.corpus=tiny"])
-    build_tic = time.perf_counter()
-    trainer = Trainer(config, report=lambda message: None)
-    build_s = time.perf_counter() - build_tic
+        config = load_run_config(ROOT / "configs" / f"{name}.yaml", overrides + ["data.corpus=tiny"])
+    return Trainer(config, report=lambda message: None), config, data
+
+
+def timed_step(trainer, step: int) -> tuple[float, float, float, list[float]]:
+    """One optimizer step with the matmul probes right before it: (seconds, bf16 rate, fp32 rate, AE per layer)."""
+    bf16, fp32 = matmul_rate(torch.bfloat16), matmul_rate(torch.float32)
+    tic = time.perf_counter()
+    stats = trainer.train_step(step)
+    return time.perf_counter() - tic, bf16, fp32, [layer["active_experts_mean"] for layer in stats.layers]
+
+
+def measured_row(preset: str, trainer, config, data: str, build_s: float, steps: list[tuple]) -> dict:
+    """The JSON row of one preset from its timed steps (`timed_step` tuples)."""
+    from softmoe.train.metrics import mean_active_experts
+
     tokens = trainer.data.tokens_per_batch * config.train.grad_accum
-    for step in range(warmup):
-        trainer.train_step(step)
-    step_s, util, bf16, fp32, active = [], [], [], [], []
-    for step in range(warmup, warmup + steps):
-        bf16.append(matmul_rate(torch.bfloat16))
-        fp32.append(matmul_rate(torch.float32))
-        tic = time.perf_counter()
-        stats = trainer.train_step(step)
-        step_s.append(time.perf_counter() - tic)
-        active.append([layer["active_experts_mean"] for layer in stats.layers])
+    step_s, bf16, fp32, active = (list(x) for x in zip(*steps))
     active_L = [statistics.fmean(a) for a in zip(*active)] if active and active[0] else []
     flops = model_flops_per_token(trainer.model, config.data.seq_len, active_L)
-    for s, rate in zip(step_s, bf16):
-        util.append(flops["train"] * tokens / s / rate)
-    evaluate(trainer.model, trainer.data.val_batches(2), config.train.precision)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    profile = profile_steps(trainer, warmup + steps, n_profile) if n_profile else []
+    util = [flops["train"] * tokens / s / rate for s, rate in zip(step_s, bf16)]
     return {
         "preset": preset, "data": data, "precision": config.train.precision, "threads": torch.get_num_threads(),
         "tokens_per_step": tokens, "params": trainer.model.num_params(), "build_s": build_s,
         "step_s": statistics.median(step_s), "tok_s": tokens / statistics.median(step_s),
+        "tok_s_per_step": [tokens / s for s in step_s], "utilisation_per_step": util,
         "bf16_flops": statistics.median(bf16), "fp32_flops": statistics.median(fp32),
         "utilisation": statistics.median(util), "utilisation_fp32": flops["train"] * tokens /
         statistics.median(step_s) / statistics.median(fp32),
         "model_flops_per_token": flops, "active_experts_mean": mean_active_experts(
             [{"active_experts_mean": a} for a in active_L]),
-        "peak_rss_mb": peak_rss_mb, "profile": profile,
     }
+
+
+def worker(preset: str, steps: int, warmup: int, n_profile: int, threads: int) -> dict:
+    """Build the preset's run, time `steps` optimizer steps with matmul rates in between; one JSON dict."""
+    from softmoe.train.loop import evaluate
+
+    build_tic = time.perf_counter()
+    trainer, config, data = build(preset, threads)
+    build_s = time.perf_counter() - build_tic
+    for step in range(warmup):
+        trainer.train_step(step)
+    row = measured_row(preset, trainer, config, data, build_s,
+                       [timed_step(trainer, step) for step in range(warmup, warmup + steps)])
+    evaluate(trainer.model, trainer.data.val_batches(2), config.train.precision)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["profile"] = profile_steps(trainer, warmup + steps, n_profile) if n_profile else []
+    return row
+
+
+def interleaved_worker(presets: list[str], steps: int, warmup: int, threads: int) -> list[dict]:
+    """Every preset built in one process, their timed steps alternating (step i of each preset back to back).
+
+    On a shared, noisy machine the load changes on a scale of seconds to minutes; steps a second apart see
+    nearly the same load, so per-step ratios between presets are far steadier than ratios of separate
+    subprocess rounds. Peak RSS is the process's (all presets together), so it is not reported per preset.
+    """
+    built = {}
+    for preset in presets:
+        tic = time.perf_counter()
+        built[preset] = (*build(preset, threads), time.perf_counter() - tic)
+    for step in range(warmup):
+        for trainer, *_ in built.values():
+            trainer.train_step(step)
+    timed = {preset: [] for preset in presets}
+    for step in range(warmup, warmup + steps):
+        for preset, (trainer, *_) in built.items():
+            timed[preset].append(timed_step(trainer, step))
+    rows = []
+    for preset, (trainer, config, data, build_s) in built.items():
+        row = measured_row(preset, trainer, config, data, build_s, timed[preset])
+        row.update({"peak_rss_mb": None, "profile": [], "rounds": 1, "interleaved": True,
+                    "tok_s_per_round": row["tok_s_per_step"], "utilisation_per_round": row["utilisation_per_step"]})
+        rows.append(row)
+    return rows
 
 
 def fit_run(preset: str, steps: int, threads: int) -> dict:
     """Peak RSS and wall time of a whole `softmoe train` run of `preset` cut to `steps` steps (its
     periodic evaluation and checkpoints included), in a child process of its own (`os.wait4`)."""
     out_dir = tempfile.mkdtemp(prefix="bench_train_fit_")
-    cmd = [sys.executable, "-m", "softmoe.cli", "train", "--config", str(ROOT / "configs" / f"{preset}.yaml"),
+    name, variant = split_preset(preset)
+    cmd = [sys.executable, "-m", "softmoe.cli", "train", "--config", str(ROOT / "configs" / f"{name}.yaml"), *variant,
            f"train.steps={steps}", f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false",
            f"train.eval_every={max(1, steps // 3)}", f"train.ckpt_every={max(1, steps // 3)}"]
     if threads:
@@ -224,7 +277,9 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
 
     # tok/s ratios, and the utilisation ratio: tokens/s per model FLOP, i.e. the tok/s ratio the two
     # would have at equal realized active experts (SoftMoE's differ from top-k's k).
-    for name, (a, b, key) in {"softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk", "tok_s"),
+    # SoftMoE's rule realizes ~1 expert at the demo shape: top-1 is the equal-AE baseline when it was run.
+    for name, (a, b, key) in {"softmoe_over_top1_tok_s": ("demo/softmoe", "demo/topk@model.k=1", "tok_s"),
+                              "softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk", "tok_s"),
                               "softmoe_over_topk_flop_rate": ("demo/softmoe", "demo/topk", "utilisation"),
                               "topk_over_dense_tok_s": ("demo/topk", "demo/dense", "tok_s")}.items():
         value = per_round(a, b, key)
@@ -233,7 +288,7 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
     for key in rows:
         if key.startswith("before:") and key[len("before:"):] in rows:
             out[f"{key[len('before:'):]}: after/before tok_s"] = per_round(key[len("before:"):], key, "tok_s")
-    if "demo/dense" in rows:
+    if "demo/dense" in rows and rows["demo/dense"]["peak_rss_mb"] is not None:
         for moe in ("demo/topk", "demo/softmoe"):
             if moe in rows:
                 out[f"{moe.split('/')[1]}_over_dense_rss"] = rows[moe]["peak_rss_mb"] / rows["demo/dense"]["peak_rss_mb"]
@@ -248,19 +303,22 @@ def print_table(rows: dict[str, dict], rat: dict[str, float]) -> None:
         act = "-" if r["active_experts_mean"] is None else f"{r['active_experts_mean']:.2f}"
         print(f"| {r['preset']} | {r['data']} | {r['tok_s']:.0f} | {r['model_flops_per_token']['train'] / 1e6:.1f} "
               f"| {act} | {r['bf16_flops'] / 1e9:.0f} | {r['fp32_flops'] / 1e9:.0f} | {r['utilisation']:.1%} "
-              f"| {r['utilisation_fp32']:.1%} | {r['peak_rss_mb']:.0f} |")
+              f"| {r['utilisation_fp32']:.1%} | {'-' if r['peak_rss_mb'] is None else round(r['peak_rss_mb'])} |")
     print()
     for name, value in rat.items():
         print(f"{name}: {value:.3f}")
     for r in rows.values():
-        print(f"\n{r['preset']}: tok/s per round {[round(x) for x in r['tok_s_per_round']]}; top ops (self CPU):")
+        unit = "step" if r.get("interleaved") else "round"
+        print(f"\n{r['preset']}: tok/s per {unit} {[round(x) for x in r['tok_s_per_round']]}"
+              + ("; top ops (self CPU):" if r["profile"] else ""))
         for p in r["profile"]:
             print(f"  {p['share']:6.1%} {p['ms_per_step']:8.1f} ms/step {p['calls_per_step']:7.0f} calls  {p['op']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated configs/<size>/<name>")
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated configs/<size>/<name>, each with optional "
+                        "@key=value overrides (demo/topk@model.k=1)")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin repeats of every preset")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per preset and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -272,12 +330,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="train.threads override (0: the preset's own)")
     parser.add_argument("--json", action="store_true", help="write benchmarks/results/<name>.json")
     parser.add_argument("--name", default="bench_train", help="results file name (with --json)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="one process, the presets' timed steps alternating (steadier ratios on a busy box; "
+                             "no per-preset peak RSS, no profile, no --baseline)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.profile_steps, args.threads)))
         return 0
     presets = [p for p in args.presets.split(",") if p]
+    if args.interleave:
+        if args.baseline:
+            raise SystemExit("--interleave: not with --baseline (two checkouts cannot share one process)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = {row["preset"]: row for row in interleaved_worker(presets, args.steps, args.warmup, args.threads)}
+        rat = ratios(rows)
+        print_table(rows, rat)
+        if args.json:
+            print(write_json(args.name, list(rows.values()), {**_run_info(argv), "ratios": rat, "interleaved": True}))
+        return 0
     # With --baseline, every preset also runs from that checkout, right before this one's run.
     roots = {"": ROOT} if args.baseline is None else {"before:": Path(args.baseline).resolve(), "": ROOT}
     results: dict[str, list[dict]] = {label + p: [] for p in presets for label in roots}
@@ -293,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softmoe train {fit['preset']} ({fit['steps']} steps, evals, checkpoints): "
               f"{fit['wall_s']:.0f} s, peak RSS {fit['peak_rss_mb']:.0f} MB")
     if args.json:
-        info = {"lscpu_model": _cpu_model(), "amx": _has_flag("amx_tile"), "avx512_bf16": _has_flag("avx512_bf16"),
-                "matmul_shape": MATMUL_SHAPE, "targets": TARGETS, "ratios": rat, "fit_runs": fits,
-                "command": " ".join([Path(sys.executable).name, "benchmarks/bench_train.py", *(argv or sys.argv[1:])])}
-        print(write_json(args.name, list(rows.values()), info))
+        print(write_json(args.name, list(rows.values()), {**_run_info(argv), "ratios": rat, "fit_runs": fits}))
     return 0
+
+
+def _run_info(argv) -> dict:
+    return {"lscpu_model": _cpu_model(), "amx": _has_flag("amx_tile"), "avx512_bf16": _has_flag("avx512_bf16"),
+            "matmul_shape": MATMUL_SHAPE, "targets": TARGETS,
+            "command": " ".join([Path(sys.executable).name, "benchmarks/bench_train.py", *(argv or sys.argv[1:])])}
 
 
 def _cpu_flags() -> str:
