@@ -1,67 +1,45 @@
 """softmoe: Mixture-of-Experts with a differentiable truncated LapSum soft top-k router.
 
-Importing softmoe makes the "softmoe" model type known to transformers' AutoConfig / AutoModelForCausalLM,
-so `import softmoe` then `AutoModelForCausalLM.from_pretrained(exported_dir)` works. Registering needs
-transformers and torch (about 4-5 s of imports on a CPU box, against ~30 ms for `import softmoe`), so it
-is done when transformers itself is imported: at once if it already is, otherwise by a one-shot import
-hook that runs `softmoe.model.hf` (whose import registers) right after the `transformers` package loads.
-A process that never imports transformers never pays for it.
+The main names, loaded on first use (so `import softmoe` imports neither torch nor transformers, and has no
+side effects):
+
+    soft_topk                      the LapSum soft top-k (softmoe.ops)
+    MoELayer, MoEOutput            the MoE layer and what its forward returns (softmoe.layers)
+    SoftMoEBudget, Budget          the learned global budget over MoE layers in any model; its k_l module
+    GPT, ModelConfig               the native decoder and its config (softmoe.model)
+    load_model                     a native training checkpoint (or run directory) -> (GPT, RunConfig, path)
+    SoftMoEConfig, SoftMoEForCausalLM, register_hf
+                                   the transformers classes and their AutoConfig / AutoModelForCausalLM
+                                   registration (softmoe.export; needs the `hf` extra)
 """
 
-import importlib.abc
-import importlib.util
-import sys
-import warnings
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "SoftMoEConfig", "SoftMoEForCausalLM"]
+_WHERE = {
+    "soft_topk": ("softmoe.ops.lapsum", "soft_topk"),
+    "MoELayer": ("softmoe.layers.moe", "MoELayer"),
+    "MoEOutput": ("softmoe.layers.moe", "MoEOutput"),
+    "SoftMoEBudget": ("softmoe.layers.budgeted", "SoftMoEBudget"),
+    "Budget": ("softmoe.routing.budget", "Budget"),
+    "GPT": ("softmoe.model.decoder", "GPT"),
+    "ModelConfig": ("softmoe.model.config", "ModelConfig"),
+    "load_model": ("softmoe.train.restore", "load_model"),
+    "SoftMoEConfig": ("softmoe.export.hf", "SoftMoEConfig"),
+    "SoftMoEForCausalLM": ("softmoe.export.hf", "SoftMoEForCausalLM"),
+    "register_hf": ("softmoe.export.hf", "register"),
+}
 
-
-def _register_with_transformers() -> None:
-    try:
-        import softmoe.model.hf  # noqa: F401  (importing it registers the Auto classes)
-    except Exception as err:  # never break `import transformers` because of us
-        warnings.warn(f"softmoe could not register its model type with transformers: {err!r}", stacklevel=2)
-
-
-class _RegisterOnLoad(importlib.abc.Loader):
-    """Wraps transformers' loader: run the package as usual, then register."""
-
-    def __init__(self, spec):
-        self.spec, self.loader = spec, spec.loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self.spec.loader = self.loader  # put the real loader back before anything else looks at it
-        self.loader.exec_module(module)
-        _register_with_transformers()
-
-
-class _TransformersHook(importlib.abc.MetaPathFinder):
-    """One-shot finder for the top-level `transformers` package."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
-            return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisterOnLoad(spec)
-        return spec
-
-
-if "transformers" in sys.modules:
-    _register_with_transformers()
-elif not any(isinstance(finder, _TransformersHook) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _TransformersHook())
+__all__ = ["__version__", *_WHERE]
 
 
 def __getattr__(name: str):
-    if name in ("SoftMoEConfig", "SoftMoEForCausalLM"):
-        from softmoe.model import hf
-
-        return getattr(hf, name)
+    if name in _WHERE:
+        module, attr = _WHERE[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'softmoe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -44,7 +44,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from softmoe.extras import require
 
     require("transformers", "hf", "softmoe export")
-    from softmoe.model.hf import cmd_export  # imports transformers: only when exporting
+    from softmoe.export.checkpoint import cmd_export  # imports transformers: only when exporting
 
     return cmd_export(args)
 

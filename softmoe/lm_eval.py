@@ -5,8 +5,9 @@
 
 Every argument goes to lm-eval unchanged (`softmoe lm-eval --help` prints lm-eval's help). The plain
 `lm_eval` command cannot load an exported folder because it never imports softmoe, so transformers does not
-know the "softmoe" model type; this wrapper imports softmoe.model.hf (which registers it) and then calls
-lm-eval's CLI entry point (lm_eval.__main__.cli_evaluate, lm-eval 0.4.x).
+know the "softmoe" model type unless told `trust_remote_code=True` (the folder's auto_map); this wrapper
+registers it (softmoe.export.register) and then calls lm-eval's CLI entry point (lm_eval.__main__.cli_evaluate,
+lm-eval 0.4.x).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"softmoe lm-eval: lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'", file=sys.stderr)
         return 2
-    import softmoe.model.hf  # noqa: F401  (registers "softmoe" with AutoConfig / AutoModelForCausalLM)
+    from softmoe.export.hf import register
+
+    register()  # "softmoe" for AutoConfig / AutoModelForCausalLM, in this process
 
     saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
     try:

@@ -19,11 +19,14 @@ A converted block keeps the original block's modules and calls them as the origi
        (top_k_index (N, 1), weight 1); our `combine` applies the weights and sums per token.
     4. Qwen2-MoE only: the shared expert and its sigmoid gate are added unchanged.
 k_l and alpha live in one `RetrofitState` module on the converted model (its state dict prefix is
-`softmoe_retrofit.`); each block holds a plain (unregistered) reference to it and its layer index.
+`softmoe_retrofit.`); each block holds a plain (unregistered) reference to it and its layer index. A block
+returns the hidden states only (the HF decoder layer's contract); its aux loss and statistics go to the
+state's `collect()` scope (softmoe/layers/budgeted.py): `with model.softmoe_retrofit.collect() as routing`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from dataclasses import dataclass
@@ -31,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from softmoe.layers.moe import combine, dispatch
-from softmoe.routing.base import LayerStats, finish_routing
-from softmoe.routing.budget import Budget
+from softmoe.layers.budgeted import RoutingResults, SoftMoEBudget
+from softmoe.layers.moe import MoEOutput, combine, dispatch
+from softmoe.routing.base import finish_routing
 from softmoe.routing.record import Routing
 from softmoe.routing.softk import SoftKConfig, soft_routing
 
@@ -116,13 +119,17 @@ class RetrofitState(nn.Module):
     def __init__(self, num_layers: int, num_experts: int, budget: float, alpha: float, learn_alpha: bool,
                  learn_k: bool, k_min: float, margin: float, budget_mode: str):
         super().__init__()
-        self.budget = Budget(num_layers, num_experts, budget, k_min=k_min, margin=margin, mode=budget_mode,
-                             learnable=learn_k)
+        self.budget = SoftMoEBudget(num_layers, num_experts, budget, k_min=k_min, margin=margin, mode=budget_mode,
+                                    learnable=learn_k)
         log_alpha_L = torch.full((num_layers,), float(torch.tensor(alpha).log()))
         if learn_alpha:
             self.log_alpha_L = nn.Parameter(log_alpha_L)
         else:
             self.register_buffer("log_alpha_L", log_alpha_L)
+
+    def collect(self) -> contextlib.AbstractContextManager[RoutingResults]:
+        """Scope collecting the converted blocks' aux losses and statistics (SoftMoEBudget.collect)."""
+        return self.budget.collect()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_l, alpha_l) of converted block `index`, both 0-d float32 and differentiable."""
@@ -140,9 +147,9 @@ class SoftRoutedBlock(nn.Module):
         rule: the SoftKConfig of the routing rule (alpha here is only validated; alpha_l is the state's).
         state: the model's RetrofitState (held unregistered: it is saved once, under the model).
         index: this block's layer index in the budget.
-    Attributes after forward:
-        aux_loss: 0-d float32, rule.lb_coef * load balance + rule.z_coef * z-loss of the soft routing.
-        stats: LayerStats (k, active_experts_mean, active_experts_hist, expert_load, ..., alpha, kept_mass).
+    Results: forward returns the hidden states; inside `state.collect()` each call adds its MoEOutput
+    (aux_loss = rule.lb_coef * load balance + rule.z_coef * z-loss of the soft routing; stats: k,
+    active_experts_mean, active_experts_hist, expert_load, ..., alpha, kept_mass) to the scope's results.
     """
 
     def __init__(self, block: nn.Module, family: Family, rule: SoftKConfig, state: RetrofitState, index: int):
@@ -153,8 +160,6 @@ class SoftRoutedBlock(nn.Module):
             self.shared_expert, self.shared_expert_gate = block.shared_expert, block.shared_expert_gate
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         object.__setattr__(self, "_state", state)  # not a child: one copy under the model
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.stats: LayerStats | None = None
 
     def route(self, logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor):
         """The SoftMoE rule on given logits (as SoftKRouter, without its gate): a RouterOutput."""
@@ -180,7 +185,7 @@ class SoftRoutedBlock(nn.Module):
         y_TD = combine(y_ND, routing)
         if self.family.shared_expert:
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-        self.aux_loss, self.stats = out.aux_loss, out.stats
+        self._state.budget.record(self.index, MoEOutput(None, out.aux_loss, out.stats, out.logits_TE))
         return y_TD.reshape(hidden_BSD.shape)
 
     def extra_repr(self) -> str:

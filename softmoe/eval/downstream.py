@@ -133,7 +133,7 @@ def masked_padding(model: nn.Module, mask_BS: torch.Tensor) -> Iterator[None]:
     reports count only real tokens.
     """
     def add_mask(module, args, kwargs):
-        return args, {**kwargs, "pad_mask_BS": mask_BS}
+        return args, {**kwargs, "attention_mask": mask_BS}
 
     handles = [m.register_forward_pre_hook(add_mask, with_kwargs=True) for m in model.modules()
                if isinstance(m, MoELayer)]

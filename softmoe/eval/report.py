@@ -8,6 +8,7 @@ active experts). Everything in the report is read from those files; nothing is t
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,11 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported on the first plot (the `viz` extra)."""
+    """matplotlib.pyplot, imported on the first plot (the `viz` extra): on the file-only Agg backend unless the
+    process already imported pyplot (then its backend is left alone: switching would close its figures)."""
     matplotlib = require("matplotlib", "viz", "plotting")
-    matplotlib.use("Agg")  # files only; no display needed
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     return plt

@@ -1,7 +1,10 @@
-"""Layers: the MoE layer (route -> dispatch -> experts -> combine), the expert bank, the dense FFN."""
+"""Layers: the MoE layer (route -> dispatch -> experts -> combine), the expert bank, the dense FFN, and the
+SoftMoEBudget that gives MoE layers inside any model one learned global budget."""
 
+from softmoe.layers.budgeted import BudgetedMoE, RoutingResults, SoftMoEBudget
 from softmoe.layers.experts import EXPERT_IMPLS, ExpertBank
 from softmoe.layers.ffn import SwiGLU
-from softmoe.layers.moe import MoELayer, combine, dispatch
+from softmoe.layers.moe import MoELayer, MoEOutput, combine, dispatch
 
-__all__ = ["MoELayer", "ExpertBank", "EXPERT_IMPLS", "SwiGLU", "dispatch", "combine"]
+__all__ = ["MoELayer", "MoEOutput", "ExpertBank", "EXPERT_IMPLS", "SwiGLU", "dispatch", "combine",
+           "SoftMoEBudget", "BudgetedMoE", "RoutingResults"]

@@ -1,4 +1,4 @@
-"""The dense SwiGLU FFN: the "dense" baseline, with the same call interface as MoELayer.
+"""The dense SwiGLU FFN: the "dense" baseline and the shared experts of an MoE layer.
 
 Shape legend:
     B   batch, S sequence, D d_model, H d_hidden
@@ -10,17 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softmoe.routing.base import LayerStats
-
 __all__ = ["SwiGLU"]
 
 
 class SwiGLU(nn.Module):
-    """y = W_down (silu(W_gate x) * (W_up x)); one always-active "expert".
-
-    Takes (and ignores) `mean_k` and `pad_mask_BS` so it can stand wherever an MoELayer does; its
-    `aux_loss` is 0 and its `stats` report one active expert per token.
-    """
+    """y = W_down (silu(W_gate x) * (W_up x)); one always-active "expert". (..., D) -> (..., D)."""
 
     def __init__(self, d_model: int, d_hidden: int):
         super().__init__()
@@ -30,18 +24,7 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
         self.w_up = nn.Linear(d_model, d_hidden, bias=False)
         self.w_down = nn.Linear(d_hidden, d_model, bias=False)
-        self.aux_loss = torch.zeros(())
-        self.stats = self._stats(0)
 
-    @staticmethod
-    def _stats(num_tokens: int) -> LayerStats:
-        one, zero = torch.ones(()), torch.zeros(())
-        hist = torch.tensor([0.0, float(num_tokens)])
-        return LayerStats({"k": one, "active_experts_mean": one, "active_experts_hist": hist,
-                           "expert_load": torch.ones(1), "load_balance_loss": zero, "z_loss": zero})
-
-    def forward(self, x_BSD: torch.Tensor, mean_k=None, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, D) -> (B, S, D) (any leading shape works)."""
-        self.aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
-        self.stats = self._stats(x_BSD[..., 0].numel() if pad_mask_BS is None else int(pad_mask_BS.sum()))
-        return self.w_down(F.silu(self.w_gate(x_BSD)) * self.w_up(x_BSD))
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -12,6 +12,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
 from softmoe.routing.record import Routing
 
-__all__ = ["MoELayer", "dispatch", "combine", "fine_grained", "token_slots"]
+__all__ = ["MoELayer", "MoEOutput", "dispatch", "combine", "fine_grained", "token_slots"]
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -142,6 +144,25 @@ def combine(y_ND: torch.Tensor, routing: Routing, slots_TK: torch.Tensor | None 
     return _Combine.apply(weighted_ND, routing.token_N, slots_TK)
 
 
+class MoEOutput(NamedTuple):
+    """What `MoELayer.forward` returns: `y, aux_loss, stats, router_logits = layer(x)`.
+
+    Attributes:
+        output: (..., D) the layer's output, x's shape.
+        aux_loss: 0-d float32, differentiable: the router's configured weighted aux terms (load balance,
+            z-loss, router-specific ones). Add it to the training loss.
+        stats: LayerStats, detached (k, active_experts_mean, active_experts_hist, expert_load,
+            load_balance_loss, z_loss, and router-specific entries).
+        router_logits: (T, E) float32 router scores of the flattened tokens (padding rows 0), as
+            transformers' MoE models return them under `output_router_logits`.
+    """
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: routing_base.LayerStats
+    router_logits: torch.Tensor
+
+
 class MoELayer(nn.Module):
     """Dropless Mixture-of-Experts FFN with a pluggable router.
 
@@ -177,10 +198,10 @@ class MoELayer(nn.Module):
         num_shared_experts: s >= 0 always-on experts (default 0: none).
         granularity: g >= 1 routed experts per coarse expert (default 1: coarse).
         **router_options: fields of the router's config dataclass (e.g. alpha, min_weight, combine).
-    Attributes after forward:
-        aux_loss: 0-d float32, differentiable sum of the configured aux terms.
-        stats: LayerStats, detached (k, active_experts_mean, active_experts_hist, expert_load,
-            load_balance_loss, z_loss, and router-specific entries).
+    Returns (forward): MoEOutput(output, aux_loss, stats, router_logits). Nothing is stored on the layer, so the
+    forward can run twice (activation checkpointing) and results reach the caller only as return values.
+    To put the layer inside a model whose code expects a tensor (a transformers Llama's `mlp`), attach it
+    to a SoftMoEBudget (softmoe/routing/budget.py, docs/library.md).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, router: str = "softmoe", k: float = 2.0,
@@ -197,8 +218,6 @@ class MoELayer(nn.Module):
         self.experts = ExpertBank(routed_experts, d_model, routed_hidden, impl=experts_impl)
         # s shared experts of width H/g summed == one SwiGLU of width s*H/g (concatenated hidden units).
         self.shared_experts = SwiGLU(d_model, num_shared_experts * routed_hidden) if num_shared_experts else None
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.stats: routing_base.LayerStats | None = None
 
     @property
     def uses_budget(self) -> bool:
@@ -210,26 +229,25 @@ class MoELayer(nn.Module):
         """Whether a token's output depends on that token alone (False for expert choice)."""
         return getattr(self.router, "causal", True)
 
-    def forward(self, x_BSD: torch.Tensor, mean_k: torch.Tensor | None = None,
-                pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D); any leading shape works.
+    def forward(self, x: torch.Tensor, mean_k: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> MoEOutput:
+        """(B, S, D) -> MoEOutput with a (B, S, D) output; any leading shape works.
 
         Args:
-            x_BSD: (..., D) hidden states.
+            x: (..., D) hidden states.
             mean_k: optional 0-d tensor, this layer's k_l from the model's Budget (soft routers).
-            pad_mask_BS: optional (...) bool or 0/1, True/1 = real token; padding outputs are 0 and
-                excluded from aux losses and statistics.
+            attention_mask: optional (...) bool or 0/1, True/1 = real token (transformers' convention);
+                padding outputs are 0 and excluded from aux losses and statistics.
         """
-        x_TD = self._flatten(x_BSD)
-        mask_T = self._flatten_mask(pad_mask_BS, x_BSD)
+        x_TD = self._flatten(x)
+        mask_T = self._flatten_mask(attention_mask, x)
         out = self.router(x_TD, mean_k=mean_k, mask_T=mask_T)
         slots_TK = token_slots(out.routing)
         x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
         y_TD = combine(self.experts(x_ND, out.routing.counts_E), out.routing, slots_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
-        self.aux_loss, self.stats = out.aux_loss, out.stats
-        return y_TD.reshape(x_BSD.shape)
+        return MoEOutput(y_TD.reshape(x.shape), out.aux_loss, out.stats, out.logits_TE)
 
     def _shared(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
         """(T, D) output of the shared experts; padding rows are zeroed BEFORE the FFN (SwiGLU(0) = 0),
@@ -249,12 +267,14 @@ class MoELayer(nn.Module):
 
     @staticmethod
     def _flatten_mask(pad_mask_BS: torch.Tensor | None, x_BSD: torch.Tensor) -> torch.Tensor | None:
+        """The attention_mask argument as (T,) bool, after checking it."""
         if pad_mask_BS is None:
             return None
         if not isinstance(pad_mask_BS, torch.Tensor) or tuple(pad_mask_BS.shape) != tuple(x_BSD.shape[:-1]):
             shape = tuple(pad_mask_BS.shape) if isinstance(pad_mask_BS, torch.Tensor) else type(pad_mask_BS).__name__
-            raise ValueError(f"pad_mask_BS has shape {shape}; it must match x's leading shape {tuple(x_BSD.shape[:-1])}")
+            raise ValueError(f"attention_mask has shape {shape}; it must match x's leading shape "
+                             f"{tuple(x_BSD.shape[:-1])}")
         if pad_mask_BS.dtype != torch.bool and not ((pad_mask_BS == 0) | (pad_mask_BS == 1)).all():
             bad = pad_mask_BS[(pad_mask_BS != 0) & (pad_mask_BS != 1)].flatten()[0].item()
-            raise ValueError(f"pad_mask_BS holds {bad!r}; it must be bool or 0/1 (1 = real token)")
+            raise ValueError(f"attention_mask holds {bad!r}; it must be bool or 0/1 (1 = real token)")
         return pad_mask_BS.reshape(-1).to(torch.bool)

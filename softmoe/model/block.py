@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from softmoe.layers import MoELayer, SwiGLU
+from softmoe.layers.moe import MoEOutput
 from softmoe.model.attention import CausalSelfAttention, KVCache
 from softmoe.model.config import ModelConfig
 
@@ -13,7 +14,8 @@ __all__ = ["Block"]
 
 
 class Block(nn.Module):
-    """Pre-norm block. `is_moe` tells the decoder to pass this block its k_l and read its stats."""
+    """Pre-norm block. `is_moe` tells the decoder to pass this block its k_l; an MoE block returns its
+    routing result (aux loss, stats, router logits) next to the hidden states."""
 
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
@@ -31,14 +33,17 @@ class Block(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor,
                 mean_k: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0,
-                mask_B1SL: torch.Tensor | None = None, real_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D). `mean_k` is this block's k_l (softmoe MoE blocks only).
+                mask_B1SL: torch.Tensor | None = None, real_BS: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEOutput | None]:
+        """(B, S, D) -> ((B, S, D), the MoE layer's MoEOutput or None for a dense block).
 
-        With padding, `mask_B1SL` is the attention mask (CausalSelfAttention) and `real_BS` (True = real
-        token) keeps padding tokens out of the MoE layer's routing, outputs and statistics.
+        `mean_k` is this block's k_l (budget routers only). With padding, `mask_B1SL` is the attention mask
+        (CausalSelfAttention) and `real_BS` (True = real token) keeps padding tokens out of the MoE layer's
+        routing, outputs and statistics.
         """
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_Sf, sin_Sf, cache, layer, mask_B1SL)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            return x_BSD + self.ffn(h_BSD, mean_k=mean_k, pad_mask_BS=real_BS)
-        return x_BSD + self.ffn(h_BSD)
+            routed = self.ffn(h_BSD, mean_k=mean_k, attention_mask=real_BS)
+            return x_BSD + routed.output, routed
+        return x_BSD + self.ffn(h_BSD), None

@@ -6,7 +6,7 @@ Shape legend:
     D   d_model
     V   vocab size
     L   MoE layers (the budget's layer axis, as in k_L; block indices in `config.moe_layers`), except in
-        pad masks (pad_mask_BL, real_BL): there L = slots visible to this call, cached + new = start + S
+        pad masks (mask_BL, real_BL): there L = slots visible to this call, cached + new = start + S
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from softmoe.model.attention import KVCache, padded_causal_mask, padded_positions, rope_tables
 from softmoe.model.block import Block
 from softmoe.model.config import ModelConfig
+from softmoe.layers.moe import MoEOutput
 from softmoe.model.loss import linear_cross_entropy
 from softmoe.routing.budget import Budget
 
@@ -37,8 +39,10 @@ class DecoderOutput:
             called with return_logits=False (the loss is then computed chunk by chunk, model/loss.py).
         loss: mean cross-entropy over targets != -100, or None without targets.
         aux_loss: scalar, sum of the MoE layers' aux losses plus the budget penalty (0 for dense).
-        routing: block index -> that MoE layer's detached stats mapping (MoELayer.stats), in block order.
+        routing: block index -> that MoE layer's detached stats (MoEOutput.stats), in block order.
         k_L: (L,) detached per-layer mean active experts of the budget (softmoe), else None.
+        router_logits: with output_router_logits=True, one (B * S, E) float32 tensor per MoE layer, in
+            block order (transformers' MoE convention); else None.
     """
 
     logits: torch.Tensor | None
@@ -46,16 +50,17 @@ class DecoderOutput:
     aux_loss: torch.Tensor
     routing: dict[int, Mapping] = field(default_factory=dict)
     k_L: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
     @property
     def objective(self) -> torch.Tensor:
         """The training objective: task loss + aux losses."""
         if self.loss is None:
-            raise ValueError("objective needs targets: call the model with targets_BS")
+            raise ValueError("objective needs targets: call the model with targets")
         return self.loss + self.aux_loss
 
 
-def check_pad_mask(mask_BL: torch.Tensor, shape: tuple[int, int], name: str = "pad_mask_BL") -> torch.Tensor:
+def check_pad_mask(mask_BL: torch.Tensor, shape: tuple[int, int], name: str = "attention_mask") -> torch.Tensor:
     """`mask_BL` as (B, L) bool, True = real token, after checking it; raise ValueError naming `name`.
 
     Each row's real tokens must be contiguous: padding before them (left), after them (right), or both.
@@ -80,11 +85,22 @@ def check_pad_mask(mask_BL: torch.Tensor, shape: tuple[int, int], name: str = "p
 
 
 class GPT(nn.Module):
-    """Decoder-only LM. Owns one Budget for all its SoftMoE blocks and passes k_L[l] to block l."""
+    """Decoder-only LM. Owns one Budget for all its SoftMoE blocks and passes k_L[l] to block l.
 
-    def __init__(self, config: ModelConfig):
+    Args:
+        config: the architecture.
+        activation_checkpointing: recompute each block's activations in backward instead of keeping them
+            (torch.utils.checkpoint, non-reentrant), in training forwards without a KV cache. The loss, aux
+            loss, routing stats and gradients are those of the plain forward (tests/unit/model/
+            test_activation_checkpointing.py); the memory saving costs one more forward per block.
+    """
+
+    def __init__(self, config: ModelConfig, activation_checkpointing: bool = False):
         super().__init__()
+        if not isinstance(activation_checkpointing, bool):
+            raise TypeError(f"activation_checkpointing must be a bool, got {activation_checkpointing!r}")
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -133,17 +149,20 @@ class GPT(nn.Module):
         return KVCache(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim,
                        dtype=self.embed.weight.dtype, device=self.embed.weight.device)
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                pad_mask_BL: torch.Tensor | None = None, return_logits: bool = True) -> DecoderOutput:
+                attention_mask: torch.Tensor | None = None, return_logits: bool = True,
+                output_router_logits: bool = False) -> DecoderOutput:
         """Next-token logits (and loss) for token ids.
 
         Args:
-            idx_BS: (B, S) int64 token ids of slots [start, start + S), start = cache.length or 0.
-            targets_BS: optional (B, S) int64 next-token ids; -100 (torch's default ignore_index) is ignored.
+            input_ids: (B, S) int64 token ids of slots [start, start + S), start = cache.length or 0.
+            targets: optional (B, S) int64 NEXT-token ids (already shifted: targets[:, t] is the token after
+                input_ids[:, t]); -100 (torch's default ignore_index) is ignored. transformers' unshifted
+                `labels` are SoftMoEForCausalLM's (softmoe/export/hf.py).
             cache: optional KV cache, advanced by S.
             last_only: compute logits for the last position only (generation).
-            pad_mask_BL: optional (B, L = start + S) bool or 0/1, True = real token, over the cached AND the
+            attention_mask: optional (B, L = start + S) bool or 0/1, True = real token, over the cached AND the
                 new slots (contiguous real tokens per row: left and/or right padding, no holes). Each row's
                 RoPE positions count its real tokens from 0, padding keys are masked out of attention and
                 padding tokens are not routed, so a padded row's real outputs equal the unpadded row's (to
@@ -152,15 +171,18 @@ class GPT(nn.Module):
             return_logits: False (with targets only) skips the (B, S, V) logits: the loss is computed by
                 the fused chunked head + cross-entropy (model/loss.py) and `logits` is None. The training
                 loop and evaluation use this; the values equal the unfused path's up to float rounding.
+            output_router_logits: also return every MoE layer's (B * S, E) router logits.
         Returns:
             DecoderOutput.
         """
-        if idx_BS.dim() != 2 or idx_BS.dtype != torch.long:
-            raise ValueError(f"idx_BS must be a 2-D int64 tensor, got shape {tuple(idx_BS.shape)} {idx_BS.dtype}")
+        idx_BS, targets_BS, pad_mask_BL = input_ids, targets, attention_mask
+        if not isinstance(idx_BS, torch.Tensor) or idx_BS.dim() != 2 or idx_BS.dtype != torch.long:
+            got = f"shape {tuple(idx_BS.shape)} {idx_BS.dtype}" if isinstance(idx_BS, torch.Tensor) else type(idx_BS)
+            raise ValueError(f"input_ids must be a 2-D int64 tensor, got {got}")
         if last_only and targets_BS is not None:
-            raise ValueError("last_only=True computes one position's logits; it cannot take targets_BS")
+            raise ValueError("last_only=True computes one position's logits; it cannot take targets")
         if not return_logits and targets_BS is None:
-            raise ValueError("return_logits=False needs targets_BS: without logits the forward must compute the loss")
+            raise ValueError("return_logits=False needs targets: without logits the forward must compute the loss")
         if cache is not None:
             self._check_causal()
         start = 0 if cache is None else cache.length
@@ -170,7 +192,7 @@ class GPT(nn.Module):
         cos, sin, padding = self._positions(idx_BS.shape[0], start, S, pad_mask_BL)
         k_L = self._budget_k()
 
-        x_BSD, routing, aux_losses = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding)
+        x_BSD, routed = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding)
         if cache is not None:
             cache.length += S
 
@@ -185,8 +207,12 @@ class GPT(nn.Module):
             loss = None
             if targets_BS is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
-        return DecoderOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(aux_losses), routing=routing,
-                             k_L=None if k_L is None else k_L.detach())
+        aux_loss = self._aux_loss([r.aux_loss for r in routed.values()])
+        return DecoderOutput(logits=logits, loss=loss, aux_loss=aux_loss,
+                             routing={i: r.stats for i, r in routed.items()},
+                             k_L=None if k_L is None else k_L.detach(),
+                             router_logits=tuple(r.router_logits for r in routed.values())
+                             if output_router_logits else None)
 
     def _positions(self, B: int, start: int, S: int, pad_mask_BL: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -204,20 +230,27 @@ class GPT(nn.Module):
 
     def _run_blocks(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_L: torch.Tensor | None,
                     cache: KVCache | None, padding: Mapping[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor, dict[int, Mapping], list[torch.Tensor]]:
-        """All blocks in order; MoE block l gets k_L[l] and reports its stats and aux loss.
+                    ) -> tuple[torch.Tensor, dict[int, MoEOutput]]:
+        """All blocks in order; MoE block l gets k_L[l] and returns its MoEOutput (block index -> it).
 
-        `padding` is empty without a pad mask, else Block's mask_B1SL and real_BS.
+        `padding` is empty without a pad mask, else Block's mask_B1SL and real_BS. With activation
+        checkpointing (training forwards without a cache) each block runs under torch.utils.checkpoint:
+        its results are this first forward's return values; the recomputation in backward only rebuilds
+        saved activations (same RNG state), so nothing is counted twice.
         """
-        routing, aux_losses = {}, []
+        routed: dict[int, MoEOutput] = {}
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            # len(aux_losses) = MoE blocks seen so far = this block's index on the budget's layer axis.
-            mean_k = k_L[len(aux_losses)] if (block.is_moe and k_L is not None) else None
-            x_BSD = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i, **padding)
-            if block.is_moe:
-                routing[i] = block.ffn.stats
-                aux_losses.append(block.ffn.aux_loss)
-        return x_BSD, routing, aux_losses
+            # len(routed) = MoE blocks seen so far = this block's index on the budget's layer axis.
+            mean_k = k_L[len(routed)] if (block.is_moe and k_L is not None) else None
+            if recompute:
+                x_BSD, moe = checkpoint(block, x_BSD, cos, sin, mean_k=mean_k, layer=i, use_reentrant=False,
+                                        **padding)
+            else:
+                x_BSD, moe = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i, **padding)
+            if moe is not None:
+                routed[i] = moe
+        return x_BSD, routed
 
     def _budget_k(self) -> torch.Tensor | None:
         """(L,) float32 per-layer k_l from the budget; kept out of bf16 autocast (routing runs in fp32)."""

@@ -62,6 +62,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated (skipped) before aborting
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # mirror metrics to TensorBoard
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, one more forward)
 
     def __post_init__(self) -> None:
         for name, low in [("seed", 0), ("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={value} must be in [{low}, {high if high is not None else 'inf'}]")
         if self.lr == 0:
             raise ValueError("train.lr=0 must be > 0")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise TypeError(f"train.activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:

@@ -140,7 +140,7 @@ class Trainer:
         if self.data.vocab_size > config.model.vocab_size:
             raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the dataset's "
                              f"tokenizer vocabulary ({self.data.vocab_size})")
-        self.model = GPT(config.model)
+        self.model = GPT(config.model, activation_checkpointing=config.train.activation_checkpointing)
         t = config.train
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)

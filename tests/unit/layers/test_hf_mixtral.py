@@ -29,4 +29,4 @@ def test_topk_layer_equals_hf_mixtral_block():
         hf.experts.gate_up_proj.copy_(torch.cat([ours.experts.w_gate, ours.experts.w_up], dim=2).transpose(1, 2))
         hf.experts.down_proj.copy_(ours.experts.w_down.transpose(1, 2))
         x = torch.randn(2, 5, d)
-        torch.testing.assert_close(ours(x), hf(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(x).output, hf(x), rtol=0, atol=1e-5)

@@ -52,7 +52,7 @@ def reference_weights(layer: MoELayer, x_TD: torch.Tensor, mean_k) -> torch.Tens
 def test_layer_equals_dense_reference(case, impl):
     layer, mean_k = make_layer(case, impl)
     x = torch.randn(3, 7, D)
-    y = layer(x, mean_k=mean_k)
+    y = layer(x, mean_k=mean_k).output
     weight_TE = reference_weights(layer, x.reshape(-1, D), mean_k)
     routed = layer.router(x.reshape(-1, D), mean_k=mean_k).routing
     torch.testing.assert_close(routed.dense_weights(), weight_TE, rtol=0, atol=1e-6)
@@ -63,13 +63,13 @@ def test_layer_equals_dense_reference(case, impl):
 def test_token_output_independent_of_batch_and_decoding(case):
     layer, mean_k = make_layer(case)
     x = torch.randn(4, 6, D)
-    full = layer(x, mean_k=mean_k)
+    full = layer(x, mean_k=mean_k).output
     # Same tokens next to different company, in a different batch shape.
     other = torch.cat([torch.randn(2, 6, D) * 3, x[1:3]], dim=0)
-    torch.testing.assert_close(layer(other, mean_k=mean_k)[2:], full[1:3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(other, mean_k=mean_k).output[2:], full[1:3], rtol=0, atol=1e-6)
     # Token by token, as in incremental decoding.
     for b, s in [(0, 0), (1, 3), (3, 5)]:
-        one = layer(x[b:b + 1, s:s + 1], mean_k=mean_k)
+        one = layer(x[b:b + 1, s:s + 1], mean_k=mean_k).output
         torch.testing.assert_close(one[0, 0], full[b, s], rtol=0, atol=1e-6)
 
 
@@ -77,17 +77,16 @@ def test_token_output_independent_of_batch_and_decoding(case):
 def test_padding_changes_nothing_for_real_tokens(case):
     layer, mean_k = make_layer(case)
     x = torch.randn(2, 5, D)
-    y = layer(x, mean_k=mean_k)
-    stats, aux = layer.stats, layer.aux_loss.detach()
+    y, aux, stats, _ = layer(x, mean_k=mean_k)
     padded = torch.cat([x, torch.full((2, 3, D), float("nan"))], dim=1)  # garbage in the padding
     mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
-    y_pad = layer(padded, mean_k=mean_k, pad_mask_BS=mask)
+    y_pad, aux_pad, stats_pad, _ = layer(padded, mean_k=mean_k, attention_mask=mask)
     torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
     assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, D))
     for name in ("active_experts_mean", "load_balance_loss", "z_loss"):
-        assert layer.stats[name] == pytest.approx(stats[name], abs=1e-6), name
-    torch.testing.assert_close(layer.stats["active_experts_hist"], stats["active_experts_hist"])
-    torch.testing.assert_close(layer.aux_loss.detach(), aux, rtol=0, atol=1e-6)
+        assert stats_pad[name] == pytest.approx(stats[name], abs=1e-6), name
+    torch.testing.assert_close(stats_pad["active_experts_hist"], stats["active_experts_hist"])
+    torch.testing.assert_close(aux_pad.detach(), aux.detach(), rtol=0, atol=1e-6)
 
 
 def test_gradients_reach_router_budget_alpha_and_experts():
@@ -97,10 +96,11 @@ def test_gradients_reach_router_budget_alpha_and_experts():
               for c in ("mask_softmax", "p")]
     x = torch.randn(2, 5, D)
     k_L = budget.k()
-    h = x
+    h, aux = x, 0.0
     for layer, k_l in zip(layers, k_L):
-        h = h + layer(h, mean_k=k_l)
-    (h.square().mean() + sum(layer.aux_loss for layer in layers)).backward()
+        out = layer(h, mean_k=k_l)
+        h, aux = h + out.output, aux + out.aux_loss
+    (h.square().mean() + aux).backward()
     assert budget.theta.grad is not None and budget.theta.grad.abs().sum() > 0
     for layer in layers:
         for name, param in [("gate", layer.router.gate.weight), ("alpha", layer.router.log_alpha),
@@ -112,16 +112,17 @@ def test_gradients_reach_router_budget_alpha_and_experts():
 def test_standalone_learned_k_gets_gradient_and_penalty():
     torch.manual_seed(0)
     layer = MoELayer(D, H, E, router="softmoe", k=2.0, learn_k=True)
-    layer(torch.randn(2, 5, D)).square().mean().backward()
+    out = layer(torch.randn(2, 5, D))
+    out.output.square().mean().backward()
     assert layer.router.own_k.theta.grad.abs() > 0
-    assert layer.stats.k == pytest.approx(2.0, abs=1e-5)
+    assert out.stats.k == pytest.approx(2.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["padded", "grouped"])
 def test_backward_from_broadcast_gradient(impl):
     # y.sum() sends a zero-stride gradient; the fast paths must still produce weight gradients.
     layer, _ = make_layer("softmoe_mask_softmax", impl)
-    layer(torch.randn(2, 5, D)).sum().backward()
+    layer(torch.randn(2, 5, D)).output.sum().backward()
     assert layer.experts.w_up.grad.abs().sum() > 0
 
 
@@ -135,8 +136,9 @@ def test_single_expert_equals_dense_swiglu(router, k):
         layer.experts.w_up[0].copy_(dense.w_up.weight.t())
         layer.experts.w_down[0].copy_(dense.w_down.weight.t())
     x = torch.randn(2, 5, D)
-    torch.testing.assert_close(layer(x), dense(x), rtol=0, atol=1e-6)
-    assert layer.stats.active_experts_mean == 1.0
+    out = layer(x)
+    torch.testing.assert_close(out.output, dense(x), rtol=0, atol=1e-6)
+    assert out.stats.active_experts_mean == 1.0
 
 
 @pytest.mark.parametrize("router,k", [("topk", 2.0), ("softmoe", 2.0)])
@@ -144,16 +146,16 @@ def test_single_token_and_many_more_experts_than_tokens(router, k):
     torch.manual_seed(0)
     layer = MoELayer(D, H, 64, router=router, k=k)
     for x in (torch.randn(1, 1, D), torch.randn(1, 3, D)):
-        y = layer(x)
+        y, _, stats, _ = layer(x)
         weight_TE = reference_weights(layer, x.reshape(-1, D), None)
         torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
-        assert int((layer.stats["expert_load"] == 0).sum()) >= 64 - 2 * 3 * 4  # most experts are empty
+        assert int((stats["expert_load"] == 0).sum()) >= 64 - 2 * 3 * 4  # most experts are empty
 
 
 def test_stats_are_detached_and_consistent():
     layer, _ = make_layer("softmoe_mask_softmax")
-    layer(torch.randn(3, 4, D))
-    stats = layer.stats
+    _, aux, stats, logits = layer(torch.randn(3, 4, D))
+    assert logits.shape == (12, E) and logits.dtype == torch.float32
     assert isinstance(stats.active_experts_mean, float) and isinstance(stats["k"], float)
     hist = stats["active_experts_hist"]
     assert hist.shape == (E + 1,) and hist.sum() == 12 and hist[0] == 0
@@ -161,16 +163,17 @@ def test_stats_are_detached_and_consistent():
     assert stats.active_experts_mean == pytest.approx(mean_from_hist)
     assert float(stats["expert_load"].sum()) == pytest.approx(1.0)
     assert all(not t.requires_grad for t in stats.tensors.values())
-    assert layer.aux_loss.dim() == 0 and layer.aux_loss.requires_grad
+    assert aux.dim() == 0 and aux.requires_grad
+    assert not hasattr(layer, "aux_loss") and not hasattr(layer, "stats")  # results are return values only
 
 
 def test_bf16_autocast_close_to_fp32_and_padded_matches_loop():
     layer, _ = make_layer("softmoe_mask_softmax", "padded")
     loop, _ = make_layer("softmoe_mask_softmax", "loop")
     x = torch.randn(2, 8, D)
-    y32 = layer(x)
+    y32 = layer(x).output
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, y16_loop = layer(x), loop(x)
+        y16, y16_loop = layer(x).output, loop(x).output
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
     torch.testing.assert_close(y16.float(), y16_loop.float(), rtol=0.02, atol=0.02)
@@ -182,12 +185,12 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.randn(2, 3, D + 1))
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(2, 3, D, dtype=torch.long))
-    with pytest.raises(ValueError, match="pad_mask_BS"):
-        layer(torch.randn(2, 3, D), pad_mask_BS=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(torch.randn(2, 3, D), attention_mask=torch.ones(3, 2, dtype=torch.bool))
     for value in (0.5, 2):  # a mask is bool or 0/1: anything else was silently read as True
-        with pytest.raises(ValueError, match=f"pad_mask_BS holds {value}"):
-            layer(torch.randn(2, 3, D), pad_mask_BS=torch.full((2, 3), value))
-    layer(torch.randn(2, 3, D), pad_mask_BS=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # 0/1 floats are fine
+        with pytest.raises(ValueError, match=f"attention_mask holds {value}"):
+            layer(torch.randn(2, 3, D), attention_mask=torch.full((2, 3), value))
+    layer(torch.randn(2, 3, D), attention_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # 0/1 floats are fine
     with pytest.raises(ValueError, match="mean_k"):
         layer(torch.randn(2, 3, D), mean_k=torch.tensor([2.0, 2.0]))
     with pytest.raises(ValueError, match="k="):

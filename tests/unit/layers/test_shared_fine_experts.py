@@ -62,8 +62,8 @@ def test_shared_experts_add_a_dense_swiglu_on_every_token(router):
     assert torch.equal(plain.router.gate.weight, shared.router.gate.weight)
     assert shared.shared_experts.w_gate.weight.shape == (2 * H, D)  # s experts of width H = one of 2H
     x = torch.randn(3, 7, D)
-    y = shared(x)
-    torch.testing.assert_close(y, plain(x) + dense_swiglu(shared.shared_experts, x), rtol=0, atol=1e-5)
+    y = shared(x).output
+    torch.testing.assert_close(y, plain(x).output + dense_swiglu(shared.shared_experts, x), rtol=0, atol=1e-5)
     weight_TE = oracle_weights(shared, x.reshape(-1, D))
     expected = ref.dense_moe(shared, x, weight_TE) + dense_swiglu(shared.shared_experts, x)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
@@ -85,7 +85,8 @@ def test_padding_gets_nothing_from_shared_or_routed_experts(router):
     # NaN padding reaches no gradient either (padding rows are zeroed before the shared FFN).
     x = torch.cat([torch.randn(2, 4, D), torch.full((2, 2, D), float("nan"))], dim=1)
     mask = torch.cat([torch.ones(2, 4), torch.zeros(2, 2)], dim=1).bool()
-    (layer(x, pad_mask_BS=mask).square().sum() + layer.aux_loss).backward()
+    out = layer(x, attention_mask=mask)
+    (out.output.square().sum() + out.aux_loss).backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.shared_experts.parameters())
     assert layer.shared_experts.w_down.weight.grad.abs().sum() > 0
 
@@ -99,7 +100,7 @@ def test_granularity_splits_experts_and_still_matches_the_oracle(router, granula
     assert fine.router.config.k == pytest.approx(K * granularity)
     assert sum(p.numel() for p in fine.experts.parameters()) == sum(p.numel() for p in coarse.experts.parameters())
     x = torch.randn(3, 5, D)
-    y = fine(x)
+    y = fine(x).output
     torch.testing.assert_close(y, ref.dense_moe(fine, x, oracle_weights(fine, x.reshape(-1, D))), rtol=0, atol=1e-5)
 
 
@@ -107,11 +108,11 @@ def test_topk_granularity_keeps_active_params_and_flops():
     coarse = make_layer("topk")
     fine = make_layer("topk", granularity=4)
     x = torch.randn(2, 6, D)
-    coarse(x), fine(x)
-    assert coarse.stats.active_experts_mean == K and fine.stats.active_experts_mean == 4 * K
+    coarse_stats, fine_stats = coarse(x).stats, fine(x).stats
+    assert coarse_stats.active_experts_mean == K and fine_stats.active_experts_mean == 4 * K
     per_coarse = sum(p.numel() for p in coarse.experts.parameters()) / E
     per_fine = sum(p.numel() for p in fine.experts.parameters()) / (4 * E)
-    assert per_fine * fine.stats.active_experts_mean == per_coarse * coarse.stats.active_experts_mean
+    assert per_fine * fine_stats.active_experts_mean == per_coarse * coarse_stats.active_experts_mean
 
 
 def tiny_config(**changes) -> ModelConfig:

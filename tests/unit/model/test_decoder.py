@@ -88,7 +88,7 @@ def test_bad_inputs_raise():
     model = make_model("dense")
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 49, dtype=torch.long))
-    with pytest.raises(ValueError, match="idx_BS"):
+    with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="last_only"):
         model(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), last_only=True)

@@ -101,5 +101,5 @@ def test_decoder_without_logits_equals_logits_path(ffn):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="return_logits=False needs targets_BS"):
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
         model(idx, return_logits=False)

@@ -64,13 +64,13 @@ def ep_cases(rank: int, size: int, names: list[str]) -> dict[str, dict[str, floa
         layer, x_TD, w_TD = _layer_and_input(case)
         ref = copy.deepcopy(layer)
         x_ref = x_TD.clone().requires_grad_()
-        y_ref = ref(x_ref)
+        y_ref = ref(x_ref).output
         (y_ref * w_TD).sum().backward()
 
         expert_parallel(layer, world)
         rows = _rows(case, rank, size)
         x_local = x_TD[rows].clone().requires_grad_()
-        y = layer(x_local)
+        y = layer(x_local).output
         (y * w_TD[rows]).sum().backward()
         gate_grad = layer.router.gate.weight.grad.clone()
         dist.all_reduce(gate_grad)  # the loss is a sum over tokens: gradients add up over ranks

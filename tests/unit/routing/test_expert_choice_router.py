@@ -44,7 +44,7 @@ def test_layer_equals_naive_loop_reference(case, impl):
     weight_TE = ref.expert_choice_weights(layer, x.reshape(-1, D))
     routed = layer.router(x.reshape(-1, D)).routing
     torch.testing.assert_close(routed.dense_weights(), weight_TE, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer(x).output, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -72,13 +72,13 @@ def test_padding_is_never_picked_and_does_not_count_towards_capacity():
     x = torch.randn(2, 5, D)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 1, 1]]).bool()
     x_nan = torch.where(mask.unsqueeze(-1), x, float("nan"))
-    y = layer(x_nan, pad_mask_BS=mask)
+    y = layer(x_nan, attention_mask=mask).output
     routed = layer.router(x_nan.reshape(-1, D), mask_T=mask.reshape(-1)).routing
     assert not bool((~mask.reshape(-1))[routed.token_N].any())  # no padding token routed
     assert torch.equal(y[~mask], torch.zeros(int((~mask).sum()), D))
     # 7 real tokens: C = round(7 * 2 / 8) = 2 per expert, as if the padding were absent
     assert routed.counts_E.tolist() == [2] * E
-    torch.testing.assert_close(y[mask], layer(x[mask].reshape(1, -1, D))[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(y[mask], layer(x[mask].reshape(1, -1, D)).output[0], rtol=0, atol=1e-6)
     weight_TE = ref.expert_choice_weights(layer, x.reshape(-1, D), mask.reshape(-1))
     torch.testing.assert_close(routed.dense_weights(), weight_TE, rtol=0, atol=1e-6)
 
@@ -103,7 +103,7 @@ def test_not_batch_invariant_a_tokens_output_depends_on_its_group():
     x = torch.randn(1, 12, D)
     changed = x.clone()
     changed[0, 1:] = torch.randn(11, D) * 3
-    moved = [not torch.allclose(layer(x)[0, 0], layer(torch.cat([x[:, :1], other[:, 1:]], 1))[0, 0])
+    moved = [not torch.allclose(layer(x).output[0, 0], layer(torch.cat([x[:, :1], other[:, 1:]], 1)).output[0, 0])
              for other in (changed, torch.randn(1, 12, D) * 3, torch.randn(1, 12, D) * 3)]
     assert any(moved)
 
@@ -112,7 +112,7 @@ def test_groups_are_independent_of_each_other():
     layer = make_layer("k3_groups5")
     x = torch.randn(1, 10, D)
     other = torch.cat([x[:, :5], torch.randn(1, 5, D) * 3], dim=1)  # second group replaced
-    torch.testing.assert_close(layer(other)[0, :5], layer(x)[0, :5], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(other).output[0, :5], layer(x).output[0, :5], rtol=0, atol=1e-6)
 
 
 def test_flagged_non_causal_and_model_refuses_cached_decoding():
@@ -134,8 +134,8 @@ def test_flagged_non_causal_and_model_refuses_cached_decoding():
 
 def test_gradients_reach_the_gate():
     layer = make_layer("k2")
-    y = layer(torch.randn(2, 6, D))
-    (y.square().sum() + layer.aux_loss).backward()
+    y, aux, _, _ = layer(torch.randn(2, 6, D))
+    (y.square().sum() + aux).backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
 
 

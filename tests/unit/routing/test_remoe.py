@@ -47,7 +47,7 @@ def test_layer_equals_dense_reference(case, impl):
     routing = layer.router(x.reshape(-1, D)).routing
     torch.testing.assert_close(routing.dense_weights(), weight_TE, rtol=0, atol=1e-6)
     assert torch.equal(routing.dense_weights() > 0, weight_TE > 0)  # the same experts are chosen
-    torch.testing.assert_close(layer(x), ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer(x).output, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
 
 
 def test_variable_count_and_stats():
@@ -83,12 +83,12 @@ def test_no_positive_gate_gives_exactly_zero_output():
         layer.router.gate.weight[:, 0] = 1.0  # every gate is x_0: all zero for tokens with x_0 <= 0
     x = torch.randn(2, 5, D)
     x[0, 0, 0], x[1, 3, 0], x[0, 1, 0] = -1.0, -2.0, 1.0
-    y = layer(x)
+    y, _, stats, _ = layer(x)
     zero_T = layer.router(x.reshape(-1, D)).routing.active_per_token() == 0
     assert bool(zero_T[0]) and bool(zero_T[8]) and not bool(zero_T[1])
     assert torch.equal(y.reshape(-1, D)[zero_T], torch.zeros(int(zero_T.sum()), D))
-    assert layer.stats["active_experts_hist"][0] == float(zero_T.sum())
-    assert layer.stats["active_experts_hist"][E] == float((~zero_T).sum())  # x_0 > 0: all 8 gates equal, positive
+    assert stats["active_experts_hist"][0] == float(zero_T.sum())
+    assert stats["active_experts_hist"][E] == float((~zero_T).sum())  # x_0 > 0: all 8 gates equal, positive
 
 
 @pytest.mark.parametrize("case", ["k2", "k2_cap3"])
@@ -115,12 +115,11 @@ def test_relu_l1_loss_is_the_plain_l1_at_balance():
 
 def test_gradients_reach_gate_through_output_and_l1():
     layer = make_layer("k8", scale=1.0)
-    y = layer(torch.randn(2, 6, D))
-    (y.square().sum() + layer.aux_loss).backward()
+    y, aux, _, _ = layer(torch.randn(2, 6, D))
+    (y.square().sum() + aux).backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
     layer.zero_grad()
-    layer(torch.randn(2, 6, D))
-    layer.aux_loss.backward()  # the L1 alone pushes the positive gates down
+    layer(torch.randn(2, 6, D)).aux_loss.backward()  # the L1 alone pushes the positive gates down
     assert layer.router.gate.weight.grad.abs().sum() > 0
     assert layer.router.l1_coef.grad is None and not layer.router.l1_coef.requires_grad
 
@@ -131,8 +130,8 @@ def test_counts_only_in_training_mode():
     x = torch.randn(3, 4, D)
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[2] = False
-    layer(x, pad_mask_BS=mask)
-    assert int(router.entries) == 8 * E and int(router.routed_pairs) == int(layer.stats.active_experts_mean * 8 + 0.5)
+    stats = layer(x, attention_mask=mask).stats
+    assert int(router.entries) == 8 * E and int(router.routed_pairs) == int(stats.active_experts_mean * 8 + 0.5)
     layer.eval()
     layer(x)
     assert int(router.entries) == 8 * E  # unchanged in eval mode

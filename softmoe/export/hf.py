@@ -17,37 +17,57 @@ the unpadded row. A 0 between 1s (a hole) raises ValueError naming attention_mas
 under generate, whose appended tokens make one. An all-ones mask is dropped, so unpadded calls run
 GPT's unmasked path. Positions always come from the mask: `position_ids` is refused.
 
-Importing this module registers "softmoe" with AutoConfig / AutoModelForCausalLM. `import softmoe` arranges
-for that import to happen when transformers is imported (softmoe/__init__.py), so users need not import it.
+Training follows transformers' MoE convention (Mixtral): with `output_router_logits` (the forward argument,
+else config.output_router_logits) the output carries `aux_loss` (the MoE layers' configured aux losses plus the
+budget penalty, what native training adds to the loss) and `router_logits`, and with labels
+`loss = cross-entropy + config.router_aux_loss_coef * aux_loss`; so `transformers.Trainer` trains the routers'
+load balancing as native training does.
+
+Loading a folder with the Auto classes: its config.json names these classes in `auto_map`, so
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it without importing softmoe
+first (the folder's modeling_softmoe.py only imports this module); or call `register()` once and drop
+trust_remote_code. Importing this module registers nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from softmoe.data.tokenizer import EOT
 from softmoe.model.attention import rope_tables
 from softmoe.model.config import ModelConfig
 from softmoe.model.decoder import GPT, check_pad_mask
 
-__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "cmd_export", "export_checkpoint", "hf_tokenizer"]
+__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "AUTO_MAP", "REMOTE_CODE_FILE"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # The output's cache field: `cache` in recent transformers (5.24 here), `past_key_values` in older releases.
-_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# What an exported folder's config.json names under auto_map, and the file (written next to it) it points to.
+REMOTE_CODE_FILE = "modeling_softmoe.py"
+AUTO_MAP = {"AutoConfig": "modeling_softmoe.SoftMoEConfig",
+            "AutoModelForCausalLM": "modeling_softmoe.SoftMoEForCausalLM"}
+_REMOTE_CODE = '''"""SoftMoE's transformers classes, for AutoModelForCausalLM.from_pretrained(this_folder, trust_remote_code=True).
+
+They live in the softmoe package (pip install softmoe); this file only points transformers to them.
+"""
+
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM  # noqa: F401
+'''
 
 
 class SoftMoEConfig(PretrainedConfig):
-    """ModelConfig's fields as a PretrainedConfig (config.json). Validation is ModelConfig's."""
+    """ModelConfig's fields as a PretrainedConfig (config.json). Validation is ModelConfig's.
+
+    Beyond ModelConfig: `output_router_logits` (default False, as Mixtral) and `router_aux_loss_coef`
+    (default 1.0: the routers' aux losses are already weighted by their own lb_coef / z_coef, so 1.0 adds
+    them as native training does). See SoftMoEForCausalLM.forward.
+    """
 
     model_type = "softmoe"
     # transformers reads these standard names (cache layout, lm-eval's max length); they alias our fields.
@@ -58,8 +78,16 @@ class SoftMoEConfig(PretrainedConfig):
         defaults = ModelConfig()
         for name in _FIELDS:
             setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+        self.output_router_logits = kwargs.pop("output_router_logits", False)
+        self.router_aux_loss_coef = kwargs.pop("router_aux_loss_coef", 1.0)
+        if not isinstance(self.output_router_logits, bool):
+            raise TypeError(f"output_router_logits must be a bool, got {self.output_router_logits!r}")
+        coef = self.router_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+            raise ValueError(f"router_aux_loss_coef={coef!r} must be a finite number >= 0")
         # The head is the embedding matrix itself (one tensor), so there is nothing for HF to tie.
         kwargs.setdefault("tie_word_embeddings", False)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))  # save_pretrained writes the file it names
         super().__init__(**kwargs)
         self.to_model_config()  # raise ValueError / TypeError naming the bad field now, not at model build
 
@@ -84,13 +112,18 @@ class _CacheView:
 
 
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM for transformers: forward(input_ids, attention_mask, cache, labels) over one GPT."""
+    """A causal LM for transformers: forward(input_ids, attention_mask, cache, labels) over one GPT.
+
+    `gradient_checkpointing_enable()` (what Trainer's gradient_checkpointing=True calls) turns on GPT's
+    activation checkpointing (torch.utils.checkpoint per block, non-reentrant).
+    """
 
     config_class = SoftMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: SoftMoEConfig):
         super().__init__(config)
@@ -106,6 +139,23 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             module.rope_cos.data = cos.to(module.rope_cos.device)
             module.rope_sin.data = sin.to(module.rope_sin.device)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block in backward (GPT's activation_checkpointing; always non-reentrant)."""
+        self.model.activation_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.activation_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.activation_checkpointing
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained, plus the modeling_softmoe.py that config.json's auto_map names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            (Path(save_directory) / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
 
@@ -114,8 +164,8 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0,
-                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
+                past_key_values: Cache | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
         """Logits (and HF-style shifted loss) for input_ids (B, S).
 
         Args:
@@ -128,12 +178,17 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 name is accepted (not both), and the output carries it under the installed release's name.
             labels: (B, S) int64; the loss predicts labels[:, 1:] from positions [:-1], -100 ignored.
             logits_to_keep: 1 = last position only (what generate asks for); 0 = all.
+            output_router_logits: return `aux_loss` and `router_logits` and, with labels, add
+                config.router_aux_loss_coef * aux_loss to `loss` (Mixtral's convention); None = the config's.
             **kwargs: ignored (transformers passes e.g. return_dict), except `position_ids`, which must be
                 None: positions come from attention_mask. It is kept out of the signature on purpose, since
                 generate builds position_ids only for models whose forward names it.
         Returns:
-            CausalLMOutputWithPast with (B, S, V) float32 logits and the cache.
+            MoeCausalLMOutputWithPast with (B, S, V) float32 logits and the cache; with output_router_logits
+            also aux_loss (0-d float32) and router_logits (one (B * S, E) tensor per MoE layer).
         """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         if kwargs.get("position_ids") is not None:
             raise ValueError("position_ids is not supported by SoftMoEForCausalLM: positions are derived from "
                              "attention_mask (each row's first real token is position 0); pass attention_mask")
@@ -153,48 +208,22 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         last_only = logits_to_keep == 1 and labels is None
-        out = self.model(input_ids, targets_BS=targets, cache=view, last_only=last_only, pad_mask_BL=pad_mask)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_OUTPUT_CACHE_FIELD: cache})
+        out = self.model(input_ids, targets=targets, cache=view, last_only=last_only, attention_mask=pad_mask,
+                         output_router_logits=output_router_logits)
+        loss, aux_loss = out.loss, None
+        if output_router_logits:
+            aux_loss = out.aux_loss
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=out.logits,
+                                         router_logits=out.router_logits, **{_OUTPUT_CACHE_FIELD: cache})
 
 
-def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:
-    """Our tokenizer.json as a PreTrainedTokenizerFast; the BPE's <|endoftext|> (if any) is bos/eos."""
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
-    if EOT in tok.get_vocab():
-        tok.bos_token = tok.eos_token = EOT
-    return tok
+def register() -> None:
+    """Make "softmoe" known to AutoConfig / AutoModelForCausalLM in this process (idempotent).
 
+    Needed only to load an exported folder with the Auto classes without trust_remote_code.
+    """
+    AutoConfig.register(SoftMoEConfig.model_type, SoftMoEConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SoftMoEConfig, SoftMoEForCausalLM, exist_ok=True)
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path,
-                      report: Callable[[str], None] = print) -> Path:
-    """Write a training checkpoint as a transformers folder (config.json, model.safetensors, tokenizer)."""
-    from softmoe.train.restore import load_for_inference
-
-    gpt, _, path = load_for_inference(checkpoint, report)
-    model = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(gpt.config))
-    model.model.load_state_dict(gpt.state_dict())
-    out = Path(out)
-    model.save_pretrained(out)
-    hf_tokenizer(path / "tokenizer.json").save_pretrained(out)
-    report(f"exported {path} -> {out}")
-    return out
-
-
-def cmd_export(args) -> int:
-    """`softmoe export --checkpoint DIR --out HF_DIR` (its parser is in softmoe/cli.py)."""
-    from softmoe.train.checkpoint import CheckpointError
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"softmoe export: --out {str(out)!r} is an existing file, not a folder", file=sys.stderr)
-        return 2
-    try:
-        export_checkpoint(args.checkpoint, out)
-    except (CheckpointError, ValueError, OSError) as err:
-        print(f"softmoe export: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
-AutoConfig.register(SoftMoEConfig.model_type, SoftMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(SoftMoEConfig, SoftMoEForCausalLM, exist_ok=True)

@@ -2,7 +2,7 @@
 batched generation) gives every row the logits, routing and greedy tokens of that row alone; sampling runs;
 holes in the mask are refused; lm-eval's HFLM.generate_until at batch size 2 equals batch size 1.
 
-Run: .venv/bin/python -m pytest -q tests/unit/model/test_hf_padding.py
+Run: .venv/bin/python -m pytest -q tests/unit/export/test_hf_padding.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from softmoe.model import ModelConfig
-from softmoe.model.hf import SoftMoEConfig, SoftMoEForCausalLM, hf_tokenizer
+from softmoe.export.checkpoint import hf_tokenizer
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 
 VOCAB = 50
 LENGTHS = [7, 3, 5]
@@ -60,7 +61,7 @@ def test_padding_is_not_routed(model, rows):
     ids = torch.cat([torch.zeros(4, dtype=torch.long), row])[None]
     mask = torch.cat([torch.zeros(4), torch.ones(len(row))])[None]  # float 0/1 is accepted too
     with torch.no_grad():
-        padded = model.model(ids, pad_mask_BL=mask)
+        padded = model.model(ids, attention_mask=mask)
         alone = model.model(row[None])
     torch.testing.assert_close(padded.logits[0, -len(row):], alone.logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.aux_loss, alone.aux_loss, atol=1e-6, rtol=1e-5)
@@ -77,7 +78,7 @@ def test_all_ones_mask_is_the_unmasked_path(model, rows):
         plain = model(ids).logits
         assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, plain)
         # GPT's masked path (an explicit all-True mask) agrees with its unmasked path to round-off.
-        masked = model.model(ids, pad_mask_BL=torch.ones_like(ids, dtype=torch.bool)).logits
+        masked = model.model(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool)).logits
     torch.testing.assert_close(masked, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -99,11 +100,11 @@ def test_left_padded_cached_decoding_matches_a_full_forward(model, rows):
     full_mask = torch.cat([mask, torch.ones_like(steps)], dim=1)
     cache = model.model.new_cache(len(rows))
     with torch.no_grad():
-        want = model.model(full_ids, pad_mask_BL=full_mask).logits
-        got = [model.model(ids, cache=cache, pad_mask_BL=mask).logits]
+        want = model.model(full_ids, attention_mask=full_mask).logits
+        got = [model.model(ids, cache=cache, attention_mask=mask).logits]
         for t in range(steps.shape[1]):
             got.append(model.model(steps[:, t:t + 1], cache=cache,
-                                   pad_mask_BL=full_mask[:, :ids.shape[1] + t + 1]).logits)
+                                   attention_mask=full_mask[:, :ids.shape[1] + t + 1]).logits)
     real = full_mask.bool()
     torch.testing.assert_close(torch.cat(got, dim=1)[real], want[real], atol=1e-5, rtol=1e-5)
 
@@ -127,8 +128,8 @@ def test_holes_and_bad_masks_are_refused(model, rows):
     hole = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 0, 1, 1]])
     with pytest.raises(ValueError, match=r"attention_mask row 1 has a 0 between 1s \(a hole, first at slot 2\)"):
         model(ids, attention_mask=hole)
-    with pytest.raises(ValueError, match="pad_mask_BL row 1 has a 0 between 1s"):
-        model.model(ids, pad_mask_BL=hole)
+    with pytest.raises(ValueError, match="attention_mask row 1 has a 0 between 1s"):
+        model.model(ids, attention_mask=hole)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\).*\(2, 5\)"):
         model(ids, attention_mask=hole[:, :4])
     with pytest.raises(ValueError, match="attention_mask must hold only 0"):

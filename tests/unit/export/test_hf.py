@@ -1,6 +1,6 @@
 """transformers wrapper: config round trip, save/load exact, Auto classes, generate == ours, export CLI.
 
-Run: .venv/bin/python -m pytest -q tests/unit/model/test_hf.py
+Run: .venv/bin/python -m pytest -q tests/unit/export/test_hf.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from softmoe.cli import main
 from softmoe.model import ModelConfig, generate
-from softmoe.model.hf import SoftMoEConfig, SoftMoEForCausalLM
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM, register
 from softmoe.train.config import load_run_config
 from softmoe.train.loop import Trainer
 
@@ -58,7 +58,8 @@ def test_save_load_round_trip_is_exact(model, saved):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_auto_classes_load_the_folder(model, saved):
+def test_auto_classes_load_the_folder_after_register(model, saved):
+    register()
     assert isinstance(AutoConfig.from_pretrained(saved), SoftMoEConfig)
     loaded = AutoModelForCausalLM.from_pretrained(saved).eval()
     assert isinstance(loaded, SoftMoEForCausalLM)
@@ -70,11 +71,11 @@ def test_auto_classes_load_the_folder(model, saved):
 def test_logits_and_loss_match_gpt(model):
     ids = torch.randint(0, TINY.vocab_size, (2, 10))
     with torch.no_grad():
-        ours = model.model(ids[:, :-1], targets_BS=ids[:, 1:])
+        ours = model.model(ids[:, :-1], targets=ids[:, 1:])
         hf = model(ids[:, :-1], labels=ids[:, :-1].clone())
         hf_full = model(ids, labels=ids)
     assert torch.equal(hf.logits, ours.logits)
-    assert torch.allclose(hf_full.loss, ours.loss, atol=1e-6)  # same targets: the HF shift == our targets_BS
+    assert torch.allclose(hf_full.loss, ours.loss, atol=1e-6)  # same targets: the HF shift == our targets
 
 
 def test_greedy_generate_equals_ours_and_uses_the_cache(model):
@@ -97,7 +98,7 @@ def test_sampling_generate_runs(model):
 
 
 def test_mask_with_a_hole_is_rejected(model):
-    # Left and right padding work (tests/unit/model/test_hf_padding.py); a 0 between 1s does not.
+    # Left and right padding work (tests/unit/export/test_hf_padding.py); a 0 between 1s does not.
     ids = torch.randint(0, TINY.vocab_size, (2, 4))
     with pytest.raises(ValueError, match="attention_mask row 0 has a 0 between 1s"):
         model(ids, attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
@@ -113,9 +114,12 @@ def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
     out = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(config.train.run_dir), "--out", str(out)]) == 0
 
-    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded = SoftMoEForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    assert isinstance(tok, PreTrainedTokenizerFast) and tok.eos_token == "<|endoftext|>"
+    assert isinstance(tok, PreTrainedTokenizerFast) and tok.eos_token == tok.pad_token == "<|endoftext|>"
+    assert tok.model_max_length == config.model.max_seq_len
+    batch = tok(["Four score", "and seven years ago"], padding=True, return_tensors="pt")  # needs a pad token
+    assert batch.attention_mask.shape == batch.input_ids.shape and not bool(batch.attention_mask.all())
     want = trainer.model.state_dict()
     assert all(torch.equal(want[k], v) for k, v in loaded.model.state_dict().items())
     prompt = torch.tensor([tok("Four score and").input_ids])

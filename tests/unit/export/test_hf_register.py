@@ -1,7 +1,7 @@
 """`import softmoe` registers the "softmoe" model type with transformers (fresh interpreters), without
 importing torch or transformers itself; `softmoe lm-eval` runs lm-eval's own CLI on an exported folder.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:xdist tests/unit/model/test_hf_register.py
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:xdist tests/unit/export/test_hf_register.py
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from softmoe.model import ModelConfig
-from softmoe.model.hf import SoftMoEConfig, SoftMoEForCausalLM, hf_tokenizer
+from softmoe.export.checkpoint import hf_tokenizer
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, d_expert=16,
