@@ -114,7 +114,7 @@ class _CacheView:
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM for transformers: forward(input_ids, attention_mask, cache, labels) over one GPT.
 
-    `gradient_checkpointing_enable()` (what Trainer's gradient_checkpointing=True calls) turns on GPT's
+    `activation_checkpointing_enable()` (what TrainingArguments(activation_checkpointing=True) calls) turns on GPT's
     activation checkpointing (torch.utils.checkpoint per block, non-reentrant).
     """
 
@@ -139,15 +139,16 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             module.rope_cos.data = cos.to(module.rope_cos.device)
             module.rope_sin.data = sin.to(module.rope_sin.device)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each block in backward (GPT's activation_checkpointing; always non-reentrant)."""
-        self.model.activation_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.activation_checkpointing = False
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        """What activation_checkpointing_enable / _disable call: GPT's own per-block checkpointing (always
+        torch.utils.checkpoint, non-reentrant; `gradient_checkpointing_func` is not used)."""
+        if enable and every_n_layers != 1:
+            raise ValueError(f"every_n_layers={every_n_layers}: SoftMoEForCausalLM checkpoints every block (1)")
+        self.model.activation_checkpointing = bool(enable)
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         return self.model.activation_checkpointing
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:

@@ -19,8 +19,9 @@ open around the forward:
     (out.loss + routing.aux_loss).backward()
 
 The scope is the one place results cross code that is not ours (as transformers' `output_router_logits`
-records router outputs during a forward); nothing is stored on the layers. A training forward outside a
-scope warns that its aux losses are dropped. See docs/library.md.
+records router outputs during a forward); nothing is stored on the layers. A training forward before the
+budget's first scope warns that its aux losses are dropped (later ones outside a scope, such as an activation
+checkpointing recomputation in backward, are silent). See docs/library.md.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class SoftMoEBudget(Budget):
         super().__init__(*args, **kwargs)
         self._attached = 0  # layers attached so far (construction time only)
         self._scope: RoutingResults | None = None
+        self._ever_collected = False  # a training forward before any collect() scope warns (aux loss dropped)
 
     def attach(self, layer: nn.Module, index: int | None = None) -> BudgetedMoE:
         """Wrap `layer` (an MoELayer with a budget router, e.g. "softmoe") as budget layer `index`.
@@ -124,7 +126,7 @@ class SoftMoEBudget(Budget):
         if self._scope is not None:
             raise RuntimeError("SoftMoEBudget.collect() scopes do not nest: close the open one first")
         results = RoutingResults(self)
-        self._scope = results
+        self._scope, self._ever_collected = results, True
         try:
             yield results
         finally:
@@ -157,7 +159,8 @@ class BudgetedMoE(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D) -> (..., D)."""
         result = self.moe(x, mean_k=self._budget()[self.index], attention_mask=attention_mask)
-        if not self._budget.record(self.index, result) and torch.is_grad_enabled() and result.aux_loss.requires_grad:
+        recorded = self._budget.record(self.index, result)
+        if not (recorded or self._budget._ever_collected) and self.training and torch.is_grad_enabled():
             warnings.warn("a budgeted MoE layer ran a training forward outside `with budget.collect()`: its aux "
                           "loss (load balance, z-loss) is dropped; see docs/library.md", stacklevel=2)
         return result.output
