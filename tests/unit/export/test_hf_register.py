@@ -1,5 +1,7 @@
-"""`import softmoe` registers the "softmoe" model type with transformers (fresh interpreters), without
-importing torch or transformers itself; `softmoe lm-eval` runs lm-eval's own CLI on an exported folder.
+"""`import softmoe` is cheap and has no side effects (no import hook, no torch / transformers / matplotlib); an
+exported folder loads with the Auto classes after `softmoe.register_hf()` or with trust_remote_code=True (its
+config.json's auto_map) without importing softmoe (fresh interpreters); `softmoe lm-eval` runs lm-eval's own CLI
+on an exported folder.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:xdist tests/unit/export/test_hf_register.py
 """
@@ -39,31 +41,55 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-def test_import_softmoe_is_light():
-    done = run_python("import sys, softmoe; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+def test_import_softmoe_is_light_and_has_no_side_effects():
+    code = ("import sys\nbefore = list(sys.meta_path), set(sys.modules)\nimport softmoe\n"
+            "assert sys.meta_path == before[0], 'import hook installed'\n"
+            "print(sorted(m for m in set(sys.modules) - before[1] if not m.startswith('softmoe')))\n"
+            "print(softmoe.soft_topk.__module__, softmoe.MoELayer.__name__, softmoe.SoftMoEBudget.__name__)")
+    done = run_python(code)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    imported, names = done.stdout.strip().splitlines()
+    assert not {"torch", "transformers", "matplotlib", "numpy"} & set(eval(imported))
+    assert names == "softmoe.ops.lapsum MoELayer SoftMoEBudget"  # the names load on first use
+
+
+def test_every_public_name_resolves():
+    import softmoe
+
+    for name in softmoe.__all__:
+        assert getattr(softmoe, name) is not None, name
+    assert softmoe.SoftMoEForCausalLM is SoftMoEForCausalLM and callable(softmoe.load_model)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        softmoe.nope  # noqa: B018
 
 
 @pytest.mark.parametrize("code", [
-    # softmoe first: the import hook registers when transformers loads.
-    "import sys, softmoe\nfrom transformers import AutoModelForCausalLM\n"
+    "import sys, softmoe\nsoftmoe.register_hf()\nfrom transformers import AutoModelForCausalLM\n"
     "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)",
-    # AutoConfig alone, through the lazy top-level transformers module.
-    "import sys, softmoe, transformers\nprint(type(transformers.AutoConfig.from_pretrained(sys.argv[1])).__name__)",
-    # transformers first: import softmoe registers at once.
-    "import sys, transformers, softmoe\nprint(type(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)",
+    "import sys, transformers\nfrom softmoe.export import register\nregister()\n"
+    "print(type(transformers.AutoConfig.from_pretrained(sys.argv[1])).__name__)",
 ])
-def test_import_softmoe_then_auto_classes_load_the_folder(exported, code):
+def test_register_then_auto_classes_load_the_folder(exported, code):
     done = run_python(code, str(exported))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] in ("SoftMoEForCausalLM", "SoftMoEConfig")
 
 
-def test_without_softmoe_transformers_does_not_know_the_type(exported):
-    done = run_python("import sys\nfrom transformers import AutoConfig\nAutoConfig.from_pretrained(sys.argv[1])",
-                      str(exported))
-    assert done.returncode != 0 and "softmoe" in done.stderr
+def test_trust_remote_code_loads_the_folder_without_importing_softmoe(exported, tmp_path):
+    assert json.loads((exported / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_softmoe.SoftMoEForCausalLM"
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "print(type(m).__module__, type(m).__name__)")
+    done = run_python(code, str(exported), env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "softmoe.export.hf SoftMoEForCausalLM"  # our class, not a copy
+
+
+def test_without_registration_transformers_does_not_know_the_type(exported):
+    code = "import sys, softmoe\nfrom transformers import AutoConfig\nAutoConfig.from_pretrained(sys.argv[1])"
+    done = run_python(code, str(exported))
+    assert done.returncode != 0 and "trust_remote_code" in done.stderr
 
 
 def test_lm_eval_cli_on_an_exported_folder(tmp_path):

@@ -45,6 +45,13 @@ def test_forward_follows_mixtral():
         SoftMoEConfig(router_aux_loss_coef=-1)
 
 
+def test_the_switch_survives_save_and_load(tmp_path):
+    make_model(router_aux_loss_coef=0.25).save_pretrained(tmp_path)
+    loaded = SoftMoEForCausalLM.from_pretrained(tmp_path, output_router_logits=True)  # as docs/library.md loads it
+    assert loaded.config.output_router_logits is True and loaded.config.router_aux_loss_coef == 0.25
+    assert loaded(torch.randint(0, 64, (1, 5))).aux_loss is not None
+
+
 def test_aux_loss_reaches_the_router_gradients():
     grads = {}
     for coef in (0.0, 1.0):

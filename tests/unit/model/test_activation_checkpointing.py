@@ -85,3 +85,21 @@ def test_train_option_reaches_the_model_and_is_validated():
         TrainConfig(activation_checkpointing="yes")
     with pytest.raises(TypeError, match="activation_checkpointing must be a bool"):
         GPT(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8), activation_checkpointing=1)
+
+
+@pytest.mark.parametrize("router,options", [("remoe", {}), ("topk", {"loss_free_bias": True})])
+def test_controller_counters_double_and_keep_their_ratios(router, options):
+    """The recomputation increments the training-mode counters again; the controllers read ratios of them."""
+    counters = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, num_experts=4, d_expert=16,
+                             max_seq_len=16, router=router, k=2.0, router_options=options)
+        model = GPT(config, activation_checkpointing=checkpointing).train()
+        idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(idx, torch.roll(idx, -1, 1)).objective.backward()
+        routers = [b.ffn.router for b in model.blocks]
+        counters.append([t.clone() for r in routers for t in (
+            (r.routed_pairs, r.entries) if router == "remoe" else (r.balance.load_E,))])
+    for plain, recomputed in zip(*counters):
+        assert torch.equal(recomputed, 2 * plain) and int(plain.sum()) > 0
