@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from softmoe.convert import from_hf, soft_blocks
+from softmoe.convert import from_hf
 from tests.unit.convert.test_from_hf import FAMILIES, K, ids, margins, tiny
 
 ALPHAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -29,8 +29,9 @@ def main() -> None:
             margin_BS = margins(ref.router_logits, x.shape[0])
             for alpha in ALPHAS:
                 converted = from_hf(copy.deepcopy(model), alpha=alpha)
-                diff = (converted(x).logits - ref.logits).abs()
-                active = sum(b.stats.active_experts_mean for b in soft_blocks(converted)) / 2
+                with converted.softmoe_retrofit.collect() as routing:
+                    diff = (converted(x).logits - ref.logits).abs()
+                active = sum(s.active_experts_mean for s in routing.stats.values()) / len(routing.stats)
                 rows.append({"family": family, "alpha": alpha, "max_abs_dlogit": float(diff.max()),
                              "mean_abs_dlogit": float(diff.mean()), "logit_scale": float(ref.logits.abs().mean()),
                              "tokens_margin_lt_40alpha": float((margin_BS < 40 * alpha).float().mean()),
