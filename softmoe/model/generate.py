@@ -47,14 +47,14 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def generate(model: GPT, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
              eos_id: int | None = None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens, one cached forward per token.
 
     Args:
         model: the decoder (put in eval mode here).
-        idx_BS: (B, S) int64 prompt ids, S >= 1.
+        input_ids: (B, S) int64 prompt ids, S >= 1.
         max_new_tokens: tokens to add; prompt + new must fit in model.config.max_seq_len.
         temperature, top_p, generator: see `sample_next`.
         eos_id: stop once every row has produced this id.
@@ -62,8 +62,9 @@ def generate(model: GPT, idx_BS: torch.Tensor, max_new_tokens: int, temperature:
         (B, S + n) int64 prompt followed by n <= max_new_tokens generated ids.
     """
     _check_sampling(temperature, top_p, max_new_tokens)
+    idx_BS = input_ids
     if idx_BS.dim() != 2 or idx_BS.shape[1] < 1:
-        raise ValueError(f"idx_BS must be (batch, prompt_len >= 1), got shape {tuple(idx_BS.shape)}")
+        raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got shape {tuple(idx_BS.shape)}")
     total = idx_BS.shape[1] + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({idx_BS.shape[1]} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds "
