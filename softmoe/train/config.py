@@ -134,6 +134,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.train.activation_checkpointing and self.parallel.distributed:
+            # The recomputation in backward runs outside the forward's global-count all-reduce (and would
+            # repeat expert-parallel all-to-alls): single process only until that is handled.
+            raise ValueError(f"train.activation_checkpointing=true needs parallel.data=none (got "
+                             f"parallel.data={self.parallel.data!r}): multi-process runs do not support it yet")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

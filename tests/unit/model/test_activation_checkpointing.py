@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from softmoe.model import GPT, ModelConfig
-from softmoe.train.config import TrainConfig
+from softmoe.train.config import ParallelConfig, RunConfig, TrainConfig
 
 VARIANTS = {
     # gate noise draws random numbers in forward: the recomputation must replay the same ones.
@@ -83,6 +83,8 @@ def test_train_option_reaches_the_model_and_is_validated():
     assert TrainConfig().activation_checkpointing is False
     with pytest.raises(TypeError, match="train.activation_checkpointing must be a bool"):
         TrainConfig(activation_checkpointing="yes")
+    with pytest.raises(ValueError, match="needs parallel.data=none .got parallel.data='ddp'"):
+        RunConfig(train=TrainConfig(activation_checkpointing=True), parallel=ParallelConfig(data="ddp"))
     with pytest.raises(TypeError, match="activation_checkpointing must be a bool"):
         GPT(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8), activation_checkpointing=1)
 
