@@ -8,7 +8,7 @@ Generation uses transformers' DynamicCache. GPT's attention only needs an object
 `update(layer, k, v)`; `_CacheView` adapts the HF cache to that, so beam search and cache reordering
 are transformers' business and the attention code is unchanged.
 
-Padding: `attention_mask` (B, cached + new) is handed to GPT as its `pad_mask_BL`, which does all the
+Padding: `attention_mask` (B, cached + new) is handed to GPT as its own `attention_mask`, which does all the
 work in the one forward path: per-row RoPE positions counted from each row's first real token, padding
 keys masked out of attention, padding tokens not routed by the MoE layers. Left padding (what `generate`
 and lm-eval's HFLM use for batched generation, and what transformers extends by one 1 per generated token)
@@ -172,7 +172,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: (B, S) int64 ids of slots [start, start + S), start = cached length.
             attention_mask: optional (B, start + S) 0/1 over the cached and new slots, 1 = real token;
-                left and/or right padding, no holes (ValueError). Becomes GPT's pad_mask_BL (module
+                left and/or right padding, no holes (ValueError). Becomes GPT's attention_mask (module
                 docstring); padding slots' logits are meaningless and the caller ignores them.
             cache: a transformers Cache; a DynamicCache is made when use_cache and none is given.
                 recent transformers (5.24) passes it as `cache`, older releases as `past_key_values`; either

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from softmoe.layers.moe import MoEOutput
 from softmoe.model.attention import KVCache, padded_causal_mask, padded_positions, rope_tables
 from softmoe.model.block import Block
 from softmoe.model.config import ModelConfig
-from softmoe.layers.moe import MoEOutput
 from softmoe.model.loss import linear_cross_entropy
 from softmoe.routing.budget import Budget
 
