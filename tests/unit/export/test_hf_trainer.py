@@ -89,4 +89,3 @@ def test_trainer_trains_the_aux_loss(tmp_path):
     assert all(not torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(zero, on))  # coef 1: it is trained
     for a, b in zip(on, recomputed):  # Trainer's activation_checkpointing: GPT's per-block checkpointing, same result
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
