@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from softmoe.common.precision import autocast_context
 from softmoe.eval.downstream import evaluate_items, score_requests
 from softmoe.eval.tasks import TASKS, load_rows, task_path
-from softmoe.train.loop import autocast_context
 
 try:
     from lm_eval.api.model import TemplateLM

@@ -62,7 +62,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             splits=parse_list(args.splits, "--splits"), corpora=parse_list(args.corpora, "--corpora"),
             tasks=parse_tasks(args.tasks), limit=args.limit, budgets=parse_budgets(args.budget),
             precision=args.precision, batch_size=args.batch_size, max_batches=args.max_batches,
-            data_dir=args.data_dir, seed=args.seed)
+            data_dir=args.data_dir, seed=args.seed, device=args.device)
         payload, points = evaluate_checkpoint(args.checkpoint, settings, progress=not args.quiet)
     except (CheckpointError, FetchError, FileNotFoundError, ValueError) as err:
         print(f"softmoe eval: {err}", file=sys.stderr)
@@ -137,6 +137,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per split (quick looks; no bpb)")
     p.add_argument("--data-dir", default=None, help="data directory (default: the run's, $SOFTMOE_DATA_DIR, data/)")
     p.add_argument("--seed", type=int, default=0, help="zero-shot scorer seed (bootstrap intervals)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:<index>")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
     p.set_defaults(func=_cmd_eval)
 

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe.common.precision import autocast_context, module_device
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import LayerRouting, accumulate_routing
 from softmoe.eval.tasks import TASKS, Item, load_items
 from softmoe.layers.moe import MoELayer
 from softmoe.model import GPT
-from softmoe.train.loop import autocast_context
 
 __all__ = ["TASKS", "TaskResult", "Score", "bootstrap_ci", "encode_pair", "score_requests", "evaluate_items",
            "evaluate_tasks"]
@@ -166,7 +166,9 @@ def _score_batch(model: nn.Module, windows: list[tuple[list[int], list[int]]], p
     for b, (inputs, _) in enumerate(windows):
         idx_BS[b, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
         mask_BS[b, :len(inputs)] = True
-    with autocast_context(precision), masked_padding(model, mask_BS):
+    device = module_device(model)
+    idx_BS, mask_BS = idx_BS.to(device), mask_BS.to(device)
+    with autocast_context(precision, device), masked_padding(model, mask_BS):
         out = model(idx_BS)
     if layers is not None and out.routing:
         accumulate_routing(layers, out.routing, out.k_L)
@@ -175,7 +177,7 @@ def _score_batch(model: nn.Module, windows: list[tuple[list[int], list[int]]], p
         C = len(targets)
         # Position p predicts token p + 1: the last C inputs predict the C continuation tokens.
         logp_CV = F.log_softmax(out.logits[b, lengths[b] - C:lengths[b]].float(), dim=-1)
-        target_C = torch.tensor(targets, dtype=torch.long)
+        target_C = torch.tensor(targets, dtype=torch.long, device=device)
         loglik = float(logp_CV.gather(1, target_C[:, None]).sum())
         greedy = bool((logp_CV.argmax(dim=-1) == target_C).all())
         scores.append(Score(loglik, greedy, C, lengths[b]))
@@ -193,7 +195,7 @@ def score_requests(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
         tokenizer: anything with `encode(text).ids` (a `tokenizers.Tokenizer`).
         requests: (context, continuation) pairs, both non-empty.
         batch_size: B, requests per forward.
-        precision: "fp32" or "bf16" (CPU autocast; logits are scored in fp32).
+        precision: "fp32" or "bf16" (autocast on the model's device; logits are scored in fp32).
         layers: optional block -> LayerRouting accumulator, filled with the routing of real tokens.
     Returns:
         One Score per request, in request order.

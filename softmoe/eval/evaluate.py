@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from softmoe.common.precision import check_device_name
 from softmoe.data import CORPORA, dataset_dir_for, load_split, prepare, read_meta
 from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
 from softmoe.data.tokenizer import encode_documents
@@ -57,8 +58,10 @@ class EvalSettings:
     max_batches: int | None = None  # cap on batches per split (quick looks; bits per byte is then omitted)
     data_dir: str | None = None  # data directory; None = the run's (or $SOFTMOE_DATA_DIR / <repo>/data)
     seed: int = 0  # zero-shot scorer seed (bootstrap intervals)
+    device: str = "auto"  # where the model runs: "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:<index>"
 
     def __post_init__(self) -> None:
+        check_device_name(self.device)
         for name, allowed in (("splits", SPLITS), ("corpora", CORPORA)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
@@ -289,7 +292,7 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
     Returns:
         (the eval.json payload, the budget dial's BudgetPoints; [] without --budget).
     """
-    model, config, path = load_model(checkpoint, report)
+    model, config, path = load_model(checkpoint, report, settings.device)
     # Check everything that can fail before the long scoring starts.
     if settings.budgets:
         budget_dial.check_budgets(model, list(settings.budgets))

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from softmoe.common.precision import autocast_context, module_device
 from softmoe.data import IGNORE_INDEX, eval_batches
 from softmoe.data.loader import num_eval_batches
 from softmoe.model import GPT
 from softmoe.progress import progress_bar
-from softmoe.train.loop import autocast_context
 
 __all__ = ["LayerRouting", "SplitEval", "accumulate_routing", "bits_per_byte", "evaluate_split"]
 
@@ -115,7 +115,7 @@ def evaluate_split(
         tokens: (N,) token ids of the split.
         seq_len: T, window length (at most the model's max_seq_len).
         batch_size: B.
-        precision: "fp32" or "bf16" (CPU autocast; routing stays fp32).
+        precision: "fp32" or "bf16" (autocast on the model's device; routing stays fp32).
         max_batches: optional cap, for quick looks; None scores the whole split.
         progress: show a progress bar (on a terminal), labelled `desc`.
     """
@@ -123,6 +123,7 @@ def evaluate_split(
         raise ValueError(f"max_batches={max_batches} must be >= 1 or None")
     was_training = model.training
     model.eval()
+    device = module_device(model)
     total_nats, total_tokens = 0.0, 0
     layers: dict[int, LayerRouting] = {}
     total = num_eval_batches(int(tokens.shape[0]), seq_len, batch_size)
@@ -131,7 +132,8 @@ def evaluate_split(
         if max_batches is not None and i >= max_batches:
             break
         bar.update(1)
-        with autocast_context(precision):
+        idx_BT, targets_BT = idx_BT.to(device, non_blocking=True), targets_BT.to(device, non_blocking=True)
+        with autocast_context(precision, device):
             out = model(idx_BT, targets_BT, return_logits=False)
         scored = int((targets_BT != IGNORE_INDEX).sum())
         total_nats += float(out.loss) * scored

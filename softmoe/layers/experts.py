@@ -7,20 +7,22 @@ Shape legend:
     H   d_hidden (one expert's hidden width)
 
 Rows of x_ND are grouped by expert: expert e owns rows offsets[e]:offsets[e+1] (from counts_E).
-Implementations (`EXPERT_IMPLS`, chosen by name):
+Implementations (`EXPERT_IMPLS`, chosen by name; `ExpertBank(impl="auto")`, the default, picks per call):
     loop     the spec and test oracle: a Python loop over non-empty experts, plain matmuls.
     grouped  one grouped matmul per projection over the ragged segments
-             (`torch.nn.functional.grouped_mm`), no host sync; falls back to `loop` when the
-             build has no grouped matmul for this device, dtype or shape. On CPU (torch 2.13)
-             grouped_mm runs one matmul per expert internally, so it is only as fast as those.
-    padded   (default) segments padded to a common capacity and run as batched matmuls (bmm), the
-             few rows of overloaded experts past the capacity in a second, smaller padded batch.
-             Measured faster than `grouped` on CPU at E = 8..64 (docs/benchmarks.md).
+             (`torch.nn.functional.grouped_mm`), no host sync; rows past the last segment are zeroed
+             (grouped_mm leaves them unwritten). Falls back to `loop` when the build has no grouped
+             matmul for this device and dtype or the row strides are not 16-byte aligned. The default on
+             CUDA. On CPU (torch 2.13) grouped_mm runs one matmul per expert internally, so it is only
+             as fast as those.
+    padded   segments padded to a common capacity and run as batched matmuls (bmm), the few rows of
+             overloaded experts past the capacity in a second, smaller padded batch; one host sync (the
+             padded shape). The default on CPU: measured faster than `grouped` there at E = 8..64
+             (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -37,6 +39,8 @@ __all__ = [
     "padded_experts",
     "grouped_mm_supported",
     "compute_dtype",
+    "EXPERT_IMPL_CHOICES",
+    "auto_impl",
 ]
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,27 +88,45 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-@functools.lru_cache(maxsize=None)
+# (device type, dtype) -> whether grouped_mm ran and matched a loop there; filled by eager probes.
+_GROUPED_MM_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once per (device, dtype): does grouped_mm run forward and backward and match a loop?"""
+    """Probe once per (device, dtype): does grouped_mm run forward and backward and match a loop?
+
+    Under torch.compile tracing the probe (a backward) cannot run: the eager result is used when known,
+    else grouped_mm is assumed to work on CUDA (where the layer is compiled) and not elsewhere.
+    """
+    key = (device_type, dtype)
+    if key in _GROUPED_MM_PROBED:
+        return _GROUPED_MM_PROBED[key]
+    if torch.compiler.is_compiling():
+        return hasattr(F, "grouped_mm") and device_type == "cuda"
+    _GROUPED_MM_PROBED[key] = _probe_grouped_mm(device_type, dtype)
+    return _GROUPED_MM_PROBED[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        # Deterministic data: the probe must not consume the global RNG.
-        x = torch.linspace(-1, 1, 48, device=device_type).reshape(6, 8).to(dtype).requires_grad_()
-        w = torch.linspace(-1, 1, 192, device=device_type).reshape(3, 8, 8).cos().to(dtype).requires_grad_()
-        offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device_type)
-        y = F.grouped_mm(x, w, offs=offs)
-        y.float().square().sum().backward()
-        ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
-        return bool(torch.allclose(y.float(), ref.float(), rtol=1e-2, atol=1e-2))
+        # Deterministic data: the probe must not consume the global RNG. Outside any autocast region.
+        with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            x = torch.linspace(-1, 1, 48, device=device_type).reshape(6, 8).to(dtype).requires_grad_()
+            w = torch.linspace(-1, 1, 192, device=device_type).reshape(3, 8, 8).cos().to(dtype).requires_grad_()
+            offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device_type)
+            y = F.grouped_mm(x, w, offs=offs)
+            y.float().square().sum().backward()
+            ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+            return bool(torch.allclose(y.float(), ref.float(), rtol=1e-2, atol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int, d_hidden: int) -> bool:
     """Whether `grouped` can run natively: a working grouped_mm and 16-byte-aligned row strides."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     aligned = (d_model * itemsize) % 16 == 0 and (d_hidden * itemsize) % 16 == 0
     return aligned and _grouped_mm_works(device.type, dtype)
 
@@ -120,7 +142,11 @@ def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.T
     x = x_ND.to(dtype)
     gate_NH = F.grouped_mm(x, w_gate_EDH.to(dtype), offs=offs_E)
     up_NH = F.grouped_mm(x, w_up_EDH.to(dtype), offs=offs_E)
-    return F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
+    y_ND = F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
+    # Rows past the last offset (a dispatch padded to a static bound) are left unwritten: zero them, on
+    # the device (no sync), so neither the combine nor the gradients see uninitialised memory.
+    in_segment_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1:]).unsqueeze(-1)
+    return torch.where(in_segment_N1, y_ND, 0.0)
 
 
 def _bucket(rows: int) -> int:
@@ -218,6 +244,14 @@ class _GatherRows(torch.autograd.Function):
         return grad_ND.new_zeros((ctx.num_rows, *grad_ND.shape[1:])).index_copy_(0, index_N, grad_ND), None
 
 
+EXPERT_IMPL_CHOICES = ("auto", *EXPERT_IMPLS)  # "auto": `auto_impl` of the rows' device, per call
+
+
+def auto_impl(device: torch.device) -> str:
+    """The default implementation on `device`: `grouped` on CUDA (no host sync), `padded` elsewhere."""
+    return "grouped" if device.type == "cuda" else "padded"
+
+
 class ExpertBank(nn.Module):
     """E SwiGLU experts stored as three stacked tensors.
 
@@ -225,18 +259,19 @@ class ExpertBank(nn.Module):
         num_experts: E.
         d_model: D.
         d_hidden: H, hidden width of one expert.
-        impl: a key of EXPERT_IMPLS ("padded" default, "grouped", "loop" the reference).
+        impl: "auto" (default: `grouped` on CUDA, `padded` elsewhere) or a key of EXPERT_IMPLS to force one
+            ("padded", "grouped", "loop" the reference).
     Parameters:
         w_gate, w_up: (E, D, H); w_down: (E, H, D). Initialised like nn.Linear per expert.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, impl: str = "padded"):
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, impl: str = "auto"):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if impl not in EXPERT_IMPLS:
-            raise ValueError(f"impl={impl!r} must be one of {sorted(EXPERT_IMPLS)}")
+        if impl not in EXPERT_IMPL_CHOICES:
+            raise ValueError(f"impl={impl!r} must be one of {list(EXPERT_IMPL_CHOICES)}")
         self.impl = impl
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
@@ -251,7 +286,8 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """(N, D) expert-sorted rows -> (N, D) outputs of their experts."""
-        return EXPERT_IMPLS[self.impl](x_ND, counts_E, self.w_gate, self.w_up, self.w_down)
+        impl = auto_impl(x_ND.device) if self.impl == "auto" else self.impl
+        return EXPERT_IMPLS[impl](x_ND, counts_E, self.w_gate, self.w_up, self.w_down)
 
     def extra_repr(self) -> str:
         e, d, h = self.w_gate.shape

@@ -31,11 +31,12 @@ __all__ = ["Budget", "BUDGET_MODES", "exact_allocation"]
 BUDGET_MODES = ("exact", "penalty")
 
 
-def exact_allocation(share_L: torch.Tensor, budget: float, k_min: float, k_max: float) -> torch.Tensor:
+def exact_allocation(share_L: torch.Tensor, budget: float | torch.Tensor, k_min: float, k_max: float) -> torch.Tensor:
     """Split L * (budget - k_min) over layers by `share_L`, capping each layer at k_max.
 
     Water-filling: layers that would exceed the cap are pinned to it and their excess is shared by
-    the rest in proportion to share_L, until no layer exceeds the cap (at most L rounds).
+    the rest in proportion to share_L, until no layer exceeds the cap: L rounds, no host sync (a
+    round after the last cap changes nothing). `budget` may be a float or a 0-d tensor.
 
     Args:
         share_L: (L,) non-negative shares summing to 1 (softmax(theta)); gradients flow through.
@@ -53,10 +54,7 @@ def exact_allocation(share_L: torch.Tensor, budget: float, k_min: float, k_max: 
         rest = free - room * capped_L.sum()
         scale = rest / open_share_L.sum().clamp(min=torch.finfo(share_L.dtype).tiny)
         extra_L = torch.where(capped_L, torch.full_like(share_L, room), open_share_L * scale)
-        over_L = extra_L > room
-        if not bool(over_L.any()):
-            break
-        capped_L = capped_L | over_L
+        capped_L = capped_L | (extra_L > room)
     return k_min + extra_L.clamp(max=room)
 
 
@@ -103,6 +101,13 @@ class Budget(nn.Module):
         self.register_buffer("pinned", torch.tensor(False))
         self.register_buffer("pinned_k_L", torch.zeros(num_layers))
         self.theta = nn.Parameter(self._initial_theta(budget), requires_grad=learnable)
+        # The buffer `pinned` mirrored on the host (set by set_budget and on loading a state dict), so a
+        # forward need not read the device.
+        self.is_pinned = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._mirror_pinned())
+
+    def _mirror_pinned(self) -> None:
+        self.is_pinned = bool(self.pinned)
 
     def _check_budget(self, budget) -> None:
         low, high = self.k_min, self.k_max
@@ -123,12 +128,12 @@ class Budget(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """(L,) float32 per-layer k_l (differentiable in theta unless pinned or frozen)."""
-        if bool(self.pinned):
+        if self.is_pinned:
             return self.pinned_k_L.clone()
         # float64 so mean_l k_l == K holds to float32 rounding after the cast.
         theta = self.theta.double()
         if self.mode == "exact":
-            k_L = exact_allocation(torch.softmax(theta, dim=0), float(self.budget), self.k_min, self.k_max)
+            k_L = exact_allocation(torch.softmax(theta, dim=0), self.budget.double(), self.k_min, self.k_max)
         else:
             k_L = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(theta)
         return k_L.float()
@@ -139,7 +144,7 @@ class Budget(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """0-d penalty_coef * (mean k_l - K)^2 in penalty mode; 0 in exact mode or when pinned."""
-        if self.mode == "exact" or bool(self.pinned):
+        if self.mode == "exact" or self.is_pinned:
             return self.theta.new_zeros(())
         return self.penalty_coef * (self().mean() - self.budget).square()
 
@@ -158,6 +163,7 @@ class Budget(nn.Module):
         self.budget.fill_(float(budget))
         if per_layer is None:
             self.pinned.fill_(False)
+            self.is_pinned = False
             return
         k_L = torch.as_tensor(per_layer, dtype=torch.float32).flatten()
         if k_L.shape[0] != self.num_layers:
@@ -168,6 +174,7 @@ class Budget(nn.Module):
             raise ValueError(f"per_layer has mean {k_L.double().mean().item():.6g}, expected budget={budget}")
         self.pinned_k_L.copy_(k_L)
         self.pinned.fill_(True)
+        self.is_pinned = True
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_experts={self.num_experts}, budget={float(self.budget)}, "

@@ -86,5 +86,5 @@ def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
 
 
 def active_histogram(active_T: torch.Tensor, mask_T: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E + 1,) float32 number of real tokens using exactly j experts, j = 0..E."""
-    return torch.bincount(active_T, weights=mask_T.float(), minlength=num_experts + 1).float()
+    """(E + 1,) float32 number of real tokens using exactly j experts, j = 0..E (a scatter-add: no host sync)."""
+    return mask_T.new_zeros(num_experts + 1, dtype=torch.float32).scatter_add_(0, active_T, mask_T.float())

@@ -53,8 +53,8 @@ class Routing:
         return torch.nn.functional.pad(self.counts_E.cumsum(0), (1, 0))
 
     def active_per_token(self) -> torch.Tensor:
-        """(T,) int64 number of experts each token uses."""
-        return torch.bincount(self.token_N, minlength=self.num_tokens)
+        """(T,) int64 number of experts each token uses (a scatter-add: bincount would sync on CUDA)."""
+        return self.token_N.new_zeros(self.num_tokens).scatter_add_(0, self.token_N, torch.ones_like(self.token_N))
 
     def dense_weights(self) -> torch.Tensor:
         """(T, E) weights with zeros for unrouted pairs (for references, tests and losses)."""

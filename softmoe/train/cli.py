@@ -99,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
     torch.set_num_threads(args.threads)
     try:
-        model, tokenizer, path = load_for_inference(args.checkpoint)
+        model, tokenizer, path = load_for_inference(args.checkpoint, device=args.device)
     except (CheckpointError, ValueError) as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
         return 2
@@ -112,9 +112,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         print("softmoe generate: the prompt encodes to zero tokens", file=sys.stderr)
         return 2
-    generator = torch.Generator().manual_seed(args.seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
-        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, generator=generator)
     except ValueError as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
@@ -154,4 +155,5 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for decoding)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:<index>")
     p.set_defaults(func=_cmd_generate)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from softmoe.common.precision import PRECISIONS, check_device_name
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
 from softmoe.presets import find_config
@@ -29,7 +30,6 @@ from softmoe.presets import find_config
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides",
            "same_config"]
 
-PRECISIONS = ("fp32", "bf16")
 DATA_PARALLEL = ("none", "ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -52,7 +52,9 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     budget_lr_mult: float = 1.0  # lr multiplier for budget / alpha parameters
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    precision: str = "fp32"  # "fp32" | "bf16" (CPU autocast; routing stays fp32)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast on the run's device; routing stays fp32)
+    device: str = "auto"  # "auto" (CUDA when available, else cpu) | "cpu" | "cuda" | "cuda:<index>"
+    compile: bool = False  # torch.compile the model (the MoE layers' ragged dispatch is one dynamic size)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 10  # steps between train-metric records
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
@@ -85,6 +87,9 @@ class TrainConfig:
             raise ValueError("train.lr=0 must be > 0")
         if not isinstance(self.activation_checkpointing, bool):
             raise TypeError(f"train.activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+        check_device_name(self.device, "train.device")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"train.compile must be a bool, got {type(self.compile).__name__} ({self.compile!r})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:

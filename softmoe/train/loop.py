@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import yaml
 
+from softmoe.common.precision import autocast_context, module_device, resolve_device
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT, DecoderOutput
 from softmoe.train import controllers, runtime
@@ -49,7 +50,7 @@ from softmoe.train.rundir import (
 )
 from softmoe.train.schedule import lr_at
 
-__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "autocast_context", "evaluate"]
+__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "evaluate"]
 
 
 class TrainingAborted(RuntimeError):
@@ -87,28 +88,23 @@ class TrainResult:
     infer_ae_per_layer: list | None = None  # per MoE layer, eval mode, final val
 
 
-def autocast_context(precision: str):
-    # bf16 autocast on CPU; the model keeps its budget and the layers keep routing in fp32.
-    if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              precision: str = "fp32") -> tuple[float, list[dict]]:
     """Token-weighted mean cross-entropy over `batches`, and the routing summary of the last batch.
 
     Args:
-        model: the decoder (its training/eval mode is restored afterwards).
+        model: the decoder (its training/eval mode is restored afterwards); batches are moved to its device.
         batches: (idx_BT, targets_BT) pairs; targets equal to -100 are not scored.
-        precision: "fp32" or "bf16".
+        precision: "fp32" or "bf16" (autocast on the model's device).
     """
     was_training = model.training
     model.eval()
+    device = module_device(model)
     total, count, layers = 0.0, 0, []
     for idx_BT, targets_BT in batches:
-        with autocast_context(precision):
+        idx_BT, targets_BT = to_device(idx_BT, device), to_device(targets_BT, device)
+        with autocast_context(precision, device):
             out = model(idx_BT, targets_BT, return_logits=False)
         n = int((targets_BT != -100).sum())
         total, count = total + out.loss.item() * n, count + n
@@ -140,8 +136,11 @@ class Trainer:
         if self.data.vocab_size > config.model.vocab_size:
             raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the dataset's "
                              f"tokenizer vocabulary ({self.data.vocab_size})")
-        self.model = GPT(config.model, activation_checkpointing=config.train.activation_checkpointing)
         t = config.train
+        self.device = resolve_device(t.device, "train.device")
+        self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
+        # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
+        self.forward_fn = torch.compile(self.model) if t.compile else self.model
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0
@@ -162,21 +161,28 @@ class Trainer:
             group["lr"] = lr * group["lr_mult"]
         return lr
 
-    def train_step(self, step: int) -> StepStats:
-        """Forward/backward over grad_accum micro-batches, clip, and step unless anything is non-finite."""
+    def train_step(self, step: int, summarize: bool = True) -> StepStats:
+        """Forward/backward over grad_accum micro-batches, clip, and step unless anything is non-finite.
+
+        `summarize`: read the routing summary (StepStats.layers) of the last micro-batch; it costs host syncs
+        (a few per MoE layer), so the loop asks for it on log steps only. Otherwise a step reads the device
+        twice: the loss sums and the gradient norm (plus the one sync per MoE layer that sizes its dispatch).
+        """
         t = self.config.train
         self.model.train()
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = aux_sum = 0.0
+        sums = torch.zeros(2, device=self.device)  # [loss, aux] over micro-batches, read once after the loop
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
-            with autocast_context(t.precision):
+            idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
+            with autocast_context(t.precision, self.device):
                 out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
-            loss_sum += out.loss.item()
-            aux_sum += out.aux_loss.item()
-        loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, routing_summary(out.routing, out.k_L))
+            sums += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
+        loss_sum, aux_sum = sums.tolist()
+        layers = routing_summary(out.routing, out.k_L) if summarize else []
+        loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = self._clip_grad_norm(max_norm)
         finite = math.isfinite(loss_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm)
@@ -194,7 +200,7 @@ class Trainer:
     def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
         """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced).
         No (B, S, V) logits: the loss comes from the fused chunked head + cross-entropy (model/loss.py)."""
-        return self.model(idx_BT, targets_BT, return_logits=False)
+        return self.forward_fn(idx_BT, targets_BT, return_logits=False)
 
     def _global_values(self, loss_sum: float, aux_sum: float, layers: list[dict]
                        ) -> tuple[float, float, list[dict]]:
@@ -418,7 +424,8 @@ class Trainer:
         last_loss = None
         while self.step < end:
             tic = time.perf_counter()
-            stats = self.train_step(self.step)
+            log_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == end or self.stop_requested is not None
+            stats = self.train_step(self.step, summarize=log_step)
             elapsed = time.perf_counter() - tic
             self._guard(stats, self.step)
             self.step += 1
@@ -454,6 +461,15 @@ class Trainer:
                       "active_experts_mean": mean_active_experts(layers), "layers": layers})
         self.report(f"step {self.step}: val loss {val_loss:.4f}")
         return val_loss, layers
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`batch` on `device`; a CPU-to-CUDA copy goes through pinned memory, so it does not block the host."""
+    if batch.device == device:
+        return batch
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def _ae_fields(run_dir: Path, val_layers: list[dict]) -> dict:

@@ -45,7 +45,8 @@ LOCK = ".lock"
 # Settings that do not change what is trained: a resume may change them.
 NON_TRAJECTORY = {
     "train": {"name", "out_dir", "progress", "tensorboard", "log_every", "eval_every", "eval_batches",
-              "ckpt_every", "keep_last", "threads", "max_bad_steps", "activation_checkpointing"},
+              "ckpt_every", "keep_last", "threads", "max_bad_steps", "activation_checkpointing", "device",
+              "compile"},
     "data": {"data_dir"},
     "model": set(),
     # how many processes train it: a run may continue on another layout (float round-off, not bitwise)
