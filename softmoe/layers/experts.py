@@ -96,13 +96,14 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (device, dtype): does grouped_mm run forward and backward and match a loop?
 
     Under torch.compile tracing the probe (a backward) cannot run: the eager result is used when known,
-    else grouped_mm is assumed to work on CUDA (where the layer is compiled) and not elsewhere.
+    else grouped_mm is assumed to work in bf16 on CUDA and CPU (the dtype its shape function accepts in
+    torch 2.13, although the eager CPU kernel takes float32 too) and not otherwise.
     """
     key = (device_type, dtype)
     if key in _GROUPED_MM_PROBED:
         return _GROUPED_MM_PROBED[key]
     if torch.compiler.is_compiling():
-        return hasattr(F, "grouped_mm") and device_type == "cuda"
+        return hasattr(F, "grouped_mm") and device_type in ("cuda", "cpu") and dtype == torch.bfloat16
     _GROUPED_MM_PROBED[key] = _probe_grouped_mm(device_type, dtype)
     return _GROUPED_MM_PROBED[key]
 
@@ -248,8 +249,9 @@ EXPERT_IMPL_CHOICES = ("auto", *EXPERT_IMPLS)  # "auto": `auto_impl` of the rows
 
 
 def auto_impl(device: torch.device) -> str:
-    """The default implementation on `device`: `grouped` on CUDA (no host sync), `padded` elsewhere."""
-    return "grouped" if device.type == "cuda" else "padded"
+    """The default implementation on `device`: `grouped` on CUDA and under torch.compile tracing (no host
+    sync), `padded` elsewhere (its padded shape needs one)."""
+    return "grouped" if device.type == "cuda" or torch.compiler.is_compiling() else "padded"
 
 
 class ExpertBank(nn.Module):
@@ -286,8 +288,11 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """(N, D) expert-sorted rows -> (N, D) outputs of their experts."""
-        impl = auto_impl(x_ND.device) if self.impl == "auto" else self.impl
-        return EXPERT_IMPLS[impl](x_ND, counts_E, self.w_gate, self.w_up, self.w_down)
+        return self.impl_fn(x_ND.device)(x_ND, counts_E, self.w_gate, self.w_up, self.w_down)
+
+    def impl_fn(self, device: torch.device) -> ExpertsFn:
+        """The implementation this bank runs for rows on `device` ("auto" resolved by `auto_impl`)."""
+        return EXPERT_IMPLS[auto_impl(device) if self.impl == "auto" else self.impl]
 
     def extra_repr(self) -> str:
         e, d, h = self.w_gate.shape

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 
-from softmoe.layers.experts import EXPERT_IMPLS, ExpertBank
+from softmoe.layers.experts import ExpertBank
 from softmoe.parallel.world import World, expert_slice
 
 __all__ = ["ExpertParallelBank", "expert_parallel", "expert_parameters", "reduce_expert_grads", "received_order"]
@@ -92,7 +92,7 @@ class ExpertParallelBank(ExpertBank):
         local_RE = torch.tensor(mine, dtype=torch.long)
         perm_M = received_order(local_RE).to(x_ND.device)
         local_E = local_RE.sum(0).to(counts_E.device)
-        y_MD = EXPERT_IMPLS[self.impl](x_MD.index_select(0, perm_M), local_E, self.w_gate, self.w_up, self.w_down)
+        y_MD = self.impl_fn(x_MD.device)(x_MD.index_select(0, perm_M), local_E, self.w_gate, self.w_up, self.w_down)
         rows_M = torch.arange(perm_M.shape[0], device=perm_M.device)
         inverse_M = torch.empty_like(perm_M).scatter_(0, perm_M, rows_M)
         y_MD = y_MD.index_select(0, inverse_M)

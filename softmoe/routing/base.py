@@ -191,7 +191,7 @@ def finish_routing(
         aux = aux + extra_loss
     active_T = routing.active_per_token()
     stats = {
-        "k": k.float(),
+        "k": k.float().clone(),  # not a view of k_L: torch.compile cannot replay a view of a select as an output
         "active_experts_mean": losses.masked_mean(active_T.float(), mask_T),
         "active_experts_hist": losses.active_histogram(active_T, mask_T, config.num_experts),
         "expert_load": losses.expert_load(counts_E),

@@ -101,13 +101,19 @@ class Budget(nn.Module):
         self.register_buffer("pinned", torch.tensor(False))
         self.register_buffer("pinned_k_L", torch.zeros(num_layers))
         self.theta = nn.Parameter(self._initial_theta(budget), requires_grad=learnable)
-        # The buffer `pinned` mirrored on the host (set by set_budget and on loading a state dict), so a
-        # forward need not read the device.
-        self.is_pinned = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._mirror_pinned())
+        self._pinned_read: tuple[tuple[int, int], bool] | None = None  # ((id, version) of `pinned`, its value)
 
-    def _mirror_pinned(self) -> None:
-        self.is_pinned = bool(self.pinned)
+    @property
+    def is_pinned(self) -> bool:
+        """The buffer `pinned` as a bool, read from the device only after it changed (a host sync then).
+
+        A buffer written in place (set_budget, load_state_dict, copy_) bumps its version counter; a new
+        buffer (`.to(device)`) has a new id. Every forward of a training run reads the cached value.
+        """
+        key = (id(self.pinned), self.pinned._version)
+        if self._pinned_read is None or self._pinned_read[0] != key:
+            self._pinned_read = (key, bool(self.pinned))
+        return self._pinned_read[1]
 
     def _check_budget(self, budget) -> None:
         low, high = self.k_min, self.k_max
@@ -127,9 +133,19 @@ class Budget(nn.Module):
         return torch.full((self.num_layers,), math.log(fraction / (1.0 - fraction)))
 
     def forward(self) -> torch.Tensor:
-        """(L,) float32 per-layer k_l (differentiable in theta unless pinned or frozen)."""
+        """(L,) float32 per-layer k_l (differentiable in theta unless pinned or frozen).
+
+        Under torch.compile tracing the pin is a select on the device (a pinned forward then gives theta a
+        zero gradient instead of none).
+        """
+        if torch.compiler.is_compiling():
+            return torch.where(self.pinned, self.pinned_k_L, self._free_k())
         if self.is_pinned:
             return self.pinned_k_L.clone()
+        return self._free_k()
+
+    def _free_k(self) -> torch.Tensor:
+        """(L,) float32 k_l from theta."""
         # float64 so mean_l k_l == K holds to float32 rounding after the cast.
         theta = self.theta.double()
         if self.mode == "exact":
@@ -144,7 +160,11 @@ class Budget(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """0-d penalty_coef * (mean k_l - K)^2 in penalty mode; 0 in exact mode or when pinned."""
-        if self.mode == "exact" or self.is_pinned:
+        if self.mode == "exact":
+            return self.theta.new_zeros(())
+        if torch.compiler.is_compiling():
+            return torch.where(self.pinned, 0.0, self.penalty_coef * (self().mean() - self.budget).square())
+        if self.is_pinned:
             return self.theta.new_zeros(())
         return self.penalty_coef * (self().mean() - self.budget).square()
 
@@ -163,7 +183,6 @@ class Budget(nn.Module):
         self.budget.fill_(float(budget))
         if per_layer is None:
             self.pinned.fill_(False)
-            self.is_pinned = False
             return
         k_L = torch.as_tensor(per_layer, dtype=torch.float32).flatten()
         if k_L.shape[0] != self.num_layers:
@@ -174,7 +193,6 @@ class Budget(nn.Module):
             raise ValueError(f"per_layer has mean {k_L.double().mean().item():.6g}, expected budget={budget}")
         self.pinned_k_L.copy_(k_L)
         self.pinned.fill_(True)
-        self.is_pinned = True
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_experts={self.num_experts}, budget={float(self.budget)}, "

@@ -40,8 +40,15 @@ def global_counts(sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[No
 
 def global_sum(counts: torch.Tensor) -> torch.Tensor:
     """A count (no gradient) summed over the data-parallel ranks inside `global_counts`; else `counts` itself."""
-    sum_fn = _GLOBAL_SUM.get()
+    sum_fn = _current_sum_fn()
     return counts if sum_fn is None else sum_fn(counts.detach())
+
+
+@torch.compiler.assume_constant_result
+def _current_sum_fn() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function `global_counts` set (None outside it). torch.compile cannot trace ContextVar.get: it reads
+    this once per compilation as a constant (a run enters `global_counts` around every forward or never)."""
+    return _GLOBAL_SUM.get()
 
 
 def masked_mean(value_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
