@@ -61,6 +61,7 @@ class DistributedTrainer(Trainer):
         self.writes_run_files = world.is_main
         super().__init__(config, report=report if world.is_main else _silent)
         self.data = ShardedData(self.data, world.rank, world.size, world.device)
+        self.device = world.device  # this rank's device (train.device is for one-process runs)
         self.model.to(world.device)
         # The optimizer is rebuilt after wrapping: FSDP2 replaces the parameters by sharded DTensors.
         self.wrapped, self.expert_names = parallelize(self.model, world, config.parallel, config.train.precision)

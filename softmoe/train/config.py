@@ -144,6 +144,9 @@ class RunConfig:
             # repeat expert-parallel all-to-alls): single process only until that is handled.
             raise ValueError(f"train.activation_checkpointing=true needs parallel.data=none (got "
                              f"parallel.data={self.parallel.data!r}): multi-process runs do not support it yet")
+        if self.train.compile and self.parallel.distributed:
+            raise ValueError(f"train.compile=true is not supported with parallel.data={self.parallel.data!r} yet; "
+                             f"compile a single-process run")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

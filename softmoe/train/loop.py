@@ -27,6 +27,7 @@ import yaml
 from softmoe.common.precision import autocast_context, module_device, resolve_device
 from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT, DecoderOutput
+from softmoe.ops.compile import compile_model
 from softmoe.train import controllers, runtime
 from softmoe.train.checkpoint import (
     CheckpointError,
@@ -140,7 +141,7 @@ class Trainer:
         self.device = resolve_device(t.device, "train.device")
         self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
-        self.forward_fn = torch.compile(self.model) if t.compile else self.model
+        self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0

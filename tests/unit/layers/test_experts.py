@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softmoe.layers import EXPERT_IMPLS, ExpertBank
-from softmoe.layers.experts import grouped_mm_supported, swiglu
+from softmoe.layers.experts import grouped_mm_supported, loop_experts, swiglu
 
 # (counts per expert, d_model, d_hidden): empty experts first, last and in the middle; unaligned dims.
 SHAPES = [
@@ -89,3 +89,43 @@ def test_bucket_rounds_up_by_at_most_an_eighth_to_few_sizes():
     sizes = {_bucket(n) for n in range(1025, 2049)}  # 1152, 1280, ..., 2048
     assert len(sizes) == 8 and all(_bucket(n) >= n and _bucket(n) <= n * 9 / 8 for n in range(1, 5000))
     assert [_bucket(n) for n in (1, 2, 7, 15, 16, 17, 1000)] == [1, 2, 7, 15, 16, 18, 1024]
+
+
+def test_auto_picks_grouped_on_cuda_and_padded_on_cpu():
+    from softmoe.layers.experts import auto_impl, grouped_experts, padded_experts
+
+    assert auto_impl(torch.device("cuda")) == "grouped"
+    assert auto_impl(torch.device("cpu")) == "padded"
+    bank = ExpertBank(4, 16, 16)
+    assert bank.impl == "auto" and bank.impl_fn(torch.device("cpu")) is padded_experts
+    assert bank.impl_fn(torch.device("cuda")) is grouped_experts
+    forced = ExpertBank(4, 16, 16, impl="grouped")
+    assert forced.impl_fn(torch.device("cpu")) is grouped_experts
+
+
+def test_grouped_zeroes_rows_past_the_last_offset():
+    """A dispatch padded to a static bound has rows after the last segment: grouped_mm leaves them unwritten,
+    the bank returns zeros there (and the padded rows get no gradient)."""
+    from softmoe.layers.experts import grouped_experts
+
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 16, 16)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(9, 16, requires_grad=True)  # 5 routed rows, 4 past the last offset
+    x_garbage = x.detach().clone()
+    x_garbage[5:] = float("nan")
+    y = grouped_experts(x_garbage.requires_grad_(), counts, bank.w_gate, bank.w_up, bank.w_down)
+    assert torch.equal(y[5:], torch.zeros(4, 16))
+    ref = loop_experts(x[:5], counts, bank.w_gate, bank.w_up, bank.w_down)
+    torch.testing.assert_close(y[:5], ref)
+
+
+def test_grouped_mm_probe_runs_under_no_grad_and_keeps_the_rng():
+    """The probe (a backward) must work when first reached in an eval forward under no_grad, and must not
+    draw from the global RNG."""
+    from softmoe.layers.experts import _probe_grouped_mm
+
+    state = torch.get_rng_state()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _probe_grouped_mm("cpu", torch.float32) and _probe_grouped_mm("cpu", torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), state)
