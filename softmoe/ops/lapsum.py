@@ -33,12 +33,13 @@ per row. Half-precision inputs are computed in float32 and returned in their own
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from softmoe.ops.checks import value_checks_enabled
-from softmoe.ops.lapsum_triton import lapsum_triton, use_triton
+from softmoe.ops.lapsum_triton import lapsum_mode, lapsum_triton, use_triton
 
 __all__ = ["soft_topk", "log_soft_topk"]
 
@@ -59,13 +60,11 @@ def _log_side_sums(x_Rn: torch.Tensor, below_Rn: torch.Tensor) -> tuple[torch.Te
     return log_below, log_above
 
 
-def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At threshold x = 0: the count below, log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x.
+def _plain_side_sums(x_Rn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At threshold x = 0, from plain sums of e^{-|x|}: (R, 1) count below, log L, log U, and `unsafe`.
 
-    Returns three (R, 1) tensors; log L or log U is -inf only when its side is empty. The plain sums of
-    e^{-|x|} are exact while each side has a score within ~80 (float32) of the threshold; a side whose
-    sum is subnormal or 0 (every score far away) would lose its digits, so such rows take log-sum-exp
-    (all rows when `sync_free`, else only those, found with a host sync).
+    `unsafe` marks rows where a side's plain sum lost digits (see `_side_sums`). Pure: one fused loop
+    under torch.compile.
     """
     # Float masks, not bool: these passes are memory bound and bool kernels are slow on CPU.
     below = torch.heaviside(x_Rn.neg(), x_Rn.new_zeros(()))  # 1.0 where x < 0, else 0.0
@@ -74,21 +73,37 @@ def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch
     sum_below = e_below.sum(dim=-1, keepdim=True)
     sum_above = e.sub_(e_below).sum(dim=-1, keepdim=True)  # per entry e or 0: no cancellation
     count = below.sum(dim=-1, keepdim=True)
-    log_below, log_above = sum_below.log(), sum_above.log()
     # A side's sum keeps full precision while it is a normal number at least 2^mantissa above the
     # smallest one; an empty side is exact at 0.
     finfo = torch.finfo(x_Rn.dtype)
     safe = finfo.tiny / finfo.eps
     n = x_Rn.shape[-1]
     unsafe = ((sum_below < safe) & (count > 0)) | ((sum_above < safe) & (count < n))
-    if sync_free:
-        exact_below, exact_above = _log_side_sums(x_Rn, below > 0)
-        return count, torch.where(unsafe, exact_below, log_below), torch.where(unsafe, exact_above, log_above)
+    return count, sum_below.log(), sum_above.log(), unsafe
+
+
+def _exact_where_unsafe(x_Rn, count, log_below, log_above, unsafe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The side sums of `_plain_side_sums` with its unsafe rows redone by log-sum-exp (a host sync to find them)."""
     if bool(unsafe.any()):
         rows = unsafe.squeeze(-1).nonzero().squeeze(-1)
-        exact_below, exact_above = _log_side_sums(x_Rn[rows], below[rows] > 0)
+        exact_below, exact_above = _log_side_sums(x_Rn[rows], x_Rn[rows] < 0)
         log_below, log_above = log_below.index_put((rows,), exact_below), log_above.index_put((rows,), exact_above)
     return count, log_below, log_above
+
+
+def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At threshold x = 0: the count below, log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x.
+
+    Returns three (R, 1) tensors; log L or log U is -inf only when its side is empty. The plain sums of
+    e^{-|x|} are exact while each side has a score within ~80 (float32) of the threshold; a side whose
+    sum is subnormal or 0 (every score far away) would lose its digits, so such rows take log-sum-exp
+    (all rows when `sync_free`, else only those, found with a host sync).
+    """
+    count, log_below, log_above, unsafe = _plain_side_sums(x_Rn)
+    if sync_free:
+        exact_below, exact_above = _log_side_sums(x_Rn, x_Rn < 0)
+        return count, torch.where(unsafe, exact_below, log_below), torch.where(unsafe, exact_above, log_above)
+    return _exact_where_unsafe(x_Rn, count, log_below, log_above, unsafe)
 
 
 def _interval_step(count_R1, log_below_R1, log_above_R1, w_R1) -> torch.Tensor:
@@ -131,6 +146,40 @@ def _recentred(r_Rn: torch.Tensor, x_Rn: torch.Tensor, alpha: torch.Tensor) -> t
     """
     anchor = x_Rn.abs().argmin(dim=-1, keepdim=True)
     return torch.sub(r_Rn, r_Rn.gather(-1, anchor)).div_(alpha).add_(x_Rn.gather(-1, anchor))
+
+
+def _side_pass(r_Rn: torch.Tensor, x_Rn: torch.Tensor, shift_R1: torch.Tensor, alpha: torch.Tensor, recentre: bool):
+    """One pass over the rows (one fused loop under torch.compile): x - shift, re-centred, and its plain side
+    sums; returns (x, count, log L, log U, unsafe) as `_plain_side_sums`."""
+    x_Rn = x_Rn - shift_R1
+    if recentre:
+        x_Rn = _recentred(r_Rn, x_Rn, alpha)
+    return (x_Rn, *_plain_side_sums(x_Rn))
+
+
+@functools.cache
+def _compiled(name: str):
+    """torch.compile of the pure pass `name` of this module (SOFTMOE_LAPSUM=compile), built on first use."""
+    return torch.compile(globals()[name], dynamic=True)
+
+
+def _refine_compiled(r_Rn, x_Rn, w_R1, alpha, max_steps: int, recentre_first: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_refine` with early exit, each step's O(n) work one compiled pass (`_side_pass`); the (R, 1) step
+    and the rare log-sum-exp rows stay eager. The same steps as `_refine`, so the same results to rounding."""
+    tolerance = math.sqrt(torch.finfo(x_Rn.dtype).eps)
+    side_pass = _compiled("_side_pass")
+    shift = torch.zeros_like(w_R1)
+    converged = torch.zeros_like(w_R1, dtype=torch.bool)
+    for step_index in range(max_steps):
+        x_Rn, *sums = side_pass(r_Rn, x_Rn, shift, alpha, step_index > 0 or recentre_first)
+        step = _interval_step(*_exact_where_unsafe(x_Rn, *sums), w_R1)
+        finite = torch.isfinite(step)
+        shift = torch.where(finite, step, 0.0)
+        converged = finite & (step.abs() <= tolerance)
+        if bool(converged.all()):
+            break
+    return x_Rn - shift, converged.squeeze(-1)
 
 
 def _refine(
@@ -194,8 +243,11 @@ def _threshold_closed_form(s_Rn: torch.Tensor, w_R1: torch.Tensor) -> torch.Tens
     return torch.where(has_right, t_right, t_top)
 
 
-def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8) -> torch.Tensor:
-    """(R, n) x = (r - b) / alpha at the exact LapSum threshold b of each row (see module docstring)."""
+def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8, compiled: bool = False) -> torch.Tensor:
+    """(R, n) x = (r - b) / alpha at the exact LapSum threshold b of each row (see module docstring).
+
+    `compiled` (early-exit solver only): each step is one torch.compile'd pass (`_refine_compiled`).
+    """
     s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
     if sync_free:
         s = s.clamp(min=torch.finfo(s.dtype).min)  # unchecked overflow: finite (ties at the floor), never NaN
@@ -207,8 +259,12 @@ def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8) -> to
             "scale the scores down, raise alpha or compute in float64"
         )
     # s itself is a frame centred on the row max: the first step needs no re-centring.
-    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps, early_exit=True,
-                           recentre_first=False)
+    if compiled:
+        x, converged = _refine_compiled(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
+                                        recentre_first=False)
+    else:
+        x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
+                               early_exit=True, recentre_first=False)
     if not bool(converged.all()):
         rest = (~converged).nonzero().squeeze(-1)
         x_rest = s[rest] - _threshold_closed_form(s[rest], w_R1[rest])
@@ -290,13 +346,15 @@ class _LapSumTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool, sync_free: bool):
+    def forward(ctx, scores_Rn, k_R, w_R, alpha, log: bool, sync_free: bool, compiled: bool = False):
         x = torch.empty_like(scores_Rn)
         for rows in _row_blocks(*scores_Rn.shape):
-            x[rows] = _solve_x(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, sync_free)
+            x[rows] = _solve_x(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, sync_free,
+                               compiled=compiled)
         ctx.save_for_backward(x, alpha)
-        ctx.log = log
-        return _laplace_log_cdf(x) if log else _cdf(x)
+        ctx.log, ctx.compiled = log, compiled
+        output = _compiled("_laplace_log_cdf" if log else "_cdf") if compiled else (_laplace_log_cdf if log else _cdf)
+        return output(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -305,15 +363,16 @@ class _LapSumTopK(torch.autograd.Function):
         grad_scores = torch.empty_like(x) if need_scores else None
         grad_k = x.new_empty(x.shape[0]) if need_k else None
         grad_alpha = x.new_zeros(()) if need_alpha else None
+        gradients = _compiled("_lapsum_backward") if ctx.compiled else _lapsum_backward
         for rows in _row_blocks(*x.shape):
-            g_scores, g_k, g_alpha = _lapsum_backward(x[rows], grad_out[rows], alpha, ctx.log, need_k, need_alpha)
+            g_scores, g_k, g_alpha = gradients(x[rows], grad_out[rows], alpha, ctx.log, need_k, need_alpha)
             if need_scores:
                 grad_scores[rows] = g_scores
             if need_k:
                 grad_k[rows] = g_k
             if need_alpha:
                 grad_alpha += g_alpha
-        return grad_scores, grad_k, None, grad_alpha, None, None
+        return grad_scores, grad_k, None, grad_alpha, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +487,10 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     if use_triton(scores_Rn):  # fused kernels on CUDA (SOFTMOE_LAPSUM, softmoe/ops/lapsum_triton.py)
         out_Rn = lapsum_triton(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, checks)
     else:
-        out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks)
+        # SOFTMOE_LAPSUM=compile: the early-exit solver's passes compiled (with checks on; checks off keeps the
+        # fixed-work solver, whose passes torch.compile fuses when the caller compiles the model).
+        compiled = checks and lapsum_mode() == "compile" and not torch.compiler.is_compiling()
+        out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 

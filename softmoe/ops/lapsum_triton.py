@@ -4,9 +4,11 @@
 with n <= 512 entries per row when triton is installed, and the eager path elsewhere. The environment
 variable `SOFTMOE_LAPSUM`, read at call time, forces a path:
 
-    auto    (default) Triton on CUDA for n <= MAX_ENTRIES and float32/bf16/fp16 scores, eager otherwise
-    triton  always Triton (on CPU tensors only under the interpreter, TRITON_INTERPRET=1: for tests)
-    eager   always the eager op
+    auto     (default) Triton on CUDA for n <= MAX_ENTRIES and float32/bf16/fp16 scores, eager otherwise
+    triton   always Triton (on CPU tensors only under the interpreter, TRITON_INTERPRET=1: for tests)
+    eager    always the eager op
+    compile  the eager op with its row passes compiled by torch.compile (softmoe/ops/lapsum.py; opt-in: the
+             first call compiles for tens of seconds, then the op is several times faster on CPU)
 
 The kernels (softmoe/ops/_lapsum_kernels.py) do the eager op's math row by row in registers: centre on
 the row max, the safe-side start, exact piecewise steps in frames re-centred on the score nearest the
@@ -22,13 +24,18 @@ import os
 
 import torch
 
-__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "use_triton", "lapsum_triton", "lapsum_triton_keep", "compile_kernels"]
+__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "lapsum_mode", "use_triton", "lapsum_triton", "lapsum_triton_keep", "compile_kernels"]
 
-LAPSUM_MODES = ("auto", "triton", "eager")
+LAPSUM_MODES = ("auto", "triton", "eager", "compile")
 MAX_ENTRIES = 512  # a row lives in registers: beyond this the eager op is the better path
 # BLOCK_R * BLOCK_E per program (rows per program = this / padded n): at 1024 ptxas reports no register
 # spills for sm_90 (2048 spilled at n = 64; benchmarks/triton_registers.py); not yet tuned on a GPU.
 _ENTRIES_PER_PROGRAM = 1024
+
+
+def lapsum_mode() -> str:
+    """SOFTMOE_LAPSUM, checked (read at call time)."""
+    return _mode()
 
 
 def _mode() -> str:
@@ -45,7 +52,7 @@ def _interpreting() -> bool:
 def use_triton(scores_Rn: torch.Tensor) -> bool:
     """Whether the soft top-k of float32 rows `scores_Rn` (R, n) takes the Triton kernels (see module doc)."""
     mode = _mode()
-    if mode == "eager":
+    if mode in ("eager", "compile"):
         return False
     n = scores_Rn.shape[-1]
     if mode == "auto":

@@ -308,3 +308,33 @@ def test_log_soft_topk_grad_k_with_entries_far_below_the_threshold():
         (out * weights.to(dtype)).sum().backward()
         grads[dtype] = k.grad.double()
     torch.testing.assert_close(grads[torch.float32], grads[torch.float64], rtol=1e-3, atol=1e-3)
+
+
+def test_compile_mode_runs_the_same_steps(monkeypatch):
+    """SOFTMOE_LAPSUM=compile: the early-exit solver with fused passes (`_refine_compiled`) gives the eager op's
+    p and gradients. torch.compile itself is replaced by the identity here (no compile cost in the suite); the
+    compiled speed is measured by benchmarks/bench_ops.py --modes."""
+    from softmoe.ops import lapsum
+
+    monkeypatch.setattr(lapsum, "_compiled", lambda name: getattr(lapsum, name))
+    calls = []
+    refine = lapsum._refine_compiled
+    monkeypatch.setattr(lapsum, "_refine_compiled", lambda *a, **kw: calls.append(1) or refine(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(700, 16, generator=gen) * torch.logspace(-2, 3, 700)[:, None]
+    scores[0] = 0.5  # a constant row
+    k = (0.3 + torch.rand(700, generator=gen) * 15.4).requires_grad_()
+    upstream = torch.randn(700, 16, generator=gen)
+    results = {}
+    for mode in ("eager", "compile"):
+        monkeypatch.setenv("SOFTMOE_LAPSUM", mode)
+        s = scores.clone().requires_grad_()
+        for log in (False, True):
+            fn = log_soft_topk if log else soft_topk
+            out = fn(s, k, 0.7)
+            grads = torch.autograd.grad((out * upstream).sum(), (s, k))
+            results[mode, log] = (out.detach(), *grads)
+    assert calls  # the compiled path ran
+    for log in (False, True):
+        for eager, compiled in zip(results["eager", log], results["compile", log]):
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
