@@ -88,7 +88,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"],
                         help="SOFTMOE_LAPSUM modes of the soft op to time (eager: the default CPU path)")
     parser.add_argument("--name", default="bench_ops", help="results file name (with --json)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     modes = tuple(dict.fromkeys(["eager", *args.modes]))
 
     rows = [bench_shape(t, e, args.k, args.repeats, modes) for t in args.tokens for e in args.experts]

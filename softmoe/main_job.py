@@ -88,7 +88,8 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
     for i, config in enumerate(configs, 1):
         print(f"== [{i}/{len(configs)}] training {config.train.name} ==", flush=True)
         run_dir = train_or_reuse(config)
-        model, _, _ = load_model(run_dir, report=lambda message: print(message, flush=True))
+        model, _, _ = load_model(run_dir, report=lambda message: print(message, flush=True),
+                                 device=config.train.device)
         what = "the whole validation split" if eval_max_batches is None else \
             f"the first {eval_max_batches} validation batches"
         print(f"== [{i}/{len(configs)}] evaluating {config.train.name} on {what} ==", flush=True)

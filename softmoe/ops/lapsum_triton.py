@@ -24,7 +24,8 @@ import os
 
 import torch
 
-__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "lapsum_mode", "use_triton", "lapsum_triton", "lapsum_triton_keep", "compile_kernels"]
+__all__ = ["LAPSUM_MODES", "MAX_ENTRIES", "lapsum_mode", "use_triton", "lapsum_triton", "lapsum_triton_keep",
+           "compile_kernels"]
 
 LAPSUM_MODES = ("auto", "triton", "eager", "compile")
 MAX_ENTRIES = 512  # a row lives in registers: beyond this the eager op is the better path
