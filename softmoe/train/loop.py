@@ -173,14 +173,14 @@ class Trainer:
         self.model.train()
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, device=self.device)  # [loss, aux] over micro-batches, read once after the loop
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
             idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
             with autocast_context(t.precision, self.device):
                 out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
-            sums += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
+            sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
         loss_sum, aux_sum = sums.tolist()
         layers = routing_summary(out.routing, out.k_L) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
@@ -425,7 +425,9 @@ class Trainer:
         last_loss = None
         while self.step < end:
             tic = time.perf_counter()
-            log_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == end or self.stop_requested is not None
+            # The routing summary costs host syncs: read on log steps only (a signal's off-schedule stop record has
+            # none; deciding from the step alone keeps every rank of a distributed run in the same collectives).
+            log_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == end
             stats = self.train_step(self.step, summarize=log_step)
             elapsed = time.perf_counter() - tic
             self._guard(stats, self.step)
