@@ -118,8 +118,8 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, data_dir, straight_run
     original = Trainer.train_step
     before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN when run as a background job
 
-    def interrupted_at_step_5(self, step):
-        stats = original(self, step)
+    def interrupted_at_step_5(self, step, **kwargs):
+        stats = original(self, step, **kwargs)
         if step == 4:  # the 5th step: Ctrl-C arrives while it runs
             os.kill(os.getpid(), signal.SIGINT)
         return stats
