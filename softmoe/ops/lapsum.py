@@ -248,23 +248,41 @@ def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8, compi
 
     `compiled` (early-exit solver only): each step is one torch.compile'd pass (`_refine_compiled`).
     """
+    if compiled:  # the centring, the finiteness flag and the first threshold in one compiled pass
+        s, x0, all_finite = _compiled("_start_pass")(r_Rn, k_R1, w_R1, alpha)
+        _check_centred(bool(all_finite), s, alpha)
+        x, converged = _refine_compiled(r_Rn, x0, w_R1, alpha, max_steps, recentre_first=False)
+        return _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps)
     s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
     if sync_free:
         s = s.clamp(min=torch.finfo(s.dtype).min)  # unchecked overflow: finite (ties at the floor), never NaN
         # Fixed work, no host sync: 6 steps (the 10,000-case fuzz needed 5 where ties sit far apart).
         return _refine(r_Rn, s - _threshold_closed_form(s, w_R1), w_R1, alpha, 6, early_exit=False)[0]
-    if not bool(torch.isfinite(s).all()):
+    _check_centred(bool(torch.isfinite(s).all()), s, alpha)
+    # s itself is a frame centred on the row max: the first step needs no re-centring.
+    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
+                           early_exit=True, recentre_first=False)
+    return _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps)
+
+
+def _check_centred(all_finite: bool, s: torch.Tensor, alpha: torch.Tensor) -> None:
+    if not all_finite:
         raise ValueError(
             f"soft_topk: (max - min) / alpha of a row overflows {s.dtype} (alpha={float(alpha):.6g}); "
             "scale the scores down, raise alpha or compute in float64"
         )
-    # s itself is a frame centred on the row max: the first step needs no re-centring.
-    if compiled:
-        x, converged = _refine_compiled(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
-                                        recentre_first=False)
-    else:
-        x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
-                               early_exit=True, recentre_first=False)
+
+
+def _start_pass(r_Rn, k_R1, w_R1, alpha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s centred on the row max, s minus `_initial_threshold` computed without a sync, all s finite)."""
+    s = (r_Rn - r_Rn.amax(dim=-1, keepdim=True)) / alpha
+    from_above = s.exp().sum(-1, keepdim=True).log() - (k_R1.log() + _LOG2)
+    from_below = (w_R1.log() + _LOG2) - torch.logsumexp(-s, -1, keepdim=True)
+    return s, s - torch.where(k_R1 > w_R1, from_below, from_above), torch.isfinite(s).all()
+
+
+def _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps: int) -> torch.Tensor:
+    """Rows the early-exit steps did not settle (never seen on router-like rows): from the closed form."""
     if not bool(converged.all()):
         rest = (~converged).nonzero().squeeze(-1)
         x_rest = s[rest] - _threshold_closed_form(s[rest], w_R1[rest])

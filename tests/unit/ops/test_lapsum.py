@@ -338,3 +338,6 @@ def test_compile_mode_runs_the_same_steps(monkeypatch):
     for log in (False, True):
         for eager, compiled in zip(results["eager", log], results["compile", log]):
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("SOFTMOE_LAPSUM", "compile")
+    with pytest.raises(ValueError, match="overflows"):
+        soft_topk(torch.tensor([[0.0, 3e38, -3e38]]), 1.0, 1e-3)
