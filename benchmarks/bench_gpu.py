@@ -158,6 +158,12 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
         return run
 
     candidates = {"softmoe": fwd_bwd(softmoe, mean_k=mean_k_t), "topk": fwd_bwd(topk)}
+    # At init the paper's relative truncation keeps ~1 expert per token whatever k_l (near-uniform p): when the
+    # calibration cannot reach k, top-k at the realized AE (rounded) is the equal-work comparison.
+    k_equal = max(1, round(active))
+    if k_equal != k:
+        topk_equal = MoELayer(d, h, experts, router="topk", k=float(k_equal), normalize=True).to(device)
+        candidates[f"topk_k{k_equal}"] = fwd_bwd(topk_equal)
     hf_note = None
     try:
         hf = _mixtral_block(topk, d, h, experts, k).to(device)
@@ -171,6 +177,9 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
            "timings": {n: timing_dict(t) for n, t in timings.items()}, "softmoe_over_topk": med["softmoe"] / med["topk"]}
     if "hf_mixtral" in med:
         row["hf_over_topk"] = med["hf_mixtral"] / med["topk"]
+    if k_equal != k:
+        row["softmoe_over_topk_equal_ae"] = med["softmoe"] / med[f"topk_k{k_equal}"]
+        row["topk_equal_ae_k"] = k_equal
     if hf_note:
         row["hf_mixtral_skipped"] = hf_note
     return row
@@ -247,14 +256,18 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("layer"):
         lines += ["## MoE layer forward+backward, bf16 autocast (ms)", "",
-                  "| E | tokens | D | H | SoftMoE AE | SoftMoE | top-k | HF Mixtral | SoftMoE / top-k | HF / top-k |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| E | tokens | D | H | SoftMoE AE | SoftMoE | top-k | HF Mixtral | SoftMoE / top-k | HF / top-k | "
+                  "SoftMoE / top-k at its AE |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["layer"]:
             ms = r["ms"]
+            equal = r.get("softmoe_over_topk_equal_ae")
+            equal_cell = "-" if equal is None else f"{equal:.2f} (k={r['topk_equal_ae_k']})"
             lines.append(f"| {r['experts']} | {r['tokens']} | {r['d_model']} | {r['d_hidden']} | "
                          f"{r['softmoe_active_mean']:.2f} | {ms['softmoe']:.2f} | {ms['topk']:.2f} | "
                          f"{ms.get('hf_mixtral', float('nan')):.2f} | {r['softmoe_over_topk']:.2f} | "
-                         f"{r.get('hf_over_topk', float('nan')):.2f} |")
+                         f"{r.get('hf_over_topk', float('nan')):.2f} | "
+                         f"{equal_cell} |")
         lines.append("")
     if result.get("train"):
         lines += [f"## training step, bf16 (matmul peak measured: {result['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s)", "",
