@@ -153,8 +153,10 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
             x.grad = None
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 y = module(x, **kwargs)
-            y = y[0] if isinstance(y, tuple) else y  # transformers' blocks return (hidden, router logits)
-            ((y.float() * grad).sum() + getattr(module, "aux_loss", 0.0)).backward()
+            # MoELayer returns MoEOutput (output, aux_loss, ...); transformers' blocks a tensor or a tuple.
+            aux = getattr(y, "aux_loss", 0.0)
+            y = y[0] if isinstance(y, tuple) else y
+            ((y.float() * grad).sum() + aux).backward()
         return run
 
     candidates = {"softmoe": fwd_bwd(softmoe, mean_k=mean_k_t), "topk": fwd_bwd(topk)}

@@ -108,11 +108,11 @@ def test_one_moe_layer_forward_syncs_once_on_cuda():
     x = torch.randn(8, 256, 256, device="cuda", requires_grad=True)
     mean_k = torch.tensor(2.0, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        layer(x, mean_k=mean_k).float().square().sum().backward()  # warm-up: grouped_mm probe, Triton compile
+        layer(x, mean_k=mean_k).output.float().square().sum().backward()  # warm-up: grouped_mm probe, Triton compile
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            forward.y = layer(x, mean_k=mean_k)
+            forward.y = layer(x, mean_k=mean_k).output
 
     syncs = _cuda_syncs(forward)
     print(syncs)
