@@ -63,3 +63,14 @@ def test_the_cli_refuses_cuda_without_it(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.device='cuda'" in err[0] and "CUDA is not available" in err[0]
+
+
+def test_eval_and_inference_name_a_bad_device():
+    from softmoe.eval.evaluate import EvalSettings
+    from softmoe.train.restore import load_model
+
+    with pytest.raises(ValueError, match="device='tpu'"):
+        EvalSettings(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_model("no/such/run", device="cuda")  # checked before the checkpoint is read
