@@ -110,6 +110,8 @@ class Budget(nn.Module):
         A buffer written in place (set_budget, load_state_dict, copy_) bumps its version counter; a new
         buffer (`.to(device)`) has a new id. Every forward of a training run reads the cached value.
         """
+        if self.pinned.is_inference():  # a buffer made under inference_mode has no version counter
+            return bool(self.pinned)
         key = (id(self.pinned), self.pinned._version)
         if self._pinned_read is None or self._pinned_read[0] != key:
             self._pinned_read = (key, bool(self.pinned))

@@ -98,3 +98,27 @@ def test_training_step_sync_budget(device_path, tmp_path):
     with SyncCounter() as counter:
         stats = trainer.train_step(2, summarize=True)
     assert len(stats.layers) == num_moe and counter.count > 2 + num_moe
+
+
+def test_budget_reads_its_pin_once_per_change(monkeypatch):
+    """The Budget's forward reads `pinned` from the device only after the buffer changed: set_budget,
+    load_state_dict and an in-place copy (eval/budget.py's restore) are all seen; inference_mode buffers work."""
+    from softmoe.routing.budget import Budget
+
+    monkeypatch.setenv("SOFTMOE_CHECKS", "off")
+    budget = Budget(3, 8, 2.0)
+    budget.k()
+    with SyncCounter() as counter:
+        budget.k()
+    assert counter.ops == []
+    budget.set_budget(2.0, per_layer=[1.5, 2.0, 2.5])
+    assert budget.k().tolist() == [1.5, 2.0, 2.5]
+    budget.pinned.copy_(torch.tensor(False))  # what a saved-buffer restore does
+    assert budget.k().tolist() == [2.0, 2.0, 2.0]
+    other = Budget(3, 8, 2.0)
+    other.k()
+    pinned_state = {**budget.state_dict(), "pinned": torch.tensor(True)}
+    other.load_state_dict(pinned_state)
+    assert other.k().tolist() == [1.5, 2.0, 2.5]
+    with torch.inference_mode():
+        assert Budget(3, 8, 2.0).k().tolist() == [2.0, 2.0, 2.0]
