@@ -153,3 +153,24 @@ def test_compiled_model_matches_eager_on_cuda():
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=1e-2)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_eval_and_generate_on_cuda(tmp_path):
+    """Validation (train.loop.evaluate), the split scorer and generation run on the model's CUDA device."""
+    import numpy as np
+
+    from softmoe.eval.perplexity import evaluate_split
+    from softmoe.model import generate
+    from softmoe.train.loop import evaluate
+
+    trainer = _tiny_trainer(tmp_path, "cuda", "bf16")
+    trainer.train_step(0)
+    loss, layers = evaluate(trainer.model, trainer.data.val_batches(2), "bf16")
+    assert np.isfinite(loss) and layers
+    tokens = np.arange(200, dtype=np.int64) % trainer.config.model.vocab_size
+    split = evaluate_split(trainer.model, tokens, 32, batch_size=2, precision="bf16")
+    assert np.isfinite(split.loss)
+    prompt = torch.tensor([[1, 2, 3]], device="cuda")
+    out = generate(trainer.model, prompt, 5, temperature=1.0,
+                   generator=torch.Generator(device="cuda").manual_seed(0))
+    assert out.shape == (1, 8) and out.is_cuda
