@@ -103,8 +103,8 @@ class DistributedTrainer(Trainer):
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
         return total.item()
 
-    def _controllers_step(self, update: bool) -> None:
-        controllers.step(self.model, update=update, reduce_sum=self._sum)
+    def _controllers_step(self, update: bool, active: torch.Tensor) -> None:
+        controllers.step(self.model, update=update, reduce_sum=self._sum, ae_target=self.ae_target, active=active)
 
     def num_params(self) -> int:
         """The whole model's parameters: this rank's, plus the experts other EP ranks hold."""

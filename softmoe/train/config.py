@@ -55,6 +55,9 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on the run's device; routing stays fp32)
     device: str = "auto"  # "auto" (CUDA when available, else cpu) | "cpu" | "cuda" | "cuda:<index>"
     compile: bool = False  # torch.compile the model (the MoE layers' ragged dispatch is one dynamic size)
+    ae_target: float = 0.0  # > 0: move the SoftMoE budget K between steps so the realized Train AE holds this (0 = off)
+    ae_rate: float = 0.05  # the ae_target controller's step: K += ae_rate * (ae_target - realized AE) per step
+    ae_k_max: float = 0.0  # the ae_target controller keeps K <= this (0: the budget's own k_max = E - margin)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 10  # steps between train-metric records
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
@@ -77,7 +80,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={value} must be >= {low}")
         for name, low, high in [("lr", 0, None), ("min_lr_ratio", 0, 1), ("weight_decay", 0, None),
                                 ("beta1", 0, 1), ("beta2", 0, 1), ("eps", 0, None), ("budget_lr_mult", 0, None),
-                                ("grad_clip", 0, None)]:
+                                ("grad_clip", 0, None), ("ae_target", 0, None), ("ae_rate", 0, None),
+                                ("ae_k_max", 0, None)]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"train.{name}={value!r} must be a finite number")
@@ -90,6 +94,8 @@ class TrainConfig:
         check_device_name(self.device, "train.device")
         if not isinstance(self.compile, bool):
             raise TypeError(f"train.compile must be a bool, got {type(self.compile).__name__} ({self.compile!r})")
+        if self.ae_target > 0 and self.ae_rate == 0:
+            raise ValueError(f"train.ae_rate=0 must be > 0 with train.ae_target={self.ae_target}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:

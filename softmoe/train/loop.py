@@ -142,6 +142,7 @@ class Trainer:
         self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
         self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
+        self.ae_target = _ae_target(t, self.model)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0
@@ -174,6 +175,7 @@ class Trainer:
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
+        active = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of micro-batch mean AE, count]
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
             idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
@@ -181,6 +183,8 @@ class Trainer:
                 out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
             sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
+            if self.ae_target is not None:  # the step's realized active experts, read by the controller
+                active += _routed_active(out.routing)
         loss_sum, aux_sum = sums.tolist()
         layers = routing_summary(out.routing, out.k_L) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
@@ -192,7 +196,7 @@ class Trainer:
         else:
             # Never let NaN/inf reach the weights: drop this step's gradients instead.
             self.optimizer.zero_grad(set_to_none=True)
-        self._controllers_step(update=finite)  # ReMoE lambda, loss-free bias; a skipped step moves neither
+        self._controllers_step(update=finite, active=active)  # ReMoE lambda, bias, K; a skipped step moves none
         return StepStats(loss=loss_sum / t.grad_accum, aux_loss=aux_sum / t.grad_accum, grad_norm=grad_norm,
                          lr=lr, skipped=not finite, layers=layers)
 
@@ -212,9 +216,9 @@ class Trainer:
         """Hook: clip the gradients to `max_norm`; returns the total norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
 
-    def _controllers_step(self, update: bool) -> None:
+    def _controllers_step(self, update: bool, active: torch.Tensor) -> None:
         """Hook: the after-step controllers, fed with this process's counts."""
-        controllers.step(self.model, update=update)
+        controllers.step(self.model, update=update, ae_target=self.ae_target, active=active)
 
     def num_params(self) -> int:
         """Hook: parameters of the whole model (the tied head counted once)."""
@@ -473,6 +477,28 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and batch.device.type == "cpu":
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)
+
+
+def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
+    """The active-experts controller of `train.ae_target` (None when 0); the model needs an exact-mode budget."""
+    if not t.ae_target:
+        return None
+    budget = controllers.budget_of(model)
+    if budget is None or budget.mode != "exact":
+        raise ValueError(f"train.ae_target={t.ae_target} moves the SoftMoE budget K, but this model has "
+                         + ("no budget (router without learned k_l)" if budget is None else
+                            f"a budget in mode {budget.mode!r}; use model.budget_options.mode=exact"))
+    if t.ae_k_max and not budget.k_min < t.ae_k_max <= budget.k_max:
+        raise ValueError(f"train.ae_k_max={t.ae_k_max} must be in (k_min={budget.k_min}, E - margin={budget.k_max}]")
+    return controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, t.ae_k_max or None)
+
+
+def _routed_active(routing: dict) -> torch.Tensor:
+    """(2,) float64 [realized mean active experts per token of one forward averaged over its MoE layers, 1],
+    on the model's device (no host sync; the controller reads it once per step)."""
+    values = [stats["active_experts_mean"].detach().double() for stats in routing.values()]
+    mean = torch.stack(values).mean()
+    return torch.stack([mean, torch.ones_like(mean)])
 
 
 def _ae_fields(run_dir: Path, val_layers: list[dict]) -> dict:

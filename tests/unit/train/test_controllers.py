@@ -246,3 +246,84 @@ def test_bias_frozen_in_eval_and_on_skipped_steps():
 def test_bad_bias_options_raise_naming_the_argument(router, options, error, match):
     with pytest.raises(error, match=match):
         build_router(router, D, E, 2.0, **options)
+
+
+# ---- the active-experts target: an integral controller on the SoftMoE budget K ----
+
+
+def test_budget_update_direction_and_bounds():
+    K = torch.tensor(2.0)
+    up = controllers.budget_update(K, torch.tensor(1.0), 2.0, 0.1, 1.0, 7.5)  # too few active: raise K
+    down = controllers.budget_update(K, torch.tensor(3.0), 2.0, 0.1, 1.0, 7.5)
+    assert float(up) == pytest.approx(2.1) and float(down) == pytest.approx(1.9) and up.dtype == K.dtype
+    assert float(controllers.budget_update(K, torch.tensor(100.0), 2.0, 0.1, 1.0, 7.5)) == 1.0  # saturates at k_min
+    assert float(controllers.budget_update(K, torch.tensor(-100.0), 2.0, 0.1, 1.0, 7.5)) == 7.5
+
+
+def test_active_experts_target_rejects_bad_settings():
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="target"):
+            controllers.ActiveExpertsTarget(bad, 0.1)
+    with pytest.raises(ValueError, match="train.ae_rate=0"):
+        load_run_config(TINY_REMOE.parent / "softmoe.yaml", ["train.ae_target=2", "train.ae_rate=0"])
+    with pytest.raises(ValueError, match="train.ae_target=-1"):
+        load_run_config(TINY_REMOE.parent / "softmoe.yaml", ["train.ae_target=-1"])
+
+
+def test_ae_target_needs_an_exact_budget(tmp_path):
+    for preset, extra, message in ((TINY_REMOE.parent / "topk.yaml", [], "no budget"),
+                                   (TINY_REMOE.parent / "softmoe.yaml", ["model.budget_options.mode=penalty"],
+                                    "mode 'penalty'")):
+        config = load_run_config(preset, [f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}",
+                                          "train.ae_target=2", *extra])
+        with pytest.raises(ValueError, match=message):
+            Trainer(config, report=lambda m: None)
+
+
+def test_ae_step_moves_budget_only_in_training_and_for_good_steps():
+    model = GPT(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=8, d_expert=16,
+                            router="softmoe", k=2.0))
+    target = controllers.ActiveExpertsTarget(3.0, 0.5)
+    active = torch.tensor([2.0, 2.0], dtype=torch.float64)  # two micro-batches of mean 1.0
+    model.train()
+    controllers.step(model, update=False, ae_target=target, active=active)  # a skipped step
+    assert float(model.budget.budget) == 2.0
+    controllers.step(model, update=True, ae_target=target, active=active)
+    assert float(model.budget.budget) == pytest.approx(2.0 + 0.5 * (3.0 - 1.0))
+    assert float(model.budget().detach().mean()) == pytest.approx(3.0, abs=1e-5)  # the k_l follow K
+    model.eval()
+    controllers.step(model, update=True, ae_target=target, active=active)
+    assert float(model.budget.budget) == pytest.approx(3.0)
+    summed = []
+    model.train()
+    controllers.step(model, ae_target=target, active=active, reduce_sum=lambda t: summed.append(t) or 2 * t)
+    assert len(summed) == 1 and float(model.budget.budget) == pytest.approx(4.0)  # global mean is still 1.0
+
+
+def _ae_run(tmp_path, *extra: str) -> tuple[Trainer, list[dict]]:
+    # alpha 0.2: a tiny router is too flat for the paper's alpha 1 to keep more than one expert at any K
+    config = load_run_config(TINY_REMOE.parent / "softmoe.yaml", [
+        f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}", "train.progress=false",
+        "train.tensorboard=false", "train.steps=80", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0",
+        "model.router_options.alpha=0.2", *extra])
+    trainer = Trainer(config, report=lambda m: None)
+    trainer.fit()
+    return trainer, read_metrics(config.train.run_dir, "train")
+
+
+def test_ae_target_holds_realized_train_ae_on_a_tiny_run(tmp_path):
+    """The stated tolerance: the mean realized Train AE over steps 61-80 of an 80-step tiny run is within 0.1
+    of the target; it starts 0.3+ away (K = 2 realizes ~1.8 experts at first)."""
+    target = 1.4
+    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.1", "train.ae_k_max=4")
+    tail = [r["active_experts_mean"] for r in records if r["step"] > 60]
+    assert abs(sum(tail) / len(tail) - target) < 0.1, tail
+    assert records[0]["active_experts_mean"] - target > 0.3  # it had somewhere to go
+    assert float(trainer.model.budget.budget) < 2.0 - 0.2  # by moving K down
+
+
+def test_an_unreachable_ae_target_saturates_at_ae_k_max(tmp_path):
+    """A target the routing cannot reach drives K to the cap and no further (never past it)."""
+    trainer, records = _ae_run(tmp_path, "train.ae_target=6", "train.ae_rate=0.5", "train.ae_k_max=3")
+    assert float(trainer.model.budget.budget) == pytest.approx(3.0)
+    assert max(sum(r["layers"][i]["k"] for i in range(2)) / 2 for r in records) <= 3.0 + 1e-5
