@@ -88,7 +88,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from softmoe.eval.compare import describe_plan, load_study, plan_runs, run_study
 
     try:
-        study = load_study(args.study, args.out)
+        study = load_study(args.study, args.out, summaries=args.summaries)
         if args.quiet:
             args.overrides = [*args.overrides, "train.progress=false"]
         runs = plan_runs(study, tuple(args.overrides))
@@ -108,7 +108,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from softmoe.train.checkpoint import CheckpointError
 
     try:
-        report = run_study(study, tuple(args.overrides), progress=not args.quiet)
+        report = run_study(study, tuple(args.overrides), progress=not args.quiet, next_runs=args.next,
+                           force=args.force, jobs=args.jobs)
     except (ValueError, TypeError, FetchError, CheckpointError) as err:  # a run dir of another config, data, ...
         print(f"softmoe compare: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -149,6 +150,16 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and token counts, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
+    p.add_argument("--next", type=int, default=None, metavar="N",
+                   help="train only the next N runs without a summary (plan order), then report everything "
+                        "summarised; 0 reports without training")
+    p.add_argument("--force", action="store_true",
+                   help="ignore existing run summaries: evaluate and summarise those runs again")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with train.threads=1 (default 1)")
+    p.add_argument("--summaries", default=None,
+                   help="directory of the committed run summaries and the study report (default: the study's "
+                        "`summaries`; none: no summaries)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides applied to every run after the study's (e.g. train.steps=50)")
     p.set_defaults(func=_cmd_compare)

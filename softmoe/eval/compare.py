@@ -8,6 +8,10 @@ A study file:
     seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
     overrides: {train.progress: false}            # optional, applied to every variant
     reference: topk-k2                # optional: a variant every other is compared with, paired by seed
+    references: [topk-k2, topk-k3]    # optional instead: several, each gets a paired-difference column
+    summaries: docs/results/small     # optional: committable per-run summaries (<dir>/runs/<run>.json) and
+                                      # the study report (<dir>/report.md); see softmoe/eval/summaries.py
+    claims: {top2: topk-k2, learned: softmoe-K1.5}  # optional: roles for the paper-claims table (study_report.py)
     eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no budgets)
     # eval may name zero-shot tasks (and a per-task limit): tasks: [piqa, arc_easy], limit: 500
     variants:
@@ -16,10 +20,13 @@ A study file:
       - name: ablation
         overrides: {model.router_options.alpha: 0.3}
         seeds: [0]                    # optional: a subset of the study's seeds (default: all of them)
+        dial: [1, 1.5, 2, 3]          # optional (learned-budget models): evaluate at these global budgets K'
 
 Every (variant, seed) sees the same data and the same number of training tokens (checked). A finished
 run is reused, an interrupted one resumes (`softmoe.train.runs.train_or_reuse`), and a run's evaluation
-is cached in `<run_dir>/eval/eval.json`. The study writes `results.json`, `results.md` and plots into
+is cached in `<run_dir>/eval/eval.json`. With `summaries`, a run whose summary is committed is not trained
+again (its summary must match the planned config), `--next N` trains only the next N missing runs, and
+`--jobs 2` trains two runs side by side with one thread each. The study writes `results.json`, `results.md` and plots into
 its out_dir: the frontier (validation loss vs realized mean active experts), the per-layer allocation of
 the SoftMoE runs, and the loss curves; with zero-shot tasks, a table of their accuracies over seeds.
 """
@@ -40,17 +47,20 @@ import yaml
 from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import pyplot, save_figure, style_axes
+from softmoe.eval.study_report import CLAIM_ROLES, write_study_report
+from softmoe.eval.summaries import build_summary, check_summary, load_summary, record_of, summary_path, write_summary
 from softmoe.routing import ROUTERS
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.metrics import read_metrics
 from softmoe.train.runs import is_finished, prepared_dataset_dir, train_or_reuse
 
-__all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_study"]
+__all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_one", "run_study"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference"}
+_STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference",
+               "references", "summaries", "claims"}
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "train_ae", "expert_flops_per_token",
            "tokens_per_sec")
 TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
@@ -62,6 +72,7 @@ class Variant:
     overrides: tuple[str, ...]  # `section.key=value` strings on top of the study's overrides
     label: str  # legend / table label
     seeds: tuple[int, ...] | None = None  # the study seeds this variant runs with; None = all
+    dial: tuple[float, ...] = ()  # budget dial K' values evaluated after training (learned-budget models)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,9 @@ class Study:
     variants: tuple[Variant, ...]
     path: Path
     reference: str | None = None  # variant name: the others' val loss minus its, paired by seed
+    references: tuple[str, ...] = ()  # every paired-difference reference (the first is `reference`)
+    summaries: Path | None = None  # committable per-run summaries and the study report
+    claims: tuple[tuple[str, str], ...] = ()  # (role, variant) pairs for the paper-claims table
 
 
 @dataclass(frozen=True)
@@ -124,9 +138,9 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
         raise ValueError(f"variants={raw!r} must be a non-empty list of {{name, overrides}}")
     variants = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label", "seeds"}:
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label", "seeds", "dial"}:
             raise ValueError(f"variants[{i}]={item!r} must be a mapping with name, overrides and optional "
-                             "label and seeds")
+                             "label, seeds and dial")
         name = item.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"variants[{i}].name={name!r} must be a non-empty name of letters, digits, _ . -")
@@ -136,16 +150,20 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
             if set(seeds) - set(study_seeds):
                 raise ValueError(f"variants[{i}].seeds={list(seeds)} must be a subset of the study's seeds "
                                  f"{list(study_seeds)}")
+        dial = item.get("dial", [])
+        if (not isinstance(dial, list) or len(set(dial)) != len(dial)
+                or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in dial)):
+            raise ValueError(f"variants[{i}].dial={dial!r} must be a list of distinct budgets K' > 0")
         variants.append(Variant(name, _overrides(item.get("overrides"), f"variants[{i}].overrides"),
-                                str(item.get("label", name)), seeds))
+                                str(item.get("label", name)), seeds, tuple(float(b) for b in dial)))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variants: names {names} must be distinct")
     return tuple(variants)
 
 
-def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
-    """Parse and check a study file; `out_dir` overrides the file's."""
+def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: str | Path | None = None) -> Study:
+    """Parse and check a study file; `out_dir` and `summaries` override the file's."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study={str(path)!r} does not exist")
@@ -170,12 +188,26 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
     if out_dir is None:
         out_dir = _resolve(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
     variants = _variants(raw.get("variants"), seeds)
+    names = [v.name for v in variants]
     reference = raw.get("reference")
-    if reference is not None and reference not in {v.name for v in variants}:
-        raise ValueError(f"reference={reference!r} must name one of the variants {[v.name for v in variants]}")
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference={reference!r} must name one of the variants {names}")
+    references = raw.get("references", [] if reference is None else [reference])
+    if (not isinstance(references, list) or any(r not in names for r in references)
+            or len(set(references)) != len(references)):
+        raise ValueError(f"references={references!r} must be a list of distinct variant names from {names}")
+    if reference is not None and references[:1] != [reference]:
+        raise ValueError(f"reference={reference!r} and references={references!r}: give one of them (or the same "
+                         "first name)")
+    claims = raw.get("claims") or {}
+    if not isinstance(claims, dict) or any(v not in names for v in claims.values()) or set(claims) - CLAIM_ROLES:
+        raise ValueError(f"claims={claims!r} must map roles from {sorted(CLAIM_ROLES)} to variant names from {names}")
+    summaries = raw.get("summaries") if summaries is None else str(summaries)
     return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
-                 variants=variants, path=path, reference=reference)
+                 variants=variants, path=path, reference=references[0] if references else None,
+                 references=tuple(references), claims=tuple(claims.items()),
+                 summaries=None if summaries is None else _resolve(summaries, "summaries"))
 
 
 def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[PlannedRun]:
@@ -270,13 +302,39 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "active_experts_per_layer": [layer["active_experts_mean"] for layer in entry["routing"]["layers"]],
         "k_L": payload["model"]["k_L"], "expert_flops_per_token": entry["cost"]["expert_flops_per_token"],
         "active_params": entry["cost"]["active_params"], "tokens_per_sec": summary.get("tokens_per_sec"),
-        "train_ae": summary.get("train_ae"),
+        "train_ae": summary.get("train_ae"), "train_ae_per_layer": summary.get("train_ae_per_layer"),
+        "skipped_steps": summary.get("skipped_steps"),
         "expert_equivalents": _expert_equivalents(run.config, entry["cost"]["expert_flops_per_token"]),
         "causal": m.ffn != "moe" or getattr(ROUTERS[m.router][1], "causal", True),
         "granularity": m.granularity if m.ffn == "moe" else 1,
         "num_shared_experts": m.num_shared_experts if m.ffn == "moe" else 0,
         "tasks": {name: {key: result[key] for key in TASK_METRICS} for name, result in payload["tasks"].items()},
     }
+
+
+def _settings(study: Study, variant: Variant) -> EvalSettings:
+    """The study's evaluation, plus the variant's budget dial."""
+    return dataclasses.replace(study.evaluation, budgets=variant.dial) if variant.dial else study.evaluation
+
+
+def run_one(study: Study, run: PlannedRun, progress: bool = False) -> dict:
+    """Train (or reuse) and evaluate one run; its compare record with curves and trajectories attached.
+    With `study.summaries`, its summary is written there too (the only output that outlives the run dir)."""
+    if run.config.train.threads:
+        torch.set_num_threads(run.config.train.threads)  # the evaluation too, not only the Trainer
+    run_dir = train_or_reuse(run.config)
+    payload = _evaluate_run(run_dir, _settings(study, run.variant), progress)
+    summary = build_summary(study.name, run.config.train.name, run.variant.name, run.variant.label, run.seed,
+                            run.config, _run_record(run, run_dir, payload), payload, run_dir)
+    if study.summaries is not None:
+        path = write_summary(study.summaries, summary)
+        print(f"{run.config.train.name}: summary written to {_shown(path)}", flush=True)
+    return {**record_of(summary), "run_dir": str(run_dir)}
+
+
+def _run_one_quietly(args: tuple) -> dict:
+    """A process-pool worker: `run_one` (its output goes to the worker's stdout)."""
+    return run_one(*args)
 
 
 def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
@@ -329,18 +387,75 @@ def _aggregate(runs: list[dict], variants: tuple[Variant, ...], reference: str |
     return rows
 
 
-def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: bool = False) -> Path:
-    """Train (or reuse) and evaluate every run of the study, then write the results; returns results.md.
+def _missing(study: Study, runs: list[PlannedRun], force: bool) -> tuple[dict[str, dict], list[PlannedRun]]:
+    """({run name: record} of the runs summarised with the planned config, the runs to train and evaluate).
 
-    `progress`: bars for data preparation and evaluation on a terminal (training's is `train.progress`)."""
-    runs = plan_runs(study, extra_overrides)
-    prepared_dataset_dir(runs[0].config.data, progress)  # fetch/prepare once, before any training
-    records = []
-    for i, run in enumerate(runs, 1):
-        print(f"== [{i}/{len(runs)}] {run.config.train.name} ==", flush=True)
-        run_dir = train_or_reuse(run.config)
-        records.append(_run_record(run, run_dir, _evaluate_run(run_dir, study.evaluation, progress)))
-    return write_results(study, runs, records)
+    Without `study.summaries` nothing is summarised and a run is to do until its run dir is finished.
+    A summary that is unreadable or trained with other settings than the study now plans is a ValueError,
+    unless `force`: then it is dropped (and its run redone). With `force` every run is to do; summaries not redone this
+    sitting still count in the results."""
+    done: dict[str, dict] = {}
+    for run in runs if study.summaries is not None else []:
+        name = run.config.train.name
+        try:
+            summary = load_summary(study.summaries, name)
+            if summary is not None:
+                check_summary(summary, run.config, summary_path(study.summaries, name))
+        except ValueError:  # unreadable, or of another config
+            if not force:
+                raise
+            continue
+        if summary is not None:
+            done[name] = record_of(summary)
+    if force:
+        return done, list(runs)
+    if study.summaries is None:
+        return done, [run for run in runs if not is_finished(run.config)]
+    return done, [run for run in runs if run.config.train.name not in done]
+
+
+def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: bool = False, next_runs: int | None = None,
+              force: bool = False, jobs: int = 1) -> Path:
+    """Train and evaluate the study's missing runs (all, or the next `next_runs` in plan order), then write
+    the results from every run there is; returns results.md.
+
+    `progress`: bars for data preparation and evaluation on a terminal (training's is `train.progress`).
+    `force`: ignore existing summaries (their runs are evaluated and summarised again; a finished run dir
+    is reused, so pass a new out_dir to retrain). `jobs` > 1: that many runs at once, each in its own
+    process with one thread (train.threads=1). Runs not trained in this sitting and not summarised are
+    left out of the results (a study in progress)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be an int >= 1")
+    if next_runs is not None and (isinstance(next_runs, bool) or not isinstance(next_runs, int) or next_runs < 0):
+        raise ValueError(f"next_runs={next_runs!r} must be None or an int >= 0")
+    overrides = tuple(extra_overrides) + (("train.threads=1",) if jobs > 1 else ())
+    runs = plan_runs(study, overrides)
+    done, missing = _missing(study, runs, force)
+    todo = missing if next_runs is None else missing[:next_runs]
+    print(f"study {study.name}: {len(runs)} runs planned, {len(done)} summarised, {len(missing)} "
+          f"{'to redo (--force)' if force else 'missing'}; running {len(todo)} now"
+          + (f", {jobs} at a time" if jobs > 1 and todo else ""), flush=True)
+    reused = [run for run in runs if study.summaries is None and run not in missing]
+    if todo:
+        prepared_dataset_dir(runs[0].config.data, progress)  # fetch/prepare once, before any training
+    records = dict(done)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for run, record in zip(todo, pool.map(_run_one_quietly, [(study, run, False) for run in todo])):
+                records[run.config.train.name] = record
+    else:
+        for i, run in enumerate(todo, 1):
+            print(f"== [{i}/{len(todo)}] {run.config.train.name} ==", flush=True)
+            records[run.config.train.name] = run_one(study, run, progress)
+    for run in reused:  # finished run dirs of a study without summaries: cached evaluations
+        records[run.config.train.name] = run_one(study, run, progress)
+    ordered = [records[run.config.train.name] for run in runs if run.config.train.name in records]
+    if not ordered:
+        raise ValueError(f"study {study.name}: no run is trained or summarised yet; run it without --next 0")
+    return write_results(study, runs, ordered)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,15 +557,15 @@ def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: P
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     colors = variant_colors(variants, records)
     for variant in variants:
-        runs = [Path(r["run_dir"]) for r in records if r["variant"] == variant.name]
+        runs = [r for r in records if r["variant"] == variant.name]
         if not runs:
             continue
         color, seeds = colors[variant.name], len(runs)
-        steps, mean, std = seed_mean(runs, "train")
+        steps, mean, std = _series_mean([_curve(r, "train") for r in runs])
         ax.plot(steps, mean, color=color, lw=1.2, label=f"{variant.label} ({seeds} seed{'s' * (seeds > 1)})")
         if seeds > 1:
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        steps, mean, _ = seed_mean(runs, "val")
+        steps, mean, _ = _series_mean([_curve(r, "val") for r in runs])
         ax.plot(steps, mean, color=color, marker="o", ms=3, lw=0)
     style_axes(
         ax,
@@ -463,12 +578,23 @@ def plot_loss_curves(records: list[dict], variants: tuple[Variant, ...], path: P
     return save_figure(fig, path)
 
 
+def _curve(record: dict, split: str) -> dict[int, float]:
+    """{step: loss} of one split of a run: from its summary's curves, else from its metrics.jsonl."""
+    curves = record.get("curves")
+    if curves is None:
+        return {m["step"]: m["loss"] for m in read_metrics(Path(record["run_dir"]), split)
+                if isinstance(m.get("loss"), (int, float))}
+    return {step: loss for step, loss in zip(curves[split]["step"], curves[split]["loss"])
+            if isinstance(loss, (int, float))}
+
+
 def seed_mean(run_dirs: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps logged by every run, mean loss over the runs, sample std; 0 for one run) of one split."""
-    series = []
-    for run_dir in run_dirs:
-        series.append({m["step"]: m["loss"] for m in read_metrics(run_dir, split)
-                       if isinstance(m.get("loss"), (int, float))})
+    return _series_mean([_curve({"run_dir": run_dir}, split) for run_dir in run_dirs])
+
+
+def _series_mean(series: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps in every series, mean over the series, sample std; 0 for one series)."""
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     values = np.array([[s[step] for step in steps] for s in series], dtype=float).reshape(len(series), len(steps))
     std = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(steps))
@@ -583,4 +709,7 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> 
         "tokens_per_run": runs[0].tokens, "eval": dataclasses.asdict(study.evaluation), "variants": rows,
         "runs": records})
     atomic_write_text(out / "results.md", results_markdown(study, runs, rows, plots))
+    if study.summaries is not None:
+        report = write_study_report(study, records, study.summaries, planned=len(runs))
+        print(f"study report written: {_shown(report)}", flush=True)
     return out / "results.md"

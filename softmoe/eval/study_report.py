@@ -1,0 +1,481 @@
+"""The study report of issue 18: the paper's claims against a study's runs, with seed intervals.
+
+`write_study_report(study, records, out_dir)` writes `report.md` and its plots from compare records (the
+committed run summaries of softmoe/eval/summaries.py, or fresh runs). Nothing in it is typed in: every
+number comes from the records, every "holds?" from a stated rule.
+
+Intervals: over seeds, the 95% Student-t interval of the mean (mean ± t_{0.975, n-1} s / sqrt(n)); with
+one seed there is none ("n=1"). Paired differences subtract the reference's value at the same seed (the
+same batches), so the batch-order part of the seed noise cancels. Zero-shot accuracies of one seed carry
+the evaluation's bootstrap interval over items instead.
+
+The claims table reads the study's `claims:` roles (CLAIM_ROLES): which variant is top-2, the learned
+SoftMoE, ... A claim whose variants are missing (a study in progress) says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from softmoe.data.io import atomic_write_text
+from softmoe.eval.report import pyplot, save_figure, style_axes
+
+__all__ = ["CLAIM_ROLES", "MARGIN", "t_interval", "paired", "claims_rows", "study_report_markdown",
+           "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth", "plot_dial"]
+
+CLAIM_ROLES = frozenset({"top2", "top3", "top4", "learned", "learned_K2", "fixed", "compute_matched", "larger_c"})
+# "comparable": a paired loss difference whose 95% interval lies below +MARGIN nats. The paper's own
+# differences between SoftMoE and top-k are 0.01-0.03 nats; a margin much larger would call anything comparable.
+MARGIN = 0.02
+# Chance accuracy of the multiple-choice tasks (uniform guessing over the choices).
+CHANCE = {"piqa": 0.5, "copa": 0.5, "winogrande": 0.5, "boolq": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
+          "sciq": 0.25, "hellaswag": 0.25, "openbookqa": 0.25}
+# Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def t_interval(values) -> dict:
+    """{"mean", "low", "high", "n"} of the non-None values: the 95% t-interval of the mean (low/high None
+    with fewer than 2 values; everything None without any)."""
+    values = [float(v) for v in values if v is not None]
+    n = len(values)
+    if not n:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(np.mean(values))
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _of(records: list[dict], variant: str) -> list[dict]:
+    return [r for r in records if r["variant"] == variant]
+
+
+def paired(records: list[dict], variant: str, reference: str, key=lambda r: r["loss"]) -> dict | None:
+    """The variant's `key` minus the reference's at the same seed: t_interval of the differences plus
+    "lower" (seeds where the variant's value is lower). None without a shared seed."""
+    ref = {r["seed"]: key(r) for r in _of(records, reference)}
+    deltas = [key(r) - ref[r["seed"]] for r in _of(records, variant)
+              if r["seed"] in ref and key(r) is not None and ref[r["seed"]] is not None]
+    if not deltas:
+        return None
+    return {**t_interval(deltas), "lower": sum(d < 0 for d in deltas)}
+
+
+def _stat(records: list[dict], variant: str, key) -> dict:
+    return t_interval([key(r) for r in _of(records, variant)])
+
+
+def _fmt(stat: dict | None, spec: str = ".3f", signed: bool = False) -> str:
+    """mean [low, high] (n), or mean (n=1), or "-"."""
+    if stat is None or stat["mean"] is None:
+        return "-"
+    sign = "+" if signed else ""
+    text = format(stat["mean"], sign + spec)
+    if stat["low"] is None:
+        return f"{text} (n=1)"
+    return f"{text} [{format(stat['low'], sign + spec)}, {format(stat['high'], sign + spec)}] (n={stat['n']})"
+
+
+def _mean_choice_acc(record: dict) -> float | None:
+    accs = [res["acc"] for res in record.get("tasks", {}).values() if res.get("acc_norm") is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def _late_share(k_L) -> float | None:
+    """Fraction of the summed k_l held by the last ceil(30%) of the layers (the paper: the last 3 of 10
+    blocks take about half the budget)."""
+    if not k_L:
+        return None
+    last = math.ceil(0.3 * len(k_L))
+    return float(sum(k_L[-last:]) / sum(k_L))
+
+
+# --------------------------------------------------------------------------------------------
+# The claims table
+# --------------------------------------------------------------------------------------------
+
+
+def _verdict_loss(delta: dict | None, margin: float = MARGIN) -> str:
+    if delta is None or delta["mean"] is None:
+        return "not yet measured"
+    if delta["low"] is None:
+        return "not resolved (one seed)"
+    if delta["high"] < 0:
+        return "yes (lower loss)"
+    if delta["high"] < margin:
+        return f"yes (comparable: interval below +{margin})"
+    if delta["low"] > margin:
+        return "no (higher loss)"
+    return "not resolved (interval spans the margin)"
+
+
+def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """(claim, paper's number, ours, holds?) for every claim the roles allow (see the module docstring)."""
+    rows = []
+    top2, learned = roles.get("top2"), roles.get("learned")
+    have = {r["variant"] for r in records}
+
+    def missing(*names) -> str | None:
+        gone = [n for n in names if n is None or n not in have]
+        return None if not gone else "not yet measured (" + ", ".join(str(n) for n in gone) + " missing)"
+
+    # (1) LM loss vs top-2 with fewer active experts
+    claim = "LM loss comparable to or better than top-2 while activating fewer experts (learned SoftMoE, K = 1.5)"
+    paper = "OWT: 2.76 vs top-2 2.79 (Δ -0.03) at Train AE 1.63 / Infer AE 1.96; C4: 2.22 vs 2.24 at AE 1.96"
+    gap = missing(top2, learned)
+    if gap:
+        rows.append((claim, paper, "-", gap))
+    else:
+        delta = paired(records, learned, top2)
+        train, infer = _stat(records, learned, lambda r: r.get("train_ae")), _stat(records, learned,
+                                                                                   lambda r: r["active_experts_mean"])
+        fewer = infer["mean"] is not None and train["mean"] is not None and max(infer["mean"], train["mean"]) < 2
+        verdict = _verdict_loss(delta)
+        if verdict.startswith("yes") and not fewer:
+            verdict = "no (not fewer experts than top-2)"
+        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}, "
+                                   f"Infer AE {_fmt(infer, '.2f')}", verdict))
+    # (1b) the fixed-k SoftMoE*
+    fixed = roles.get("fixed")
+    claim = "SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts"
+    paper = "OWT: 2.78 vs 2.79 at Train AE 1.53 / Infer AE 1.73"
+    gap = missing(top2, fixed)
+    if gap:
+        rows.append((claim, paper, "-", gap))
+    else:
+        delta = paired(records, fixed, top2)
+        infer = _stat(records, fixed, lambda r: r["active_experts_mean"])
+        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Infer AE {_fmt(infer, '.2f')}",
+                     _verdict_loss(delta)))
+    # (1c) at equal realized expert FLOPs
+    matched = roles.get("compute_matched")
+    claim = "At equal realized expert FLOPs (SoftMoE held at AE = 2 by the controller) vs top-2"
+    paper = "not reported (the paper compares at nominal k)"
+    gap = missing(top2, matched)
+    if gap:
+        rows.append((claim, paper, "-", gap))
+    else:
+        delta = paired(records, matched, top2)
+        train = _stat(records, matched, lambda r: r.get("train_ae"))
+        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}",
+                     _verdict_loss(delta)))
+    # (1d) larger cap
+    larger, top4 = roles.get("larger_c"), roles.get("top4")
+    claim = "A larger cap (SoftMoE* k = 1, c = 4) gives the best loss, below top-4"
+    paper = "C4: 2.19 at AE 3.6 vs top-4 2.20"
+    gap = missing(larger, top4)
+    if gap:
+        rows.append((claim, paper, "-", gap))
+    else:
+        delta = paired(records, larger, top4)
+        infer = _stat(records, larger, lambda r: r["active_experts_mean"])
+        rows.append((claim, paper, f"Δ loss vs top-4 {_fmt(delta, '.4f', True)}; Infer AE {_fmt(infer, '.2f')}",
+                     _verdict_loss(delta, margin=0.0)))
+    # (2) downstream
+    claim = "Downstream zero-shot accuracy comparable or better than top-2 (learned SoftMoE)"
+    paper = "HellaSwag OWT 32.12 vs 31.50; C4 46.79 vs 45.41"
+    gap = missing(top2, learned)
+    if gap or not any(r.get("tasks") for r in _of(records, top2)):
+        rows.append((claim, paper, "-", gap or "not measured (no zero-shot tasks in the study)"))
+    else:
+        delta = paired(records, learned, top2, key=_mean_choice_acc)
+        above = _above_chance(records, top2)
+        ours = f"Δ mean acc {_fmt(delta, '.4f', True)}; top-2 above chance on: {', '.join(above) or 'no task'}"
+        if not above:
+            verdict = "untestable here (top-2 at chance on every task)"
+        elif delta is None or delta["low"] is None:
+            verdict = "not resolved (one seed)"
+        else:
+            verdict = ("yes" if delta["low"] > -0.01 else "no" if delta["high"] < -0.01 else "not resolved")
+        rows.append((claim, paper, ours, verdict))
+    # (3) allocation by depth
+    claim = "The learned allocation is non-uniform: later layers take more (last 30% of layers)"
+    paper = "last 3 of 10 blocks ~half the budget (early ~1-2 experts, late ~3-4)"
+    learned_names = [n for n in (learned, roles.get("learned_K2")) if n in have]
+    if not learned_names:
+        rows.append((claim, paper, "-", missing(learned) or "-"))
+    else:
+        parts, verdicts = [], []
+        for name in learned_names:
+            share = _stat(records, name, lambda r: _late_share(r.get("k_L")))
+            n_layers = len(_of(records, name)[0].get("k_L") or [])
+            uniform = math.ceil(0.3 * n_layers) / n_layers if n_layers else None
+            parts.append(f"{name}: share of Σk_l in the last {math.ceil(0.3 * n_layers)} of {n_layers} layers "
+                         f"{_fmt(share, '.3f')} (uniform {uniform:.3f})")
+            if share["low"] is None:
+                verdicts.append("not resolved (one seed)")
+            elif share["low"] > uniform:
+                verdicts.append("yes" if share["mean"] >= 0.4 else "direction only (later layers take more, "
+                                "less than the paper's ~half)")
+            elif share["high"] < uniform:
+                verdicts.append("no (earlier layers take more)")
+            else:
+                verdicts.append("not resolved")
+        rows.append((claim, paper, "; ".join(parts), "; ".join(verdicts)))
+    # (4) Train AE vs Infer AE
+    claim = "Infer AE exceeds Train AE (learned SoftMoE)"
+    paper = "OWT: 1.63 train vs 1.96 infer"
+    gap = missing(learned)
+    if gap:
+        rows.append((claim, paper, "-", gap))
+    else:
+        gap_stat = _stat(records, learned, lambda r: None if r.get("train_ae") is None
+                         else r["active_experts_mean"] - r["train_ae"])
+        verdict = ("not resolved (one seed)" if gap_stat["low"] is None else "yes" if gap_stat["low"] > 0
+                   else "no (Infer AE below Train AE)" if gap_stat["high"] < 0 else "not resolved")
+        rows.append((claim, paper, f"Infer AE - Train AE {_fmt(gap_stat, '.3f', True)}", verdict))
+    return rows
+
+
+def _above_chance(records: list[dict], variant: str) -> list[str]:
+    """Tasks where every seed's bootstrap interval of acc lies above chance."""
+    out = []
+    for task, chance in CHANCE.items():
+        lows = [r.get("task_ci", {}).get(task, {}).get("acc", [None])[0] for r in _of(records, variant)]
+        if lows and all(low is not None and low > chance for low in lows):
+            out.append(task)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _colors(variants) -> dict[str, tuple]:
+    plt = pyplot()
+    return {v.name: plt.cm.tab20(i % 20) for i, v in enumerate(variants)}
+
+
+def plot_frontier_ae(records: list[dict], variants, path: Path) -> Path:
+    """Val loss vs Train AE (left) and Infer AE (right): seeds small, mean with 95% intervals (both axes)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colors = _colors(variants)
+    for ax, key, name in ((axes[0], "train_ae", "Train AE"), (axes[1], "active_experts_mean", "Infer AE")):
+        for v in variants:
+            mine = [r for r in _of(records, v.name) if r.get(key) is not None]
+            if not mine:
+                continue
+            ax.scatter([r[key] for r in mine], [r["loss"] for r in mine], color=colors[v.name], s=14, alpha=0.4)
+            x, y = t_interval([r[key] for r in mine]), t_interval([r["loss"] for r in mine])
+            err = (lambda s: None if s["low"] is None else [[s["mean"] - s["low"]], [s["high"] - s["mean"]]])
+            ax.errorbar([x["mean"]], [y["mean"]], xerr=err(x), yerr=err(y), color=colors[v.name], marker="o",
+                        ms=6, capsize=3, label=f"{v.label} (n={y['n']})")
+        style_axes(ax, f"{name}: realized mean active experts per token", "validation loss (nats / token)",
+                   f"Loss vs {name} (mean, 95% seed interval)", legend_size=0)
+    handles, labels = axes[1].get_legend_handles_labels()
+    axes[1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return save_figure(fig, path)
+
+
+def plot_k_trajectories(records: list[dict], variants, path: Path) -> Path | None:
+    """k_l over training, one panel per learned-budget variant, one line per layer (mean over seeds;
+    colour by depth), the realized Train AE of the layer dashed."""
+    plt = pyplot()
+    learned = [v for v in variants if any(r.get("k_trajectory", {}).get("k_L") for r in _of(records, v.name))]
+    if not learned:
+        return None
+    fig, axes = plt.subplots(1, len(learned), figsize=(4.6 * len(learned), 4.2), squeeze=False)
+    for ax, v in zip(axes[0], learned):
+        trajs = [r["k_trajectory"] for r in _of(records, v.name) if r.get("k_trajectory", {}).get("k_L")]
+        steps = sorted(set.intersection(*(set(t["step"]) for t in trajs)))
+        k = np.mean([[t["k_L"][t["step"].index(s)] for s in steps] for t in trajs], axis=0)  # [steps, L]
+        a = np.mean([[t["active_L"][t["step"].index(s)] for s in steps] for t in trajs], axis=0)
+        cmap = plt.cm.viridis
+        for layer in range(k.shape[1]):
+            color = cmap(layer / max(k.shape[1] - 1, 1))
+            ax.plot(steps, k[:, layer], color=color, lw=1.4, label=f"layer {layer}")
+            ax.plot(steps, a[:, layer], color=color, lw=0.7, ls="--", alpha=0.6)
+        style_axes(ax, "optimizer step", "experts per token", f"{v.label} (n={len(trajs)})",
+                   legend_size=6 if ax is axes[0][0] else 0)
+    fig.suptitle("Learned k_l over training (solid) and realized Train AE per layer (dashed)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_depth(records: list[dict], variants, path: Path) -> Path | None:
+    """By depth: learned k_l (left), realized Train AE and Infer AE (right), mean over seeds with 95%
+    intervals, for the variants whose count is not fixed."""
+    plt = pyplot()
+    variable = [v for v in variants
+                if any(len(set(np.round(r.get("active_experts_per_layer") or [0], 6))) > 1 or r.get("k_L")
+                       for r in _of(records, v.name))]
+    if not variable:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    colors = _colors(variants)
+    for v in variable:
+        mine = _of(records, v.name)
+        for ax, key, style in ((left, "k_L", "-"), (right, "train_ae_per_layer", "--"),
+                               (right, "active_experts_per_layer", "-")):
+            rows = [r[key] for r in mine if r.get(key)]
+            if not rows:
+                continue
+            stats = [t_interval(col) for col in zip(*rows)]
+            x = np.arange(len(stats))
+            mean = np.array([s["mean"] for s in stats])
+            ax.plot(x, mean, color=colors[v.name], ls=style, marker="o", ms=3,
+                    label=f"{v.label}" + (" (Train AE)" if key == "train_ae_per_layer" else ""))
+            if stats[0]["low"] is not None:
+                ax.fill_between(x, [s["low"] for s in stats], [s["high"] for s in stats], color=colors[v.name],
+                                alpha=0.15, lw=0)
+    style_axes(left, "MoE layer (depth)", "experts per token", "Learned k_l by depth", legend_size=0)
+    style_axes(right, "MoE layer (depth)", "", "Realized active experts by depth (solid: Infer, dashed: Train)",
+               legend_size=6, legend_outside=True)
+    return save_figure(fig, path)
+
+
+def plot_dial(records: list[dict], variants, path: Path) -> Path | None:
+    """Budget dial: val loss vs realized Infer AE at each K' (mean over seeds), beside the top-k points."""
+    plt = pyplot()
+    dialled = [v for v in variants if any(r.get("dial") for r in _of(records, v.name))]
+    if not dialled:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = _colors(variants)
+    for v in dialled:
+        points = _dial_points(records, v.name)
+        xs = [p["active"]["mean"] for p in points]
+        ax.plot(xs, [p["loss"]["mean"] for p in points], color=colors[v.name], marker="o", label=v.label)
+        for p, x in zip(points, xs):
+            ax.annotate(f"K'={p['budget']:g}", (x, p["loss"]["mean"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    for v in variants:
+        mine = _of(records, v.name)
+        if mine and mine[0]["router"] == "topk":
+            ax.scatter([mine[0]["active_experts_mean"]], [t_interval([r["loss"] for r in mine])["mean"]],
+                       color=colors[v.name], marker="^", s=40, label=v.label)
+    style_axes(ax, "Infer AE (realized mean active experts)", "validation loss (nats / token)",
+               "Budget dial: learned models evaluated at K' without retraining", legend_size=7, legend_outside=True)
+    return save_figure(fig, path)
+
+
+def _dial_points(records: list[dict], variant: str) -> list[dict]:
+    """Per K' of a variant's dial: budget, loss and Infer AE t-intervals over seeds, and the seeds."""
+    by_budget: dict[float, list[dict]] = {}
+    for r in _of(records, variant):
+        for p in r.get("dial") or []:
+            by_budget.setdefault(float(p["budget"]), []).append({**p, "seed": r["seed"]})
+    return [{"budget": b, "loss": t_interval([p["loss"] for p in ps]),
+             "active": t_interval([p["active_experts_mean"] for p in ps]), "points": ps}
+            for b, ps in sorted(by_budget.items())]
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Path]], planned: int) -> str:
+    variants = [v for v in study.variants if _of(records, v.name)]
+    refs = [r for r in study.references if _of(records, r)]
+    label = {v.name: v.label for v in study.variants}
+    lines = [f"# Study `{study.name}`: report", "",
+             f"{len(records)} of {planned} planned runs summarised. Intervals: 95% Student-t over seeds "
+             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", "",
+             "## Paper's claims", "",
+             f"Rule: \"comparable\" = the 95% interval of the paired loss difference lies below +{MARGIN} nats; "
+             "\"lower\" = below 0; \"not resolved\" = the interval spans the margin or there is one seed.", "",
+             "| paper's claim | paper's number | ours | holds? |", "|---|---|---|---|"]
+    for row in claims_rows(records, dict(study.claims)):
+        lines.append("| " + " | ".join(row) + " |")
+    head = "| variant | val loss | Train AE | Infer AE |" + "".join(f" Δ vs {label[r]} (lower in) |" for r in refs)
+    lines += ["", "## Loss, active experts and paired differences", "", head,
+              "|---|---|---|---|" + "---|" * len(refs)]
+    for v in variants:
+        cells = [_fmt(_stat(records, v.name, lambda r: r["loss"]), ".4f"),
+                 _fmt(_stat(records, v.name, lambda r: r.get("train_ae")), ".3f"),
+                 _fmt(_stat(records, v.name, lambda r: r["active_experts_mean"]), ".3f")]
+        for ref in refs:
+            d = None if ref == v.name else paired(records, v.name, ref)
+            cells.append("(reference)" if ref == v.name else "-" if d is None else
+                         f"{_fmt(d, '.4f', True)} ({d['lower']}/{d['n']})")
+        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    lines += _allocation_lines(records, variants) + _dial_lines(records, variants, study.references[:1])
+    lines += _task_lines(records, variants)
+    for caption, path in plots:
+        lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _allocation_lines(records: list[dict], variants) -> list[str]:
+    rows = []
+    for v in variants:
+        mine = _of(records, v.name)
+        k = [r["k_L"] for r in mine if r.get("k_L")]
+        train = [r["train_ae_per_layer"] for r in mine if r.get("train_ae_per_layer")]
+        infer = [r["active_experts_per_layer"] for r in mine if r.get("active_experts_per_layer")]
+        if not k and not any(len(set(np.round(x, 6))) > 1 for x in infer):
+            continue
+        col = (lambda rows_: "-" if not rows_ else ", ".join(f"{m:.2f}" for m in np.mean(rows_, axis=0)))
+        rows.append(f"| {v.label} | {len(mine)} | {col(k)} | {col(train)} | {col(infer)} |")
+    if not rows:
+        return []
+    return ["", "## Allocation by depth (mean over seeds, first to last MoE layer)", "",
+            "| variant | seeds | learned k_l | Train AE per layer | Infer AE per layer |", "|---|---|---|---|---|",
+            *rows]
+
+
+def _dial_lines(records: list[dict], variants, reference: tuple[str, ...]) -> list[str]:
+    rows = []
+    ref = {r["seed"]: r["loss"] for r in _of(records, reference[0])} if reference else {}
+    for v in variants:
+        for p in _dial_points(records, v.name):
+            deltas = [q["loss"] - ref[q["seed"]] for q in p["points"] if q["seed"] in ref]
+            d = t_interval(deltas) if deltas else None
+            rows.append(f"| {v.label} | {p['budget']:g} | {_fmt(p['loss'], '.4f')} | {_fmt(p['active'], '.3f')} | "
+                        f"{_fmt(d, '.4f', True)} |")
+    if not rows:
+        return []
+    return ["", "## Budget dial (trained models evaluated at K' without retraining)", "",
+            f"| variant | K' | val loss | Infer AE | Δ vs {reference[0] if reference else '-'} |",
+            "|---|---|---|---|---|", *rows]
+
+
+def _task_lines(records: list[dict], variants) -> list[str]:
+    tasks = sorted({t for r in records for t in r.get("tasks", {})})
+    if not tasks:
+        return []
+    lines = ["", "## Zero-shot tasks (acc; 95% interval over seeds, or the bootstrap interval over items for "
+             "one seed)", "", "| variant | " + " | ".join(f"{t} (chance {CHANCE[t]})" if t in CHANCE else t
+                                                           for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for v in variants:
+        mine = _of(records, v.name)
+        cells = []
+        for t in tasks:
+            values = [r["tasks"][t]["acc"] for r in mine if t in r.get("tasks", {})]
+            stat = t_interval(values)
+            if stat["n"] == 1:
+                ci = mine[0].get("task_ci", {}).get(t, {}).get("acc")
+                cells.append(f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}] (items)" if ci else ""))
+            else:
+                cells.append(_fmt(stat, ".3f"))
+        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_study_report(study, records: list[dict], out_dir: Path, planned: int) -> Path:
+    """report.md and its plots into `out_dir`; returns report.md."""
+    out_dir = Path(out_dir)
+    variants = [v for v in study.variants if _of(records, v.name)]
+    plots = [("Frontier: loss vs Train AE and Infer AE", plot_frontier_ae(records, variants, out_dir / "frontier_ae.png"))]
+    for caption, fn, name in (("Allocation by depth", plot_depth, "depth.png"),
+                              ("k_l trajectories", plot_k_trajectories, "k_trajectories.png"),
+                              ("Budget dial", plot_dial, "dial.png")):
+        path = fn(records, variants, out_dir / name)
+        if path is not None:
+            plots.append((caption, path))
+    path = out_dir / "report.md"
+    atomic_write_text(path, study_report_markdown(study, records, plots, planned))
+    return path
