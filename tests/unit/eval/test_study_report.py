@@ -1,0 +1,116 @@
+"""The study report's statistics and claims table on hand-made records, and the paper8 study's plan.
+
+Run: .venv/bin/python -m pytest -q tests/unit/eval/test_study_report.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from softmoe.eval.compare import load_study, plan_runs
+from softmoe.eval.study_report import claims_rows, paired, study_report_markdown, t_interval, write_study_report
+
+STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
+
+
+def rec(variant: str, seed: int, loss: float, train_ae: float = 2.0, infer_ae: float = 2.0, k_L=None,
+        acc: float | None = None, router: str = "softmoe") -> dict:
+    tasks = {} if acc is None else {"piqa": {"n": 100, "acc": acc, "acc_norm": acc, "perplexity": None}}
+    return {"variant": variant, "seed": seed, "loss": loss, "train_ae": train_ae, "active_experts_mean": infer_ae,
+            "k_L": k_L, "train_ae_per_layer": [train_ae] * 4, "active_experts_per_layer": [infer_ae] * 4,
+            "tasks": tasks, "task_ci": {"piqa": {"acc": [acc - 0.05, acc + 0.05]}} if acc is not None else {},
+            "router": router, "k_trajectory": {"step": [1, 2], "k_L": [k_L, k_L], "active_L": [[1] * 4] * 2}
+            if k_L else {}, "dial": None}
+
+
+def test_t_interval_and_paired_differences():
+    stat = t_interval([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["n"] == 3
+    assert stat["high"] - 2.0 == pytest.approx(4.303 * 1.0 / 3 ** 0.5)
+    assert t_interval([5.0]) == {"mean": 5.0, "low": None, "high": None, "n": 1}
+    assert t_interval([None]) == {"mean": None, "low": None, "high": None, "n": 0}
+    records = [rec("a", 0, 3.0), rec("a", 1, 3.2), rec("b", 0, 3.1), rec("b", 1, 3.4), rec("b", 2, 9.0)]
+    d = paired(records, "b", "a")
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.15) and d["lower"] == 0  # seed 2 has no partner
+
+
+class _Claims:
+    """claims_rows by the start of the claim's text."""
+
+    def __init__(self, records):
+        self.rows = claims_rows(records, {"top2": "top2", "learned": "soft"})
+
+    def __getitem__(self, start: str):
+        return next(row for row in self.rows if row[0].startswith(start))
+
+
+_claims = _Claims
+
+
+def test_claims_rows_follow_the_stated_rules():
+    k_late = [1.2, 1.2, 1.2, 1.2, 1.2, 2.0, 2.0, 2.0]  # last 3 of 8 hold 6 / 12.0 = 0.5 > 3/8
+    better = [rec("top2", s, 3.0 + 0.1 * s, router="topk", acc=0.60) for s in range(3)] + \
+             [rec("soft", s, 2.95 + 0.1 * s + 0.001 * s, train_ae=1.6, infer_ae=1.9, k_L=k_late, acc=0.61)
+              for s in range(3)]
+    rows = _claims(better)
+    assert rows["LM loss comparable "][3] == "yes (lower loss)"
+    assert "Train AE 1.60" in rows["LM loss comparable "][2]
+    assert rows["The learned allocatio"][3] == "yes"
+    assert rows["Infer AE exceeds Trai"][3] == "yes"
+    assert rows["Downstream zero-shot"][3] == "yes"
+    assert rows["SoftMoE* (fixed unifo"][3].startswith("not yet measured")
+    worse = [dict(r, loss=r["loss"] + 0.2) if r["variant"] == "soft" else r for r in better]
+    assert _claims(worse)["LM loss comparable "][3] == "no (higher loss)"
+    more = [dict(r, active_experts_mean=2.5) if r["variant"] == "soft" else r for r in better]
+    assert _claims(more)["LM loss comparable "][3] == "no (not fewer experts than top-2)"
+    one = [r for r in better if r["seed"] == 0]
+    assert _claims(one)["LM loss comparable "][3] == "not resolved (one seed)"
+    early = [dict(r, k_L=k_late[::-1]) if r["variant"] == "soft" else r for r in better]
+    assert _claims(early)["The learned allocatio"][3] == "no (earlier layers take more)"
+    chance = [dict(r, task_ci={"piqa": {"acc": [0.45, 0.55]}}) for r in better]
+    assert _claims(chance)["Downstream zero-shot"][3].startswith("untestable here")
+
+
+def test_report_markdown_and_plots_from_fake_records(tmp_path):
+    variants = (SimpleNamespace(name="top2", label="top-k k=2"), SimpleNamespace(name="soft", label="SoftMoE"))
+    study = SimpleNamespace(name="fake", variants=variants, references=("top2",),
+                            claims=(("top2", "top2"), ("learned", "soft")))
+    records = [rec("top2", s, 3.0 + 0.1 * s, router="topk", acc=0.6) for s in range(2)] + \
+              [dict(rec("soft", s, 2.9 + 0.1 * s, k_L=[1.0, 1.5, 2.0, 1.5], acc=0.62),
+                    dial=[{"budget": b, "loss": 3.0 - 0.1 * b, "active_experts_mean": b} for b in (1.0, 2.0)])
+               for s in range(2)]
+    md = study_report_markdown(study, records, [], planned=5)
+    assert "4 of 5 planned runs summarised" in md
+    assert "| SoftMoE | 2.9500 [" in md and "| -0.1000 (n=2)" not in md
+    assert "(reference)" in md and "## Budget dial" in md and "## Zero-shot tasks" in md
+    assert "| SoftMoE | 2 | 1.00, 1.50, 2.00, 1.50 |" in md
+    path = write_study_report(study, records, tmp_path, planned=5)
+    text = path.read_text()
+    for png in ("frontier_ae.png", "depth.png", "k_trajectories.png", "dial.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in text
+
+
+def test_paper8_study_has_the_issue_variants_seeds_and_scale():
+    study = load_study(STUDIES / "paper8.yaml")
+    runs = plan_runs(study)
+    first = runs[0].config
+    assert len(first.model.moe_layers) >= 8 and first.model.num_experts >= 16
+    assert runs[0].tokens >= 5_000_000
+    seeds = {}
+    for run in runs:
+        seeds.setdefault(run.variant.name, []).append(run.seed)
+    for name in ("topk-k2", "topk-k3", "softmoe-K1.5", "softmoe-K2.0"):
+        assert seeds[name] == [0, 1, 2]
+    assert {"topk-k1", "topk-k4", "softmoe-star-k1.5", "softmoe-ae2.0", "remoe-k2", "dense",
+            "softmoe-star-k1-c4"} <= set(seeds)
+    dial = {v.name: v.dial for v in study.variants if v.dial}
+    assert dial == {"softmoe-K1.5": (1.0, 1.5, 2.0, 3.0), "softmoe-K2.0": (1.0, 1.5, 2.0, 3.0)}
+    by_name = {(r.variant.name, r.seed): r.config for r in runs}
+    assert by_name[("softmoe-ae2.0", 0)].train.ae_target == 2.0
+    assert by_name[("softmoe-star-k1-c4", 0)].model.routed_router_config().cap_factor == 4.0
+    # the same batches per seed: every variant's data config and token count are the same at a seed
+    assert len({(r.seed, r.config.data) for r in runs}) == 3
+    assert study.summaries.parts[-2:] == ("results", "paper8") and study.references == ("topk-k2", "topk-k3")
