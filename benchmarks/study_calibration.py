@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.case:
         name, _, rest = spec.partition(":")
         cases.append((name, [item for item in rest.split(",") if item]))
-    threads = 1 if args.jobs > 1 else 0
+    threads = 1  # one thread per case: on the shared 2-core box faster than two (benchmarks/bench_side_by_side.py)
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = list(pool.map(lambda c: run_case(args.preset, out, c[0], c[1], args.steps, threads,
                                                 args.schedule_steps), cases))
