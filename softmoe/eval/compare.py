@@ -26,8 +26,8 @@ Every (variant, seed) sees the same data and the same number of training tokens 
 run is reused, an interrupted one resumes (`softmoe.train.runs.train_or_reuse`), and a run's evaluation
 is cached in `<run_dir>/eval/eval.json`. With `summaries`, a run whose summary is committed is not trained
 again (its summary must match the planned config), `--next N` trains only the next N missing runs, and
-`--jobs 2` trains two runs side by side with one thread each. The study writes `results.json`, `results.md` and plots into
-its out_dir: the frontier (validation loss vs realized mean active experts), the per-layer allocation of
+`--jobs 2` trains two runs side by side with one thread each. The study writes `results.json`, `results.md`
+and plots into its out_dir: the frontier (validation loss vs realized mean active experts), the per-layer allocation of
 the SoftMoE runs, and the loss curves; with zero-shot tasks, a table of their accuracies over seeds.
 """
 
@@ -239,7 +239,9 @@ def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[Plann
     return runs
 
 
-def _status(run: PlannedRun) -> str:
+def _status(run: PlannedRun, summaries: Path | None = None) -> str:
+    if summaries is not None and summary_path(summaries, run.config.train.name).is_file():
+        return "summarised"
     if is_finished(run.config):
         return "finished (reused)"
     checkpoints = run.config.train.run_dir / "checkpoints"
@@ -255,9 +257,10 @@ def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
         m = run.config.model
         letter = "K" if m.router == "softmoe" else "k"  # SoftMoE's k is the global budget
         what = "dense" if m.ffn == "dense" else f"{m.router} {letter}={m.k:g} of {m.num_experts}"
-        lines.append(f"  {run.config.train.name:<36} {what:<22} {run.config.train.steps} steps  {_status(run)}")
+        lines.append(f"  {run.config.train.name:<36} {what:<22} {run.config.train.steps} steps  {_status(run, study.summaries)}")
     total = sum(run.tokens for run in runs)
-    todo = sum(run.tokens for run in runs if not is_finished(run.config))
+    todo = sum(run.tokens for run in runs
+               if _status(run, study.summaries) not in ("summarised", "finished (reused)"))
     lines.append(f"tokens: {runs[0].tokens:,} per run, {total:,} in total ({todo:,} not yet trained, upper bound)")
     return "\n".join(lines)
 

@@ -146,42 +146,24 @@ def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, s
             verdict = "no (not fewer experts than top-2)"
         rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}, "
                                    f"Infer AE {_fmt(infer, '.2f')}", verdict))
-    # (1b) the fixed-k SoftMoE*
-    fixed = roles.get("fixed")
-    claim = "SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts"
-    paper = "OWT: 2.78 vs 2.79 at Train AE 1.53 / Infer AE 1.73"
-    gap = missing(top2, fixed)
-    if gap:
-        rows.append((claim, paper, "-", gap))
-    else:
-        delta = paired(records, fixed, top2)
-        infer = _stat(records, fixed, lambda r: r["active_experts_mean"])
-        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Infer AE {_fmt(infer, '.2f')}",
-                     _verdict_loss(delta)))
-    # (1c) at equal realized expert FLOPs
-    matched = roles.get("compute_matched")
-    claim = "At equal realized expert FLOPs (SoftMoE held at AE = 2 by the controller) vs top-2"
-    paper = "not reported (the paper compares at nominal k)"
-    gap = missing(top2, matched)
-    if gap:
-        rows.append((claim, paper, "-", gap))
-    else:
-        delta = paired(records, matched, top2)
-        train = _stat(records, matched, lambda r: r.get("train_ae"))
-        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}",
-                     _verdict_loss(delta)))
-    # (1d) larger cap
-    larger, top4 = roles.get("larger_c"), roles.get("top4")
-    claim = "A larger cap (SoftMoE* k = 1, c = 4) gives the best loss, below top-4"
-    paper = "C4: 2.19 at AE 3.6 vs top-4 2.20"
-    gap = missing(larger, top4)
-    if gap:
-        rows.append((claim, paper, "-", gap))
-    else:
-        delta = paired(records, larger, top4)
-        infer = _stat(records, larger, lambda r: r["active_experts_mean"])
-        rows.append((claim, paper, f"Δ loss vs top-4 {_fmt(delta, '.4f', True)}; Infer AE {_fmt(infer, '.2f')}",
-                     _verdict_loss(delta, margin=0.0)))
+    # (1b) the fixed-k SoftMoE*, (1c) at equal realized expert FLOPs, (1d) a larger cap
+    for claim, paper, variant, reference, ae_key, margin in (
+            ("SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts",
+             "OWT: 2.78 vs 2.79 at Train AE 1.53 / Infer AE 1.73", roles.get("fixed"), top2, "active_experts_mean",
+             MARGIN),
+            ("At equal realized expert FLOPs (SoftMoE held at AE = 2 by the controller) vs top-2",
+             "not reported (the paper compares at nominal k)", roles.get("compute_matched"), top2, "train_ae", MARGIN),
+            ("A larger cap (SoftMoE* k = 1, c = 4) gives the best loss, below top-4",
+             "C4: 2.19 at AE 3.6 vs top-4 2.20", roles.get("larger_c"), roles.get("top4"), "active_experts_mean", 0.0)):
+        gap = missing(reference, variant)
+        if gap:
+            rows.append((claim, paper, "-", gap))
+            continue
+        delta = paired(records, variant, reference)
+        ae = _stat(records, variant, lambda r: r.get(ae_key))
+        ae_name = "Train AE" if ae_key == "train_ae" else "Infer AE"
+        rows.append((claim, paper, f"Δ loss vs {reference} {_fmt(delta, '.4f', True)}; {ae_name} {_fmt(ae, '.2f')}",
+                     _verdict_loss(delta, margin)))
     # (2) downstream
     claim = "Downstream zero-shot accuracy comparable or better than top-2 (learned SoftMoE)"
     paper = "HellaSwag OWT 32.12 vs 31.50; C4 46.79 vs 45.41"
@@ -469,7 +451,8 @@ def write_study_report(study, records: list[dict], out_dir: Path, planned: int) 
     """report.md and its plots into `out_dir`; returns report.md."""
     out_dir = Path(out_dir)
     variants = [v for v in study.variants if _of(records, v.name)]
-    plots = [("Frontier: loss vs Train AE and Infer AE", plot_frontier_ae(records, variants, out_dir / "frontier_ae.png"))]
+    frontier = plot_frontier_ae(records, variants, out_dir / "frontier_ae.png")
+    plots = [("Frontier: loss vs Train AE and Infer AE", frontier)]
     for caption, fn, name in (("Allocation by depth", plot_depth, "depth.png"),
                               ("k_l trajectories", plot_k_trajectories, "k_trajectories.png"),
                               ("Budget dial", plot_dial, "dial.png")):
