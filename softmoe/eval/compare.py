@@ -335,8 +335,8 @@ def run_one(study: Study, run: PlannedRun, progress: bool = False) -> dict:
     return {**record_of(summary), "run_dir": str(run_dir)}
 
 
-def _run_one_quietly(args: tuple) -> dict:
-    """A process-pool worker: `run_one` (its output goes to the worker's stdout)."""
+def _run_one_in_worker(args: tuple) -> dict:
+    """A process-pool worker: `run_one(*args)` (its output interleaves with the other worker's)."""
     return run_one(*args)
 
 
@@ -447,7 +447,7 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for run, record in zip(todo, pool.map(_run_one_quietly, [(study, run, False) for run in todo])):
+            for run, record in zip(todo, pool.map(_run_one_in_worker, [(study, run, False) for run in todo])):
                 records[run.config.train.name] = record
     else:
         for i, run in enumerate(todo, 1):

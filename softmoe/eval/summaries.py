@@ -80,6 +80,8 @@ def build_summary(study: str, run_name: str, variant: str, label: str, seed: int
                   record: dict, payload: dict, run_dir: Path) -> dict:
     """The summary of one finished, evaluated run (`record` from compare, `payload` its eval.json)."""
     curves, k_traj = trajectories(run_dir)
+    if record.get("k_L") is None:  # a router without a learned budget logs its fixed k per layer: not a trajectory
+        k_traj.pop("k_L", None)
     dial = payload.get("budget_dial")
     run_summary = read_json(Path(run_dir) / "summary.json")
     record = {k: v for k, v in record.items() if k != "run_dir"}

@@ -59,6 +59,7 @@ def test_summaries_make_a_study_resumable_across_sittings(tmp_path, capsys):
     assert len(list((summaries / "runs").iterdir())) == 4
     saved = json.loads((summaries / "runs" / "tinysum-topk-s1.json").read_text())
     assert saved["config"]["train"]["threads"] == 1  # side by side: one thread each
+    assert "k_L" not in saved["k_trajectory"] and len(saved["k_trajectory"]["active_L"]) == 3  # top-k: no budget
     report = (summaries / "report.md").read_text()
     assert "4 of 4 planned runs summarised" in report and "| SoftMoE K=2 |" in report
     assert "(n=2)" in report and "## Budget dial" in report
