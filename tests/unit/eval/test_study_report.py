@@ -21,7 +21,8 @@ def rec(variant: str, seed: int, loss: float, train_ae: float = 2.0, infer_ae: f
     tasks = {} if acc is None else {"piqa": {"n": 100, "acc": acc, "acc_norm": acc, "perplexity": None}}
     return {"variant": variant, "seed": seed, "loss": loss, "train_ae": train_ae, "active_experts_mean": infer_ae,
             "k_L": k_L, "train_ae_per_layer": [train_ae] * 4, "active_experts_per_layer": [infer_ae] * 4,
-            "tasks": tasks, "task_ci": {"piqa": {"acc": [acc - 0.05, acc + 0.05]}} if acc is not None else {},
+            "tasks": tasks, "task_ci": {"piqa": {"acc": [acc - 0.05, acc + 0.05], "acc_norm": [acc - 0.05, acc + 0.05]}}
+            if acc is not None else {},
             "router": router, "k_trajectory": {"step": [1, 2], "k_L": [k_L, k_L], "active_L": [[1] * 4] * 2}
             if k_L else {}, "dial": None}
 
@@ -70,8 +71,10 @@ def test_claims_rows_follow_the_stated_rules():
     assert _claims(one)["LM loss comparable "][3] == "not resolved (one seed)"
     early = [dict(r, k_L=k_late[::-1]) if r["variant"] == "soft" else r for r in better]
     assert _claims(early)["The learned allocatio"][3] == "no (earlier layers take more)"
-    chance = [dict(r, task_ci={"piqa": {"acc": [0.45, 0.55]}}) for r in better]
+    chance = [dict(r, task_ci={"piqa": {"acc": [0.45, 0.55], "acc_norm": [0.45, 0.55]}}) for r in better]
     assert _claims(chance)["Downstream zero-shot"][3].startswith("untestable here")
+    short = [dict(r, task_ci={"piqa": {"acc": [0.51, 0.71], "acc_norm": [0.45, 0.64]}}) for r in better]
+    assert _claims(short)["Downstream zero-shot"][3].startswith("untestable here")  # acc alone is not enough
 
 
 def test_report_markdown_and_plots_from_fake_records(tmp_path):
