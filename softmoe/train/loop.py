@@ -184,7 +184,7 @@ class Trainer:
             (out.objective / t.grad_accum).backward()
             sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
             if self.ae_target is not None:  # the step's realized active experts, read by the controller
-                active += _routed_active(out.routing)
+                active += _routed_active(out.routing, self.device)
         loss_sum, aux_sum = sums.tolist()
         layers = routing_summary(out.routing, out.k_L) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
@@ -493,10 +493,11 @@ def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
     return controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, t.ae_k_max or None)
 
 
-def _routed_active(routing: dict) -> torch.Tensor:
-    """(2,) float64 [realized mean active experts per token of one forward averaged over its MoE layers, 1],
-    on the model's device (no host sync; the controller reads it once per step)."""
-    values = [stats["active_experts_mean"].detach().double() for stats in routing.values()]
+def _routed_active(routing: dict, device: torch.device) -> torch.Tensor:
+    """(2,) float64 [realized mean active experts per token of one forward averaged over its MoE layers, 1]
+    on `device` (a layer's count may be a tensor or a float; the controller reads the sum once per step)."""
+    values = [torch.as_tensor(stats["active_experts_mean"], dtype=torch.float64, device=device).detach()
+              for stats in routing.values()]
     mean = torch.stack(values).mean()
     return torch.stack([mean, torch.ones_like(mean)])
 
