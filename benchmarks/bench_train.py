@@ -277,14 +277,23 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
 
     # tok/s ratios, and the utilisation ratio: tokens/s per model FLOP, i.e. the tok/s ratio the two
     # would have at equal realized active experts (SoftMoE's differ from top-k's k).
-    # SoftMoE's rule realizes ~1 expert at the demo shape: top-1 is the equal-AE baseline when it was run.
-    for name, (a, b, key) in {"softmoe_over_top1_tok_s": ("demo/softmoe", "demo/topk@model.k=1", "tok_s"),
-                              "softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk", "tok_s"),
-                              "softmoe_over_topk_flop_rate": ("demo/softmoe", "demo/topk", "utilisation"),
-                              "topk_over_dense_tok_s": ("demo/topk", "demo/dense", "tok_s")}.items():
-        value = per_round(a, b, key)
-        if value is not None:
-            out[name] = value
+    # Per variant suffix ("" or e.g. "@train.compile=true"), the pairs that share it. SoftMoE's rule realizes
+    # ~1 expert at the demo shape, so top-1 ("demo/topk@model.k=1<suffix>") is the equal-AE baseline when run.
+    suffixes = sorted({key.split("@", 1)[1] if "@" in key else "" for key in rows})
+    for suffix in suffixes:
+        tail, label = (f"@{suffix}", f" ({suffix})") if suffix else ("", "")
+        top1 = "demo/topk@model.k=1" + tail if suffix != "model.k=1" else None
+        pairs = {"softmoe_over_topk_tok_s": ("demo/softmoe", "demo/topk", "tok_s"),
+                 "softmoe_over_topk_flop_rate": ("demo/softmoe", "demo/topk", "utilisation"),
+                 "topk_over_dense_tok_s": ("demo/topk", "demo/dense", "tok_s")}
+        for name, (a, b, key) in pairs.items():
+            value = per_round(a + tail, b + tail, key)
+            if value is not None:
+                out[name + label] = value
+        if top1:
+            value = per_round("demo/softmoe" + tail, top1, "tok_s")
+            if value is not None:
+                out["softmoe_over_top1_tok_s" + label] = value
     for key in rows:
         if key.startswith("before:") and key[len("before:"):] in rows:
             out[f"{key[len('before:'):]}: after/before tok_s"] = per_round(key[len("before:"):], key, "tok_s")
