@@ -245,7 +245,7 @@ class MoELayer(nn.Module):
     @property
     def causal(self) -> bool:
         """Whether a token's output depends on that token alone (False for expert choice)."""
-        return getattr(self.router, "causal", True)
+        return self.router.causal
 
     def forward(self, x: torch.Tensor, mean_k: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> MoEOutput:
@@ -259,7 +259,13 @@ class MoELayer(nn.Module):
         """
         x_TD = self._flatten(x)
         mask_T = self._flatten_mask(attention_mask, x)
-        out = self.router(x_TD, mean_k=mean_k, mask_T=mask_T)
+        if mean_k is None:
+            out = self.router(x_TD, mask_T=mask_T)
+        elif self.uses_budget:
+            out = self.router(x_TD, mask_T=mask_T, mean_k=mean_k)
+        else:
+            raise ValueError(f"router={self.router.name!r} takes no budget k_l (uses_budget=False); "
+                             "mean_k must be None")
         slots_TK = token_table(out.routing)
         x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
         y_TD = combine(self.experts(x_ND, out.routing.counts_E), out.routing, slots_TK)

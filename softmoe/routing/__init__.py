@@ -1,6 +1,7 @@
 """Routers, the shared ragged routing format, the global expert budget and aux losses.
 
-Importing a router module registers it; a new router is one file plus one import line here.
+Importing a router module registers it; a new router is one file plus one import line here (the
+registration order is the order of the routers in tables and plot colours).
 """
 
 from softmoe.routing.base import (
@@ -8,8 +9,12 @@ from softmoe.routing.base import (
     LayerStats,
     RouterConfig,
     RouterOutput,
+    Rule,
+    GateRouter,
+    BudgetRouter,
     build_router,
     register_router,
+    router_class,
     router_config,
 )
 from softmoe.routing.budget import Budget
@@ -17,9 +22,9 @@ from softmoe.routing.record import Routing, routing_from_mask, select_experts, t
 from softmoe.routing.softk import SoftKConfig, SoftKRouter, relative_keep
 from softmoe.routing.topk import TopKConfig, TopKRouter
 from softmoe.routing.topp import TopPConfig, TopPRouter
+from softmoe.routing.remoe import ReMoEConfig, ReMoERouter
 from softmoe.routing.null import NullConfig, NullRouter
 from softmoe.routing.expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
-from softmoe.routing.remoe import ReMoEConfig, ReMoERouter
 from softmoe.routing.balance import BiasBalanceConfig, ExpertBias
 
 __all__ = [
@@ -33,7 +38,11 @@ __all__ = [
     "LayerStats",
     "RouterConfig",
     "RouterOutput",
+    "Rule",
+    "GateRouter",
+    "BudgetRouter",
     "build_router",
+    "router_class",
     "register_router",
     "router_config",
     "SoftKConfig",

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from softmoe.routing.base import RouterConfig, check_float
+from softmoe.common.checks import check_bool, check_float
+from softmoe.routing.base import RouterConfig
 
 __all__ = ["BiasBalanceConfig", "ExpertBias", "expert_bias"]
 
@@ -38,9 +39,7 @@ class BiasBalanceConfig(RouterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.loss_free_bias, bool):
-            raise TypeError(f"loss_free_bias must be a bool, got {type(self.loss_free_bias).__name__} "
-                            f"({self.loss_free_bias!r})")
+        check_bool("loss_free_bias", self.loss_free_bias)
         check_float("bias_update_rate", self.bias_update_rate, 0.0, open_low=True)
 
 

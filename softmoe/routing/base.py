@@ -1,28 +1,36 @@
-"""What every router shares: its config base, its output, its statistics, and the registry.
+"""The router template: config base, output, statistics, the shared routing steps and the registry.
 
 Shape legend:
     T   tokens
     D   d_model
     E   experts
 
-A router is an nn.Module with `forward(x_TD, mean_k=None, mask_T=None) -> RouterOutput`. It differs
-from the others only in how it fills the one ragged `Routing` record; the layer never branches on
-which router it holds. Adding a router is one file: a frozen config dataclass (subclass of
-`RouterConfig`) and a module decorated with `@register_router("name", ConfigClass)`, imported
-in `softmoe/routing/__init__.py`.
+Every router routes T tokens in the same steps, and only one of them is its own:
+    1. the padding mask (`real_tokens`): padding is never routed and is left out of losses and stats;
+    2. fp32 router scores W x (`router_logits`), padding rows zeroed, NaN/inf refused;
+    3. the layer's k as a 0-d tensor: the router's fixed k, or for a router that uses the global budget
+       (`BudgetRouter`) the k_l the model passes as `mean_k`;
+    4. THE RULE (`rule`, the router's only method): scores -> the one ragged `Routing` record, plus any
+       router-specific loss and statistics (`Rule`);
+    5. finish (`finish_routing`): Switch load balance and z-loss into `aux_loss`, the shared statistics.
+Steps 1-3 and 5 live in `GateRouter.route`. Adding a router is one file: a frozen config dataclass
+(subclass of `RouterConfig`) and a `GateRouter` (or `BudgetRouter`) subclass with a `rule`, decorated with
+`@register_router("name", ConfigClass)` and imported in `softmoe/routing/__init__.py` (docs/routers.md).
+Code outside this package never tests a router's name: it asks the class (`router_class(name)`) for
+`uses_budget`, `causal`, `label`, `describe(k, E)`, ...
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.ops.checks import value_checks_enabled
 from softmoe.routing import losses
 from softmoe.routing.record import Routing
@@ -31,30 +39,24 @@ __all__ = [
     "RouterConfig",
     "RouterOutput",
     "LayerStats",
+    "Rule",
     "GateRouter",
+    "BudgetRouter",
     "ROUTERS",
     "register_router",
+    "router_class",
     "build_router",
     "router_config",
     "router_logits",
     "finish_routing",
     "real_tokens",
+    "check_float",
 ]
 
 
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-
-
-def check_float(name: str, value, low: float = -math.inf, high: float = math.inf, open_low=False) -> None:
-    """Raise TypeError/ValueError naming `name` unless value is a finite real in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    bad_low = value <= low if open_low else value < low
-    if not math.isfinite(value) or bad_low or value > high:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name}={value} must be a finite number in {bracket}{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,16 @@ class RouterConfig:
     z_coef: float = 1e-3  # weight of the router z-loss in aux_loss (Zoph et al. 2022)
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts!r} must be an int >= 1")
+        check_int("num_experts", self.num_experts, 1)
         check_float("k", self.k, 0.0, self.num_experts, open_low=True)
+        self.check_k(self.k, self.num_experts)
         check_float("lb_coef", self.lb_coef, 0.0)
         check_float("z_coef", self.z_coef, 0.0)
+
+    @classmethod
+    def check_k(cls, k: float, num_experts: int) -> None:
+        """Raise ValueError unless this router accepts k for num_experts experts (after the shared
+        check k in (0, E]). The model config calls it on its coarse (k, E) too. Default: no more rule."""
 
     def nominal_active_experts(self) -> float:
         """Experts per token this config asks for: a nominal budget, not a measurement (default k).
@@ -170,8 +177,9 @@ def finish_routing(
     k: torch.Tensor,
     extra_loss: torch.Tensor | None = None,
     extra_stats: dict[str, torch.Tensor] | None = None,
+    balance_loss: torch.Tensor | None = None,
 ) -> RouterOutput:
-    """Attach the aux losses and statistics every router reports to a finished routing.
+    """Attach the aux losses and statistics every router reports to a finished routing (template step 5).
 
     Args:
         routing: the routing that will be dispatched.
@@ -181,10 +189,14 @@ def finish_routing(
         k: 0-d tensor, the layer's k (fixed top-k or mean active experts).
         extra_loss: optional 0-d loss already weighted (e.g. a standalone budget penalty).
         extra_stats: optional more 0-d/vector tensors to report.
+        balance_loss: optional 0-d balance loss that replaces the Switch loss (unweighted: lb_coef applies).
     """
     mask_T = real_T.float()
     counts_E = losses.global_sum(routing.counts_E)  # the global batch's load under data parallelism
-    lb = losses.load_balance_loss(counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
+    if balance_loss is None:
+        lb = losses.load_balance_loss(counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
+    else:
+        lb = balance_loss
     z = losses.z_loss(logits_TE, mask_T)
     aux = config.lb_coef * lb + config.z_coef * z
     if extra_loss is not None:
@@ -202,29 +214,147 @@ def finish_routing(
     return RouterOutput(routing=routing, logits_TE=logits_TE, aux_loss=aux, stats=LayerStats(stats))
 
 
-class GateRouter(torch.nn.Module):
-    """Base of every router: a linear gate W (E x D, no bias) and the router's frozen config.
+@dataclass(frozen=True)
+class Rule:
+    """What a router's rule returns to the template.
 
-    Subclasses implement `forward(x_TD, mean_k=None, mask_T=None) -> RouterOutput`; routers that take
-    a budget k_l set `uses_budget = True`. `causal = False` marks a router whose routing of a token
-    depends on other tokens of the call (expert choice): the model refuses KV-cache decoding with it.
+    Attributes:
+        routing: the expert-sorted ragged routing to dispatch (padding tokens not routed).
+        loss: optional 0-d router-specific loss, already weighted, added to aux_loss.
+        stats: router-specific 0-d/vector statistics (detached by LayerStats).
+        balance_loss: optional 0-d balance loss replacing the Switch loss (weighted by lb_coef), for a rule
+            whose balance is not the Switch loss over E experts (null experts).
     """
 
+    routing: Routing
+    loss: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    balance_loss: torch.Tensor | None = None
+
+
+class GateRouter(torch.nn.Module):
+    """The router template: a linear gate W (no bias), the frozen config, and the shared steps.
+
+    A router subclasses it and implements `rule(logits_TE, real_T, k) -> Rule` only. `forward(x_TD, mask_T)`
+    runs the template (`route`). What code outside routing/ may ask a router class, instead of its name:
+
+        name                   the registered name (set by `register_router`)
+        config_class           its config dataclass (set by `register_router`)
+        label                  its name in tables and plots ("SoftMoE", "top-k", ...)
+        uses_budget            takes the model's global budget k_l (`mean_k`): a `BudgetRouter`
+        causal                 False when a token's routing depends on other tokens of the call (expert
+                               choice): the model then refuses KV-cache decoding
+        fixed_active_experts   the mean experts per token is set by the config (top-k, expert choice), so a
+                               per-layer plot of the realised count says nothing
+        marker                 its matplotlib marker in the comparison plots
+        describe(k, E)         "k=2 of 8" (or "budget K=2 of 8"), for run listings and report labels
+
+    Attributes:
+        gate: Linear(D, gate_rows) with gate_rows = E unless the router says otherwise (null experts).
+        balance: the loss-free selection bias (routing/balance.py) where the rule uses one, else None; the
+            template records each forward's load into it and reports its statistics.
+    """
+
+    name: str
+    config_class: type
+    label: str = ""
     uses_budget = False
     causal = True
+    fixed_active_experts = False
+    marker = "D"
 
-    def __init__(self, d_model: int, config: RouterConfig):
+    def __init__(self, d_model: int, config: RouterConfig, gate_rows: int | None = None):
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
-        self.gate = torch.nn.Linear(d_model, config.num_experts, bias=False)
+        self.gate = torch.nn.Linear(d_model, config.num_experts if gate_rows is None else gate_rows, bias=False)
+        self.balance = None
+
+    @classmethod
+    def describe(cls, k: float, num_experts: int) -> str:
+        """The configured count for listings: "k=2 of 8", or "budget K=2 of 8" for a budget router."""
+        return f"{'budget K' if cls.uses_budget else 'k'}={k:g} of {num_experts}"
+
+    def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """The router's own rule (template step 4).
+
+        Args:
+            logits_TE: (T, gate_rows) float32 router scores, padding rows 0.
+            real_T: (T,) bool, True for real tokens: keep padding out of the routing.
+            k: 0-d float32, the layer's k (`fixed_k`, or the budget's k_l).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement rule()")
+
+    def fixed_k(self, device: torch.device) -> torch.Tensor:
+        """0-d float32 k of a router without a budget: its config's k (reported as stats["k"])."""
+        return torch.tensor(float(self.config.k), device=device)
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> RouterOutput:
+        """Route T tokens.
+
+        Args:
+            x_TD: (T, D) token hidden states.
+            mask_T: optional (T,) bool, True = real token; padding is not routed.
+        """
+        return self.route(x_TD, mask_T, self.fixed_k(x_TD.device))
+
+    def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, k: torch.Tensor,
+              k_loss: torch.Tensor | None = None) -> RouterOutput:
+        """The template: mask -> fp32 logits -> `rule` -> balance record -> losses and statistics.
+
+        Args:
+            x_TD: (T, D) token hidden states.
+            mask_T: optional (T,) bool, True = real token.
+            k: 0-d float32 layer k.
+            k_loss: optional 0-d weighted loss of k itself (a standalone learned k's penalty).
+        """
+        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
+        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
+        rule = self.rule(logits_TE, real_T, k)
+        stats = dict(rule.stats)
+        if self.balance is not None:
+            self.balance.record(rule.routing.counts_E)
+            stats.update(self.balance.stats())
+        extra = [loss for loss in (k_loss, rule.loss) if loss is not None]
+        extra_loss = None if not extra else extra[0] if len(extra) == 1 else extra[0] + extra[1]
+        return finish_routing(rule.routing, logits_TE, real_T, self.config, k, extra_loss, stats, rule.balance_loss)
+
+
+class BudgetRouter(GateRouter):
+    """A router that takes the layer's k_l from the model's global budget: `forward(x_TD, mask_T, mean_k)`.
+
+    Standalone (mean_k None) it routes with `standalone_k` (default: the config's k).
+    """
+
+    uses_budget = True
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                mean_k: torch.Tensor | None = None) -> RouterOutput:
+        """Route T tokens with k = mean_k.
+
+        Args:
+            x_TD: (T, D) token hidden states.
+            mask_T: optional (T,) bool, True = real token; padding is not routed.
+            mean_k: optional 0-d tensor k_l in (0, E) from the model's Budget (differentiable).
+        """
+        if mean_k is None:
+            k, k_loss = self.standalone_k(x_TD.device)
+        else:
+            if not isinstance(mean_k, torch.Tensor) or mean_k.dim() != 0:
+                raise ValueError(f"mean_k must be a 0-d tensor (this layer's k_l), got {mean_k!r}")
+            k, k_loss = mean_k.float(), None
+        return self.route(x_TD, mask_T, k, k_loss)
+
+    def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k, its weighted loss or None) without a budget: the config's fixed k."""
+        return self.fixed_k(device), None
 
 
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
-ROUTERS: dict[str, tuple[type[RouterConfig], type[torch.nn.Module]]] = {}
+ROUTERS: dict[str, tuple[type[RouterConfig], type[GateRouter]]] = {}
 
 
 def register_router(name: str, config_cls: type[RouterConfig]) -> Callable[[type], type]:
@@ -234,10 +364,22 @@ def register_router(name: str, config_cls: type[RouterConfig]) -> Callable[[type
         if name in ROUTERS:
             raise ValueError(f"router {name!r} is already registered")
         ROUTERS[name] = (config_cls, router_cls)
-        router_cls.name = name
+        router_cls.name, router_cls.config_class = name, config_cls
+        router_cls.label = router_cls.__dict__.get("label") or name
         return router_cls
 
     return wrap
+
+
+def router_class(name: str) -> type[GateRouter]:
+    """The registered router class `name` (ask it `uses_budget`, `causal`, `label`, `describe`, ...).
+
+    Raises:
+        ValueError: unknown router name.
+    """
+    if name not in ROUTERS:
+        raise ValueError(f"router={name!r} is not one of the registered routers {sorted(ROUTERS)}")
+    return ROUTERS[name][1]
 
 
 def router_config(name: str, num_experts: int, k: float, **options) -> RouterConfig:
@@ -246,9 +388,7 @@ def router_config(name: str, num_experts: int, k: float, **options) -> RouterCon
     Raises:
         ValueError: unknown router name, an option the router does not have, or an invalid value.
     """
-    if name not in ROUTERS:
-        raise ValueError(f"router={name!r} is not one of the registered routers {sorted(ROUTERS)}")
-    config_cls = ROUTERS[name][0]
+    config_cls = router_class(name).config_class
     valid = {f.name for f in fields(config_cls)} - {"num_experts", "k"}
     unknown = sorted(set(options) - valid)
     if unknown:
@@ -269,13 +409,12 @@ def _number_from_yaml(name: str, value, kind) -> object:
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> torch.nn.Module:
+def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> GateRouter:
     """Build the registered router `name` with config `router_config(name, num_experts, k, **options)`.
 
     Raises:
         ValueError: unknown router name, an option the router does not have, or an invalid value.
     """
     config = router_config(name, num_experts, k, **options)
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"d_model={d_model!r} must be an int >= 1")
-    return ROUTERS[name][1](d_model, config)
+    check_int("d_model", d_model, 1)
+    return router_class(name)(d_model, config)

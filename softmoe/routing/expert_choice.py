@@ -30,17 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.routing import losses
-from softmoe.routing.base import (
-    GateRouter,
-    RouterConfig,
-    RouterOutput,
-    check_float,
-    finish_routing,
-    real_tokens,
-    register_router,
-    router_logits,
-)
+from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
 from softmoe.routing.record import routing_from_mask
 
 __all__ = ["ExpertChoiceConfig", "ExpertChoiceRouter", "expert_capacity", "expert_choice_mask"]
@@ -56,9 +48,7 @@ class ExpertChoiceConfig(RouterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float("capacity_factor", self.capacity_factor, 0.0, open_low=True)
-        if self.group_size is not None and (
-                isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size={self.group_size!r} must be an int >= 1 or None")
+        check_int("group_size", self.group_size, 1, allow_none=True)
 
     def nominal_active_experts(self) -> float:
         """capacity_factor * k experts per token (exact up to rounding of C and the cap C <= T_g)."""
@@ -111,26 +101,20 @@ class ExpertChoiceRouter(GateRouter):
     a token's output depends on the other tokens of its group, so it is neither batch invariant nor
     usable for KV-cache decoding. Fixed k (`uses_budget = False`)."""
 
+    label = "expert choice"
     causal = False
+    fixed_active_experts = True
 
-    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route the T tokens of this call, experts choosing tokens within each group.
+    def fixed_k(self, device: torch.device) -> torch.Tensor:
+        """The capacity's experts per token, capacity_factor * k (reported as stats["k"])."""
+        return torch.tensor(self.config.nominal_active_experts(), device=device)
 
-        Args:
-            x_TD: (T, D) token hidden states (the flattened batch: groups run over it in order).
-            mean_k: must be None (the capacity follows from the configured k).
-            mask_T: optional (T,) bool, True = real token; padding is never picked.
-        """
-        if mean_k is not None:
-            raise ValueError("router='expert_choice' has a fixed k; mean_k must be None "
-                             "(only 'softmoe' takes a budget k_l)")
+    def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """Every expert keeps its top-C real tokens of each group (the whole call: x_TD is the flattened
+        batch), weighted by P."""
         cfg = self.config
-        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         keep_TE = expert_choice_mask(probs_TE, real_T, float(cfg.k), cfg.capacity_factor, cfg.group_size)
-        routing = routing_from_mask(probs_TE, keep_TE)
         active_T = keep_TE.sum(dim=-1).float()
-        extra_stats = {"zero_expert_fraction": losses.masked_mean((active_T == 0).float(), real_T.float())}
-        k = torch.tensor(cfg.nominal_active_experts(), device=x_TD.device)
-        return finish_routing(routing, logits_TE, real_T, cfg, k, extra_stats=extra_stats)
+        stats = {"zero_expert_fraction": losses.masked_mean((active_T == 0).float(), real_T.float())}
+        return Rule(routing_from_mask(probs_TE, keep_TE), stats=stats)

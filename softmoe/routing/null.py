@@ -29,21 +29,13 @@ count is `stats["active_experts_mean"]` (real experts only: null picks are not r
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from softmoe.common.checks import check_bool, check_int
 from softmoe.routing import losses
-from softmoe.routing.base import (
-    GateRouter,
-    RouterConfig,
-    RouterOutput,
-    finish_routing,
-    real_tokens,
-    register_router,
-    router_logits,
-)
+from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
 from softmoe.routing.record import routing_from_mask
 
 __all__ = ["NullConfig", "NullRouter", "null_balance_loss"]
@@ -58,14 +50,14 @@ class NullConfig(RouterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if float(self.k) != int(self.k):
-            raise ValueError(
-                f"k={self.k} must be an integer in [1, num_experts={self.num_experts}] for router='null'"
-            )
-        if isinstance(self.num_null, bool) or not isinstance(self.num_null, int) or self.num_null < 1:
-            raise ValueError(f"num_null={self.num_null!r} must be an int >= 1")
-        if not isinstance(self.normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        check_int("num_null", self.num_null, 1)
+        check_bool("normalize", self.normalize)
+
+    @classmethod
+    def check_k(cls, k: float, num_experts: int) -> None:
+        """k is a whole number of slots in [1, E]."""
+        if float(k) != int(k):
+            raise ValueError(f"k={k} must be an integer in [1, num_experts={num_experts}] for router='null'")
 
     def nominal_active_experts(self) -> float:
         """Real experts per token at uniform load over the slots: k * E / (E + num_null) (nominal)."""
@@ -104,26 +96,19 @@ def null_balance_loss(
 class NullRouter(GateRouter):
     """Top-k over E real + num_null null experts; null picks are dropped (fewer real experts, no FLOPs)."""
 
+    label = "null experts"
+
     def __init__(self, d_model: int, config: NullConfig):
-        super().__init__(d_model, config)
         # One gate over all slots: rows [0, E) score the real experts, rows [E, E + num_null) the nulls.
-        self.gate = torch.nn.Linear(d_model, config.num_experts + config.num_null, bias=False)
+        super().__init__(d_model, config, gate_rows=config.num_experts + config.num_null)
 
-    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route T tokens to the real experts among their top-k slots.
+    def rule(self, logits_TS: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """The real experts among the k most probable of all S slots, with the null-aware balance loss.
 
-        Args:
-            x_TD: (T, D) token hidden states.
-            mean_k: must be None (the count follows from the top-k over real and null slots).
-            mask_T: optional (T,) bool, True = real token; padding is not routed.
+        The z-loss (template) reads all S logits; `RouterOutput.logits_TE` holds all S columns.
         """
-        if mean_k is not None:
-            raise ValueError("router='null' has a fixed top-k over real and null experts; "
-                             "mean_k must be None (only 'softmoe' takes a budget k_l)")
         cfg = self.config
         num_real = cfg.num_experts
-        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        logits_TS = router_logits(x_TD, self.gate.weight, real_T)
         probs_TS = torch.softmax(logits_TS, dim=-1)
         top_idx_TK = probs_TS.detach().topk(int(cfg.k), dim=-1).indices
         pick_TS = torch.zeros_like(probs_TS, dtype=torch.bool).scatter(-1, top_idx_TK, True)
@@ -134,25 +119,11 @@ class NullRouter(GateRouter):
             # Tokens with no real pick have an all-zero row; the clamp keeps it zero instead of NaN.
             kept_mass_T1 = weight_TE.sum(dim=-1, keepdim=True)
             weight_TE = weight_TE / kept_mass_T1.clamp(min=torch.finfo(weight_TE.dtype).tiny)
-        routing = routing_from_mask(weight_TE, keep_TE)
-        return self._finish(routing, logits_TS, probs_TS, pick_TS, real_T)
-
-    def _finish(self, routing, logits_TS, probs_TS, pick_TS, real_T) -> RouterOutput:
-        """Shared statistics from `finish_routing` on the real columns, with the null-aware losses."""
-        cfg = self.config
         mask_f = real_T.float()
-        lb = null_balance_loss(losses.global_sum(pick_TS.sum(dim=0)), probs_TS, mask_f, cfg.num_null)
-        z = losses.z_loss(logits_TS, mask_f)
-        null_picks_T = pick_TS[:, cfg.num_experts:].sum(dim=-1).float()
-        extra_stats = {
-            "load_balance_loss": lb,  # replaces finish_routing's real-experts-only value
-            "z_loss": z,
+        balance = null_balance_loss(losses.global_sum(pick_TS.sum(dim=0)), probs_TS, mask_f, cfg.num_null)
+        null_picks_T = pick_TS[:, num_real:].sum(dim=-1).float()
+        stats = {
             "null_fraction": losses.masked_mean(null_picks_T, mask_f) / float(cfg.k),
             "zero_expert_fraction": losses.masked_mean((null_picks_T == cfg.k).float(), mask_f),
         }
-        # finish_routing's own balance/z terms assume E columns: zero their weights, add ours instead.
-        shared_cfg = dataclasses.replace(cfg, lb_coef=0.0, z_coef=0.0)
-        k = torch.tensor(float(cfg.k), device=logits_TS.device)
-        out = finish_routing(routing, logits_TS[:, :cfg.num_experts], real_T, shared_cfg, k,
-                             cfg.lb_coef * lb + cfg.z_coef * z, extra_stats)
-        return dataclasses.replace(out, logits_TE=logits_TS)
+        return Rule(routing_from_mask(weight_TE, keep_TE), stats=stats, balance_loss=balance)

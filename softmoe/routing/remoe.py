@@ -37,17 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.routing import losses
-from softmoe.routing.base import (
-    GateRouter,
-    RouterConfig,
-    RouterOutput,
-    check_float,
-    finish_routing,
-    real_tokens,
-    register_router,
-    router_logits,
-)
+from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
 from softmoe.routing.record import routing_from_mask, select_experts
 
 __all__ = ["ReMoEConfig", "ReMoERouter", "relu_l1_loss"]
@@ -67,11 +59,7 @@ class ReMoEConfig(RouterConfig):
         super().__post_init__()
         check_float("lambda_init", self.lambda_init, 0.0, open_low=True)
         check_float("lambda_factor", self.lambda_factor, 1.0, open_low=True)
-        if self.max_active is not None and (
-            isinstance(self.max_active, bool) or not isinstance(self.max_active, int)
-            or not 1 <= self.max_active <= self.num_experts
-        ):
-            raise ValueError(f"max_active={self.max_active!r} must be None or an int in [1, {self.num_experts}]")
+        check_int("max_active", self.max_active, 1, self.num_experts, allow_none=True)
 
     @property
     def target_sparsity(self) -> float:
@@ -108,26 +96,18 @@ class ReMoERouter(GateRouter):
             step (training mode only; not saved).
     """
 
+    label = "ReMoE"
+
     def __init__(self, d_model: int, config: ReMoEConfig):
         super().__init__(d_model, config)
         self.register_buffer("l1_coef", torch.tensor(float(config.lambda_init)))
         self.register_buffer("routed_pairs", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("entries", torch.zeros((), dtype=torch.long), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route each token to the experts whose ReLU gate is positive.
-
-        Args:
-            x_TD: (T, D) token hidden states.
-            mean_k: must be None (the controller, not a budget k_l, sets the sparsity).
-            mask_T: optional (T,) bool, True = real token; padding is not routed.
-        """
-        if mean_k is not None:
-            raise ValueError("router='remoe' sets its sparsity with the L1 controller; mean_k must be None "
-                             "(only 'softmoe' takes a budget k_l)")
+    def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """Every expert whose ReLU gate is positive (the `max_active` largest if capped), weighted by the
+        gate; the load-balanced L1 times lambda."""
         cfg = self.config
-        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
         weight_TE = torch.relu(logits_TE)
         # select_experts applies the cap (and always adds the top expert); `> 0` then drops zero gates,
         # so a token whose gates are all zero is routed nowhere.
@@ -138,14 +118,13 @@ class ReMoERouter(GateRouter):
         self._count(routing.counts_E, real_T)
         # A copy: the controller updates the buffer in place, which must not touch this step's graph or stats.
         l1_coef = self.l1_coef.clone()
-        extra = {
+        stats = {
             "l1_coef": l1_coef,
             "l1_reg": reg,
             "sparsity": 1.0 - losses.masked_mean(routed_TE.float().mean(dim=-1), mask_f),
             "zero_expert_fraction": losses.masked_mean((~routed_TE.any(dim=-1)).float(), mask_f),
         }
-        k = torch.tensor(float(cfg.k), device=x_TD.device)
-        return finish_routing(routing, logits_TE, real_T, cfg, k, l1_coef * reg, extra)
+        return Rule(routing, loss=l1_coef * reg, stats=stats)
 
     def _count(self, counts_E: torch.Tensor, real_T: torch.Tensor) -> None:
         """Accumulate routed pairs and real entries for the controller (training mode only)."""

@@ -35,16 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.ops.lapsum import soft_topk
-from softmoe.routing.base import (
-    GateRouter,
-    RouterOutput,
-    check_float,
-    finish_routing,
-    real_tokens,
-    register_router,
-    router_logits,
-)
+from softmoe.routing.base import BudgetRouter, Rule, register_router
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts
@@ -74,30 +67,27 @@ class SoftKConfig(BiasBalanceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_experts == 1:
-            if self.k != 1:
-                raise ValueError(f"k={self.k} must be 1 for router='softmoe' with num_experts=1")
-        elif not self.k < self.num_experts:
-            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router='softmoe'")
         # alpha is used in float32: below its smallest normal number it would underflow to 0.
         check_float("alpha", self.alpha, 1.2e-38, 1e30)
-        if self.truncation not in TRUNCATIONS:
-            raise ValueError(f"truncation={self.truncation!r} must be one of {TRUNCATIONS}")
+        check_choice("truncation", self.truncation, TRUNCATIONS)
         check_float("threshold", self.threshold, 0.0)
         check_float("cap_factor", self.cap_factor, 0.0, open_low=True)
         check_float("min_weight", self.min_weight, 0.0, 1.0)
         check_float("gate_noise", self.gate_noise, 0.0, 1e3)
         check_float("k_penalty_coef", self.k_penalty_coef, 0.0)
-        if self.max_active is not None and (
-            isinstance(self.max_active, bool) or not isinstance(self.max_active, int)
-            or not 1 <= self.max_active <= self.num_experts
-        ):
-            raise ValueError(f"max_active={self.max_active!r} must be None or an int in [1, {self.num_experts}]")
-        if self.combine not in COMBINE_MODES:
-            raise ValueError(f"combine={self.combine!r} must be one of {COMBINE_MODES}")
+        check_int("max_active", self.max_active, 1, self.num_experts, allow_none=True)
+        check_choice("combine", self.combine, COMBINE_MODES)
         for name in ("learn_alpha", "learn_k"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            check_bool(name, getattr(self, name))
+
+    @classmethod
+    def check_k(cls, k: float, num_experts: int) -> None:
+        """k in (0, E): soft top-k needs room below E (E = 1 allows only k = 1, the single expert)."""
+        if num_experts == 1:
+            if k != 1:
+                raise ValueError(f"k={k} must be 1 for router='softmoe' with num_experts=1")
+        elif not k < num_experts:
+            raise ValueError(f"k={k} must be in (0, num_experts={num_experts}) for router='softmoe'")
 
 
 def relative_keep(p_TE: torch.Tensor, k: torch.Tensor, threshold: float, cap_factor: float) -> torch.Tensor:
@@ -149,14 +139,15 @@ def combine_weights(
 
 
 @register_router("softmoe", SoftKConfig)
-class SoftKRouter(GateRouter):
+class SoftKRouter(BudgetRouter):
     """Truncated LapSum soft top-k router; k_l from the budget (`mean_k`) or its own k.
 
     Standalone (mean_k=None) the layer is a one-layer budget: k fixed at `config.k`, or with
     `learn_k=True` a learned k in [k_min, E - margin] with penalty k_penalty_coef (k - config.k)^2.
     """
 
-    uses_budget = True
+    label = "SoftMoE"
+    marker = "o"
 
     def __init__(self, d_model: int, config: SoftKConfig):
         super().__init__(d_model, config)
@@ -175,37 +166,19 @@ class SoftKRouter(GateRouter):
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp()
 
-    def _layer_k(self, mean_k, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's k (0-d float32) and the standalone penalty (or None)."""
-        if mean_k is not None:
-            if not isinstance(mean_k, torch.Tensor) or mean_k.dim() != 0:
-                raise ValueError(f"mean_k must be a 0-d tensor (this layer's k_l), got {mean_k!r}")
-            return mean_k.float(), None
+    def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's k without a budget: the learned own k and its penalty, or the config's k."""
         if self.own_k is not None:
             return self.own_k()[0], self.own_k.penalty()
-        return torch.tensor(float(self.config.k), device=device), None
+        return self.fixed_k(device), None
 
-    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route T tokens by truncated soft top-k.
-
-        Args:
-            x_TD: (T, D) token hidden states.
-            mean_k: optional 0-d tensor k_l in (0, E) from the model's Budget (differentiable).
-            mask_T: optional (T,) bool, True = real token; padding is not routed.
-        """
-        cfg = self.config
-        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        k, penalty = self._layer_k(mean_k, x_TD.device)
-        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
+    def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """Truncated soft top-k of the (optionally noised) scores; the losses read the noiseless ones."""
         route_TE = logits_TE
-        if self.training and cfg.gate_noise > 0:  # the training RNG draws it: resume stays exact
-            route_TE = logits_TE + cfg.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
-        routing, extra = soft_routing(route_TE, k, self.alpha, cfg, real_T, self._selection_p(route_TE, k))
-        if self.balance is not None:
-            self.balance.record(routing.counts_E)
-            extra.update(self.balance.stats())
-        # The balance and z losses read the noiseless logits (the noise only perturbs routing).
-        return finish_routing(routing, logits_TE, real_T, cfg, k, penalty, extra)
+        if self.training and self.config.gate_noise > 0:  # the training RNG draws it: resume stays exact
+            route_TE = logits_TE + self.config.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
+        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, self._selection_p(route_TE, k))
+        return Rule(routing, stats=stats)
 
     def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """(T, E) soft_topk(r + b) that decides truncation with the loss-free bias; None without it."""

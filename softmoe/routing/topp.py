@@ -28,17 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from softmoe.common.checks import check_bool, check_float, check_int
 from softmoe.routing import losses
-from softmoe.routing.base import (
-    GateRouter,
-    RouterConfig,
-    RouterOutput,
-    check_float,
-    finish_routing,
-    real_tokens,
-    register_router,
-    router_logits,
-)
+from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
 from softmoe.routing.record import routing_from_mask
 
 __all__ = ["TopPConfig", "TopPRouter", "top_p_mask", "router_entropy"]
@@ -63,15 +55,8 @@ class TopPConfig(RouterConfig):
         super().__post_init__()
         check_float("p", self.p, 0.0, 1.0, open_low=True)
         check_float("entropy_coef", self.entropy_coef, 0.0)
-        if self.max_active is not None and (
-            isinstance(self.max_active, bool) or not isinstance(self.max_active, int)
-            or not 1 <= self.max_active <= self.num_experts
-        ):
-            raise ValueError(
-                f"max_active={self.max_active!r} must be None or an int in [1, {self.num_experts}]"
-            )
-        if not isinstance(self.normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        check_int("max_active", self.max_active, 1, self.num_experts, allow_none=True)
+        check_bool("normalize", self.normalize)
 
 
 def top_p_mask(probs_TE: torch.Tensor, p: float, max_active: int | None = None) -> torch.Tensor:
@@ -111,20 +96,11 @@ def router_entropy(probs_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor
 class TopPRouter(GateRouter):
     """Top-p threshold router over softmax(W x); a per-token number of experts, no budget k_l."""
 
-    def forward(self, x_TD: torch.Tensor, mean_k=None, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route T tokens to their top-p expert sets.
+    label = "top-p"
 
-        Args:
-            x_TD: (T, D) token hidden states.
-            mean_k: must be None (top-p sets its own count per token).
-            mask_T: optional (T,) bool, True = real token; padding is not routed.
-        """
-        if mean_k is not None:
-            raise ValueError("router='topp' chooses its count by threshold p; mean_k must be None "
-                             "(only 'softmoe' takes a budget k_l)")
+    def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
+        """Each token's top-p expert set, weighted by P; the entropy (dynamic) loss."""
         cfg = self.config
-        real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         keep_TE = top_p_mask(probs_TE, cfg.p, cfg.max_active) & real_T.unsqueeze(-1)
         weight_TE = torch.where(keep_TE, probs_TE, 0.0)
@@ -132,9 +108,7 @@ class TopPRouter(GateRouter):
         if cfg.normalize:
             # The top expert is always kept and has P >= 1/E, so only padding rows hit the clamp.
             weight_TE = weight_TE / kept_mass_T.clamp(min=torch.finfo(weight_TE.dtype).tiny)
-        routing = routing_from_mask(weight_TE, keep_TE)
         mask_f = real_T.float()
         entropy = router_entropy(probs_TE, mask_f)
-        extra = {"entropy": entropy, "kept_mass": losses.masked_mean(kept_mass_T.squeeze(-1), mask_f)}
-        k = torch.tensor(float(cfg.k), device=x_TD.device)
-        return finish_routing(routing, logits_TE, real_T, cfg, k, cfg.entropy_coef * entropy, extra)
+        stats = {"entropy": entropy, "kept_mass": losses.masked_mean(kept_mass_T.squeeze(-1), mask_f)}
+        return Rule(routing_from_mask(weight_TE, keep_TE), loss=cfg.entropy_coef * entropy, stats=stats)

@@ -1,6 +1,6 @@
 """NullRouter (AdaMoE, Zeng et al. 2024): the layer equals the naive dense oracle; null picks reduce
-the real experts and all-null tokens give exactly zero output; batch invariant, token-by-token
-identical and padding invariant; the null-aware balance loss; gradients reach the gate; config errors.
+the real experts and all-null tokens give exactly zero output; the null-aware balance loss; gradients
+reach the null rows of the gate; its config errors. The shared contract: test_router_conformance.py.
 
 Run: .venv/bin/python -m pytest -q tests/unit/routing/test_null_router.py
 """
@@ -14,7 +14,6 @@ from softmoe.layers import MoELayer
 from softmoe.routing import ROUTERS, NullConfig, build_router
 from softmoe.routing.null import null_balance_loss
 from tests.reference import dense_moe as ref
-from tests.reference.invariance import assert_batch_and_decoding_invariant, assert_padding_ignored
 
 D, H, E = 16, 32, 8
 
@@ -93,17 +92,6 @@ def test_normalize_sums_to_one_over_kept_real_experts():
     assert torch.equal(sums[~used], torch.zeros(int((~used).sum())))
 
 
-@pytest.mark.parametrize("case", ["k4_null8", "k3_null4_raw"])
-def test_token_output_independent_of_batch_and_decoding(case):
-    layer = make_layer(case)
-    assert_batch_and_decoding_invariant(layer, D)
-
-
-def test_padding_changes_nothing_for_real_tokens():
-    stat_names = ("active_experts_mean", "load_balance_loss", "z_loss", "null_fraction", "zero_expert_fraction")
-    assert_padding_ignored(make_layer("k4_null8"), D, stat_names)
-
-
 def test_null_balance_loss_groups_null_experts():
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(50, E + 4), dim=-1)
@@ -141,24 +129,19 @@ def test_gradients_reach_the_gate_including_null_rows():
     assert all(p.grad.abs().sum() > 0 for p in layer.experts.parameters())
 
 
-def test_registered_and_mean_k_rejected():
+def test_registered_defaults_and_one_gate_over_all_slots():
     assert ROUTERS["null"][0] is NullConfig
     router = build_router("null", D, E, 2.0)
     assert router.uses_budget is False and router.config.num_null == 1 and router.config.normalize is True
     assert router.gate.weight.shape == (E + 1, D)
-    with pytest.raises(ValueError, match="mean_k must be None"):
-        router(torch.randn(3, D), mean_k=torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("options,error,match", [
     (dict(num_null=0), ValueError, r"num_null=0 must be an int >= 1"),
-    (dict(num_null=2.0), ValueError, r"num_null=2.0"),
-    (dict(num_null=True), ValueError, r"num_null=True"),
+    (dict(num_null=2.0), TypeError, r"num_null=2.0"),
+    (dict(num_null=True), TypeError, r"num_null=True"),
     (dict(normalize=1), TypeError, "normalize must be a bool"),
     (dict(k=1.5), ValueError, r"k=1.5 must be an integer"),
-    (dict(k=0.0), ValueError, "k=0.0"),
-    (dict(k=9.0), ValueError, "k=9.0"),
-    (dict(p=0.5), ValueError, r"unknown option\(s\) \['p'\]"),
 ])
 def test_bad_config_raises_naming_field(options, error, match):
     options = dict(options)

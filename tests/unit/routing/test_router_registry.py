@@ -1,5 +1,6 @@
-"""The router registry: a new router is one config dataclass and one decorated module, and the
-MoE layer runs it through the same dispatch path.
+"""The router registry: a new router is one config dataclass and one decorated template subclass that
+implements only its rule; it runs through the layer's one dispatch path and passes the whole conformance
+suite (tests/unit/routing/conformance.py) without a line of its own.
 
 Run: .venv/bin/python -m pytest -q tests/unit/routing/test_router_registry.py
 """
@@ -13,34 +14,29 @@ import torch
 from torch import nn
 
 from softmoe.layers import MoELayer
-from softmoe.routing import ROUTERS, RouterConfig, build_router, register_router
-from softmoe.routing.base import finish_routing, real_tokens, router_logits
+from softmoe.routing import ROUTERS, GateRouter, RouterConfig, Rule, build_router, register_router
 from softmoe.routing.record import routing_from_mask
+from tests.unit.routing.conformance import CHECKS, Case
 
 
 @pytest.fixture
 def first_expert_router():
+    """A toy router in a few lines: every token to expert 0 and to its best-scored other expert."""
+
     @dataclass(frozen=True)
     class FirstConfig(RouterConfig):
         scale: float = 1.0
 
     @register_router("first_expert", FirstConfig)
-    class FirstExpertRouter(nn.Module):
-        uses_budget = False
+    class FirstExpertRouter(GateRouter):
+        label = "first expert"
 
-        def __init__(self, d_model, config):
-            super().__init__()
-            self.config, self.num_experts = config, config.num_experts
-            self.gate = nn.Linear(d_model, config.num_experts, bias=False)
-
-        def forward(self, x_TD, mean_k=None, mask_T=None):
-            real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-            logits_TE = router_logits(x_TD, self.gate.weight, real_T)
+        def rule(self, logits_TE, real_T, k):
             keep_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
             keep_TE[:, 0] = True
-            weight_TE = torch.full_like(logits_TE, self.config.scale)
-            routing = routing_from_mask(weight_TE, keep_TE & real_T.unsqueeze(-1))
-            return finish_routing(routing, logits_TE, real_T, self.config, torch.tensor(1.0))
+            keep_TE.scatter_(-1, logits_TE[:, 1:].argmax(-1, keepdim=True) + 1, True)
+            weight_TE = self.config.scale * torch.sigmoid(logits_TE)
+            return Rule(routing_from_mask(weight_TE, keep_TE & real_T.unsqueeze(-1)))
 
     yield
     del ROUTERS["first_expert"]
@@ -48,13 +44,23 @@ def first_expert_router():
 
 def test_a_new_router_plugs_into_the_layer(first_expert_router):
     torch.manual_seed(0)
-    layer = MoELayer(8, 16, 4, router="first_expert", k=1.0, scale=2.0)
-    x = torch.randn(2, 3, 8)
+    layer = MoELayer(8, 16, 4, router="first_expert", k=2.0, scale=2.0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[3] = 1.0  # expert 3 scores highest among 1..3 for tokens with sum(x) > 0
+    x = torch.randn(2, 3, 8).abs()
     bank = layer.experts
-    expected = 2.0 * ((torch.nn.functional.silu(x @ bank.w_gate[0]) * (x @ bank.w_up[0])) @ bank.w_down[0])
+    expected = sum(torch.sigmoid(x @ layer.router.gate.weight[e]).unsqueeze(-1) * 2.0
+                   * ((torch.nn.functional.silu(x @ bank.w_gate[e]) * (x @ bank.w_up[e])) @ bank.w_down[e])
+                   for e in (0, 3))
     out = layer(x)
     torch.testing.assert_close(out.output, expected, rtol=0, atol=1e-6)
-    assert out.stats.expert_load.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert out.stats.expert_load.tolist() == [0.5, 0.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_a_new_router_passes_the_conformance_suite_by_registering(first_expert_router, check):
+    check(Case("first_expert", 2.0, dict(scale=0.5)))
 
 
 def test_registry_errors():
@@ -65,6 +71,8 @@ def test_registry_errors():
         build_router("topk", 0, 4, 1.0)
     with pytest.raises(ValueError, match="num_experts=0"):
         build_router("topk", 8, 0, 1.0)
+    with pytest.raises(ValueError, match="registered routers"):
+        build_router("nope", 8, 4, 1.0)
 
 
 def test_router_options_written_as_yaml_1_1_exponent_strings_are_read_as_floats():

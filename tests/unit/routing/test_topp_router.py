@@ -1,6 +1,6 @@
 """TopPRouter (Huang et al. 2024): the layer equals the naive dense oracle; the kept set is the
-smallest that reaches p and respects max_active; batch invariant, token-by-token identical and
-padding invariant; the entropy (dynamic) loss is in aux_loss; gradients reach the gate; config errors.
+smallest that reaches p and respects max_active; the entropy (dynamic) loss is in aux_loss and lowers the
+entropy; its config errors. The shared contract: test_router_conformance.py.
 
 Run: .venv/bin/python -m pytest -q tests/unit/routing/test_topp_router.py
 """
@@ -16,7 +16,6 @@ from softmoe.layers import MoELayer
 from softmoe.routing import ROUTERS, TopPConfig, build_router
 from softmoe.routing.topp import top_p_mask
 from tests.reference import dense_moe as ref
-from tests.reference.invariance import assert_batch_and_decoding_invariant, assert_padding_ignored
 
 D, H, E = 16, 32, 8
 
@@ -89,17 +88,6 @@ def test_peaked_scores_use_one_expert_and_flat_scores_many():
     assert router(x).stats.active_experts_mean == E // 2  # uniform: exactly half the mass at E/2
 
 
-@pytest.mark.parametrize("case", ["paper_p0.4", "p0.7_normalize", "p0.9_cap3"])
-def test_token_output_independent_of_batch_and_decoding(case):
-    layer = make_layer(case)
-    assert_batch_and_decoding_invariant(layer, D)
-
-
-def test_padding_changes_nothing_for_real_tokens():
-    stat_names = ("active_experts_mean", "load_balance_loss", "z_loss", "entropy", "kept_mass")
-    assert_padding_ignored(make_layer("p0.7_normalize"), D, stat_names)
-
-
 def test_aux_loss_adds_the_entropy_loss_and_stats():
     torch.manual_seed(0)
     x = torch.randn(40, D)
@@ -117,13 +105,8 @@ def test_aux_loss_adds_the_entropy_loss_and_stats():
     torch.testing.assert_close(kept_sums.mean(), torch.tensor(out.stats.kept_mass), rtol=0, atol=1e-6)
 
 
-def test_gradients_reach_the_gate_from_output_and_from_entropy_loss():
-    layer = make_layer("paper_p0.4", scale=1.0)
+def test_the_entropy_loss_alone_lowers_the_router_entropy():
     x = torch.randn(2, 6, D)
-    layer(x).output.square().sum().backward()
-    assert layer.router.gate.weight.grad.abs().sum() > 0
-    assert all(p.grad.abs().sum() > 0 for p in layer.experts.parameters())
-    # The entropy loss alone: its gradient lowers the router entropy.
     router = build_router("topp", D, E, 2.0, lb_coef=0.0, z_coef=0.0, entropy_coef=1.0)
     before = router(x.reshape(-1, D))
     before.aux_loss.backward()
@@ -132,12 +115,10 @@ def test_gradients_reach_the_gate_from_output_and_from_entropy_loss():
     assert router(x.reshape(-1, D)).stats.entropy < before.stats.entropy
 
 
-def test_mean_k_is_rejected_and_router_is_registered():
+def test_registered_with_the_papers_defaults():
     assert ROUTERS["topp"][0] is TopPConfig
     router = build_router("topp", D, E, 2.0)
     assert router.uses_budget is False and router.config.p == 0.4 and router.config.normalize is False
-    with pytest.raises(ValueError, match="mean_k must be None"):
-        router(torch.randn(3, D), mean_k=torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("options,error,match", [
@@ -147,11 +128,9 @@ def test_mean_k_is_rejected_and_router_is_registered():
     (dict(p="0.5"), TypeError, "p must be a float"),
     (dict(max_active=0), ValueError, "max_active=0"),
     (dict(max_active=9), ValueError, r"max_active=9 must be None or an int in \[1, 8\]"),
-    (dict(max_active=2.0), ValueError, "max_active=2.0"),
+    (dict(max_active=2.0), TypeError, "max_active=2.0"),
     (dict(entropy_coef=-1.0), ValueError, "entropy_coef=-1.0"),
     (dict(normalize=1), TypeError, "normalize must be a bool"),
-    (dict(k=0.0), ValueError, "k=0.0"),
-    (dict(temperature=1.0), ValueError, r"unknown option\(s\) \['temperature'\]"),
 ])
 def test_bad_config_raises_naming_field(options, error, match):
     options = dict(options)

@@ -1,0 +1,235 @@
+"""The router contract as plain check functions, shared by the registry-wide suite and the registry test.
+
+Each `check_*` takes a `Case` (a registered router name, k, options, an optional budget k_l) and fails with
+an AssertionError when the router breaks the template's contract. `test_router_conformance.py` runs every
+check on every registered router; `test_router_registry.py` runs them on a router defined in the test.
+
+Shape legend: T tokens, D d_model, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from softmoe.layers import MoELayer
+from softmoe.model import GPT, ModelConfig
+from softmoe.routing import ROUTERS, BudgetRouter, GateRouter, build_router, router_class
+from tests.reference import dense_moe as ref
+from tests.reference.invariance import assert_batch_and_decoding_invariant
+
+D, H, E = 16, 32, 8
+SHARED_STATS = ("k", "active_experts_mean", "active_experts_hist", "expert_load", "load_balance_loss", "z_loss")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One router configuration under test: `router` with `k` and `options`, routed with `mean_k` (budget
+    routers only) and its gate scaled by `scale` (a sharper gate spreads the per-token counts)."""
+
+    router: str
+    k: float = 2.0
+    options: dict = field(default_factory=dict)
+    mean_k: float | None = None
+    scale: float = 3.0
+
+    @property
+    def id(self) -> str:
+        extra = [f"{key}={value}" for key, value in self.options.items()]
+        extra += [] if self.mean_k is None else [f"mean_k={self.mean_k}"]
+        return "-".join([self.router, f"k{self.k:g}", *extra])
+
+
+def make_layer(case: Case, impl: str = "padded", seed: int = 0) -> MoELayer:
+    torch.manual_seed(seed)
+    layer = MoELayer(D, H, E, router=case.router, k=case.k, experts_impl=impl, **case.options)
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(case.scale)
+    return layer
+
+
+def budget_kwargs(case: Case) -> dict:
+    """{"mean_k": k_l} for a case routed with a budget, else {} (routers without one take no mean_k)."""
+    return {} if case.mean_k is None else {"mean_k": torch.tensor(case.mean_k)}
+
+
+def _output(result) -> torch.Tensor:
+    """The layer's output tensor, whether forward returns it or a (output, aux_loss, stats, ...) tuple."""
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+def layer_fn(case: Case, layer: MoELayer):
+    """`layer` with this case's budget k_l bound, called as layer(x, ...)."""
+    return functools.partial(layer, **budget_kwargs(case))
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_class_contract(case: Case) -> None:
+    """The registry entry answers every question code outside routing/ asks instead of the name."""
+    cls = router_class(case.router)
+    assert ROUTERS[case.router] == (cls.config_class, cls) and cls.name == case.router
+    assert issubclass(cls, GateRouter)
+    assert cls.uses_budget == issubclass(cls, BudgetRouter)
+    assert isinstance(cls.causal, bool) and isinstance(cls.fixed_active_experts, bool)
+    assert isinstance(cls.label, str) and cls.label and isinstance(cls.marker, str) and cls.marker
+    assert cls.describe(case.k, E).endswith(f"={case.k:g} of {E}")
+    cls.config_class.check_k(case.k, E)  # the model config's coarse check accepts the case's k
+    # Only a budget router takes mean_k: the others do not even accept it.
+    assert ("mean_k" in inspect.signature(cls.forward).parameters) == cls.uses_budget
+
+
+def check_routing_record_and_stats(case: Case) -> None:
+    """One ragged, expert-sorted record of real pairs; the shared stats, detached and consistent; a 0-d
+    differentiable float32 aux loss; fp32 logits even under bf16 autocast."""
+    layer = make_layer(case)
+    x_TD = torch.randn(21, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.router(x_TD, **budget_kwargs(case))
+    routing = out.routing
+    assert out.logits_TE.dtype == torch.float32 and out.logits_TE.shape[0] == 21
+    assert routing.num_experts == E and int(routing.counts_E.sum()) == routing.token_N.numel()
+    assert bool((routing.expert_N[1:] >= routing.expert_N[:-1]).all())  # sorted by expert
+    pairs = routing.token_N * E + routing.expert_N
+    assert pairs.unique().numel() == pairs.numel()  # no (token, expert) pair twice
+    assert torch.isfinite(routing.weight_N).all() and routing.weight_N.dtype == torch.float32
+    for name in SHARED_STATS:
+        assert name in out.stats, name
+    assert all(not t.requires_grad for t in out.stats.tensors.values())
+    hist = out.stats["active_experts_hist"]
+    assert hist.shape == (E + 1,) and float(hist.sum()) == 21
+    assert out.stats.active_experts_mean == pytest.approx(float(routing.active_per_token().float().mean()), abs=1e-5)
+    assert out.aux_loss.dim() == 0 and out.aux_loss.dtype == torch.float32 and torch.isfinite(out.aux_loss)
+    if case.mean_k is not None:
+        assert out.stats.k == pytest.approx(case.mean_k)
+
+
+def check_dense_reference(case: Case) -> None:
+    """For every expert implementation the layer equals the naive dense MoE over the router's own weights:
+    every expert on every token, y_t = sum_e w_te E_e(x_t)."""
+    x = torch.randn(3, 7, D)
+    for impl in ("padded", "grouped", "loop"):
+        layer = make_layer(case, impl)
+        weight_TE = layer.router(x.reshape(-1, D), **budget_kwargs(case)).routing.dense_weights()
+        y = _output(layer(x, **budget_kwargs(case)))
+        torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5, msg=impl)
+
+
+def check_batch_and_decoding_invariance(case: Case) -> None:
+    """A causal router's token output is the same in another batch and alone; a router flagged non-causal
+    really is not (the flag is truthful both ways)."""
+    layer = make_layer(case)
+    if router_class(case.router).causal:
+        assert_batch_and_decoding_invariant(layer_fn(case, layer), D)
+    else:
+        with pytest.raises(AssertionError):
+            assert_batch_and_decoding_invariant(layer_fn(case, layer), D)
+
+
+def check_padding_ignored(case: Case) -> None:
+    """NaN padding changes no real token's output, no 0-d statistic, the histogram or the aux loss; padding
+    gets zero output. (A non-causal router's groups may move with the padding: checked on its own.)"""
+    if not router_class(case.router).causal:
+        return
+    layer = make_layer(case)
+    x = torch.randn(2, 5, D)
+    padded = torch.cat([x, torch.full((2, 3, D), float("nan"))], dim=1)  # garbage in the padding
+    mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
+    mask_name = "attention_mask" if "attention_mask" in inspect.signature(layer.forward).parameters else "pad_mask_BS"
+    y = _output(layer(x, **budget_kwargs(case)))
+    y_pad = _output(layer(padded, **{mask_name: mask}, **budget_kwargs(case)))
+    torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
+    assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, D))
+    out = layer.router(x.reshape(-1, D), **budget_kwargs(case))
+    out_pad = layer.router(padded.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    for name, t in out.stats.tensors.items():
+        if t.dim() == 0:
+            assert out_pad.stats[name] == pytest.approx(out.stats[name], abs=1e-6), name
+    torch.testing.assert_close(out_pad.stats["active_experts_hist"], out.stats["active_experts_hist"])
+    torch.testing.assert_close(out_pad.aux_loss, out.aux_loss, rtol=0, atol=1e-6)
+
+
+def check_incremental_decoding(case: Case) -> None:
+    """In a GPT, KV-cache decoding (prefill, chunk, token by token) equals the full forward for a causal
+    router; a non-causal one makes the model refuse a cache."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=31, d_model=D, n_layers=2, n_heads=2, num_experts=E, d_expert=8,
+                         router=case.router, k=case.k, router_options=dict(case.options), max_seq_len=16)
+    model = GPT(config).eval()
+    assert model.causal == router_class(case.router).causal
+    assert (model.budget is not None) == router_class(case.router).uses_budget
+    if not model.causal:
+        with pytest.raises(ValueError, match="not causal"):
+            model.new_cache(1)
+        return
+    idx = torch.randint(0, 31, (2, 12))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.new_cache(batch_size=2)
+        pieces = [model(idx[:, :5], cache=cache).logits, model(idx[:, 5:8], cache=cache).logits]
+        pieces += [model(idx[:, t:t + 1], cache=cache).logits for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def check_gradients_reach_gate_and_experts(case: Case) -> None:
+    """Output + aux loss backpropagate into the gate and into every expert matrix."""
+    layer = make_layer(case, seed=1)
+    x = torch.randn(4, 16, D)
+    result = layer(x, **budget_kwargs(case))
+    aux = layer.aux_loss if isinstance(result, torch.Tensor) else result[1]
+    (_output(result).square().sum() + aux).backward()
+    assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
+    for name, param in layer.experts.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def check_bad_input_and_config(case: Case) -> None:
+    """Clear errors naming the argument: wrong types are TypeError, bad values ValueError; an unknown option
+    names itself; NaN in a real token is refused; mean_k is a 0-d tensor, and only for budget routers."""
+    name, k, options = case.router, case.k, case.options
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['no_such_option'\]"):
+        build_router(name, D, E, k, no_such_option=1.0, **options)
+    with pytest.raises(ValueError, match="k=0.0"):
+        build_router(name, D, E, 0.0, **options)
+    with pytest.raises(ValueError, match=f"k={E + 1.0}"):
+        build_router(name, D, E, E + 1.0, **options)
+    with pytest.raises(TypeError, match="k must be a float, got str"):
+        build_router(name, D, E, "2", **options)
+    with pytest.raises(ValueError, match="num_experts=0"):
+        build_router(name, D, 0, k, **options)
+    with pytest.raises(TypeError, match="num_experts=8.0"):
+        build_router(name, D, 8.0, k, **options)
+    with pytest.raises(ValueError, match="d_model=0"):
+        build_router(name, 0, E, k, **options)
+    with pytest.raises(ValueError, match="lb_coef=nan"):
+        build_router(name, D, E, k, **{**options, "lb_coef": float("nan")})
+    with pytest.raises(ValueError, match="registered routers"):
+        build_router(name + "_unknown", D, E, k)
+    layer = make_layer(case)
+    with pytest.raises(ValueError, match="not finite"):
+        layer.router(torch.full((2, D), float("nan")), **budget_kwargs(case))
+    if router_class(name).uses_budget:
+        with pytest.raises(ValueError, match="mean_k must be a 0-d tensor"):
+            layer.router(torch.randn(2, D), mean_k=torch.tensor([k, k]))
+    else:
+        with pytest.raises(ValueError, match="mean_k must be None"):
+            layer(torch.randn(1, 2, D), mean_k=torch.tensor(k))
+
+
+CHECKS = (
+    check_class_contract,
+    check_routing_record_and_stats,
+    check_dense_reference,
+    check_batch_and_decoding_invariance,
+    check_padding_ignored,
+    check_incremental_decoding,
+    check_gradients_reach_gate_and_experts,
+    check_bad_input_and_config,
+)
