@@ -19,6 +19,7 @@ from softmoe.data import load_split, read_meta
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, compute_title, write_report
 from softmoe.presets import presets_dir
+from softmoe.routing import router_class
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.restore import load_model
 from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
@@ -26,7 +27,6 @@ from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
 __all__ = ["run_main_job", "CONFIGS_DIR"]
 
 CONFIGS_DIR = presets_dir()  # configs/ of a clone, or the presets packaged in the wheel
-VARIANT_LABELS = {"softmoe": "SoftMoE", "topk": "top-k", "dense": "dense"}
 
 
 def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None,
@@ -42,8 +42,8 @@ def _label(config: RunConfig) -> str:
     model = config.model
     if model.ffn == "dense":
         return "dense"
-    what = "budget K" if model.router == "softmoe" else "k"
-    return f"{VARIANT_LABELS.get(model.router, model.router)} ({what}={model.k:g} of {model.num_experts})"
+    router = router_class(model.router)
+    return f"{router.label} ({router.describe(model.k, model.num_experts)})"
 
 
 def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs: list[RunConfig],

@@ -49,7 +49,7 @@ from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.eval.study_report import CLAIM_ROLES, write_study_report
 from softmoe.eval.summaries import build_summary, check_summary, load_summary, record_of, summary_path, write_summary
-from softmoe.routing import ROUTERS
+from softmoe.routing import ROUTERS, router_class
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.metrics import read_metrics
@@ -255,8 +255,8 @@ def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
              f"up to {len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
     for run in runs:
         m = run.config.model
-        letter = "K" if m.router == "softmoe" else "k"  # SoftMoE's k is the global budget
-        what = "dense" if m.ffn == "dense" else f"{m.router} {letter}={m.k:g} of {m.num_experts}"
+        count = "" if m.ffn == "dense" else router_class(m.router).describe(m.k, m.num_experts)
+        what = "dense" if m.ffn == "dense" else f"{m.router} {count}"
         lines.append(f"  {run.config.train.name:<36} {what:<22} {run.config.train.steps} steps  {_status(run, study.summaries)}")
     total = sum(run.tokens for run in runs)
     todo = sum(run.tokens for run in runs
@@ -308,7 +308,7 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "train_ae": summary.get("train_ae"), "train_ae_per_layer": summary.get("train_ae_per_layer"),
         "skipped_steps": summary.get("skipped_steps"),
         "expert_equivalents": _expert_equivalents(run.config, entry["cost"]["expert_flops_per_token"]),
-        "causal": m.ffn != "moe" or getattr(ROUTERS[m.router][1], "causal", True),
+        "causal": m.ffn != "moe" or router_class(m.router).causal,
         "granularity": m.granularity if m.ffn == "moe" else 1,
         "num_shared_experts": m.num_shared_experts if m.ffn == "moe" else 0,
         "tasks": {name: {key: result[key] for key in TASK_METRICS} for name, result in payload["tasks"].items()},
@@ -465,11 +465,18 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
 # Results: json, markdown, plots
 # --------------------------------------------------------------------------------------------
 
-_MARKERS = {"dense": "s", "topk": "^", "softmoe": "o"}
+def _marker(family: str) -> str:
+    """The plot marker of a router family (its class's `marker`); dense models are squares."""
+    return "s" if family == "dense" else router_class(family).marker
 
 
-# One hue per router family (tab10, a qualitative palette); variants of one family get shades of it.
-_FAMILY_HUES = {"softmoe": 0, "topk": 1, "topp": 2, "remoe": 3, "null": 4, "expert_choice": 5, "dense": 7}
+def _hue(family: str) -> int:
+    """A router family's tab10 colour (a qualitative palette): the router's place in the registry, skipping
+    7 (grey), which is dense's; variants of one family get shades of it (`variant_colors`)."""
+    if family == "dense" or family not in ROUTERS:
+        return 7 if family == "dense" else 8
+    index = list(ROUTERS).index(family)
+    return index if index < 7 else index + 1
 
 
 def variant_colors(variants: tuple[Variant, ...], records: list[dict]) -> dict[str, tuple]:
@@ -482,7 +489,7 @@ def variant_colors(variants: tuple[Variant, ...], records: list[dict]) -> dict[s
     colors = {}
     for name in dict.fromkeys(family.get(v.name, "dense") for v in variants):
         members = [v.name for v in variants if family.get(v.name, "dense") == name]
-        hue = np.array(to_rgb(plt.cm.tab10(_FAMILY_HUES.get(name, 8))))
+        hue = np.array(to_rgb(plt.cm.tab10(_hue(name) % 10)))
         for j, member in enumerate(members):
             t = 0.0 if len(members) == 1 else -0.45 + 0.9 * j / (len(members) - 1)  # <0 darker, >0 lighter
             shade = hue * (1 + t) if t < 0 else hue + (1 - hue) * t
@@ -496,7 +503,7 @@ def plot_frontier(rows: list[dict], records: list[dict], variants: tuple[Variant
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     colors = variant_colors(variants, records)
     for row in rows:
-        color, marker = colors[row["variant"]], _MARKERS.get(row["router"], "D")
+        color, marker = colors[row["variant"]], _marker(row["router"])
         mine = [r for r in records if r["variant"] == row["variant"]]
         xs = [_x(r) for r in mine]
         ax.scatter(xs, [r["loss"] for r in mine], color=color, marker=marker, alpha=0.35, s=18)
@@ -533,14 +540,14 @@ def plot_allocation(records: list[dict], variants: tuple[Variant, ...], path: Pa
     soft = [v for v in variants if any(r["variant"] == v.name and r["k_L"] for r in records)]
     if not soft:
         return None
-    fixed = {"dense", "topk", "expert_choice"}
-    variable = [v for v in variants if any(r["variant"] == v.name and r["router"] not in fixed for r in records)]
+    variable = [v for v in variants if any(r["variant"] == v.name and r["router"] != "dense"
+                                           and not router_class(r["router"]).fixed_active_experts for r in records)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     colors = variant_colors(variants, records)
     for variant in variable:
         mine = [r for r in records if r["variant"] == variant.name]
         active = np.mean([r["active_experts_per_layer"] for r in mine], axis=0)
-        marker = _MARKERS.get(mine[0]["router"], "D")
+        marker = _marker(mine[0]["router"])
         right.plot(np.arange(len(active)), active, color=colors[variant.name], marker=marker, label=variant.label)
         if variant in soft:
             k_L = np.mean([r["k_L"] for r in mine], axis=0)

@@ -17,6 +17,7 @@ import yaml
 
 from softmoe.eval.perplexity import SplitEval
 from softmoe.extras import require
+from softmoe.routing import router_class
 from softmoe.train.metrics import read_metrics
 
 __all__ = ["RunResult", "compute_title", "k_range", "pyplot", "save_figure", "write_report"]
@@ -223,4 +224,4 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
 def _has_learned_k(run: RunResult) -> bool:
     """Whether the run's config routes with a budget (SoftMoE): its k_l can move during training."""
     model = yaml.safe_load((run.run_dir / "config.yaml").read_text())["model"]
-    return model["ffn"] == "moe" and model["router"] == "softmoe"
+    return model["ffn"] == "moe" and router_class(model["router"]).uses_budget

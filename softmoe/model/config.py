@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from softmoe.layers.moe import fine_grained
-from softmoe.routing import ROUTERS, router_config
+from softmoe.routing import ROUTERS, router_class, router_config
 
 __all__ = ["ModelConfig", "FFN_KINDS"]
 
@@ -84,14 +84,19 @@ class ModelConfig:
         if self.moe_every > self.n_layers:
             raise ValueError(f"moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no MoE block")
         _check_positive_float("k", self.k)
-        if self.router == "topk" and (float(self.k) != int(self.k) or not 1 <= self.k <= self.num_experts):
-            raise ValueError(f"k={self.k} must be an integer in [1, num_experts={self.num_experts}] for router='topk'")
-        if self.router == "softmoe" and not 0 < self.k < self.num_experts:
-            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router='softmoe'")
+        router = router_class(self.router)
+        router.config_class.check_k(self.k, self.num_experts)  # the router's rule for k, on the coarse (k, E)
+        if router.uses_budget and not self.k < self.num_experts:  # a global budget K needs room below E
+            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router={self.router!r}")
         fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)  # d_expert % granularity
         self.routed_router_config()  # router-specific checks
 
     # ---- derived, read-only ----
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether the model owns a global Budget: MoE blocks whose router takes k_l (`uses_budget`)."""
+        return self.ffn == "moe" and router_class(self.router).uses_budget
 
     @property
     def head_dim(self) -> int:

@@ -105,7 +105,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.budget = None
-        if config.ffn == "moe" and config.router == "softmoe":
+        if config.uses_budget:
             # Over routed experts: with granularity g the k_l are in fine experts (K = k * g of E * g).
             self.budget = Budget(len(config.moe_layers), config.routed_experts, config.routed_k,
                                  **config.budget_options)

@@ -68,7 +68,7 @@ def resolved_dict(config: RunConfig | dict) -> dict:
     if config.model.ffn == "moe":
         options = dataclasses.asdict(config.model.routed_router_config())
         raw["model"]["router_options"] = {k: v for k, v in options.items() if k not in ("num_experts", "k")}
-    if config.model.ffn == "moe" and config.model.router == "softmoe":  # the Budget's keyword defaults
+    if config.model.uses_budget:  # the Budget's keyword defaults
         params = inspect.signature(Budget.__init__).parameters.values()
         defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         raw["model"]["budget_options"] = {**defaults, **config.model.budget_options}
