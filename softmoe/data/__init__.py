@@ -5,7 +5,8 @@
     extract.py    clean text out of each artifact (no package code is imported or run)
     corpora.py    deterministic document split
     tokenizer.py  byte-level BPE / PTB word vocabulary
-    prepare.py    the whole pipeline into `<data_dir>/<corpus>/`, plus `load_split`
+    layout.py     the dataset directory format: write_dataset, read_meta, load_split
+    prepare.py    the whole pipeline into `<data_dir>/<corpus>/`
     loader.py     WindowLoader (batch(step), resumable) and eval_batches
     fixtures.py   the tiny offline dataset for tests and the `tiny` preset
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from softmoe.data.corpora import split_documents
 from softmoe.data.extract import Document
 from softmoe.data.io import atomic_write_json, build_lock, sha256_bytes
-from softmoe.data.prepare import FORMAT_VERSION, build_atomically, is_prepared, write_dataset
+from softmoe.data.layout import FORMAT_VERSION, build_atomically, is_prepared, write_dataset
 from softmoe.data.tokenizer import EOT, train_bpe
 
 __all__ = ["TINY_VOCAB", "make_tiny_dataset", "tiny_documents"]

@@ -1,8 +1,8 @@
 """File plumbing shared by the data stage: the data directory, sha256, atomic writes, JSON.
 
-Every file the data stage writes goes through `atomic_write_bytes`: write a temp file in the same
-directory, fsync, then `os.replace`, so a reader never sees a half-written file and an interrupted
-run leaves at most a stray `.tmp-*` file behind.
+Every file the data stage writes goes through `atomic_write_bytes` (softmoe/common/atomic.py, re-exported
+here): write a temp file in the same directory, fsync, then `os.replace`, so a reader never sees a
+half-written file and an interrupted run leaves at most a stray `.tmp-*` file behind.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from softmoe.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 try:
     import fcntl
@@ -71,32 +73,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via temp file + fsync + rename (same directory, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Pretty, key-sorted JSON (so identical content gives identical bytes)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def make_temp_dir(final: Path) -> Path:

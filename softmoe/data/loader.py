@@ -21,10 +21,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from softmoe.common.constants import IGNORE_INDEX
+
 __all__ = ["IGNORE_INDEX", "WindowLoader", "eval_batches", "window_offsets"]
 
 # Targets equal to this are skipped by torch.nn.functional.cross_entropy's default ignore_index.
-IGNORE_INDEX = -100
 _U64 = np.uint64
 
 

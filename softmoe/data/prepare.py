@@ -18,39 +18,30 @@ touching the network; with `offline=True` it never downloads (cached artifacts a
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from softmoe.data.config import DataConfig
-from softmoe.data.corpora import SPLITS, load_source_documents, split_documents
+from softmoe.data.corpora import load_source_documents, split_documents
 from softmoe.data.extract import extract_ptb
 from softmoe.data.fetch import fetch_corpus
-from softmoe.data.io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    build_lock,
-    make_temp_dir,
-    read_json,
-    resolve_data_dir,
-    sha256_bytes,
-    swap_into_place,
+from softmoe.data.fixtures import make_tiny_dataset
+from softmoe.data.io import atomic_write_json, build_lock, resolve_data_dir, sha256_bytes
+from softmoe.data.layout import (
+    FORMAT_VERSION,
+    TOKEN_DTYPE,
+    build_atomically,
+    is_prepared,
+    load_split,
+    read_meta,
+    write_dataset,
 )
 from softmoe.data.sources import artifacts_for
-from softmoe.data.tokenizer import (
-    EOS,
-    EOT,
-    build_word_level,
-    encode_documents,
-    save_tokenizer,
-    text_sha256,
-    train_bpe,
-)
+from softmoe.data.tokenizer import EOS, EOT, build_word_level, train_bpe
 
 __all__ = [
+    "FORMAT_VERSION",
     "TOKEN_DTYPE",
     "build_atomically",
     "dataset_dir_for",
@@ -61,8 +52,6 @@ __all__ = [
     "write_dataset",
 ]
 
-FORMAT_VERSION = 1
-TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_VOCAB = 8192
 
 
@@ -112,42 +101,6 @@ def _ptb_splits(paths: dict[str, Path]) -> tuple[dict[str, list[str]], dict]:
     raw = extract_ptb(paths["ptb"])
     texts = {s: [line.strip() for line in t.split("\n") if line.strip()] for s, t in raw.items()}
     return texts, {"note": "Mikolov's PTB split; documents are sentences (lines)"}
-
-
-def write_dataset(
-    out_dir: Path,
-    tok: Tokenizer,
-    kind: str,
-    sep_token: str,
-    texts: dict[str, Sequence[str]],
-    extra_meta: dict,
-) -> dict:
-    """Encode every split with `tok` and write the dataset files into `out_dir` (meta.json last).
-
-    Args:
-        texts: {"train"|"val"|"test": documents}; the tokenizer must have been trained on texts["train"].
-        extra_meta: merged into meta.json (corpus, sources, split, recipe hash, ...).
-    Returns:
-        The meta dict written to meta.json.
-    """
-    train_sha = text_sha256(texts["train"])
-    tok_meta = save_tokenizer(tok, out_dir, kind=kind, sep_token=sep_token, train_sha256=train_sha)
-    splits = {}
-    for split in SPLITS:
-        tokens = encode_documents(tok, texts[split], tok_meta["sep_id"]).astype(TOKEN_DTYPE, copy=False)
-        data = tokens.tobytes()
-        atomic_write_bytes(Path(out_dir) / f"{split}.bin", data)
-        splits[split] = {
-            "documents": len(texts[split]),
-            "chars": sum(len(t) for t in texts[split]),
-            "bytes": sum(len(t.encode("utf-8")) for t in texts[split]),
-            "tokens": int(tokens.shape[0]),
-            "sha256": sha256_bytes(data),
-        }
-    meta = {"dtype": "uint16", "vocab_size": tok_meta["vocab_size"], "sep_id": tok_meta["sep_id"],
-            "sep_token": sep_token, "tokenizer": tok_meta, "splits": splits, **extra_meta}
-    atomic_write_json(Path(out_dir) / "meta.json", meta)
-    return meta
 
 
 def prepare(
@@ -218,69 +171,6 @@ def _fill(tmp_dir: Path, tok: Tokenizer, kind: str, texts: dict, ids: dict, extr
     write_dataset(tmp_dir, tok, kind, EOS if kind == "word" else EOT, texts, extra)
 
 
-def is_prepared(dataset_dir: Path, recipe_sha256: str) -> bool:
-    """True if `dataset_dir` is complete (meta.json is written last) and built from this recipe."""
-    meta_path = Path(dataset_dir) / "meta.json"
-    try:
-        meta = read_json(meta_path)
-    except (OSError, ValueError):  # missing or damaged: build it again
-        return False
-    return isinstance(meta, dict) and meta.get("recipe_sha256") == recipe_sha256
-
-
-def build_atomically(final: Path, fill: Callable[[Path], None]) -> None:
-    """Run `fill(tmp_dir)` on a fresh temp dir next to `final`, then rename it onto `final`.
-
-    On any error the temp dir is removed and `final` is left as it was.
-    """
-    tmp_dir = make_temp_dir(final)
-    try:
-        fill(tmp_dir)
-        swap_into_place(tmp_dir, final)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
-def read_meta(dataset_dir: Path) -> dict:
-    """meta.json of a dataset directory (FileNotFoundError with a hint if it is not prepared)."""
-    path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dataset_dir={str(dataset_dir)!r} has no meta.json; run `softmoe data fetch`"
-        )
-    try:
-        meta = read_json(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable ({err}); prepare the dataset again") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a JSON object; prepare the dataset again")
-    return meta
-
-
-def load_split(dataset_dir: Path, split: str) -> np.memmap:
-    """Read-only memmap of one split's tokens.
-
-    Returns:
-        (N,) uint16 np.memmap; N matches meta.json's token count.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    meta = read_meta(dataset_dir)
-    path = Path(dataset_dir) / f"{split}.bin"
-    try:
-        expected = int(meta["splits"][split]["tokens"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{Path(dataset_dir) / 'meta.json'}: no token count for split {split!r}; "
-                         f"prepare the dataset again") from None
-    size = path.stat().st_size if path.is_file() else -1
-    if size != expected * TOKEN_DTYPE.itemsize:
-        raise ValueError(f"{path}: {size} bytes, meta.json says {expected} uint16 tokens")
-    if expected == 0:
-        raise ValueError(f"{path}: split {split!r} is empty")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(expected,))
-
-
 def dataset_dir_for(cfg: DataConfig) -> Path:
     """The dataset directory of a DataConfig, without any network access.
 
@@ -289,8 +179,6 @@ def dataset_dir_for(cfg: DataConfig) -> Path:
     """
     root = cfg.resolved_data_dir
     if cfg.corpus == "tiny":
-        from softmoe.data.fixtures import make_tiny_dataset
-
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
         return make_tiny_dataset(root / "tiny", **kwargs)
     return prepare(cfg.corpus, root, offline=True, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,

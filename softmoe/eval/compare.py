@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import yaml
 
-from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
+from softmoe.common.atomic import atomic_write_json, atomic_write_text
+from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.eval.study_report import CLAIM_ROLES, write_study_report

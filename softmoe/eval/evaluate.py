@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from softmoe.common.atomic import atomic_write_json, atomic_write_text
 from softmoe.common.precision import check_device_name
 from softmoe.data import CORPORA, dataset_dir_for, load_split, prepare, read_meta
-from softmoe.data.io import atomic_write_json, atomic_write_text, read_json
+from softmoe.data.io import read_json
 from softmoe.data.tokenizer import encode_documents
 from softmoe.eval import budget as budget_dial
 from softmoe.eval.flops import compute_cost

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from softmoe.common.constants import IGNORE_INDEX
 from softmoe.layers.experts import compute_dtype
 
 __all__ = ["linear_cross_entropy", "IGNORE_INDEX", "CHUNK_ROWS"]
 
-IGNORE_INDEX = -100  # torch's default ignore_index
 CHUNK_ROWS = 512  # rows per chunk: 512 x 8192 fp32 logits = 16 MB, fits in this machine's L3
 
 

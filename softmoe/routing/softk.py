@@ -37,8 +37,8 @@ from torch import nn
 
 from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.ops.lapsum import soft_topk
-from softmoe.routing.base import BudgetRouter, Rule, register_router
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
+from softmoe.routing.base import BudgetRouter, Rule, register_router
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import Routing, routing_from_mask, select_experts
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from softmoe.common.checks import check_bool
-from softmoe.routing.base import GateRouter, Rule, register_router
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
+from softmoe.routing.base import GateRouter, Rule, register_router
 from softmoe.routing.record import routing_from_mask
 
 __all__ = ["TopKConfig", "TopKRouter"]

@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 import yaml
 
+from softmoe.common.atomic import atomic_write_text
 from softmoe.common.precision import autocast_context, module_device, resolve_device
-from softmoe.data.io import atomic_write_text
 from softmoe.model import GPT, DecoderOutput
 from softmoe.ops.compile import compile_model
 from softmoe.train import controllers, runtime
