@@ -17,17 +17,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from softmoe.common.checks import check_int
 from softmoe.layers.experts import ExpertBank, compute_dtype
 from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
 from softmoe.routing.record import Routing
 
 __all__ = ["MoELayer", "MoEOutput", "dispatch", "combine", "fine_grained", "token_slots", "token_table"]
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) -> tuple[int, int, float]:
@@ -49,7 +45,7 @@ def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) ->
     Raises:
         ValueError: g not an int >= 1, or H not divisible by g (naming both).
     """
-    _check_int("granularity", granularity, 1)
+    check_int("granularity", granularity, 1)
     if d_expert % granularity:
         raise ValueError(f"d_expert={d_expert} (one coarse expert's hidden width) must be divisible by "
                          f"granularity={granularity}")
@@ -228,8 +224,8 @@ class MoELayer(nn.Module):
         super().__init__()
         if router == "dense":
             raise ValueError("router='dense' is not an MoE router; use softmoe.layers.SwiGLU for the dense baseline")
-        _check_int("num_shared_experts", num_shared_experts, 0)
-        _check_int("d_hidden", d_hidden, 1)
+        check_int("num_shared_experts", num_shared_experts, 0)
+        check_int("d_hidden", d_hidden, 1)
         routed_experts, routed_hidden, routed_k = fine_grained(num_experts, d_hidden, k, granularity)
         self.d_model = d_model
         self.router = routing_base.build_router(router, d_model, routed_experts, routed_k, **router_options)

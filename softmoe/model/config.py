@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.layers.moe import fine_grained
 from softmoe.routing import ROUTERS, router_class, router_config
 
 __all__ = ["ModelConfig", "FFN_KINDS"]
 
 FFN_KINDS = ("dense", "moe")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name}={value} must be >= {low}")
-
-
-def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}={value} must be a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -60,7 +45,7 @@ class ModelConfig:
         for name, low in [("vocab_size", 2), ("d_model", 1), ("n_layers", 1), ("n_heads", 1), ("d_ff", 1),
                           ("moe_every", 1), ("num_experts", 1), ("d_expert", 1), ("max_seq_len", 1),
                           ("num_shared_experts", 0), ("granularity", 1)]:
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -73,7 +58,7 @@ class ModelConfig:
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} must be one of the registered routers {sorted(ROUTERS)}")
         for name in ("rope_theta", "init_std", "norm_eps"):
-            _check_positive_float(name, getattr(self, name))
+            check_float(name, getattr(self, name), 0.0, open_low=True)
         for name in ("router_options", "budget_options"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
@@ -83,7 +68,7 @@ class ModelConfig:
     def _check_moe(self) -> None:
         if self.moe_every > self.n_layers:
             raise ValueError(f"moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no MoE block")
-        _check_positive_float("k", self.k)
+        check_float("k", self.k, 0.0, open_low=True)
         router = router_class(self.router)
         router.config_class.check_k(self.k, self.num_experts)  # the router's rule for k, on the coarse (k, E)
         if router.uses_budget and not self.k < self.num_experts:  # a global budget K needs room below E

@@ -177,9 +177,9 @@ def test_fine_grained_is_the_one_scaling():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts=-1 must be an int >= 0"),
-    (dict(num_shared_experts=1.0), ValueError, r"num_shared_experts=1.0"),
+    (dict(num_shared_experts=1.0), TypeError, r"num_shared_experts=1.0"),
     (dict(granularity=0), ValueError, r"granularity=0 must be an int >= 1"),
-    (dict(granularity=True), ValueError, r"granularity=True"),
+    (dict(granularity=True), TypeError, r"granularity=True"),
     (dict(granularity=3), ValueError, r"d_expert=32 .*must be divisible by granularity=3"),
 ])
 def test_bad_layer_values_raise_naming_the_argument(kwargs, error, match):
