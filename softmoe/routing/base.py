@@ -250,7 +250,7 @@ class GateRouter(torch.nn.Module):
         describe(k, E)         "k=2 of 8" (or "budget K=2 of 8"), for run listings and report labels
 
     Attributes:
-        gate: Linear(D, gate_rows) with gate_rows = E unless the router says otherwise (null experts).
+        gate: Linear(D, E), no bias (a router may replace it by a wider one: null experts' E + num_null rows).
         balance: the loss-free selection bias (routing/balance.py) where the rule uses one, else None; the
             template records each forward's load into it and reports its statistics.
     """
@@ -263,11 +263,11 @@ class GateRouter(torch.nn.Module):
     fixed_active_experts = False
     marker = "D"
 
-    def __init__(self, d_model: int, config: RouterConfig, gate_rows: int | None = None):
+    def __init__(self, d_model: int, config: RouterConfig):
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
-        self.gate = torch.nn.Linear(d_model, config.num_experts if gate_rows is None else gate_rows, bias=False)
+        self.gate = torch.nn.Linear(d_model, config.num_experts, bias=False)
         self.balance = None
 
     @classmethod

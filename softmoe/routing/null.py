@@ -99,8 +99,10 @@ class NullRouter(GateRouter):
     label = "null experts"
 
     def __init__(self, d_model: int, config: NullConfig):
+        super().__init__(d_model, config)
         # One gate over all slots: rows [0, E) score the real experts, rows [E, E + num_null) the nulls.
-        super().__init__(d_model, config, gate_rows=config.num_experts + config.num_null)
+        # (It replaces the template's E-row gate, whose init draw is kept so a seed gives the same model.)
+        self.gate = torch.nn.Linear(d_model, config.num_experts + config.num_null, bias=False)
 
     def rule(self, logits_TS: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
         """The real experts among the k most probable of all S slots, with the null-aware balance loss.
