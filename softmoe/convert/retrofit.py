@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from softmoe.common.checks import check_bool, check_choice, check_float
 from softmoe.convert.blocks import FAMILIES, RetrofitState, SoftRoutedBlock, check_layout, family_of
-from softmoe.routing.base import check_float
 from softmoe.routing.budget import BUDGET_MODES
 from softmoe.routing.softk import COMBINE_MODES, SoftKConfig
 
@@ -69,11 +69,9 @@ class RetrofitConfig:
         check_float("min_weight", self.min_weight, 0.0, 1.0)
         if self.combine is not None and self.combine not in COMBINE_MODES:
             raise ValueError(f"combine={self.combine!r} must be None or one of {COMBINE_MODES}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"budget_mode={self.budget_mode!r} must be one of {BUDGET_MODES}")
+        check_choice("budget_mode", self.budget_mode, BUDGET_MODES)
         for name in ("learn_k", "learn_alpha"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            check_bool(name, getattr(self, name))
 
 
 def soft_blocks(model: nn.Module) -> list[SoftRoutedBlock]:

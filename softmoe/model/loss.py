@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from softmoe.common.checks import check_int
 from softmoe.common.constants import IGNORE_INDEX
 from softmoe.layers.experts import compute_dtype
 
@@ -89,8 +90,7 @@ def linear_cross_entropy(x_RD: torch.Tensor, weight_VD: torch.Tensor, targets_R:
     Returns:
         0-d float32 mean over scored rows (NaN when none is scored).
     """
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows!r} must be an int >= 1")
+    check_int("chunk_rows", chunk_rows, 1)
     if x_RD.dim() != 2 or weight_VD.dim() != 2 or x_RD.shape[1] != weight_VD.shape[1]:
         raise ValueError(f"x_RD {tuple(x_RD.shape)} and weight_VD {tuple(weight_VD.shape)} must be (R, D) and (V, D)")
     if targets_R.shape != x_RD.shape[:1]:

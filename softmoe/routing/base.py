@@ -50,7 +50,6 @@ __all__ = [
     "router_logits",
     "finish_routing",
     "real_tokens",
-    "check_float",
 ]
 
 

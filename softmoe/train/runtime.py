@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from softmoe.common.checks import check_int
+
 __all__ = ["bound_kernel_caches", "KERNEL_CACHE_CAPACITY", "KERNEL_CACHE_VARIABLES"]
 
 KERNEL_CACHE_CAPACITY = 64
@@ -29,6 +31,5 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]
     Args:
         capacity: entries per cache (>= 1).
     """
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity={capacity!r} must be an int >= 1")
+    check_int("capacity", capacity, 1)
     return {name: os.environ.setdefault(name, str(capacity)) for name in KERNEL_CACHE_VARIABLES}
