@@ -39,8 +39,11 @@ def check_float(name: str, value, low: float = -math.inf, high: float = math.inf
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     bad_low = value <= low if open_low else value < low
     if not math.isfinite(value) or bad_low or value > high:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name}={value} must be a finite number in {bracket}{low}, {high}]")
+        if high == math.inf:
+            wanted = "" if low == -math.inf else f" {'>' if open_low else '>='} {low}"
+        else:
+            wanted = f" in {'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{name}={value} must be a finite number{wanted}")
 
 
 def check_bool(name: str, value) -> None:
