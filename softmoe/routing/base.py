@@ -278,7 +278,8 @@ class GateRouter(torch.nn.Module):
         """The router's own rule (template step 4).
 
         Args:
-            logits_TE: (T, gate_rows) float32 router scores, padding rows 0.
+            logits_TE: (T, rows of the gate: E, or E + num_null for null experts) float32 router scores,
+                padding rows 0.
             real_T: (T,) bool, True for real tokens: keep padding out of the routing.
             k: 0-d float32, the layer's k (`fixed_k`, or the budget's k_l).
         """
@@ -309,14 +310,16 @@ class GateRouter(torch.nn.Module):
         """
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
         logits_TE = router_logits(x_TD, self.gate.weight, real_T)
-        rule = self.rule(logits_TE, real_T, k)
-        stats = dict(rule.stats)
+        ruled = self.rule(logits_TE, real_T, k)
+        stats = dict(ruled.stats)
         if self.balance is not None:
-            self.balance.record(rule.routing.counts_E)
+            self.balance.record(ruled.routing.counts_E)
             stats.update(self.balance.stats())
-        extra = [loss for loss in (k_loss, rule.loss) if loss is not None]
-        extra_loss = None if not extra else extra[0] if len(extra) == 1 else extra[0] + extra[1]
-        return finish_routing(rule.routing, logits_TE, real_T, self.config, k, extra_loss, stats, rule.balance_loss)
+        extra_loss = k_loss
+        if ruled.loss is not None:
+            extra_loss = ruled.loss if extra_loss is None else extra_loss + ruled.loss
+        return finish_routing(ruled.routing, logits_TE, real_T, self.config, k, extra_loss, stats,
+                              ruled.balance_loss)
 
 
 class BudgetRouter(GateRouter):
