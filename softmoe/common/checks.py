@@ -15,8 +15,10 @@ import math
 __all__ = ["check_int", "check_float", "check_bool", "check_choice"]
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None, allow_none: bool = False) -> None:
-    """Raise TypeError unless `value` is an int (None too with `allow_none`), ValueError unless in [low, high]."""
+def check_int(name: str, value, low: int | None = None, high: int | None = None,
+              allow_none: bool = False) -> None:
+    """Raise TypeError unless `value` is an int (None too with `allow_none`), ValueError unless in
+    [low, high]."""
     if value is None and allow_none:
         return
     if low is not None and high is not None:
@@ -32,7 +34,8 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
         raise ValueError(f"{name}={value!r} must be {wanted}")
 
 
-def check_float(name: str, value, low: float = -math.inf, high: float = math.inf, open_low: bool = False) -> None:
+def check_float(name: str, value, low: float = -math.inf, high: float = math.inf,
+                open_low: bool = False) -> None:
     """Raise TypeError unless `value` is a real number (int or float), ValueError unless finite and in
     [low, high] (or (low, high] with `open_low`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

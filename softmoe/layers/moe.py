@@ -43,7 +43,7 @@ def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) ->
     Returns:
         (E * g, H // g, k * g): the routed experts, their width and the routed budget.
     Raises:
-        ValueError: g not an int >= 1, or H not divisible by g (naming both).
+        TypeError: g not an int. ValueError: g < 1, or H not divisible by g (naming both).
     """
     check_int("granularity", granularity, 1)
     if d_expert % granularity:

@@ -72,7 +72,8 @@ class ModelConfig:
         router = router_class(self.router)
         router.config_class.check_k(self.k, self.num_experts)  # the router's rule for k, on the coarse (k, E)
         if router.uses_budget and not self.k < self.num_experts:  # a global budget K needs room below E
-            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) for router={self.router!r}")
+            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) "
+                             f"for router={self.router!r}")
         fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)  # d_expert % granularity
         self.routed_router_config()  # router-specific checks
 

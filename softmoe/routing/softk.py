@@ -177,7 +177,8 @@ class SoftKRouter(BudgetRouter):
         route_TE = logits_TE
         if self.training and self.config.gate_noise > 0:  # the training RNG draws it: resume stays exact
             route_TE = logits_TE + self.config.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
-        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, self._selection_p(route_TE, k))
+        selection_p_TE = self._selection_p(route_TE, k)
+        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, selection_p_TE)
         return Rule(routing, stats=stats)
 
     def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

@@ -1,7 +1,8 @@
-"""The import graph of softmoe: imports only run downward through the stages, and no modules import each other.
+"""The import graph of softmoe: imports only run downward through the stages, and no modules import each
+other.
 
-Every module's imports are read with `ast` (module-level and function-level ones alike, `from . import x` resolved),
-so a lazy import inside a function counts as much as one at the top of the file.
+Every module's imports are read with `ast` (module-level and function-level ones alike, `from . import x`
+resolved), so a lazy import inside a function counts as much as one at the top of the file.
 
 The stages, bottom to top (a module may import its own stage and the stages below it, never one above):
 
@@ -34,8 +35,8 @@ from pathlib import Path
 import softmoe
 
 PACKAGE_DIR = Path(softmoe.__file__).resolve().parent
-STAGES = ("common", "data", "ops", "routing", "layers", "model", "train", "parallel", "eval", "convert", "export",
-          "jobs", "cli")
+STAGES = ("common", "data", "ops", "routing", "layers", "model", "train", "parallel", "eval", "convert",
+          "export", "jobs", "cli")
 TOP_LEVEL = {  # modules directly under softmoe/ -> their stage
     "softmoe": "jobs",
     "softmoe.progress": "common",
@@ -90,7 +91,8 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 package = module.split(".") if is_package else module.split(".")[:-1]
                 package = package[: len(package) - (node.level - 1)]
                 base = ".".join(package + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                       for alias in node.names]
         else:
             continue
         found.update(t for t in targets if t == "softmoe" or t.startswith("softmoe."))

@@ -1,5 +1,5 @@
-"""softmoe.common.checks: one exception type per kind of mistake (TypeError: wrong type, ValueError: bad value),
-every message naming the argument and its value.
+"""softmoe.common.checks: one exception type per kind of mistake (TypeError: wrong type, ValueError: bad
+value), every message naming the argument and its value.
 
 Run: .venv/bin/python -m pytest -q tests/unit/common/test_checks.py
 """

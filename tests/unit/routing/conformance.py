@@ -23,7 +23,8 @@ from tests.reference import dense_moe as ref
 from tests.reference.invariance import assert_batch_and_decoding_invariant
 
 D, H, E = 16, 32, 8
-SHARED_STATS = ("k", "active_experts_mean", "active_experts_hist", "expert_load", "load_balance_loss", "z_loss")
+SHARED_STATS = ("k", "active_experts_mean", "active_experts_hist", "expert_load", "load_balance_loss",
+                "z_loss")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def budget_kwargs(case: Case) -> dict:
 
 
 def _output(result) -> torch.Tensor:
-    """The layer's output tensor, whether forward returns it or a (output, aux_loss, stats, ...) tuple."""
+    """The layer's output tensor, whether forward returns it (main) or a (output, aux_loss, stats, ...) tuple
+    (issue14a's MoEOutput)."""
     return result if isinstance(result, torch.Tensor) else result[0]
 
 
@@ -105,7 +107,8 @@ def check_routing_record_and_stats(case: Case) -> None:
     assert all(not t.requires_grad for t in out.stats.tensors.values())
     hist = out.stats["active_experts_hist"]
     assert hist.shape == (E + 1,) and float(hist.sum()) == 21
-    assert out.stats.active_experts_mean == pytest.approx(float(routing.active_per_token().float().mean()), abs=1e-5)
+    realised = float(routing.active_per_token().float().mean())
+    assert out.stats.active_experts_mean == pytest.approx(realised, abs=1e-5)
     assert out.aux_loss.dim() == 0 and out.aux_loss.dtype == torch.float32 and torch.isfinite(out.aux_loss)
     if case.mean_k is not None:
         assert out.stats.k == pytest.approx(case.mean_k)
@@ -142,7 +145,9 @@ def check_padding_ignored(case: Case) -> None:
     x = torch.randn(2, 5, D)
     padded = torch.cat([x, torch.full((2, 3, D), float("nan"))], dim=1)  # garbage in the padding
     mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
-    mask_name = "attention_mask" if "attention_mask" in inspect.signature(layer.forward).parameters else "pad_mask_BS"
+    # The layer's padding-mask keyword: attention_mask once issue14a's MoELayer.forward lands, pad_mask_BS before.
+    takes = inspect.signature(layer.forward).parameters
+    mask_name = "attention_mask" if "attention_mask" in takes else "pad_mask_BS"
     y = _output(layer(x, **budget_kwargs(case)))
     y_pad = _output(layer(padded, **{mask_name: mask}, **budget_kwargs(case)))
     torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
