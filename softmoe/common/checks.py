@@ -11,14 +11,15 @@ comes from Python or from the command line (which prints it on one line and exit
 from __future__ import annotations
 
 import math
+import numbers
 
 __all__ = ["check_int", "check_float", "check_bool", "check_choice"]
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None,
               allow_none: bool = False) -> None:
-    """Raise TypeError unless `value` is an int (None too with `allow_none`), ValueError unless in
-    [low, high]."""
+    """Raise TypeError unless `value` is an int (a numpy integer too; None too with `allow_none`), ValueError
+    unless in [low, high]."""
     if value is None and allow_none:
         return
     if low is not None and high is not None:
@@ -28,7 +29,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
     else:
         wanted = "an int"
     wanted = f"None or {wanted}" if allow_none else wanted
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}={value!r} must be {wanted}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name}={value!r} must be {wanted}")

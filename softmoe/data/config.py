@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from softmoe.common.checks import check_choice, check_int
 from softmoe.data.io import resolve_data_dir
 
 __all__ = ["CORPORA", "DataConfig"]
@@ -26,25 +27,15 @@ class DataConfig:
     split_seed: int = 0  # which documents are held out for val/test (prose)
 
     def __post_init__(self) -> None:
-        if self.corpus not in CORPORA:
-            raise ValueError(f"corpus={self.corpus!r} must be one of {CORPORA}")
+        check_choice("corpus", self.corpus, CORPORA)
         for name in ("seq_len", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            check_int(name, getattr(self, name), 1)
         for name in ("seed", "split_seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-                raise ValueError(f"{name}={value!r} must be an int in [0, 2**63)")
-        if self.tokenizer not in _TOKENIZERS:
-            raise ValueError(f"tokenizer={self.tokenizer!r} must be one of {_TOKENIZERS}")
+            check_int(name, getattr(self, name), 0, 2**63 - 1)
+        check_choice("tokenizer", self.tokenizer, _TOKENIZERS)
         if self.tokenizer == "word" and self.corpus != "ptb":
             raise ValueError(f"tokenizer='word' needs corpus='ptb', got corpus={self.corpus!r}")
-        if self.vocab_size is not None and (
-            not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool)
-            or not 258 <= self.vocab_size <= 65536
-        ):
-            raise ValueError(f"vocab_size={self.vocab_size!r} must be None or an int in [258, 65536]")
+        check_int("vocab_size", self.vocab_size, 258, 65536, allow_none=True)
         if self.data_dir is not None and not isinstance(self.data_dir, (str, Path)):
             raise ValueError(f"data_dir={self.data_dir!r} must be None or a path string")
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from softmoe.common.checks import check_int
 from softmoe.common.constants import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "WindowLoader", "eval_batches", "window_offsets"]
@@ -55,8 +56,7 @@ def window_offsets(seed: int, step: int, batch_size: int, num_starts: int) -> np
 
 
 def _check_int(name: str, value: object, low: int, high: int = 2**63 - 1) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} must be an int in [{low}, {high}]")
+    check_int(name, value, low, high)
 
 
 def _check_tokens(tokens: object, seq_len: int) -> None:

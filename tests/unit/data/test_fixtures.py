@@ -99,12 +99,17 @@ def test_dataset_dir_for_tiny_needs_no_network(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"corpus": "web"}, "corpus='web'"), ({"seq_len": 0}, "seq_len=0"),
-    ({"batch_size": 1.5}, "batch_size=1.5"),
     ({"seed": -1}, "seed=-1"), ({"tokenizer": "char"}, "tokenizer='char'"),
     ({"tokenizer": "word", "corpus": "prose"}, "tokenizer='word'"), ({"vocab_size": 100}, "vocab_size=100"),
 ])
 def test_data_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
+        DataConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"batch_size": 1.5}, "batch_size=1.5"), ({"seed": "0"}, "seed='0'")])
+def test_data_config_wrong_types_are_type_errors(kwargs, field):
+    with pytest.raises(TypeError, match=field):
         DataConfig(**kwargs)
 
 
