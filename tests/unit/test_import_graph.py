@@ -48,13 +48,10 @@ TOP_LEVEL = {  # modules directly under softmoe/ -> their stage
     "softmoe.cli": "cli",
 }
 
-# Edges that still run upward on this branch because the code that removes them is another branch's.
-# Each entry names that branch; once it is merged the entry must go (the test below fails on a stale one).
-KNOWN_UPWARD = {
-    # issue14a moves the transformers classes from model/hf.py to softmoe/export/ (above model and train).
-    ("softmoe.model.hf", "softmoe.train.restore"),
-    ("softmoe.model.hf", "softmoe.train.checkpoint"),
-}
+# Upward edges a branch must keep until another branch's change removes them, each with a comment naming that
+# branch; a stale entry fails the test. Empty: model/hf.py's edges into train went with issue14a's move of the
+# transformers classes to softmoe/export/.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
@@ -171,7 +168,7 @@ def test_no_import_runs_upward():
 
 def test_no_import_cycles_between_modules():
     graph = import_graph()
-    for a, b in KNOWN_UPWARD:  # a known upward edge closes its cycle (model.hf -> train.restore -> model)
+    for a, b in KNOWN_UPWARD:  # a known upward edge closes its own cycle: checked above
         graph[a].discard(b)
     assert cycles(graph) == []
 

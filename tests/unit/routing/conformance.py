@@ -58,12 +58,6 @@ def budget_kwargs(case: Case) -> dict:
     return {} if case.mean_k is None else {"mean_k": torch.tensor(case.mean_k)}
 
 
-def _output(result) -> torch.Tensor:
-    """The layer's output tensor, whether forward returns it (main) or a (output, aux_loss, stats, ...) tuple
-    (issue14a's MoEOutput)."""
-    return result if isinstance(result, torch.Tensor) else result[0]
-
-
 def layer_fn(case: Case, layer: MoELayer):
     """`layer` with this case's budget k_l bound, called as layer(x, ...)."""
     return functools.partial(layer, **budget_kwargs(case))
@@ -121,7 +115,7 @@ def check_dense_reference(case: Case) -> None:
     for impl in ("padded", "grouped", "loop"):
         layer = make_layer(case, impl)
         weight_TE = layer.router(x.reshape(-1, D), **budget_kwargs(case)).routing.dense_weights()
-        y = _output(layer(x, **budget_kwargs(case)))
+        y = layer(x, **budget_kwargs(case)).output
         torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5, msg=impl)
 
 
@@ -145,11 +139,8 @@ def check_padding_ignored(case: Case) -> None:
     x = torch.randn(2, 5, D)
     padded = torch.cat([x, torch.full((2, 3, D), float("nan"))], dim=1)  # garbage in the padding
     mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
-    # The layer's padding-mask keyword: attention_mask once issue14a's MoELayer.forward lands, pad_mask_BS before.
-    takes = inspect.signature(layer.forward).parameters
-    mask_name = "attention_mask" if "attention_mask" in takes else "pad_mask_BS"
-    y = _output(layer(x, **budget_kwargs(case)))
-    y_pad = _output(layer(padded, **{mask_name: mask}, **budget_kwargs(case)))
+    y = layer(x, **budget_kwargs(case)).output
+    y_pad = layer(padded, attention_mask=mask, **budget_kwargs(case)).output
     torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
     assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, D))
     out = layer.router(x.reshape(-1, D), **budget_kwargs(case))
@@ -187,9 +178,8 @@ def check_gradients_reach_gate_and_experts(case: Case) -> None:
     """Output + aux loss backpropagate into the gate and into every expert matrix."""
     layer = make_layer(case, seed=1)
     x = torch.randn(4, 16, D)
-    result = layer(x, **budget_kwargs(case))
-    aux = layer.aux_loss if isinstance(result, torch.Tensor) else result[1]
-    (_output(result).square().sum() + aux).backward()
+    out = layer(x, **budget_kwargs(case))
+    (out.output.square().sum() + out.aux_loss).backward()
     assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
     for name, param in layer.experts.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
