@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.bench_layer import calibrate_mean_k, hf_mixtral_block  # noqa: E402
 from benchmarks.bench_ops import hard_topk_routing  # noqa: E402
 from benchmarks.timing import machine_info, time_interleaved, timing_dict  # noqa: E402
 from softmoe.common.precision import resolve_device  # noqa: E402
@@ -104,37 +105,6 @@ def bench_op(tokens: int, experts: int, k: int, device: torch.device, repeats: i
 
 # ---------------------------------------------------------------- layer
 
-def _mixtral_block(topk_layer, d_model: int, d_hidden: int, experts: int, k: int):
-    """transformers' MixtralSparseMoeBlock with the top-k layer's weights (its eager experts)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(hidden_size=d_model, intermediate_size=d_hidden, num_local_experts=experts,
-                           num_experts_per_tok=k, router_jitter_noise=0.0)
-    config._experts_implementation = "eager"
-    block = MixtralSparseMoeBlock(config)
-    bank = topk_layer.experts
-    with torch.no_grad():
-        block.gate.weight.copy_(topk_layer.router.gate.weight)
-        block.experts.gate_up_proj.copy_(torch.cat([bank.w_gate, bank.w_up], dim=2).transpose(1, 2))
-        block.experts.down_proj.copy_(bank.w_down.transpose(1, 2))
-    return block
-
-
-def _calibrated_k(layer, x_TD: torch.Tensor, target: float) -> tuple[float, float]:
-    """k_l so the SoftMoE layer's realized mean active experts on x_TD is within 0.5% of target (bisection)."""
-    low, high = 0.05, layer.router.num_experts - 0.05
-    mid = m = target
-    with torch.no_grad():
-        for _ in range(40):
-            mid = 0.5 * (low + high)
-            m = float(layer.router(x_TD, mean_k=torch.tensor(mid, device=x_TD.device)).stats.active_experts_mean)
-            if abs(m - target) <= 0.005 * target:
-                break
-            low, high = (mid, high) if m < target else (low, mid)
-    return mid, m
-
-
 def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
     from softmoe.layers import MoELayer
 
@@ -144,7 +114,7 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
     grad = torch.randn(1, t, d, device=device)
     softmoe = MoELayer(d, h, experts, router="softmoe", k=float(k)).to(device)
     topk = MoELayer(d, h, experts, router="topk", k=float(k), normalize=True).to(device)
-    mean_k, active = _calibrated_k(softmoe, x.detach().reshape(-1, d), float(k))
+    mean_k, active = calibrate_mean_k(softmoe, x.detach().reshape(-1, d), float(k))
     mean_k_t = torch.tensor(mean_k, device=device)
 
     def fwd_bwd(module, **kwargs):
@@ -168,7 +138,7 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
         candidates[f"topk_k{k_equal}"] = fwd_bwd(topk_equal)
     hf_note = None
     try:
-        hf = _mixtral_block(topk, d, h, experts, k).to(device)
+        hf = hf_mixtral_block(topk, k).to(device)
         candidates["hf_mixtral"] = fwd_bwd(hf)
     except Exception as err:  # an optional comparison: any failure is reported, not fatal
         hf_note = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"

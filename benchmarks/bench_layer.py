@@ -44,20 +44,21 @@ def calibrate_mean_k(layer: MoELayer, x_TD: torch.Tensor, target: float, tol: fl
     with torch.no_grad():
         for _ in range(40):
             mid = 0.5 * (low + high)
-            m = layer.router(x_TD, mean_k=torch.tensor(mid)).stats.active_experts_mean
+            m = float(layer.router(x_TD, mean_k=torch.tensor(mid, device=x_TD.device)).stats.active_experts_mean)
             if abs(m - target) <= tol * target:
                 return mid, m
             low, high = (mid, high) if m < target else (low, mid)
     return mid, m
 
 
-def hf_mixtral_block(topk: MoELayer, num_experts: int):
-    """transformers' MixtralSparseMoeBlock (eager experts) holding `topk`'s weights."""
+def hf_mixtral_block(topk: MoELayer, k: int):
+    """transformers' MixtralSparseMoeBlock (eager experts) holding `topk`'s weights; sizes read from its bank."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    config = MixtralConfig(hidden_size=D_MODEL, intermediate_size=D_HIDDEN, num_local_experts=num_experts,
-                           num_experts_per_tok=K, router_jitter_noise=0.0)
+    num_experts, d_model, d_hidden = topk.experts.w_gate.shape
+    config = MixtralConfig(hidden_size=d_model, intermediate_size=d_hidden, num_local_experts=num_experts,
+                           num_experts_per_tok=k, router_jitter_noise=0.0)
     config._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(config)
     bank = topk.experts
@@ -89,7 +90,7 @@ def bench_shape(num_experts: int, dtype_name: str, repeats: int, warmup: int) ->
     softmoe = MoELayer(D_MODEL, D_HIDDEN, num_experts, router="softmoe", k=float(K))
     topk = MoELayer(D_MODEL, D_HIDDEN, num_experts, router="topk", k=float(K), normalize=True)
     mean_k, m = calibrate_mean_k(softmoe, x.detach().reshape(-1, D_MODEL), float(K))
-    hf = hf_mixtral_block(topk, num_experts)
+    hf = hf_mixtral_block(topk, K)
     dense = SwiGLU(D_MODEL, D_HIDDEN)
     x_dense = torch.randn(1, TOKENS * K, D_MODEL, requires_grad=True)
     grad_dense = torch.randn(1, TOKENS * K, D_MODEL)
