@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -129,7 +130,13 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
             ((y.float() * grad).sum() + aux).backward()
         return run
 
-    candidates = {"softmoe": fwd_bwd(softmoe, mean_k=mean_k_t), "topk": fwd_bwd(topk)}
+    # The same SoftMoE layer with a static dispatch size (no host sync): the cap bounds the paper's rule's
+    # ceil(k_l * cap_factor) experts per token.
+    cap = min(experts, math.ceil(mean_k * softmoe.router.config.cap_factor))
+    static = MoELayer(d, h, experts, router="softmoe", k=float(k), dispatch_cap=cap).to(device)
+    static.load_state_dict(softmoe.state_dict())
+    candidates = {"softmoe": fwd_bwd(softmoe, mean_k=mean_k_t), "topk": fwd_bwd(topk),
+                  "softmoe_static": fwd_bwd(static, mean_k=mean_k_t)}
     # At init the paper's relative truncation keeps ~1 expert per token whatever k_l (near-uniform p): when the
     # calibration cannot reach k, top-k at the realized AE (rounded) is the equal-work comparison.
     k_equal = max(1, round(active))
@@ -146,7 +153,8 @@ def bench_layer(spec: dict, experts: int, device: torch.device) -> dict:
     med = {name: t.median for name, t in timings.items()}
     row = {"experts": experts, "tokens": t, "d_model": d, "d_hidden": h, "k": k, "softmoe_mean_k": mean_k,
            "softmoe_active_mean": active, "ms": {n: v * 1e3 for n, v in med.items()},
-           "timings": {n: timing_dict(t) for n, t in timings.items()}, "softmoe_over_topk": med["softmoe"] / med["topk"]}
+           "timings": {n: timing_dict(t) for n, t in timings.items()}, "softmoe_over_topk": med["softmoe"] / med["topk"],
+           "static_dispatch_cap": cap, "softmoe_static_over_softmoe": med["softmoe_static"] / med["softmoe"]}
     if "hf_mixtral" in med:
         row["hf_over_topk"] = med["hf_mixtral"] / med["topk"]
     if k_equal != k:
@@ -228,16 +236,18 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("layer"):
         lines += ["## MoE layer forward+backward, bf16 autocast (ms)", "",
-                  "| E | tokens | D | H | SoftMoE AE | SoftMoE | top-k | HF Mixtral | SoftMoE / top-k | HF / top-k | "
-                  "SoftMoE / top-k at its AE |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| E | tokens | D | H | SoftMoE AE | SoftMoE | SoftMoE static (cap) | top-k | HF Mixtral | "
+                  "SoftMoE / top-k | static / exact | HF / top-k | SoftMoE / top-k at its AE |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["layer"]:
             ms = r["ms"]
             equal = r.get("softmoe_over_topk_equal_ae")
             equal_cell = "-" if equal is None else f"{equal:.2f} (k={r['topk_equal_ae_k']})"
             lines.append(f"| {r['experts']} | {r['tokens']} | {r['d_model']} | {r['d_hidden']} | "
-                         f"{r['softmoe_active_mean']:.2f} | {ms['softmoe']:.2f} | {ms['topk']:.2f} | "
+                         f"{r['softmoe_active_mean']:.2f} | {ms['softmoe']:.2f} | "
+                         f"{ms['softmoe_static']:.2f} ({r['static_dispatch_cap']}) | {ms['topk']:.2f} | "
                          f"{ms.get('hf_mixtral', float('nan')):.2f} | {r['softmoe_over_topk']:.2f} | "
+                         f"{r['softmoe_static_over_softmoe']:.2f} | "
                          f"{r.get('hf_over_topk', float('nan')):.2f} | "
                          f"{equal_cell} |")
         lines.append("")

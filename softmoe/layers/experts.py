@@ -6,7 +6,9 @@ Shape legend:
     D   d_model
     H   d_hidden (one expert's hidden width)
 
-Rows of x_ND are grouped by expert: expert e owns rows offsets[e]:offsets[e+1] (from counts_E).
+Rows of x_ND are grouped by expert: expert e owns rows offsets[e]:offsets[e+1] (from counts_E). Rows past
+the last offset (the padding of a static-size routing, routing/record.py) get zero outputs in every
+implementation.
 Implementations (`EXPERT_IMPLS`, chosen by name; `ExpertBank(impl="auto")`, the default, picks per call):
     loop     the spec and test oracle: a Python loop over non-empty experts, plain matmuls.
     grouped  one grouped matmul per projection over the ragged segments
@@ -41,6 +43,7 @@ __all__ = [
     "compute_dtype",
     "EXPERT_IMPL_CHOICES",
     "auto_impl",
+    "pad_rows",
 ]
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +72,7 @@ def loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tens
         counts_E: (E,) int64 rows per expert (zeros allowed).
         w_gate_EDH, w_up_EDH: (E, D, H); w_down_EHD: (E, H, D).
     Returns:
-        y_ND: (N, D), row i computed by the expert that owns it.
+        y_ND: (N, D), row i computed by the expert that owns it (zeros past the last offset).
     """
     outputs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):  # one host sync: slice bounds must be Python ints
@@ -77,8 +80,15 @@ def loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Tens
             outputs.append(swiglu(x_ND[start:start + n], w_gate_EDH[e], w_up_EDH[e], w_down_EHD[e]))
         start += n
     if not outputs:  # no rows: an empty product keeps the result attached to the graph
-        return swiglu(x_ND, w_gate_EDH[0], w_up_EDH[0], w_down_EHD[0])
-    return torch.cat(outputs)
+        return pad_rows(swiglu(x_ND[:0], w_gate_EDH[0], w_up_EDH[0], w_down_EHD[0]), x_ND.shape[0])
+    return pad_rows(torch.cat(outputs), x_ND.shape[0])
+
+
+def pad_rows(y_MD: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(M, D) -> (num_rows, D), zero rows appended: the outputs of a static-size routing's padding pairs."""
+    if y_MD.shape[0] == num_rows:
+        return y_MD
+    return F.pad(y_MD, (0, 0, 0, num_rows - y_MD.shape[0]))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -140,13 +150,14 @@ def grouped_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.T
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     # grouped_mm is not on autocast's cast list, so cast explicitly to what autocast would use.
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    x = x_ND.to(dtype)
+    # grouped_mm leaves rows past the last offset (a static-size routing's padding) unwritten, in its outputs
+    # and in the input gradients of its backward. Masking the input and the output rows there, on the device
+    # (no sync), keeps that uninitialised memory out of the combine (forward) and of x's gradient (backward).
+    in_segment_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1:]).unsqueeze(-1)
+    x = torch.where(in_segment_N1, x_ND.to(dtype), 0.0)
     gate_NH = F.grouped_mm(x, w_gate_EDH.to(dtype), offs=offs_E)
     up_NH = F.grouped_mm(x, w_up_EDH.to(dtype), offs=offs_E)
     y_ND = F.grouped_mm(F.silu(gate_NH) * up_NH, w_down_EHD.to(dtype), offs=offs_E)
-    # Rows past the last offset (a dispatch padded to a static bound) are left unwritten: zero them, on
-    # the device (no sync), so neither the combine nor the gradients see uninitialised memory.
-    in_segment_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1:]).unsqueeze(-1)
     return torch.where(in_segment_N1, y_ND, 0.0)
 
 
@@ -201,7 +212,9 @@ def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Te
     the second batch (`_padded_capacity`). Same contract as `loop_experts`.
     """
     counts = counts_E.tolist()  # one host sync: the padded shape must be known
-    num_rows, num_experts = x_ND.shape[0], len(counts)
+    num_rows, num_experts = sum(counts), len(counts)
+    if num_rows < x_ND.shape[0]:  # a static-size routing: the real rows, then zeros for its padding
+        return pad_rows(padded_experts(x_ND[:num_rows], counts_E, w_gate_EDH, w_up_EDH, w_down_EHD), x_ND.shape[0])
     if num_rows == 0:
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     cap, cap2 = _padded_capacity(counts)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 
-from softmoe.layers.experts import ExpertBank
+from softmoe.layers.experts import ExpertBank, pad_rows
 from softmoe.parallel.world import World, expert_slice
 
 __all__ = ["ExpertParallelBank", "expert_parallel", "expert_parameters", "reduce_expert_grads", "received_order"]
@@ -88,6 +88,8 @@ class ExpertParallelBank(ExpertBank):
         send = [sum(counts[me][first:first + n]) for first, n in self.bounds]
         mine = [row[self.first:self.first + self.w_gate.shape[0]] for row in counts]
         recv = [sum(row) for row in mine]
+        num_rows = x_ND.shape[0]
+        x_ND = x_ND[:sum(send)]  # without a static-size routing's padding rows (zero outputs, appended below)
         x_MD = all_to_all_single_autograd(x_ND.contiguous(), recv, send, self.group)
         local_RE = torch.tensor(mine, dtype=torch.long)
         perm_M = received_order(local_RE).to(x_ND.device)
@@ -96,7 +98,7 @@ class ExpertParallelBank(ExpertBank):
         rows_M = torch.arange(perm_M.shape[0], device=perm_M.device)
         inverse_M = torch.empty_like(perm_M).scatter_(0, perm_M, rows_M)
         y_MD = y_MD.index_select(0, inverse_M)
-        return all_to_all_single_autograd(y_MD.contiguous(), send, recv, self.group)
+        return pad_rows(all_to_all_single_autograd(y_MD.contiguous(), send, recv, self.group), num_rows)
 
     def extra_repr(self) -> str:
         return (f"experts [{self.first}, {self.first + self.w_gate.shape[0]}) of {self.num_experts_total}, "

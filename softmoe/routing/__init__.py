@@ -18,7 +18,7 @@ from softmoe.routing.base import (
     router_config,
 )
 from softmoe.routing.budget import Budget
-from softmoe.routing.record import Routing, routing_from_mask, select_experts, truncate
+from softmoe.routing.record import DispatchOverflow, Routing, routing_from_mask, select_experts, truncate
 from softmoe.routing.softk import SoftKConfig, SoftKRouter, relative_keep
 from softmoe.routing.topk import TopKConfig, TopKRouter
 from softmoe.routing.topp import TopPConfig, TopPRouter
@@ -31,6 +31,7 @@ __all__ = [
     "relative_keep",
     "Routing",
     "routing_from_mask",
+    "DispatchOverflow",
     "select_experts",
     "truncate",
     "Budget",

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from softmoe.common.checks import check_float, check_int
 from softmoe.ops.checks import value_checks_enabled
 from softmoe.routing import losses
-from softmoe.routing.record import Routing
+from softmoe.routing.record import Routing, routing_from_mask
 
 __all__ = [
     "RouterConfig",
@@ -66,6 +66,11 @@ class RouterConfig:
     k: float  # experts per token (top-k) or mean active experts (soft routers)
     lb_coef: float = 0.01  # weight of the Switch load-balancing loss in aux_loss (Fedus et al. 2021)
     z_coef: float = 1e-3  # weight of the router z-loss in aux_loss (Zoph et al. 2022)
+    # Static dispatch size: None (default) routes exactly N pairs (one host sync per layer on a GPU); an int
+    # cap in [1, E] sizes every routing at N_max = T * cap pairs, padded, with no sync (record.py). Routing
+    # more than N_max pairs is an error, so cap must bound the experts a token can keep (top-k: k; the
+    # paper's rule: ceil(k_l * cap_factor)).
+    dispatch_cap: int | None = None
 
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, 1)
@@ -73,6 +78,11 @@ class RouterConfig:
         self.check_k(self.k, self.num_experts)
         check_float("lb_coef", self.lb_coef, 0.0)
         check_float("z_coef", self.z_coef, 0.0)
+        check_int("dispatch_cap", self.dispatch_cap, 1, self.num_experts, allow_none=True)
+
+    def max_pairs(self, num_tokens: int) -> int | None:
+        """The static bound on routed pairs of `num_tokens` tokens (T * dispatch_cap), or None: exact N."""
+        return None if self.dispatch_cap is None else num_tokens * self.dispatch_cap
 
     @classmethod
     def check_k(cls, k: float, num_experts: int) -> None:
@@ -147,12 +157,12 @@ class RouterOutput:
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Tensor) -> torch.Tensor:
     """(T, E) float32 router scores W x, computed in fp32 even under autocast (gate stability).
 
-    Padding rows (real_T False) are set to 0, so whatever they hold (even NaN) cannot reach the
-    routing weights or the aux losses.
+    Padding rows (real_T False) are zeroed before the gate, so their logits are 0 and whatever they held
+    (even NaN) reaches neither the routing weights, the aux losses nor the gate's weight gradient.
     """
+    x_TD = torch.where(real_T.unsqueeze(-1), x_TD.float(), 0.0)
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        logits_TE = F.linear(x_TD.float(), weight_ED.float())
-    logits_TE = torch.where(real_T.unsqueeze(-1), logits_TE, 0.0)
+        logits_TE = F.linear(x_TD, weight_ED.float())
     # One host sync (SOFTMOE_CHECKS, on by default on CPU): never route on NaN/inf scores. Off on GPUs, where
     # the training loop's non-finite guard catches them.
     if value_checks_enabled(logits_TE) and not bool(torch.isfinite(logits_TE).all()):
@@ -248,6 +258,9 @@ class GateRouter(torch.nn.Module):
         marker                 its matplotlib marker in the comparison plots
         describe(k, E)         "k=2 of 8" (or "budget K=2 of 8"), for run listings and report labels
 
+    A rule builds the Routing it returns with `self.to_routing(weight_TE, keep_TE)`, which sizes it as the
+    config's `dispatch_cap` asks (exact N by default, or a static bound with no host sync).
+
     Attributes:
         gate: Linear(D, E), no bias (a router may replace it by a wider one: null experts' E + num_null rows).
         balance: the loss-free selection bias (routing/balance.py) where the rule uses one, else None; the
@@ -284,6 +297,15 @@ class GateRouter(torch.nn.Module):
             k: 0-d float32, the layer's k (`fixed_k`, or the budget's k_l).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement rule()")
+
+    def to_routing(self, weight_TE: torch.Tensor, keep_TE: torch.Tensor) -> Routing:
+        """The Routing of the kept (token, expert) pairs, sized as this router's config asks (`dispatch_cap`:
+        static, no host sync; default exact): how a `rule` builds the routing it returns.
+
+        Args:
+            weight_TE: (T, E) float combine weights. keep_TE: (T, E) bool routed pairs (padding excluded).
+        """
+        return routing_from_mask(weight_TE, keep_TE, self.config.max_pairs(keep_TE.shape[0]))
 
     def fixed_k(self, device: torch.device) -> torch.Tensor:
         """0-d float32 k of a router without a budget: its config's k (reported as stats["k"])."""

@@ -33,7 +33,6 @@ import torch
 from softmoe.common.checks import check_float, check_int
 from softmoe.routing import losses
 from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
-from softmoe.routing.record import routing_from_mask
 
 __all__ = ["ExpertChoiceConfig", "ExpertChoiceRouter", "expert_capacity", "expert_choice_mask"]
 
@@ -117,4 +116,4 @@ class ExpertChoiceRouter(GateRouter):
         keep_TE = expert_choice_mask(probs_TE, real_T, float(cfg.k), cfg.capacity_factor, cfg.group_size)
         active_T = keep_TE.sum(dim=-1).float()
         stats = {"zero_expert_fraction": losses.masked_mean((active_T == 0).float(), real_T.float())}
-        return Rule(routing_from_mask(probs_TE, keep_TE), stats=stats)
+        return Rule(self.to_routing(probs_TE, keep_TE), stats=stats)

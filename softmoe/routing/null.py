@@ -36,7 +36,6 @@ import torch
 from softmoe.common.checks import check_bool, check_int
 from softmoe.routing import losses
 from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
-from softmoe.routing.record import routing_from_mask
 
 __all__ = ["NullConfig", "NullRouter", "null_balance_loss"]
 
@@ -128,4 +127,4 @@ class NullRouter(GateRouter):
             "null_fraction": losses.masked_mean(null_picks_T, mask_f) / float(cfg.k),
             "zero_expert_fraction": losses.masked_mean((null_picks_T == cfg.k).float(), mask_f),
         }
-        return Rule(routing_from_mask(weight_TE, keep_TE), stats=stats, balance_loss=balance)
+        return Rule(self.to_routing(weight_TE, keep_TE), stats=stats, balance_loss=balance)

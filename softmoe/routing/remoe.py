@@ -40,7 +40,7 @@ import torch
 from softmoe.common.checks import check_float, check_int
 from softmoe.routing import losses
 from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
-from softmoe.routing.record import routing_from_mask, select_experts
+from softmoe.routing.record import select_experts
 
 __all__ = ["ReMoEConfig", "ReMoERouter", "relu_l1_loss"]
 
@@ -112,7 +112,7 @@ class ReMoERouter(GateRouter):
         # select_experts applies the cap (and always adds the top expert); `> 0` then drops zero gates,
         # so a token whose gates are all zero is routed nowhere.
         routed_TE = select_experts(weight_TE, 0.0, cfg.max_active) & (weight_TE > 0) & real_T.unsqueeze(-1)
-        routing = routing_from_mask(weight_TE, routed_TE)
+        routing = self.to_routing(weight_TE, routed_TE)
         mask_f = real_T.float()
         reg = relu_l1_loss(weight_TE, routed_TE, mask_f, cfg.k)
         self._count(routing.counts_E, real_T)

@@ -219,4 +219,5 @@ def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, 
     keep_TE = keep_TE & real_T.unsqueeze(-1)
     weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, config.combine)
     kept_mass = (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)
-    return routing_from_mask(weight_TE, keep_TE), {"alpha": alpha, "kept_mass": kept_mass}
+    routing = routing_from_mask(weight_TE, keep_TE, config.max_pairs(logits_TE.shape[0]))
+    return routing, {"alpha": alpha, "kept_mass": kept_mass}

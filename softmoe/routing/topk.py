@@ -21,7 +21,6 @@ import torch
 from softmoe.common.checks import check_bool
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
 from softmoe.routing.base import GateRouter, Rule, register_router
-from softmoe.routing.record import routing_from_mask
 
 __all__ = ["TopKConfig", "TopKRouter"]
 
@@ -33,6 +32,9 @@ class TopKConfig(BiasBalanceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bool("normalize", self.normalize)
+        if self.dispatch_cap is not None and self.dispatch_cap < self.k:
+            raise ValueError(f"dispatch_cap={self.dispatch_cap} is below k={self.k:g}: top-k routes every token to k "
+                             "experts, so every routing would exceed its static bound of tokens x dispatch_cap pairs")
 
     @classmethod
     def check_k(cls, k: float, num_experts: int) -> None:
@@ -63,4 +65,4 @@ class TopKRouter(GateRouter):
             top_p_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
         weight_TE = torch.zeros_like(probs_TE).scatter(-1, top_idx_TK, top_p_TK)
         keep_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(-1, top_idx_TK, True)
-        return Rule(routing_from_mask(weight_TE, keep_TE & real_T.unsqueeze(-1)))
+        return Rule(self.to_routing(weight_TE, keep_TE & real_T.unsqueeze(-1)))

@@ -31,7 +31,6 @@ import torch
 from softmoe.common.checks import check_bool, check_float, check_int
 from softmoe.routing import losses
 from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
-from softmoe.routing.record import routing_from_mask
 
 __all__ = ["TopPConfig", "TopPRouter", "top_p_mask", "router_entropy"]
 
@@ -111,4 +110,4 @@ class TopPRouter(GateRouter):
         mask_f = real_T.float()
         entropy = router_entropy(probs_TE, mask_f)
         stats = {"entropy": entropy, "kept_mass": losses.masked_mean(kept_mass_T.squeeze(-1), mask_f)}
-        return Rule(routing_from_mask(weight_TE, keep_TE), loss=cfg.entropy_coef * entropy, stats=stats)
+        return Rule(self.to_routing(weight_TE, keep_TE), loss=cfg.entropy_coef * entropy, stats=stats)

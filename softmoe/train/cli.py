@@ -14,6 +14,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.parallel.launch import build_trainer, finish
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.config import load_run_config
+    from softmoe.routing.record import DispatchOverflow
     from softmoe.train.loop import TrainingAborted
     from softmoe.train.rundir import RunDirError, resume_config
 
@@ -48,7 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{config.train.steps} steps, precision {config.train.precision}")
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
-    except (RunDirError, CheckpointError, TrainingAborted, OSError) as err:
+    except (RunDirError, CheckpointError, TrainingAborted, DispatchOverflow, OSError) as err:
         if trainer.writes_run_files:  # every rank of a distributed run raises rank 0's error: one report
             print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 - the tiny preset trains on CUDA like on the CPU (fp32: close; bf16 autocast: within bf16 tolerance);
 - grouped experts (bf16 grouped_mm) match the padded path; the Triton op matches the eager op at router sizes;
 - host syncs counted by CUDA itself (torch.cuda.set_sync_debug_mode): soft_topk 0, one MoE layer forward 1
-  (the nonzero sizing the dispatch), a non-log training step <= MoE layers + 2;
+  (the nonzero sizing the dispatch; 0 in forward and backward with a static bound, dispatch_cap), a non-log
+  training step <= MoE layers + 2;
 - the model compiled by inductor (fullgraph) matches eager.
 """
 
@@ -118,6 +119,20 @@ def test_one_moe_layer_forward_syncs_once_on_cuda():
     print(syncs)
     assert len(syncs) <= 1, syncs
     assert _cuda_syncs(lambda: forward.y.float().square().sum().backward()) == []
+
+
+def test_a_static_bound_layer_makes_no_sync_on_cuda():
+    torch.manual_seed(0)
+    layer = MoELayer(256, 512, 16, router="softmoe", k=2.0, dispatch_cap=4).cuda()
+    x = torch.randn(8, 256, 256, device="cuda", requires_grad=True)
+    mean_k = torch.tensor(2.0, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x, mean_k=mean_k).output.float().square().sum().backward()
+
+    step()  # warm-up: grouped_mm probe, Triton compile
+    assert _cuda_syncs(step) == []
 
 
 def test_training_step_sync_budget_on_cuda(tmp_path):

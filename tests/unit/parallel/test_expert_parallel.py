@@ -4,7 +4,8 @@ Every rank builds the same layer and input (same seeds), computes the single-pro
 tokens, then runs its expert-parallel copy on its own rows. Outputs must equal the reference rows and
 gradients the reference gradients (gate: summed over ranks; experts: the rank's slice), to 1e-6.
 Cases: every router shape of the ragged format (soft top-k's variable k, ReMoE's tokens with no expert,
-top-k), E not a multiple of the EP size, an expert and a whole rank receiving no rows, a rank without tokens.
+top-k, a static-size routing with padding pairs), E not a multiple of the EP size, an expert and a whole
+rank receiving no rows, a rank without tokens.
 
 Run: .venv/bin/python -m pytest -q tests/unit/parallel/test_expert_parallel.py
 """
@@ -32,6 +33,7 @@ CASES = {
     "topk": dict(router="topk", num_experts=6, k=2.0),
     "one_expert": dict(router="topk", num_experts=5, k=1.0, force_expert0=True),  # experts 1..4 get nothing
     "empty_rank": dict(router="topk", num_experts=5, k=2.0, rows_on_rank0_only=True),  # rank > 0 has no tokens
+    "static": dict(router="softmoe", num_experts=5, k=2.0, dispatch_cap=4),  # padding rows after the real ones
 }
 
 

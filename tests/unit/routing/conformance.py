@@ -18,7 +18,7 @@ import torch
 
 from softmoe.layers import MoELayer
 from softmoe.model import GPT, ModelConfig
-from softmoe.routing import ROUTERS, BudgetRouter, GateRouter, build_router, router_class
+from softmoe.routing import ROUTERS, BudgetRouter, DispatchOverflow, GateRouter, build_router, router_class
 from tests.reference import dense_moe as ref
 from tests.reference.invariance import assert_batch_and_decoding_invariant
 
@@ -131,8 +131,8 @@ def check_batch_and_decoding_invariance(case: Case) -> None:
 
 
 def check_padding_ignored(case: Case) -> None:
-    """NaN padding changes no real token's output, no 0-d statistic, the histogram or the aux loss; padding
-    gets zero output. (A non-causal router's groups may move with the padding: checked on its own.)"""
+    """NaN padding changes no real token's output, no 0-d statistic, the histogram, the aux loss or any
+    gradient's finiteness; padding gets zero output. (A non-causal router's groups may move with the padding: checked on its own.)"""
     if not router_class(case.router).causal:
         return
     layer = make_layer(case)
@@ -150,6 +150,10 @@ def check_padding_ignored(case: Case) -> None:
             assert out_pad.stats[name] == pytest.approx(out.stats[name], abs=1e-6), name
     torch.testing.assert_close(out_pad.stats["active_experts_hist"], out.stats["active_experts_hist"])
     torch.testing.assert_close(out_pad.aux_loss, out.aux_loss, rtol=0, atol=1e-6)
+    out_pad = layer(padded, attention_mask=mask, **budget_kwargs(case))
+    (out_pad.output.sum() + out_pad.aux_loss).backward()  # the garbage reaches no gradient either
+    for name, param in layer.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
 
 
 def check_incremental_decoding(case: Case) -> None:
@@ -218,6 +222,66 @@ def check_bad_input_and_config(case: Case) -> None:
             layer(torch.randn(1, 2, D), mean_k=torch.tensor(k))
 
 
+def _with_options(case: Case, **options) -> Case:
+    return Case(case.router, case.k, {**case.options, **options}, case.mean_k, case.scale)
+
+
+def check_static_dispatch(case: Case) -> None:
+    """`dispatch_cap` (a static-size routing of T * cap pairs, no host sync) changes nothing but the padding:
+    the real pairs are the exact routing's, in order; output, aux loss, statistics and every gradient are
+    the exact layer's for every expert implementation, also when the padding pairs point at a NaN padding
+    token; a cap the routing exceeds is a clear error, never a silent drop."""
+    x = torch.randn(3, 7, D)
+    x[0, 0] = float("nan")  # token 0, where padding pairs point, is a padding token holding garbage
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 0] = False
+    exact_case, static_case = case, _with_options(case, dispatch_cap=E)
+    exact = make_layer(exact_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    static = make_layer(static_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    n, r = exact.routing.num_pairs, static.routing
+    assert r.num_pairs == 21 * E and torch.equal(r.counts_E, exact.routing.counts_E)
+    for name in ("token_N", "expert_N", "weight_N"):
+        assert torch.equal(getattr(r, name)[:n], getattr(exact.routing, name)), name
+    assert not r.weight_N[n:].any() and bool((r.expert_N[n:] == E - 1).all()) and not r.token_N[n:].any()
+    assert torch.equal(r.real_pairs(), torch.arange(21 * E) < n)
+    torch.testing.assert_close(r.dense_weights(), exact.routing.dense_weights(), rtol=0, atol=0)
+    for impl in ("padded", "grouped", "loop"):
+        results = []
+        for c in (exact_case, static_case):
+            layer = make_layer(c, impl)
+            x_in = x.clone().requires_grad_()
+            out = layer(x_in, attention_mask=mask, **budget_kwargs(case))
+            params = [p for p in layer.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(out.output.square().sum() + out.aux_loss, [x_in, *params], allow_unused=True)
+            results.append((out, grads))
+        (a, grads_a), (b, grads_b) = results
+        torch.testing.assert_close(b.output, a.output, rtol=0, atol=1e-6, msg=impl)
+        assert not b.output[0, 0].any() and torch.isfinite(b.output).all()
+        torch.testing.assert_close(b.aux_loss, a.aux_loss, rtol=0, atol=1e-7)
+        for name, t in a.stats.tensors.items():
+            torch.testing.assert_close(b.stats.tensors[name], t, rtol=0, atol=1e-7, msg=name)
+        for g_a, g_b in zip(grads_a, grads_b):
+            assert (g_a is None) == (g_b is None)
+            if g_a is not None:
+                assert torch.isfinite(g_b).all(), impl
+                torch.testing.assert_close(g_b, g_a, rtol=1e-5, atol=1e-6, msg=impl)
+    try:
+        smallest = make_layer(_with_options(case, dispatch_cap=1))
+    except ValueError as err:  # a router whose config already knows every routing would exceed it (top-k, k > 1)
+        assert n > 21 and "dispatch_cap=1 is below" in str(err), err
+        smallest = None
+    if smallest is not None and n > 21:  # some token keeps two experts or more: T * 1 pairs cannot hold them
+        with pytest.raises(DispatchOverflow, match=rf"keeps {n} \(token, expert\) pairs, more than its static "
+                                                   r"bound max_pairs=21 \(21 tokens x the router's dispatch_cap\)"):
+            smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    elif smallest is not None:
+        out = smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+        assert torch.equal(out.routing.token_N[:n], exact.routing.token_N)
+    for bad, error in ((0, ValueError), (E + 1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"dispatch_cap={bad!r} must be"):
+            make_layer(_with_options(case, dispatch_cap=bad))
+
+
 CHECKS = (
     check_class_contract,
     check_routing_record_and_stats,
@@ -227,4 +291,5 @@ CHECKS = (
     check_incremental_decoding,
     check_gradients_reach_gate_and_experts,
     check_bad_input_and_config,
+    check_static_dispatch,
 )

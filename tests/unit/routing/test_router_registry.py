@@ -15,7 +15,6 @@ from torch import nn
 
 from softmoe.layers import MoELayer
 from softmoe.routing import ROUTERS, GateRouter, RouterConfig, Rule, build_router, register_router
-from softmoe.routing.record import routing_from_mask
 from tests.unit.routing.conformance import CHECKS, Case
 
 
@@ -36,7 +35,7 @@ def first_expert_router():
             keep_TE[:, 0] = True
             keep_TE.scatter_(-1, logits_TE[:, 1:].argmax(-1, keepdim=True) + 1, True)
             weight_TE = self.config.scale * torch.sigmoid(logits_TE)
-            return Rule(routing_from_mask(weight_TE, keep_TE & real_T.unsqueeze(-1)))
+            return Rule(self.to_routing(weight_TE, keep_TE & real_T.unsqueeze(-1)))
 
     yield
     del ROUTERS["first_expert"]
