@@ -64,6 +64,33 @@ def test_properties_of_the_truncation(num_experts, k_frac, scale, ties, seed):
     assert keep.gather(-1, p.argmax(-1, keepdim=True)).all()  # the top expert is always kept
 
 
+@given(num_experts=st.integers(16, 40), k_frac=st.floats(0.1, 0.2), ratio=st.floats(1.05, 1.6),
+       seed=st.integers(0, 2**31 - 1))
+@settings(deadline=None, max_examples=60)
+def test_the_kept_set_ignores_k_while_every_p_is_below_one_half(num_experts, k_frac, ratio, seed):
+    """Why the budget dial rescales weights instead of counts (benchmarks/dial_diagnosis.py): where every p_i of a
+    token stays below 1/2, LapSum's p_i = e^(r_i/alpha - b) / 2, so a larger k only lowers b and multiplies all
+    p_i by k'/k, like the threshold 1.8 k / E; unless the lower clamp (the m-th largest p, m = ceil(k c))
+    binds, the kept set is the same and only the kept weights scale."""
+    gen = torch.Generator().manual_seed(seed)
+    k, k2 = k_frac * num_experts / ratio, k_frac * num_experts  # mean p at the larger k: k_frac
+    logits = torch.randn(64, num_experts, generator=gen, dtype=torch.float64) * 0.5
+    p1, p2 = soft_topk(logits, k), soft_topk(logits, k2)
+    tail = (p1.amax(-1) < 0.5) & (p2.amax(-1) < 0.5)
+    torch.testing.assert_close(p2[tail], p1[tail] * ratio, rtol=1e-9, atol=0)
+    keep1 = relative_keep(p1, torch.tensor(k), 1.8, 2.0)
+    keep2 = relative_keep(p2, torch.tensor(k2), 1.8, 2.0)
+    base1 = 1.8 * k / num_experts
+    m1, m2 = (min(math.ceil(v * 2.0), num_experts) for v in (k, k2))
+    desc1, desc2 = p1.sort(-1, descending=True).values, p2.sort(-1, descending=True).values
+    no_lower_clamp = (base1 >= desc1[:, m1 - 1]) & (1.8 * k2 / num_experts >= desc2[:, m2 - 1])
+    clear_of_tau = ((p1 - base1).abs() > 1e-9).all(-1)  # no p on the threshold, where rounding could decide
+    same = tail & no_lower_clamp & clear_of_tau
+    assert same.float().mean() > 0.2  # the case the test is about is common at these scales, not vacuous
+    assert torch.equal(keep1[same], keep2[same])
+    torch.testing.assert_close((p2 * keep2).sum(-1)[same], (p1 * keep1).sum(-1)[same] * ratio, rtol=1e-9, atol=0)
+
+
 def test_every_token_keeps_between_1_and_m_at_the_papers_scale():
     router = build_router("softmoe", 32, 32, 1.5).eval()
     active = router(torch.randn(512, 32) * 4).routing.active_per_token()
