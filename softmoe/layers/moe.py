@@ -53,22 +53,26 @@ def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) ->
 
 
 def token_slots(routing: Routing) -> torch.Tensor:
-    """(T, K) int64: the pairs of each token, K = the most experts any token uses; N marks an empty slot.
+    """(T, K) int64: the real pairs of each token, K = the most experts any token uses; N marks an empty slot.
 
     Row t lists token t's pair indices in ascending order (the expert-sorted order of the Routing), so
     a per-token sum over a row adds its pairs in the same order `index_add` would. This is the inverse
     of `routing.token_N` as a gather table: summing rows per token becomes one `index_select` plus a
     sum over K, instead of a scatter-add (measured 5-10x slower on CPU, docs/benchmarks.md).
     """
-    token_N, num_pairs, num_tokens = routing.token_N, routing.num_pairs, routing.num_tokens
-    if num_pairs == 0:
+    num_pairs, num_tokens = routing.num_pairs, routing.num_tokens
+    # The real pairs only: a static-size routing's padding pairs (all on token 0, zero output) stay out of the
+    # table, which would otherwise be as wide as the padding is long. One host sync (this is the CPU path).
+    num_real = int(routing.counts_E.sum())
+    token_N = routing.token_N[:num_real]
+    if num_real == 0:
         return token_N.new_empty(num_tokens, 0)
     order_N = torch.argsort(token_N, stable=True)
     counts_T = torch.bincount(token_N, minlength=num_tokens)
     width = int(counts_T.max())  # one host sync: the table's width
     start_T = counts_T.cumsum(0) - counts_T
     token_sorted_N = token_N.index_select(0, order_N)
-    rank_N = torch.arange(num_pairs, device=token_N.device) - start_T.index_select(0, token_sorted_N)
+    rank_N = torch.arange(num_real, device=token_N.device) - start_T.index_select(0, token_sorted_N)
     slots = torch.full((num_tokens * width,), num_pairs, dtype=torch.int64, device=token_N.device)
     slots.index_copy_(0, token_sorted_N * width + rank_N, order_N)
     return slots.view(num_tokens, width)

@@ -34,6 +34,19 @@ def test_token_slots_lists_each_tokens_pairs_in_order():
     assert (slots[0] == n).all()
 
 
+def test_token_slots_of_a_static_routing_leave_its_padding_out():
+    """The padding pairs of a static-size routing (all on token 0) are not in the table: same width and same
+    entries as the exact routing's, the empty-slot marker being the static routing's N."""
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(64, 8, generator=g) < 0.3
+    weight = torch.rand(64, 8, generator=g)
+    exact, static = routing_from_mask(weight, keep), routing_from_mask(weight, keep, max_pairs=64 * 8)
+    slots_exact, slots_static = token_slots(exact), token_slots(static)
+    assert slots_static.shape == slots_exact.shape  # not 64 x (the padding's length)
+    n, n_max = exact.num_pairs, static.num_pairs
+    assert torch.equal(torch.where(slots_static == n_max, n, slots_static), slots_exact)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dispatch_and_combine_equal_index_select_and_index_add(seed):
     routing, weight = ragged_routing(13, 5, seed)
