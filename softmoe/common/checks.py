@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice"]
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_distinct_choices"]
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None,
@@ -56,7 +56,19 @@ def check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
-def check_choice(name: str, value, choices: tuple) -> None:
-    """Raise ValueError unless `value` is one of `choices`."""
+def check_choice(name: str, value, choices) -> None:
+    """Raise ValueError unless `value` is one of `choices` (a tuple or list, shown as given)."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+def check_distinct_choices(name: str, values, choices) -> None:
+    """Raise TypeError unless `values` is a list or tuple (a str is not), ValueError unless its items are
+    distinct members of `choices` (the unknown ones named). An empty `values` passes (check that apart)."""
+    choices = list(choices)  # compared by ==, so an unhashable item is reported, not a hashing error
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name}={values!r} must be a list of distinct values from {choices}")
+    unknown = [v for v in values if v not in choices]
+    if unknown or len(set(values)) != len(values):  # all known: hashable like the choices
+        raise ValueError(f"{name}={list(values)} must be distinct values from {choices}"
+                         + (f"; unknown: {unknown}" if unknown else ""))

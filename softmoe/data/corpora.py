@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from softmoe.common.checks import check_choice, check_int
 from softmoe.data.extract import EXTRACTORS, Document
 from softmoe.data.io import atomic_write_text
 
@@ -67,8 +68,7 @@ def split_documents(
         {split: documents sorted by (source, doc_id)}; every document lands in exactly one split.
     """
     _check_fracs(val_frac, test_frac)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative int")
+    check_int("seed", seed, 0)
     by_source: dict[str, list[Document]] = {}
     seen: set[str] = set()
     for doc in docs:
@@ -102,8 +102,7 @@ def load_source_documents(
     The cache name carries the artifact hash and EXTRACT_VERSION, so a new artifact or new
     extraction code never reuses stale text.
     """
-    if source not in EXTRACTORS:
-        raise ValueError(f"source={source!r} must be one of {sorted(EXTRACTORS)}")
+    check_choice("source", source, sorted(EXTRACTORS))
     cached = Path(text_dir) / f"{source}-{artifact_sha256[:12]}-v{EXTRACT_VERSION}.jsonl"
     if cached.is_file():
         return _read_jsonl(cached)

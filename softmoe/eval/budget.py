@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softmoe.common.checks import check_float
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import bits_per_byte, evaluate_split
 from softmoe.eval.report import pyplot, save_figure, style_axes
@@ -94,8 +95,7 @@ def check_budgets(model: GPT, budgets: Sequence[float]) -> None:
         raise ValueError("budgets=[] must list at least one global budget")
     low, high = model.budget.k_min, model.budget.k_max
     for value in budgets:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"budget={value!r} must be a finite number")
+        check_float("budget", value)
         if not low <= value <= high:
             raise ValueError(f"budget={value} is out of range: this model's budget allows [k_min={low}, "
                              f"E - margin={high}]")

@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from softmoe.common.atomic import atomic_write_json, atomic_write_text
+from softmoe.common.checks import check_int
 from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import pyplot, save_figure, style_axes
@@ -428,10 +429,8 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
     is reused, so pass a new out_dir to retrain). `jobs` > 1: that many runs at once, each in its own
     process with one thread (train.threads=1). Runs not trained in this sitting and not summarised are
     left out of the results (a study in progress)."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs={jobs!r} must be an int >= 1")
-    if next_runs is not None and (isinstance(next_runs, bool) or not isinstance(next_runs, int) or next_runs < 0):
-        raise ValueError(f"next_runs={next_runs!r} must be None or an int >= 0")
+    check_int("jobs", jobs, 1)
+    check_int("next_runs", next_runs, 0, allow_none=True)
     overrides = tuple(extra_overrides) + (("train.threads=1",) if jobs > 1 else ())
     runs = plan_runs(study, overrides)
     done, missing = _missing(study, runs, force)

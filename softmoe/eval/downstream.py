@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softmoe.common.precision import autocast_context, module_device
+from softmoe.common.checks import check_choice, check_distinct_choices, check_int
+from softmoe.common.precision import PRECISIONS, autocast_context, module_device
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import LayerRouting, accumulate_routing
 from softmoe.eval.tasks import TASKS, Item, load_items
@@ -50,7 +51,6 @@ from softmoe.model import GPT
 __all__ = ["TASKS", "TaskResult", "Score", "bootstrap_ci", "encode_pair", "score_requests", "evaluate_items",
            "evaluate_tasks"]
 
-PRECISIONS = ("fp32", "bf16")
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -146,16 +146,6 @@ def masked_padding(model: nn.Module, mask_BS: torch.Tensor) -> Iterator[None]:
 
 # ---- scoring ------------------------------------------------------------------------------------
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
-
-
 def _score_batch(model: nn.Module, windows: list[tuple[list[int], list[int]]], precision: str,
                  layers: dict[int, LayerRouting] | None) -> list[Score]:
     """One forward over right-padded windows; the continuation sits at the end of each row."""
@@ -200,8 +190,8 @@ def score_requests(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
     Returns:
         One Score per request, in request order.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_precision(precision)
+    check_int("batch_size", batch_size, 1)
+    check_choice("precision", precision, PRECISIONS)
     max_len = model.config.max_seq_len
     windows = [_window(*encode_pair(tokenizer, context, continuation), max_len)
                for context, continuation in requests]
@@ -232,7 +222,7 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, seed: int = 0, resamples:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}")
-    _check_positive_int("resamples", resamples)
+    check_int("resamples", resamples, 1)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
     rng = np.random.default_rng(seed)
@@ -331,16 +321,12 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
     Returns:
         task name -> TaskResult, in the order given.
     """
-    if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
-        raise ValueError(f"tasks={tasks!r} must be a non-empty list of task names from {list(TASKS)}")
-    unknown = [name for name in tasks if name not in TASKS]
-    if unknown or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks={list(tasks)} must be distinct names from {list(TASKS)}; unknown: {unknown}")
-    if limit is not None:
-        _check_positive_int("limit", limit)
-    _check_positive_int("batch_size", batch_size)
-    _check_precision(precision)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r} must be an int")
+    check_distinct_choices("tasks", tasks, TASKS)
+    if not tasks:
+        raise ValueError(f"tasks={list(tasks)} must name at least one task from {list(TASKS)}")
+    check_int("limit", limit, 1, allow_none=True)
+    check_int("batch_size", batch_size, 1)
+    check_choice("precision", precision, PRECISIONS)
+    check_int("seed", seed)
     return {name: evaluate_items(model, tokenizer, name, load_items(name, limit), TASKS[name].kind,
                                  batch_size, precision, seed) for name in tasks}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from softmoe.common.atomic import atomic_write_json, atomic_write_text
+from softmoe.common.checks import check_choice, check_distinct_choices, check_float, check_int
 from softmoe.common.precision import check_device_name
 from softmoe.data import CORPORA, dataset_dir_for, load_split, prepare, read_meta
 from softmoe.data.io import read_json
@@ -47,7 +47,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What `softmoe eval` measures. Invalid values raise ValueError naming the field."""
+    """What `softmoe eval` measures. A value of the wrong type raises TypeError, a bad value ValueError, each
+    naming the field and the value."""
 
     splits: tuple[str, ...] = ("val", "test")  # splits to score, each whole
     corpora: tuple[str, ...] = ()  # corpora to score; empty = the corpus the model was trained on
@@ -64,21 +65,16 @@ class EvalSettings:
     def __post_init__(self) -> None:
         check_device_name(self.device)
         for name, allowed in (("splits", SPLITS), ("corpora", CORPORA)):
-            values = getattr(self, name)
-            bad = [v for v in values if v not in allowed]
-            if bad or len(set(values)) != len(values):
-                raise ValueError(f"{name}={list(values)} must be distinct values from {list(allowed)}")
+            check_distinct_choices(name, getattr(self, name), allowed)
         if not self.splits:
             raise ValueError("splits=[] must name at least one split")
         for name in ("limit", "batch_size", "max_batches"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be None or an int >= 1")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
-        for value in self.budgets:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"budgets={list(self.budgets)}: {value!r} is not a finite number")
+            check_int(name, getattr(self, name), 1, allow_none=True)
+        if self.precision is not None:
+            check_choice("precision", self.precision, PRECISIONS)
+        for i, value in enumerate(self.budgets):
+            check_float(f"budgets[{i}]", value)
+        check_int("seed", self.seed)
 
 
 @dataclass(frozen=True)

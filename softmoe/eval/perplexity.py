@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.common.precision import autocast_context, module_device
 from softmoe.data import IGNORE_INDEX, eval_batches
 from softmoe.data.loader import num_eval_batches
@@ -33,12 +34,9 @@ def bits_per_byte(loss: float, tokens: int, num_bytes: int) -> float:
     Unlike per-token perplexity it does not depend on the tokenizer, so BPE and word-level models
     (or two BPE vocabularies) compare on the same text.
     """
-    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 1:
-        raise ValueError(f"num_bytes={num_bytes!r} must be an int >= 1")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens={tokens!r} must be an int >= 0")
-    if not math.isfinite(loss) or loss < 0:
-        raise ValueError(f"loss={loss!r} must be a finite number >= 0")
+    check_int("num_bytes", num_bytes, 1)
+    check_int("tokens", tokens, 0)
+    check_float("loss", loss, 0)
     return loss * tokens / (num_bytes * math.log(2))
 
 
@@ -119,8 +117,7 @@ def evaluate_split(
         max_batches: optional cap, for quick looks; None scores the whole split.
         progress: show a progress bar (on a terminal), labelled `desc`.
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches={max_batches} must be >= 1 or None")
+    check_int("max_batches", max_batches, 1, allow_none=True)
     was_training = model.training
     model.eval()
     device = module_device(model)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from softmoe.common.checks import check_int
+
 __all__ = ["Item", "TaskSpec", "TASKS", "data_root", "task_path", "load_rows", "load_items", "piqa_item",
            "arc_item", "sciq_item", "copa_item", "hellaswag_item", "winogrande_item", "lambada_item"]
 
@@ -178,14 +180,9 @@ def task_path(name: str) -> Path:
     return path
 
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r} must be None or an int >= 1")
-
-
 def load_rows(name: str, limit: int | None = None) -> list[dict]:
     """The first `limit` rows (all when None) of a task's validation data, in file order."""
-    _check_limit(limit)
+    check_int("limit", limit, 1, allow_none=True)
     path = task_path(name)
     if path.name.endswith(".jsonl.gz"):
         rows = []

@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from softmoe.common.checks import check_bool, check_float
 from softmoe.model.attention import rope_tables
 from softmoe.model.config import ModelConfig
 from softmoe.model.decoder import GPT, check_pad_mask
@@ -80,11 +81,8 @@ class SoftMoEConfig(PretrainedConfig):
             setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
         self.output_router_logits = kwargs.pop("output_router_logits", False)
         self.router_aux_loss_coef = kwargs.pop("router_aux_loss_coef", 1.0)
-        if not isinstance(self.output_router_logits, bool):
-            raise TypeError(f"output_router_logits must be a bool, got {self.output_router_logits!r}")
-        coef = self.router_aux_loss_coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
-            raise ValueError(f"router_aux_loss_coef={coef!r} must be a finite number >= 0")
+        check_bool("output_router_logits", self.output_router_logits)
+        check_float("router_aux_loss_coef", self.router_aux_loss_coef, 0)
         # The head is the embedding matrix itself (one tensor), so there is nothing for HF to tie.
         kwargs.setdefault("tie_word_embeddings", False)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))  # save_pretrained writes the file it names

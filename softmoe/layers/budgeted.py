@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from softmoe.common.checks import check_int
 from softmoe.layers.moe import MoEOutput
 from softmoe.routing.base import LayerStats
 from softmoe.routing.budget import Budget
@@ -110,7 +111,8 @@ class SoftMoEBudget(Budget):
         if experts != self.num_experts:
             raise ValueError(f"layer routes over {experts} experts but the budget has num_experts={self.num_experts}")
         index = self._attached if index is None else index
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_layers:
+        check_int("index", index)
+        if not 0 <= index < self.num_layers:
             raise ValueError(f"index={index!r} must be an int in [0, num_layers={self.num_layers}); "
                              "make the budget with one layer per MoE layer of the model")
         self._attached = max(self._attached, index + 1)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe.common.checks import check_choice, check_int
+
 __all__ = [
     "ExpertBank",
     "EXPERT_IMPLS",
@@ -283,10 +285,8 @@ class ExpertBank(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, impl: str = "auto"):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if impl not in EXPERT_IMPL_CHOICES:
-            raise ValueError(f"impl={impl!r} must be one of {list(EXPERT_IMPL_CHOICES)}")
+            check_int(name, value, 1)
+        check_choice("impl", impl, EXPERT_IMPL_CHOICES)
         self.impl = impl
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe.common.checks import check_int
+
 __all__ = ["SwiGLU"]
 
 
@@ -19,8 +21,7 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_hidden: int):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+            check_int(name, value, 1)
         self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
         self.w_up = nn.Linear(d_model, d_hidden, bias=False)
         self.w_down = nn.Linear(d_hidden, d_model, bias=False)

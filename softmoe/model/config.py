@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from softmoe.common.checks import check_float, check_int
+from softmoe.common.checks import check_choice, check_float, check_int
 from softmoe.layers.moe import fine_grained
 from softmoe.routing import ROUTERS, router_class, router_config
 
@@ -50,8 +50,7 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn={self.ffn!r} must be one of {FFN_KINDS}")
+        check_choice("ffn", self.ffn, FFN_KINDS)
         if self.router is None:  # YAML reads a bare `null` as None
             raise ValueError("router=None: to select the null-expert router write the name as a string, "
                              "e.g. model.router='\"null\"' on the command line or router: \"null\" in YAML")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from softmoe.common.checks import check_bool
 from softmoe.layers.moe import MoEOutput
 from softmoe.model.attention import KVCache, padded_causal_mask, padded_positions, rope_tables
 from softmoe.model.block import Block
@@ -97,8 +98,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig, activation_checkpointing: bool = False):
         super().__init__()
-        if not isinstance(activation_checkpointing, bool):
-            raise TypeError(f"activation_checkpointing must be a bool, got {activation_checkpointing!r}")
+        check_bool("activation_checkpointing", activation_checkpointing)
         self.config = config
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(config.vocab_size, config.d_model)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from softmoe.common.checks import check_float, check_int
 from softmoe.model.decoder import GPT
 
 __all__ = ["generate", "sample_next"]
 
 
 def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be a number in (0, 1]")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be an int >= 0")
+    check_float("temperature", temperature, 0)  # 0 = greedy
+    check_float("top_p", top_p, 0, 1, open_low=True)
+    check_int("max_new_tokens", max_new_tokens, 0)
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from softmoe.routing.base import check_float
+from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = ["Budget", "BUDGET_MODES", "exact_allocation"]
 
@@ -85,10 +85,9 @@ class Budget(nn.Module):
     ):
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_experts", num_experts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if mode not in BUDGET_MODES:
-            raise ValueError(f"mode={mode!r} must be one of {BUDGET_MODES}")
+            check_int(name, value, 1)
+        check_choice("mode", mode, BUDGET_MODES)
+        check_bool("learnable", learnable)
         check_float("margin", margin, 0.0, num_experts, open_low=True)
         check_float("k_min", k_min, 0.0, num_experts - margin, open_low=True)
         check_float("penalty_coef", penalty_coef, 0.0)

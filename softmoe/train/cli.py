@@ -118,7 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, generator=generator)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
         return 2
     print(tokenizer.decode(out[0].tolist()))

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.common.precision import PRECISIONS, check_device_name
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
@@ -73,31 +74,17 @@ class TrainConfig:
         for name, low in [("seed", 0), ("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
                           ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
                           ("keep_last", 1), ("max_bad_steps", 0)]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"train.{name} must be an int, got {type(value).__name__} ({value!r})")
-            if value < low:
-                raise ValueError(f"train.{name}={value} must be >= {low}")
-        for name, low, high in [("lr", 0, None), ("min_lr_ratio", 0, 1), ("weight_decay", 0, None),
-                                ("beta1", 0, 1), ("beta2", 0, 1), ("eps", 0, None), ("budget_lr_mult", 0, None),
-                                ("grad_clip", 0, None), ("ae_target", 0, None), ("ae_rate", 0, None),
-                                ("ae_k_max", 0, None)]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"train.{name}={value!r} must be a finite number")
-            if value < low or (high is not None and value > high):
-                raise ValueError(f"train.{name}={value} must be in [{low}, {high if high is not None else 'inf'}]")
-        if self.lr == 0:
-            raise ValueError("train.lr=0 must be > 0")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise TypeError(f"train.activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+            check_int(f"train.{name}", getattr(self, name), low)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "budget_lr_mult", "grad_clip",
+                     "ae_target", "ae_rate", "ae_k_max"):
+            high = 1 if name in ("min_lr_ratio", "beta1", "beta2") else math.inf
+            check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name == "lr")  # lr > 0
+        check_bool("train.activation_checkpointing", self.activation_checkpointing)
         check_device_name(self.device, "train.device")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"train.compile must be a bool, got {type(self.compile).__name__} ({self.compile!r})")
+        check_bool("train.compile", self.compile)
         if self.ae_target > 0 and self.ae_rate == 0:
             raise ValueError(f"train.ae_rate=0 must be > 0 with train.ae_target={self.ae_target}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} must be one of {PRECISIONS}")
+        check_choice("train.precision", self.precision, PRECISIONS)
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
             raise ValueError(f"train.name={self.name!r} must be a directory name (not '.' or '..', no '/')")
 
@@ -118,12 +105,9 @@ class ParallelConfig:
     backend: str = "auto"  # torch.distributed backend: "auto" = nccl on CUDA, gloo on CPU
 
     def __post_init__(self) -> None:
-        if self.data not in DATA_PARALLEL:
-            raise ValueError(f"parallel.data={self.data!r} must be one of {DATA_PARALLEL}")
-        if isinstance(self.expert, bool) or not isinstance(self.expert, int) or self.expert < 1:
-            raise ValueError(f"parallel.expert={self.expert!r} must be an int >= 1")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"parallel.backend={self.backend!r} must be one of {BACKENDS}")
+        check_choice("parallel.data", self.data, DATA_PARALLEL)
+        check_int("parallel.expert", self.expert, 1)
+        check_choice("parallel.backend", self.backend, BACKENDS)
         if self.expert > 1 and self.data == "none":
             raise ValueError(f"parallel.expert={self.expert} needs parallel.data=ddp or fsdp (the ranks of an "
                              f"expert-parallel group read different data)")

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from softmoe.common.checks import check_float
 from softmoe.routing.balance import ExpertBias
 from softmoe.routing.budget import Budget
 from softmoe.routing.remoe import ReMoERouter
@@ -57,11 +58,9 @@ class ActiveExpertsTarget:
 
     def __post_init__(self) -> None:
         for name in ("target", "rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"ActiveExpertsTarget.{name}={value!r} must be a finite number > 0")
-        if self.k_max is not None and not 0 < self.k_max < float("inf"):
-            raise ValueError(f"ActiveExpertsTarget.k_max={self.k_max!r} must be None or a finite number > 0")
+            check_float(f"ActiveExpertsTarget.{name}", getattr(self, name), 0, open_low=True)
+        if self.k_max is not None:
+            check_float("ActiveExpertsTarget.k_max", self.k_max, 0, open_low=True)
 
 
 def multiplicative_update(coef: torch.Tensor, sparsity: torch.Tensor, target: float, factor: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Callable
 
 import yaml
 
+from softmoe.common.checks import check_choice
 from softmoe.routing.budget import Budget
 from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, read_meta
 from softmoe.train.config import RunConfig, apply_overrides, run_config_from_dict
@@ -131,8 +132,7 @@ def check_ownership(config: RunConfig, mode: str, has_good_checkpoint: bool) -> 
     Raises:
         RunDirError naming the run directory and, for a config mismatch, the differing keys.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    check_choice("mode", mode, MODES)
     if mode == "overwrite":
         return
     run_dir = config.train.run_dir

@@ -18,7 +18,8 @@ from softmoe.cli import main
 from softmoe.train.checkpoint import list_checkpoints
 from softmoe.train.loop import Trainer
 from softmoe.train.metrics import read_metrics
-from softmoe.train.rundir import RunDirError, RunLock
+from softmoe.train.config import load_run_config
+from softmoe.train.rundir import RunDirError, RunLock, check_ownership
 from tests.e2e.test_smoke import CONFIGS, EXACT, assert_bitwise_equal, quiet, state_of, tiny
 
 TINY = str(CONFIGS / "tiny" / "softmoe.yaml")
@@ -321,3 +322,8 @@ def test_resume_of_a_run_without_config_yaml_uses_its_checkpoint(tmp_path, data_
     capsys.readouterr()
     assert train_cli(tmp_path, data_dir, "--resume") == 0
     assert "done at step 6" in capsys.readouterr().out
+
+
+def test_check_ownership_names_a_bad_mode():
+    with pytest.raises(ValueError, match="mode='bogus' must be one of"):
+        check_ownership(load_run_config(TINY), "bogus", False)

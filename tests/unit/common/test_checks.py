@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from softmoe.common.checks import check_bool, check_choice, check_float, check_int
+from softmoe.common.checks import check_bool, check_choice, check_distinct_choices, check_float, check_int
 
 
 @pytest.mark.parametrize("value, kwargs, error, match", [
@@ -59,3 +59,17 @@ def test_check_bool_and_choice():
     check_choice("mode", "a", ("a", "b"))
     with pytest.raises(ValueError, match=r"mode='c' must be one of \('a', 'b'\)"):
         check_choice("mode", "c", ("a", "b"))
+    check_choice("mode", "b", ["b", "a"])  # a list is shown as given
+    with pytest.raises(ValueError, match=r"mode=3 must be one of \['b', 'a'\]"):
+        check_choice("mode", 3, ["b", "a"])
+
+
+def test_check_distinct_choices():
+    check_distinct_choices("splits", ("val", "test"), ("train", "val", "test"))
+    check_distinct_choices("splits", [], ("train", "val"))  # empty passes: the caller says if it must not
+    with pytest.raises(TypeError, match=r"splits='val' must be a list of distinct values from \['train', 'val'\]"):
+        check_distinct_choices("splits", "val", ("train", "val"))
+    with pytest.raises(ValueError, match=r"splits=\['val', 'val'\] must be distinct values from \['train', 'val'\]$"):
+        check_distinct_choices("splits", ["val", "val"], ("train", "val"))
+    with pytest.raises(ValueError, match=r"splits=\['dev', \['x'\]\] must be .*; unknown: \['dev', \['x'\]\]"):
+        check_distinct_choices("splits", ["dev", ["x"]], {"train": 0, "val": 1})  # unhashable: reported, dict keys

@@ -70,6 +70,15 @@ def test_split_rejects_bad_arguments(kwargs, field):
         split_documents(_docs(), **kwargs)
 
 
+def test_split_seed_and_source_name_the_value():
+    with pytest.raises(ValueError, match="seed=-1 must be an int >= 0"):
+        split_documents(_docs(), seed=-1)
+    with pytest.raises(TypeError, match="seed=1.5 must be an int >= 0"):
+        split_documents(_docs(), seed=1.5)
+    with pytest.raises(ValueError, match="source='nope' must be one of"):
+        load_source_documents("nope", "unused", "0" * 64, "unused")
+
+
 def test_split_rejects_duplicate_ids():
     with pytest.raises(ValueError, match="doc_id"):
         split_documents([Document("a", "a/1", "x"), Document("a", "a/1", "y")])

@@ -91,6 +91,10 @@ def test_errors_name_the_budget_and_the_router(softmoe_model, topk_run):
         check_budgets(model, [0.5])
     with pytest.raises(ValueError, match="budgets=\\[\\]"):
         check_budgets(model, [])
+    with pytest.raises(ValueError, match="budget=nan must be a finite number"):
+        check_budgets(model, [float("nan")])
+    with pytest.raises(TypeError, match="budget must be a float, got str '2'"):
+        check_budgets(model, ["2"])
     topk, _, _ = load_model(topk_run, report=lambda message: None)
     with pytest.raises(ValueError, match="router='topk'"):
         check_budgets(topk, [2.0])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from softmoe.eval.downstream import encode_pair, evaluate_items, evaluate_tasks, score_requests
+from softmoe.eval.downstream import bootstrap_ci, encode_pair, evaluate_items, evaluate_tasks, score_requests
 from softmoe.eval.tasks import Item
 from softmoe.model import GPT, ModelConfig
 
@@ -165,17 +165,38 @@ def test_batching_and_padding_do_not_change_scores_and_routing_counts_real_token
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tasks="piqa"), "tasks="),
-    (dict(tasks=["nope"]), "tasks="),
-    (dict(tasks=["piqa", "piqa"]), "tasks="),
-    (dict(tasks=[]), "tasks="),
-    (dict(tasks=["piqa"], limit=0), "limit=0"),
-    (dict(tasks=["piqa"], batch_size=0), "batch_size=0"),
+    (dict(tasks=["nope"]), r"tasks=\['nope'\] must be distinct values from .*; unknown: \['nope'\]"),
+    (dict(tasks=["piqa", "piqa"]), r"tasks=\['piqa', 'piqa'\] must be distinct"),
+    (dict(tasks=[]), r"tasks=\[\] must name at least one task"),
+    (dict(tasks=["piqa"], limit=0), "limit=0 must be None or an int >= 1"),
+    (dict(tasks=["piqa"], batch_size=0), "batch_size=0 must be an int >= 1"),
     (dict(tasks=["piqa"], precision="fp16"), "precision='fp16'"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate_tasks(BigramStub(torch.zeros(V, V)), CharTokenizer(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tasks="piqa"), "tasks='piqa' must be a list"),
+    (dict(tasks=["piqa"], limit=1.5), "limit=1.5 must be None or an int"),
+    (dict(tasks=["piqa"], batch_size=True), "batch_size=True must be an int"),
+    (dict(tasks=["piqa"], seed="0"), "seed='0' must be an int"),
+])
+def test_arguments_of_the_wrong_type_raise_type_error_naming_them(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        evaluate_tasks(BigramStub(torch.zeros(V, V)), CharTokenizer(), **kwargs)
+
+
+def test_score_requests_and_bootstrap_check_their_counts():
+    with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
+        score_requests(BigramStub(torch.zeros(V, V)), CharTokenizer(), [("q", " a")], batch_size=0)
+    with pytest.raises(ValueError, match="precision='fp16' must be one of"):
+        score_requests(BigramStub(torch.zeros(V, V)), CharTokenizer(), [("q", " a")], precision="fp16")
+    with pytest.raises(ValueError, match="resamples=0 must be an int >= 1"):
+        bootstrap_ci([0.0, 1.0], resamples=0)
+    with pytest.raises(TypeError, match="resamples=10.0 must be an int"):
+        bootstrap_ci([0.0, 1.0], resamples=10.0)
 
 
 def test_evaluate_items_rejects_bad_kind_and_empty_items():

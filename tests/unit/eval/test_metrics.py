@@ -14,7 +14,7 @@ import torch
 from softmoe.eval.cli import parse_budgets, parse_list, parse_tasks
 from softmoe.eval.evaluate import EvalSettings, ptb_lines
 from softmoe.eval.flops import compute_cost
-from softmoe.eval.perplexity import LayerRouting, bits_per_byte
+from softmoe.eval.perplexity import LayerRouting, bits_per_byte, evaluate_split
 from softmoe.model import GPT
 from softmoe.model.config import ModelConfig
 
@@ -27,10 +27,14 @@ def test_bits_per_byte_formula():
     assert bits_per_byte(3.0, 250, 1000) == pytest.approx(3.0 * 250 / (1000 * math.log(2)))
 
 
-@pytest.mark.parametrize("args, name", [((1.0, 10, 0), "num_bytes=0"), ((1.0, -1, 10), "tokens=-1"),
-                                        ((float("nan"), 10, 10), "loss=nan"), ((1.0, 10, 2.5), "num_bytes=2.5")])
-def test_bits_per_byte_rejects_bad_input(args, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("args, error, match", [
+    ((1.0, 10, 0), ValueError, "num_bytes=0 must be an int >= 1"), ((1.0, -1, 10), ValueError, "tokens=-1"),
+    ((float("nan"), 10, 10), ValueError, "loss=nan"), ((-0.5, 10, 10), ValueError, "loss=-0.5 must be"),
+    ((1.0, 10, 2.5), TypeError, "num_bytes=2.5 must be an int"), ((1.0, 1.0, 10), TypeError, "tokens=1.0"),
+    (("1.0", 10, 10), TypeError, "loss must be a float, got str '1.0'"),
+])
+def test_bits_per_byte_rejects_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
         bits_per_byte(*args)
 
 
@@ -38,6 +42,15 @@ def tiny_model(**changes) -> GPT:
     base = dict(vocab_size=64, d_model=16, n_layers=3, n_heads=2, d_ff=32, num_experts=4, d_expert=8,
                 max_seq_len=16)
     return GPT(ModelConfig(**{**base, **changes}))
+
+
+def test_evaluate_split_checks_max_batches():
+    tokens = np.arange(200, dtype=np.int64) % 64
+    assert evaluate_split(tiny_model(), tokens, 8, batch_size=2, max_batches=1).tokens == 16
+    with pytest.raises(ValueError, match="max_batches=0 must be None or an int >= 1"):
+        evaluate_split(tiny_model(), tokens, 8, max_batches=0)
+    with pytest.raises(TypeError, match="max_batches=1.5 must be None or an int >= 1"):
+        evaluate_split(tiny_model(), tokens, 8, max_batches=1.5)
 
 
 def routing(block: int, active_mean: float, num_experts: int = 4) -> LayerRouting:
@@ -88,12 +101,24 @@ def test_ptb_lines_rebuilds_sentences_from_word_ids():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("splits", ("val", "dev"), "splits="), ("splits", (), "splits=\\[\\]"), ("corpora", ("wiki",), "corpora="),
-    ("limit", 0, "limit=0"), ("batch_size", -1, "batch_size=-1"), ("precision", "fp16", "precision='fp16'"),
-    ("budgets", (float("inf"),), "budgets="), ("max_batches", True, "max_batches=True"),
+    ("splits", ("val", "dev"), r"splits=\['val', 'dev'\] must be distinct values from .*; unknown: \['dev'\]"),
+    ("splits", ("val", "val"), r"splits=\['val', 'val'\] must be distinct"), ("splits", (), "splits=\\[\\]"),
+    ("corpora", ("wiki",), "corpora="), ("limit", 0, "limit=0 must be None or an int >= 1"),
+    ("batch_size", -1, "batch_size=-1"), ("precision", "fp16", "precision='fp16'"),
+    ("budgets", (1.0, float("inf")), r"budgets\[1\]=inf must be a finite number"),
 ])
 def test_eval_settings_reject_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
+        EvalSettings(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("splits", "val", "splits='val' must be a list"), ("max_batches", True, "max_batches=True must be None or an int"),
+    ("limit", 2.0, "limit=2.0"), ("budgets", ("1.5",), r"budgets\[0\] must be a float, got str '1.5'"),
+    ("seed", None, "seed=None must be an int"),
+])
+def test_eval_settings_reject_wrong_types(field, value, match):
+    with pytest.raises(TypeError, match=match):
         EvalSettings(**{field: value})
 
 

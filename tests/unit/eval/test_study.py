@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softmoe.eval.compare import describe_plan, load_study, plan_runs
+from softmoe.eval.compare import describe_plan, load_study, plan_runs, run_study
 
 STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
 
@@ -160,3 +160,14 @@ def test_small_long_study_trains_three_times_the_tokens_of_small():
     assert [r.variant.name for r in long_runs] == ["topk-k1", "topk-k2", "softmoe-K1.0", "softmoe-K1.5"]
     assert long_runs[0].tokens == 3 * short_runs[0].tokens
     assert load_study(STUDIES / "small-long.yaml").reference == "topk-k2"
+
+
+def test_run_study_checks_jobs_and_next_runs_before_running_anything(tmp_path):
+    study = load_study(STUDIES / "tiny.yaml", out_dir=tmp_path / "out")
+    for kwargs, error, match in ((dict(jobs=0), ValueError, "jobs=0 must be an int >= 1"),
+                                 (dict(jobs=2.0), TypeError, "jobs=2.0 must be an int >= 1"),
+                                 (dict(next_runs=-1), ValueError, "next_runs=-1 must be None or an int >= 0"),
+                                 (dict(next_runs="2"), TypeError, "next_runs='2' must be None or an int >= 0")):
+        with pytest.raises(error, match=match):
+            run_study(study, **kwargs)
+    assert not (tmp_path / "out").exists()

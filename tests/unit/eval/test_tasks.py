@@ -111,7 +111,9 @@ def test_real_data_builds_items_deterministically(name):
 
 
 def test_limit_validation():
-    with pytest.raises(ValueError, match="limit=0"):
+    with pytest.raises(ValueError, match="limit=0 must be None or an int >= 1"):
         load_rows("piqa", 0)
+    with pytest.raises(TypeError, match="limit=2.5 must be None or an int"):
+        load_rows("piqa", 2.5)
     with pytest.raises(ValueError, match="task='nope'"):
         load_rows("nope")

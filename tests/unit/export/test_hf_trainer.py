@@ -41,8 +41,12 @@ def test_forward_follows_mixtral():
     assert len(out.router_logits) == 2 and out.router_logits[0].shape == (20, 4)
     on = make_model(output_router_logits=True)  # the config's switch
     assert on(ids).aux_loss is not None and on(ids, output_router_logits=False).aux_loss is None
-    with pytest.raises(ValueError, match="router_aux_loss_coef=-1"):
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-1 must be a finite number >= 0"):
         SoftMoEConfig(router_aux_loss_coef=-1)
+    with pytest.raises(TypeError, match="router_aux_loss_coef must be a float, got str '0.5'"):
+        SoftMoEConfig(router_aux_loss_coef="0.5")
+    with pytest.raises(TypeError, match=r"output_router_logits must be a bool, got int \(1\)"):
+        SoftMoEConfig(output_router_logits=1)
 
 
 def test_the_switch_survives_save_and_load(tmp_path):

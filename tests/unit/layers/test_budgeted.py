@@ -130,6 +130,8 @@ def test_attach_checks_the_layer_and_the_index():
     assert [budget.attach(layer()).index for _ in range(2)] == [0, 1]
     with pytest.raises(ValueError, match=r"index=2 must be an int in \[0, num_layers=2\)"):
         budget.attach(layer())
+    with pytest.raises(TypeError, match="index=1.0 must be an int"):
+        budget.attach(layer(), index=1.0)
     with pytest.raises(RuntimeError, match="do not nest"):
         with budget.collect(), budget.collect():
             pass

@@ -10,6 +10,7 @@ import torch
 
 from softmoe.layers import EXPERT_IMPLS, ExpertBank
 from softmoe.layers.experts import grouped_mm_supported, loop_experts, swiglu
+from softmoe.layers.ffn import SwiGLU
 
 # (counts per expert, d_model, d_hidden): empty experts first, last and in the middle; unaligned dims.
 SHAPES = [
@@ -69,8 +70,22 @@ def test_registry_and_errors():
     assert {"loop", "grouped", "padded"} <= set(EXPERT_IMPLS)
     with pytest.raises(ValueError, match="impl='fast'"):
         ExpertBank(2, 4, 4, impl="fast")
-    with pytest.raises(ValueError, match="num_experts=0"):
+    with pytest.raises(ValueError, match="num_experts=0 must be an int >= 1"):
         ExpertBank(0, 4, 4)
+    with pytest.raises(ValueError, match="d_hidden=-1 must be an int >= 1"):
+        ExpertBank(2, 4, -1)
+    with pytest.raises(TypeError, match="num_experts=2.0 must be an int >= 1"):
+        ExpertBank(2.0, 4, 4)
+    with pytest.raises(TypeError, match="d_model=True must be an int >= 1"):
+        ExpertBank(2, True, 4)
+
+
+def test_dense_ffn_checks_its_widths():
+    assert SwiGLU(4, 8)(torch.zeros(2, 4)).shape == (2, 4)
+    with pytest.raises(ValueError, match="d_model=0 must be an int >= 1"):
+        SwiGLU(0, 8)
+    with pytest.raises(TypeError, match="d_hidden=8.0 must be an int >= 1"):
+        SwiGLU(4, 8.0)
 
 
 def test_padded_capacity_trades_padding_against_overflow():

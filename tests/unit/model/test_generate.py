@@ -68,3 +68,17 @@ def test_bad_arguments_raise(model, kwargs, match):
     args = dict(max_new_tokens=4, temperature=1.0, top_p=1.0) | kwargs
     with pytest.raises(ValueError, match=match):
         generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature="hot"), "temperature must be a float, got str 'hot'"),
+        (dict(top_p=True), "top_p must be a float, got bool True"),
+        (dict(max_new_tokens=4.0), "max_new_tokens=4.0 must be an int >= 0"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(model, kwargs, match):
+    args = dict(max_new_tokens=4, temperature=1.0, top_p=1.0) | kwargs
+    with pytest.raises(TypeError, match=match):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **args)

@@ -108,6 +108,16 @@ def test_bad_arguments_raise(kwargs, match):
         Budget(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_layers=2.0, num_experts=8, budget=2.0), "num_layers=2.0 must be an int >= 1"),
+    (dict(num_layers=2, num_experts=True, budget=2.0), "num_experts=True must be an int >= 1"),
+    (dict(num_layers=2, num_experts=8, budget=2.0, learnable=0), r"learnable must be a bool, got int \(0\)"),
+])
+def test_arguments_of_the_wrong_type_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        Budget(**kwargs)
+
+
 def test_bad_dial_raises():
     budget = Budget(2, 8, 2.0)
     with pytest.raises(ValueError, match="num_layers=2"):

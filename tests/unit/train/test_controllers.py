@@ -261,9 +261,18 @@ def test_budget_update_direction_and_bounds():
 
 
 def test_active_experts_target_rejects_bad_settings():
-    for bad in (0.0, -1.0, float("nan"), True):
-        with pytest.raises(ValueError, match="target"):
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"ActiveExpertsTarget.target={bad} must be a finite number > 0"):
             controllers.ActiveExpertsTarget(bad, 0.1)
+    for bad in (True, "2"):
+        with pytest.raises(TypeError, match=f"ActiveExpertsTarget.target must be a float, got .* {bad!r}"):
+            controllers.ActiveExpertsTarget(bad, 0.1)
+    with pytest.raises(ValueError, match="ActiveExpertsTarget.rate=0 must be a finite number > 0"):
+        controllers.ActiveExpertsTarget(2.0, 0)
+    with pytest.raises(ValueError, match="ActiveExpertsTarget.k_max=-1.0 must be a finite number > 0"):
+        controllers.ActiveExpertsTarget(2.0, 0.1, k_max=-1.0)
+    with pytest.raises(TypeError, match="ActiveExpertsTarget.k_max must be a float, got bool True"):
+        controllers.ActiveExpertsTarget(2.0, 0.1, k_max=True)
     with pytest.raises(ValueError, match="train.ae_rate=0"):
         load_run_config(TINY_REMOE.parent / "softmoe.yaml", ["train.ae_target=2", "train.ae_rate=0"])
     with pytest.raises(ValueError, match="train.ae_target=-1"):

@@ -58,6 +58,26 @@ def test_missing_file_and_type_errors(tmp_path):
         TrainConfig(steps=2.5)
 
 
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(steps=0), ValueError, r"train\.steps=0 must be an int >= 1"),
+    (dict(seed=-1), ValueError, r"train\.seed=-1 must be an int >= 0"),
+    (dict(keep_last=True), TypeError, r"train\.keep_last=True must be an int >= 1"),
+    (dict(lr=0), ValueError, r"train\.lr=0 must be a finite number > 0"),
+    (dict(lr=float("inf")), ValueError, r"train\.lr=inf must be a finite number"),
+    (dict(min_lr_ratio=1.5), ValueError, r"train\.min_lr_ratio=1\.5 must be a finite number in \[0, 1\]"),
+    (dict(beta2=-0.1), ValueError, r"train\.beta2=-0\.1 must be a finite number in \[0, 1\]"),
+    (dict(grad_clip=-1.0), ValueError, r"train\.grad_clip=-1\.0 must be a finite number >= 0"),
+    (dict(weight_decay="0.1"), TypeError, r"train\.weight_decay must be a float, got str '0\.1'"),
+    (dict(ae_k_max=None), TypeError, r"train\.ae_k_max must be a float, got NoneType None"),
+    (dict(compile=1), TypeError, r"train\.compile must be a bool, got int \(1\)"),
+    (dict(activation_checkpointing="yes"), TypeError, r"train\.activation_checkpointing must be a bool, got str"),
+    (dict(precision="fp16"), ValueError, r"train\.precision='fp16' must be one of \('fp32', 'bf16'\)"),
+])
+def test_train_config_errors_name_the_field_and_the_value(changes, error, match):
+    with pytest.raises(error, match=match):
+        TrainConfig(**changes)
+
+
 def test_round_trip_through_dict():
     cfg = load_run_config(None, ["model.d_model=64", "train.name=x"])
     assert run_config_from_dict(cfg.to_dict()) == cfg
