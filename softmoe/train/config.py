@@ -75,8 +75,8 @@ class TrainConfig:
                           ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
                           ("keep_last", 1), ("max_bad_steps", 0)]:
             check_int(f"train.{name}", getattr(self, name), low)
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "budget_lr_mult", "grad_clip",
-                     "ae_target", "ae_rate", "ae_k_max"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "budget_lr_mult",
+                     "grad_clip", "ae_target", "ae_rate", "ae_k_max"):
             high = 1 if name in ("min_lr_ratio", "beta1", "beta2") else math.inf
             check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name == "lr")  # lr > 0
         check_bool("train.activation_checkpointing", self.activation_checkpointing)
