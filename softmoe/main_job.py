@@ -42,8 +42,7 @@ def _label(config: RunConfig) -> str:
     model = config.model
     if model.ffn == "dense":
         return "dense"
-    router = router_class(model.router)
-    return f"{router.label} ({router.describe(model.k, model.num_experts)})"
+    return f"{router_class(model.router).label} ({model.describe_routing()})"
 
 
 def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs: list[RunConfig],

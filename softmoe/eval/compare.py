@@ -255,11 +255,12 @@ def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
     """The --dry-run text: one line per run with its status, and the token counts."""
     lines = [f"study {study.name} ({study.path}): base {study.base}, {len(study.variants)} variants x "
              f"up to {len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
-    for run in runs:
-        m = run.config.model
-        count = "" if m.ffn == "dense" else router_class(m.router).describe(m.k, m.num_experts)
-        what = "dense" if m.ffn == "dense" else f"{m.router} {count}"
-        lines.append(f"  {run.config.train.name:<36} {what:<22} {run.config.train.steps} steps  {_status(run, study.summaries)}")
+    models = [run.config.model for run in runs]
+    whats = ["dense" if m.ffn == "dense" else f"{m.router} {m.describe_routing()}" for m in models]
+    width = max(map(len, whats), default=0)
+    for run, what in zip(runs, whats):
+        lines.append(f"  {run.config.train.name:<36} {what:<{width}} {run.config.train.steps} steps  "
+                     f"{_status(run, study.summaries)}")
     total = sum(run.tokens for run in runs)
     todo = sum(run.tokens for run in runs
                if _status(run, study.summaries) not in ("summarised", "finished (reused)"))

@@ -78,6 +78,13 @@ class ModelConfig:
 
     # ---- derived, read-only ----
 
+    def describe_routing(self) -> str:
+        """The configured expert count for run listings and report labels, from the router class's `describe`:
+        "k=2 of 8", "budget K=1.5 of 16, learned k_l", or "fixed k=1.5 of 16" for a budget that does not learn
+        its k_l (`budget_options: {learnable: false}`)."""
+        learned = self.budget_options.get("learnable", True)  # Budget's default
+        return router_class(self.router).describe(self.k, self.num_experts, learned=learned)
+
     @property
     def uses_budget(self) -> bool:
         """Whether the model owns a global Budget: MoE blocks whose router takes k_l (`uses_budget`)."""

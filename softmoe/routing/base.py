@@ -256,7 +256,8 @@ class GateRouter(torch.nn.Module):
         fixed_active_experts   the mean experts per token is set by the config (top-k, expert choice), so a
                                per-layer plot of the realised count says nothing
         marker                 its matplotlib marker in the comparison plots
-        describe(k, E)         "k=2 of 8" (or "budget K=2 of 8"), for run listings and report labels
+        describe(k, E)         "k=2 of 8" (or "budget K=2 of 8, learned k_l" / "fixed k=2 of 8"), for run
+                               listings and report labels
 
     A rule builds the Routing it returns with `self.to_routing(weight_TE, keep_TE)`, which sizes it as the
     config's `dispatch_cap` asks (exact N by default, or a static bound with no host sync).
@@ -283,9 +284,13 @@ class GateRouter(torch.nn.Module):
         self.balance = None
 
     @classmethod
-    def describe(cls, k: float, num_experts: int) -> str:
-        """The configured count for listings: "k=2 of 8", or "budget K=2 of 8" for a budget router."""
-        return f"{'budget K' if cls.uses_budget else 'k'}={k:g} of {num_experts}"
+    def describe(cls, k: float, num_experts: int, learned: bool = True) -> str:
+        """The configured count for listings: "k=2 of 8"; for a budget router "budget K=2 of 8, learned
+        k_l", or "fixed k=2 of 8" when its budget does not learn the k_l (`learned=False`: each k_l = K)."""
+        count = f"={k:g} of {num_experts}"
+        if not cls.uses_budget:
+            return f"k{count}"
+        return f"budget K{count}, learned k_l" if learned else f"fixed k{count}"
 
     def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
         """The router's own rule (template step 4).
