@@ -21,12 +21,11 @@ one where value checks run, a device-side assert elsewhere), never a silent drop
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from softmoe.common.checks import check_int
+from softmoe.common.checks import check_float, check_int
 from softmoe.ops.checks import value_checks_enabled
 
 __all__ = ["DispatchOverflow", "Routing", "routing_from_mask", "select_experts", "truncate"]
@@ -154,15 +153,10 @@ def select_experts(score_TE: torch.Tensor, min_weight: float = 0.0, max_active: 
     if score_TE.dim() != 2:
         raise ValueError(f"score_TE must be 2-D (tokens, experts), got shape {tuple(score_TE.shape)}")
     num_experts = score_TE.shape[1]
-    if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)):
-        raise TypeError(f"min_weight must be a float, got {type(min_weight).__name__}")
-    if not (math.isfinite(min_weight) and min_weight >= 0):
-        raise ValueError(f"min_weight={min_weight} must be a finite number >= 0")
-    if max_active is not None:
-        if isinstance(max_active, bool) or not isinstance(max_active, int):
-            raise TypeError(f"max_active must be an int or None, got {type(max_active).__name__}")
-        if not 1 <= max_active <= num_experts:
-            raise ValueError(f"max_active={max_active} must be in [1, num_experts={num_experts}]")
+    check_float("min_weight", min_weight, 0)
+    check_int("max_active", max_active, allow_none=True)
+    if max_active is not None and not 1 <= max_active <= num_experts:
+        raise ValueError(f"max_active={max_active} must be in [1, num_experts={num_experts}]")
 
     score = score_TE.detach()
     keep = score >= min_weight
