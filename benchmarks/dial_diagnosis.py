@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from softmoe.eval.budget import dialed
+from softmoe.eval.budget import check_budgets, dialed
 from softmoe.eval.evaluate import load_corpus_split
 from softmoe.layers import MoELayer
 from softmoe.ops import soft_topk
 from softmoe.routing.softk import relative_keep
+from softmoe.train.checkpoint import CheckpointError
 from softmoe.train.restore import load_model
 
 
@@ -70,6 +71,7 @@ def diagnose(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, thre
 
 def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
     model, config, path = load_model(checkpoint, report=lambda message: None)
+    check_budgets(model, budgets)  # a SoftMoE model with a budget, every K' in its bounds
     router = next(m for m in model.modules() if isinstance(m, MoELayer) and m.uses_budget).router
     cfg = router.config
     if cfg.truncation != "relative":
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     try:
         result = run(args.checkpoint, args.budgets, args.batches)
-    except ValueError as err:
+    except (CheckpointError, ValueError) as err:  # not a checkpoint, not SoftMoE, not the paper's rule, no data
         print(f"dial_diagnosis: {err}", file=sys.stderr)
         return 2
     print(markdown(result))
