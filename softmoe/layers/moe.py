@@ -122,7 +122,8 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """y_TD[t] = sum of y_ND over token t's pairs; backward gathers the token gradient to each pair."""
+    """y_TD[t] = sum of y_ND over token t's pairs by the CPU gather table; backward gathers the token gradient to
+    each pair."""
 
     @staticmethod
     def forward(ctx, y_ND, token_N, slots_TK, num_tokens):
@@ -159,6 +160,11 @@ def combine(y_ND: torch.Tensor, routing: Routing, slots_TK: torch.Tensor | None 
     """
     slots_TK = token_table(routing) if slots_TK is None else slots_TK
     weighted_ND = y_ND * routing.weight_N.unsqueeze(-1).to(y_ND.dtype)
+    if slots_TK is None:
+        # The device path: autograd's own index_add, whose backward gathers exactly as _Combine's does. (Wrapping
+        # it in _Combine gave wrong gradients under torch.compile with torch 2.11: test_dispatch_combine.py.)
+        return weighted_ND.new_zeros(routing.num_tokens, weighted_ND.shape[-1]).index_add(0, routing.token_N,
+                                                                                         weighted_ND)
     return _Combine.apply(weighted_ND, routing.token_N, slots_TK, routing.num_tokens)
 
 
