@@ -31,6 +31,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 
 from softmoe.layers.experts import ExpertBank, pad_rows
+from softmoe.parallel.compat import all_gather_flat
 from softmoe.parallel.world import World, expert_slice
 
 __all__ = ["ExpertParallelBank", "expert_parallel", "expert_parameters", "reduce_expert_grads", "received_order"]
@@ -81,7 +82,7 @@ class ExpertParallelBank(ExpertBank):
         """(N, D) rows sorted by expert over all E experts, (E,) counts -> (N, D) their experts' outputs."""
         num_experts = counts_E.shape[0]
         counts_RE = counts_E.new_empty(self.ep_size * num_experts)
-        dist.all_gather_single(counts_RE, counts_E.contiguous(), group=self.group)
+        all_gather_flat(counts_RE, counts_E.contiguous(), group=self.group)
         flat = counts_RE.tolist()  # the one host sync: all split sizes of this layer
         counts = [flat[r * num_experts:(r + 1) * num_experts] for r in range(self.ep_size)]
         me = self.ep_rank

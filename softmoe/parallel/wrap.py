@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from softmoe.parallel.compat import ddp_without_buffer_sync
 from softmoe.parallel.expert import expert_parallel
 from softmoe.parallel.world import World
 from softmoe.train.config import ParallelConfig
@@ -45,8 +46,8 @@ def parallelize(model: nn.Module, world: World, config: ParallelConfig, precisio
         if expert_names:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
         device_ids = [world.device.index] if world.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
-                                       find_unused_parameters=True), expert_names
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True,
+                                       **ddp_without_buffer_sync()), expert_names
     if config.data == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
