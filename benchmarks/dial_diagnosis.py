@@ -39,10 +39,14 @@ from softmoe.train.checkpoint import CheckpointError
 from softmoe.train.restore import load_model
 
 
-def capture_router_inputs(model: torch.nn.Module) -> tuple[list, list]:
-    """Forward hooks on every budgeted MoE layer that append (layer index, router logits [T, E], k_l) per call."""
+def budgeted_layers(model: torch.nn.Module) -> list[MoELayer]:
+    """The model's MoE layers that take a k_l from its budget, first to last."""
+    return [m for m in model.modules() if isinstance(m, MoELayer) and m.uses_budget]
+
+
+def capture_router_inputs(layers: list[MoELayer]) -> tuple[list, list]:
+    """Forward hooks on `layers` that append (layer index, router logits [T, E], k_l) per call."""
     seen, handles = [], []
-    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.uses_budget]
     for index, layer in enumerate(layers):
         def hook(module, args, kwargs, output, index=index):
             seen.append((index, output.router_logits.detach(), kwargs["mean_k"].detach()))
@@ -72,8 +76,8 @@ def diagnose(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, thre
 def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
     model, config, path = load_model(checkpoint, report=lambda message: None)
     check_budgets(model, budgets)  # a SoftMoE model with a budget, every K' in its bounds
-    router = next(m for m in model.modules() if isinstance(m, MoELayer) and m.uses_budget).router
-    cfg = router.config
+    layers = budgeted_layers(model)
+    cfg = layers[0].router.config
     if cfg.truncation != "relative":
         raise ValueError(f"checkpoint={str(checkpoint)!r}: truncation={cfg.truncation!r}; this diagnoses the paper's "
                          "relative rule")
@@ -82,7 +86,7 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
     usable = (data.tokens.shape[0] - 1) // seq_len
     rows = min(usable, batches * batch_size)
     idx = torch.from_numpy(data.tokens[:rows * seq_len].astype("int64")).view(rows, seq_len)
-    seen, handles = capture_router_inputs(model)
+    seen, handles = capture_router_inputs(layers)
     points = []
     try:
         for budget in budgets:
@@ -92,7 +96,7 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
                     model(idx[start:start + batch_size])
             per_layer: dict[int, dict[str, list]] = {}
             for layer, logits_TE, k in seen:
-                alpha = model_alpha(model, layer)
+                alpha = layers[layer].router.alpha.detach()
                 for name, values in diagnose(logits_TE, k, alpha, cfg.threshold, cfg.cap_factor).items():
                     per_layer.setdefault(layer, {}).setdefault(name, []).append(values)
             layer_means = {layer: {name: float(torch.cat(v).mean()) for name, v in stats.items()}
@@ -108,11 +112,6 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
             handle.remove()
     return {"checkpoint": str(path), "tokens_per_budget": rows * seq_len, "threshold": cfg.threshold,
             "cap_factor": cfg.cap_factor, "num_experts": cfg.num_experts, "points": points}
-
-
-def model_alpha(model: torch.nn.Module, layer: int) -> torch.Tensor:
-    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.uses_budget]
-    return layers[layer].router.alpha.detach()
 
 
 def markdown(result: dict) -> str:
