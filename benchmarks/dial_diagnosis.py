@@ -15,9 +15,12 @@ every SoftMoE layer are captured by forward hooks, and per K' it reports:
     top-1 p, and the share of tokens whose largest p >= 1/2 (the only ones whose set can follow k),
     where tau fell: the upper clamp (keep only the top expert), the lower clamp (keep m), or in between.
 
+With --thresholds it also reports, at the trained K on the same tokens, the active experts each relative
+threshold would keep: how far the lever of the active-experts controller (`train.ae_lever=threshold`) reaches.
+
 Run (from the repo root; CPU, about a minute per checkpoint with 8 batches):
     .venv/bin/python benchmarks/dial_diagnosis.py runs/studies/paper8/paper8-softmoe-K1.5-s0 \
-        --budgets 1 1.5 2 3 --batches 8 --json docs/results/paper8/dial_diagnosis.json
+        --budgets 1 1.5 2 3 --batches 8 --thresholds 0.9 1.2 1.5 1.8 --json docs/results/paper8/dial_diagnosis.json
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def diagnose(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, thre
     }
 
 
-def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
+def run(checkpoint: Path, budgets: list[float], batches: int, thresholds: list[float] = ()) -> dict:
     model, config, path = load_model(checkpoint, report=lambda message: None)
     check_budgets(model, budgets)  # a SoftMoE model with a budget, every K' in its bounds
     layers = budgeted_layers(model)
@@ -87,7 +90,8 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
     rows = min(usable, batches * batch_size)
     idx = torch.from_numpy(data.tokens[:rows * seq_len].astype("int64")).view(rows, seq_len)
     seen, handles = capture_router_inputs(layers)
-    points = []
+    threshold = float(layers[0].router.threshold)  # the routers' own (a controller may have moved it)
+    points, sweep = [], []
     try:
         for budget in budgets:
             seen.clear()
@@ -97,7 +101,7 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
             per_layer: dict[int, dict[str, list]] = {}
             for layer, logits_TE, k in seen:
                 alpha = layers[layer].router.alpha.detach()
-                for name, values in diagnose(logits_TE, k, alpha, cfg.threshold, cfg.cap_factor).items():
+                for name, values in diagnose(logits_TE, k, alpha, threshold, cfg.cap_factor).items():
                     per_layer.setdefault(layer, {}).setdefault(name, []).append(values)
             layer_means = {layer: {name: float(torch.cat(v).mean()) for name, v in stats.items()}
                            for layer, stats in sorted(per_layer.items())}
@@ -107,11 +111,26 @@ def run(checkpoint: Path, budgets: list[float], batches: int) -> dict:
                 "mean_over_layers": {n: sum(m[n] for m in layer_means.values()) / len(layer_means) for n in names},
                 "per_layer": {str(layer): stats for layer, stats in layer_means.items()},
             })
+        if thresholds:  # the trained K, the same tokens, each threshold applied to the captured logits
+            seen.clear()
+            with torch.no_grad():
+                for start in range(0, rows, batch_size):
+                    model(idx[start:start + batch_size])
+            for candidate in thresholds:
+                active: dict[int, list[torch.Tensor]] = {}
+                for layer, logits_TE, k in seen:
+                    alpha = layers[layer].router.alpha.detach()
+                    active.setdefault(layer, []).append(diagnose(logits_TE, k, alpha, candidate,
+                                                                 cfg.cap_factor)["active"])
+                per_layer = [float(torch.cat(v).mean()) for _, v in sorted(active.items())]
+                sweep.append({"threshold": candidate, "active": sum(per_layer) / len(per_layer),
+                              "per_layer": per_layer})
     finally:
         for handle in handles:
             handle.remove()
-    return {"checkpoint": str(path), "tokens_per_budget": rows * seq_len, "threshold": cfg.threshold,
-            "cap_factor": cfg.cap_factor, "num_experts": cfg.num_experts, "points": points}
+    return {"checkpoint": str(path), "tokens_per_budget": rows * seq_len, "threshold": threshold,
+            "cap_factor": cfg.cap_factor, "num_experts": cfg.num_experts, "points": points,
+            "threshold_sweep": sweep}
 
 
 def markdown(result: dict) -> str:
@@ -124,6 +143,12 @@ def markdown(result: dict) -> str:
         m = point["mean_over_layers"]
         lines.append(f"| {point['budget']:g} | {m['active']:.3f} | {m['kept_weight']:.3f} | {m['top1_p']:.3f} | "
                      f"{m['top1_at_least_half']:.3f} | {m['tau_upper_clamp']:.3f} | {m['tau_lower_clamp']:.3f} |")
+    if result.get("threshold_sweep"):
+        lines += ["", "At the trained K, the same tokens: the threshold the rule compares p_i / (k_l / E) with.", "",
+                  "| threshold | active experts | per layer, first to last |", "|---|---|---|"]
+        for point in result["threshold_sweep"]:
+            layers = ", ".join(f"{a:.2f}" for a in point["per_layer"])
+            lines.append(f"| {point['threshold']:g} | {point['active']:.3f} | {layers} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a SoftMoE run directory or checkpoint")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="global budgets K'")
     parser.add_argument("--batches", type=int, default=8, help="validation batches per K' (default 8)")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="also the active experts at the trained K for each of these relative thresholds "
+                             "(the lever of train.ae_lever=threshold)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     if args.batches < 1:
         print(f"dial_diagnosis: --batches={args.batches} must be >= 1", file=sys.stderr)
         return 2
+    bad = [t for t in args.thresholds if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        print(f"dial_diagnosis: --thresholds {bad[0]} must be a finite number >= 0", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     try:
-        result = run(args.checkpoint, args.budgets, args.batches)
+        result = run(args.checkpoint, args.budgets, args.batches, args.thresholds)
     except (CheckpointError, ValueError) as err:  # not a checkpoint, not SoftMoE, not the paper's rule, no data
         print(f"dial_diagnosis: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 For every router (and the option combinations that take other code paths) a layer is built from the same seed
 under both trees; its initial state is compared, then the router runs once on the same inputs (with padding,
 with and without a budget k_l, in training mode: gate noise and loss-free bias included) and its routing
-weights, logits, aux loss, every statistic and every gradient are compared with torch.equal.
+weights, logits, aux loss, every statistic and every gradient are compared with torch.equal. State or statistics
+this tree adds (a new buffer, a new logged value) are listed next to the case, not counted as differences; ones it
+lacks are.
 
     .venv/bin/python benchmarks/router_equivalence.py --against main
 
@@ -65,17 +67,25 @@ def run_cases(out_path: str) -> None:
     torch.save(results, out_path)
 
 
-def _differences(a: dict, b: dict) -> list[str]:
+def _differences(this: dict, other: dict) -> tuple[list[str], list[str]]:
+    """(differences, entries this tree adds): a new state entry (a controller's buffer) or statistic is listed,
+    not a difference; entries missing here, a changed set of gradients, and any value that is not bitwise
+    equal, are differences."""
     import torch
 
     bad = []
+    added = [f"{field}.{n}" for field in ("init", "stats") for n in sorted(set(this[field]) - set(other[field]))]
     for field in ("init", "stats", "grads"):
-        if set(a[field]) != set(b[field]):
-            bad.append(f"{field} keys {sorted(set(a[field]) ^ set(b[field]))}")
+        missing = set(other[field]) - set(this[field])
+        if field == "grads" and set(this[field]) != set(other[field]):
+            bad.append(f"{field} keys {sorted(set(this[field]) ^ set(other[field]))}")
             continue
-        bad += [f"{field}.{n}" for n in a[field] if not torch.equal(a[field][n], b[field][n])]
-    bad += [field for field in ("weights", "logits", "aux_loss") if not torch.equal(a[field], b[field])]
-    return bad
+        if missing:
+            bad.append(f"{field} keys missing here {sorted(missing)}")
+        bad += [f"{field}.{n}" for n in other[field] if n in this[field]
+                and not torch.equal(this[field][n], other[field][n])]
+    bad += [field for field in ("weights", "logits", "aux_loss") if not torch.equal(this[field], other[field])]
+    return bad, added
 
 
 def main() -> int:
@@ -101,9 +111,10 @@ def main() -> int:
         this, other = (torch.load(out) for _, out in paths.values())
     failed = 0
     for case in this:
-        bad = _differences(this[case], other[case])
+        bad, added = _differences(this[case], other[case])
         failed += bool(bad)
-        print(f"{case}: {'identical' if not bad else 'DIFFERS in ' + ', '.join(bad)}")
+        new_state = f" (new here: {', '.join(added)})" if added else ""
+        print(f"{case}: {'identical' if not bad else 'DIFFERS in ' + ', '.join(bad)}{new_state}")
     print(f"{len(this) - failed} of {len(this)} cases bitwise identical to {args.against}")
     return 1 if failed else 0
 

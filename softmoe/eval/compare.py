@@ -251,12 +251,25 @@ def _status(run: PlannedRun, summaries: Path | None = None) -> str:
     return f"resumes from {found.name}" if found is not None else "new"
 
 
+def _describe_run(config: RunConfig) -> str:
+    """What a run trains, for the plan listing: "dense", or the router and its expert count, its options
+    ("cap_factor=4"), and the active-experts target when one is held ("Train AE -> 2 by threshold")."""
+    m, t = config.model, config.train
+    if m.ffn == "dense":
+        return "dense"
+    parts = [f"{m.router} {m.describe_routing()}"]
+    parts += [f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+              for name, value in sorted(m.router_options.items())]
+    if t.ae_target:
+        parts.append(f"Train AE -> {t.ae_target:g} by {t.ae_lever}")
+    return ", ".join(parts)
+
+
 def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
     """The --dry-run text: one line per run with its status, and the token counts."""
     lines = [f"study {study.name} ({study.path}): base {study.base}, {len(study.variants)} variants x "
              f"up to {len(study.seeds)} seeds = {len(runs)} runs into {study.out_dir}"]
-    models = [run.config.model for run in runs]
-    whats = ["dense" if m.ffn == "dense" else f"{m.router} {m.describe_routing()}" for m in models]
+    whats = [_describe_run(run.config) for run in runs]
     width = max(map(len, whats), default=0)
     for run, what in zip(runs, whats):
         lines.append(f"  {run.config.train.name:<36} {what:<{width}} {run.config.train.steps} steps  "

@@ -9,8 +9,10 @@ run, `<summaries>/runs/<run name>.json` holding everything its report needs and 
                  layer, learned k_l, expert FLOPs, zero-shot metrics, ...),
      "task_ci":  {task: {metric: [low, high]}}, the evaluation's bootstrap 95% intervals,
      "curves":   {"train": {"step", "loss", "active_experts"}, "val": {"step", "loss"}} at the log steps,
-     "k_trajectory": {"step": [...], "k_L": [[k_l per layer], ...], "active_L": [[realized per layer], ...]}
-                 (train records; k_L absent for routers without a learned budget),
+     "k_trajectory": {"step": [...], "k_L": [[k_l per layer], ...], "active_L": [[realized per layer], ...],
+                      "threshold": [the SoftMoE routers' relative threshold, ...]}
+                 (train records; k_L absent for routers without a learned budget, threshold for routers without
+                 the relative truncation and in summaries written before it was logged),
      "dial":     the budget dial's points (K', loss, realized AE per layer) or null,
      "machine":  where it ran (platform, torch, threads, tok/s)}
 
@@ -66,6 +68,8 @@ def trajectories(run_dir: Path) -> tuple[dict, dict]:
               "active_L": [[layer.get("active_experts_mean") for layer in r["layers"]] for r in layered]}
     if layered and all("k" in layer for layer in layered[0]["layers"]):
         k_traj["k_L"] = [[layer.get("k") for layer in r["layers"]] for r in layered]
+    if layered and all("threshold" in layer for layer in layered[0]["layers"]):  # one for all layers
+        k_traj["threshold"] = [r["layers"][0].get("threshold") for r in layered]
     return curves, k_traj
 
 

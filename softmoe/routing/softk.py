@@ -90,7 +90,8 @@ class SoftKConfig(BiasBalanceConfig):
             raise ValueError(f"k={k} must be in (0, num_experts={num_experts}) for router='softmoe'")
 
 
-def relative_keep(p_TE: torch.Tensor, k: torch.Tensor, threshold: float, cap_factor: float) -> torch.Tensor:
+def relative_keep(p_TE: torch.Tensor, k: torch.Tensor, threshold: float | torch.Tensor,
+                  cap_factor: float) -> torch.Tensor:
     """(T, E) bool experts kept by the paper's relative, clamped threshold (computed on detached p).
 
     tau = clamp(threshold * k / E, lower = m-th largest p, upper = largest p), m = min(ceil(k c), E);
@@ -99,7 +100,7 @@ def relative_keep(p_TE: torch.Tensor, k: torch.Tensor, threshold: float, cap_fac
     Args:
         p_TE: (T, E) soft top-k probabilities, rows sum to k.
         k: 0-d or (T, 1) the layer's k_l.
-        threshold: the relative threshold (paper: 1.8).
+        threshold: the relative threshold (paper: 1.8), a float or a 0-d tensor.
         cap_factor: c in m = min(ceil(k c), E) (paper: 2.0).
     """
     num_experts = p_TE.shape[-1]
@@ -138,6 +139,11 @@ def combine_weights(
     return w_TE / w_TE.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(w_TE.dtype).tiny)
 
 
+def _default_threshold(module: "SoftKRouter", state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a state dict from before the `threshold` buffer gets the config's value."""
+    state_dict.setdefault(prefix + "threshold", torch.tensor(module.config.threshold, dtype=torch.float32))
+
+
 @register_router("softmoe", SoftKConfig)
 class SoftKRouter(BudgetRouter):
     """Truncated LapSum soft top-k router; k_l from the budget (`mean_k`) or its own k.
@@ -161,6 +167,11 @@ class SoftKRouter(BudgetRouter):
             self.own_k = Budget(1, config.num_experts, config.k, k_min=config.k_min, margin=config.margin,
                                 mode="penalty", penalty_coef=config.k_penalty_coef)
         self.balance = expert_bias(config)  # loss-free selection bias, or None
+        # The relative threshold in use: config.threshold, unless the active-experts controller
+        # (`train.ae_target` with `train.ae_lever=threshold`) moves it between steps. A persistent buffer,
+        # so a checkpoint resumes it exactly; checkpoints written before it existed load with config.threshold.
+        self.register_buffer("threshold", torch.tensor(config.threshold, dtype=torch.float32))
+        self.register_load_state_dict_pre_hook(_default_threshold)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -178,7 +189,7 @@ class SoftKRouter(BudgetRouter):
         if self.training and self.config.gate_noise > 0:  # the training RNG draws it: resume stays exact
             route_TE = logits_TE + self.config.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
         selection_p_TE = self._selection_p(route_TE, k)
-        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, selection_p_TE)
+        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, selection_p_TE, self.threshold)
         return Rule(routing, stats=stats)
 
     def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -190,7 +201,8 @@ class SoftKRouter(BudgetRouter):
 
 
 def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, config: SoftKConfig,
-                 real_T: torch.Tensor, selection_p_TE: torch.Tensor | None = None) -> tuple[Routing, dict]:
+                 real_T: torch.Tensor, selection_p_TE: torch.Tensor | None = None,
+                 threshold: torch.Tensor | None = None) -> tuple[Routing, dict]:
     """The SoftMoE rule on given router scores: soft top-k -> truncation -> combine weights.
 
     Shared by SoftKRouter and the retrofitted transformers blocks (softmoe/convert), which bring their own gate.
@@ -202,16 +214,23 @@ def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, 
         config: the rule's settings (truncation, threshold, cap_factor, min_weight, max_active, combine).
         real_T: (T,) bool, True for real tokens; padding is not routed.
         selection_p_TE: optional (T, E) probabilities that decide truncation instead of p (loss-free bias).
+        threshold: optional 0-d tensor, the relative threshold in use (SoftKRouter's `threshold` buffer, which
+            the active-experts controller may move); None: `config.threshold`.
     Returns:
-        (routing, extra): the routing to dispatch and the 0-d stats `alpha` and `kept_mass` (mass of p kept).
+        (routing, extra): the routing to dispatch and the 0-d stats `alpha`, `kept_mass` (mass of p kept) and,
+        for the relative truncation, `threshold` (the one used).
     """
     if logits_TE.shape[-1] == 1:
         p_TE = torch.ones_like(logits_TE)  # the only expert is always fully active
     else:
         p_TE = soft_topk(logits_TE, k, alpha)
     select_TE = p_TE if selection_p_TE is None else selection_p_TE
+    extra = {"alpha": alpha}
     if config.truncation == "relative" and logits_TE.shape[-1] > 1:
-        keep_TE = relative_keep(select_TE, k, config.threshold, config.cap_factor)
+        used = (torch.full((), config.threshold, dtype=torch.float32, device=logits_TE.device) if threshold is None
+                else threshold.detach().clone())
+        extra["threshold"] = used  # a copy: the controller moves the buffer in place after the step
+        keep_TE = relative_keep(select_TE, k, used, config.cap_factor)
         if config.max_active is not None:
             keep_TE &= select_experts(select_TE, 0.0, config.max_active)
     else:
@@ -220,4 +239,4 @@ def soft_routing(logits_TE: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, 
     weight_TE = combine_weights(p_TE, logits_TE, keep_TE, k, config.combine)
     kept_mass = (p_TE * keep_TE).sum(-1).sum() / real_T.sum().clamp(min=1)
     routing = routing_from_mask(weight_TE, keep_TE, config.max_pairs(logits_TE.shape[0]))
-    return routing, {"alpha": alpha, "kept_mass": kept_mass}
+    return routing, {**extra, "kept_mass": kept_mass}

@@ -24,6 +24,7 @@ import yaml
 
 from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.common.precision import PRECISIONS, check_device_name
+from softmoe.train.controllers import AE_LEVERS
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
 from softmoe.presets import find_config
@@ -56,9 +57,10 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on the run's device; routing stays fp32)
     device: str = "auto"  # "auto" (CUDA when available, else cpu) | "cpu" | "cuda" | "cuda:<index>"
     compile: bool = False  # torch.compile the model (the MoE layers' ragged dispatch is one dynamic size)
-    ae_target: float = 0.0  # > 0: move the SoftMoE budget K between steps so the realized Train AE holds this (0 = off)
-    ae_rate: float = 0.05  # the ae_target controller's step: K += ae_rate * (ae_target - realized AE) per step
-    ae_k_max: float = 0.0  # the ae_target controller keeps K <= this (0: the budget's own k_max = E - margin)
+    ae_target: float = 0.0  # >= 1: hold the realized Train AE at this between steps (0 = off); see ae_lever
+    ae_lever: str = "threshold"  # what ae_target moves: "threshold" (the routers' relative threshold) | "budget" (K)
+    ae_rate: float = 0.05  # the ae_target controller's step: the lever moves by ae_rate * (ae_target - AE) per step
+    ae_k_max: float = 0.0  # ae_lever=budget: the controller keeps K <= this (0: the budget's own k_max = E - margin)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 10  # steps between train-metric records
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
@@ -84,6 +86,12 @@ class TrainConfig:
         check_bool("train.compile", self.compile)
         if self.ae_target > 0 and self.ae_rate == 0:
             raise ValueError(f"train.ae_rate=0 must be > 0 with train.ae_target={self.ae_target}")
+        if 0 < self.ae_target < 1:
+            raise ValueError(f"train.ae_target={self.ae_target} must be 0 (off) or >= 1 (every token keeps one expert)")
+        check_choice("train.ae_lever", self.ae_lever, AE_LEVERS)
+        if self.ae_k_max and self.ae_lever != "budget":
+            raise ValueError(f"train.ae_k_max={self.ae_k_max} bounds the budget K, but train.ae_lever="
+                             f"{self.ae_lever!r} does not move K (use train.ae_lever=budget, or drop train.ae_k_max)")
         check_choice("train.precision", self.precision, PRECISIONS)
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
             raise ValueError(f"train.name={self.name!r} must be a directory name (not '.' or '..', no '/')")

@@ -8,15 +8,24 @@ Three controllers, one hook (`step`, called by the Trainer after every optimizer
       with S the sparsity pooled over every ReMoE layer and micro-batch of the step, target = 1 - k/E.
     - DeepSeek-V3's loss-free balancing bias (arXiv 2412.19437, sec. 2.1.2), per layer:
       b_e <- b_e + u * sign(mean load - load_e).
-    - The active-experts target (compute matching, `train.ae_target`): an integral controller on the
-      SoftMoE budget's global K, K <- clamp(K + rate * (target - A), k_min, k_max), with A the realized
-      mean active experts per token of the step (training mode, mean over MoE layers and micro-batches,
-      summed over processes). The learned per-layer shares are kept; only their total moves. In the
-      spirit of ReMoE's lambda controller, but proportional to the error (a sign step would leave K
-      oscillating by +-rate around the point). It holds Train AE at the target, so a SoftMoE run can be
-      placed at the expert FLOPs of a top-k baseline; Infer AE (eval mode) is measured, not controlled.
+    - The active-experts target (compute matching, `train.ae_target`): an integral controller that holds the
+      realized mean active experts per token of a step, A (training mode, mean over MoE layers and
+      micro-batches, summed over processes), at a target, in the spirit of ReMoE's lambda controller but
+      proportional to the error (a sign step would leave the lever oscillating by +-rate around the point).
+      Two levers (`train.ae_lever`):
+        threshold (default): the paper's relative threshold, shared by every SoftMoE router,
+            threshold <- clamp(threshold - rate * (target - A), 0, E). It moves the count directly: a token
+            keeps the experts with p_i >= threshold * k_l / E, clamped to between 1 and m of them.
+        budget: the SoftMoE budget's global K, K <- clamp(K + rate * (target - A), k_min, k_max); the learned
+            per-layer shares are kept, only their total moves. Under the paper's rule K barely moves the count:
+            while a token's p_i < 1/2, LapSum's p scale with k exactly as the threshold k * threshold / E does,
+            so the kept set does not change (benchmarks/dial_diagnosis.py); it works for the `min_weight`
+            truncation and for hard (small-alpha) routers whose p saturate.
+      It holds Train AE at the target, so a SoftMoE run can be placed at the expert FLOPs of a top-k baseline;
+      Infer AE (eval mode) is measured, not controlled.
 
-The state lives in persistent buffers (`ReMoERouter.l1_coef`, `ExpertBias.bias_E`, `Budget.budget`), so
+The state lives in persistent buffers (`ReMoERouter.l1_coef`, `ExpertBias.bias_E`, `Budget.budget`,
+`SoftKRouter.threshold`), so
 it is in `model.state_dict()` and a checkpoint resumes exactly; the routers count what the controllers
 read (routed pairs, expert load) in non-persistent buffers, in training mode only, and the Trainer hands
 the step's realized active experts to `step` as a return value of its forward passes. No config is
@@ -31,36 +40,44 @@ from typing import Callable
 import torch
 from torch import nn
 
-from softmoe.common.checks import check_float
+from softmoe.common.checks import check_choice, check_float
 from softmoe.routing.balance import ExpertBias
 from softmoe.routing.budget import Budget
 from softmoe.routing.remoe import ReMoERouter
+from softmoe.routing.softk import SoftKRouter
 
-__all__ = ["multiplicative_update", "bias_update", "budget_update", "pooled_sparsity", "ActiveExpertsTarget",
-           "budget_of", "step"]
+__all__ = ["multiplicative_update", "bias_update", "budget_update", "threshold_update", "pooled_sparsity",
+           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "step"]
+
+AE_LEVERS = ("threshold", "budget")
 
 
 @dataclass(frozen=True)
 class ActiveExpertsTarget:
-    """The active-experts controller's settings (`train.ae_target`, `train.ae_rate`).
+    """The active-experts controller's settings (`train.ae_target`, `train.ae_rate`, `train.ae_lever`).
 
-    target: the wanted realized mean active experts per token (Train AE), > 0.
-    rate: K moves by rate * (target - realized) per optimizer step, > 0.
-    k_max: K stays <= k_max (None: the budget's own bound). The paper's rule keeps p_i >= 1.8 k / E, so
-        past some K a larger K keeps *fewer* experts (the threshold outgrows the soft top-k's p); an
-        integral controller that starts there (a flat, untrained router keeps one expert at any K) would
-        push K to the bound and stay. Capping K below that turn keeps it on the increasing side.
+    target: the wanted realized mean active experts per token (Train AE), >= 1 (every routed token keeps one).
+    rate: the lever moves by rate * (target - realized) per optimizer step, > 0 (threshold: down; K: up).
+    lever: "threshold" (the relative threshold of every SoftMoE router) or "budget" (the budget's K).
+    k_max: budget lever only: K stays <= k_max (None: the budget's own bound). Under the paper's rule past
+        some K a larger K keeps *fewer* experts (the threshold outgrows the soft top-k's p); an integral
+        controller that starts there would push K to the bound and stay. Capping K keeps it below that turn.
     """
 
     target: float
     rate: float
+    lever: str = "threshold"
     k_max: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("target", "rate"):
-            check_float(f"ActiveExpertsTarget.{name}", getattr(self, name), 0, open_low=True)
+        check_float("ActiveExpertsTarget.target", self.target, 1.0)
+        check_float("ActiveExpertsTarget.rate", self.rate, 0, open_low=True)
+        check_choice("ActiveExpertsTarget.lever", self.lever, AE_LEVERS)
         if self.k_max is not None:
             check_float("ActiveExpertsTarget.k_max", self.k_max, 0, open_low=True)
+            if self.lever != "budget":
+                raise ValueError(f"ActiveExpertsTarget.k_max={self.k_max} bounds K, but lever={self.lever!r} "
+                                 "does not move K")
 
 
 def multiplicative_update(coef: torch.Tensor, sparsity: torch.Tensor, target: float, factor: float) -> torch.Tensor:
@@ -106,12 +123,39 @@ def budget_update(budget: torch.Tensor, active: torch.Tensor, target: float, rat
     return moved.clamp(low, high).to(budget.dtype)
 
 
+def threshold_update(threshold: torch.Tensor, active: torch.Tensor, target: float, rate: float,
+                     high: float) -> torch.Tensor:
+    """The active-experts controller on the relative threshold: clamp(threshold - rate * (target - active), 0, high).
+
+    Too few active experts lower the threshold (more experts pass it), too many raise it. At 0 every token keeps
+    its cap m; at high = E no expert passes (tau = threshold * k / E >= k >= 1 > p_i for k >= 1) and every token
+    keeps its top expert: the bounds span the whole range the rule allows.
+
+    Args:
+        threshold: 0-d float the routers' current threshold.
+        active: 0-d float realized mean active experts per token of the step.
+        target: wanted realized mean active experts.
+        rate: step size (threshold units per expert of error).
+        high: the upper bound (the number of experts).
+    Returns:
+        0-d tensor of threshold's dtype.
+    """
+    moved = threshold.double() - rate * (target - active.double())
+    return moved.clamp(0.0, high).to(threshold.dtype)
+
+
 def budget_of(model: nn.Module) -> Budget | None:
     """The model's one SoftMoE budget, or None; ValueError if it holds several (the controller moves one K)."""
     budgets = [m for m in model.modules() if isinstance(m, Budget)]
     if len(budgets) > 1:
         raise ValueError(f"the model holds {len(budgets)} budgets; the active-experts controller moves one")
     return budgets[0] if budgets else None
+
+
+def thresholded_routers(model: nn.Module) -> list[SoftKRouter]:
+    """The model's SoftMoE routers that truncate by the paper's relative threshold (the threshold lever's)."""
+    return [m for m in model.modules()
+            if isinstance(m, SoftKRouter) and m.config.truncation == "relative" and m.num_experts > 1]
 
 
 def pooled_sparsity(routers: list[ReMoERouter]) -> torch.Tensor | None:
@@ -151,20 +195,19 @@ def step(model: nn.Module, update: bool = True,
     """The after-optimizer-step hook: update every controller of `model`, then clear the step's counts.
 
     Args:
-        model: any module holding ReMoE routers, loss-free biases and/or a SoftMoE budget (a no-op without).
+        model: any module holding ReMoE routers, loss-free biases, SoftMoE routers and/or a SoftMoE budget
+            (a no-op without).
         update: False for a skipped (non-finite) step: the counts are dropped, the state is kept.
             Nothing is updated in eval mode either (evaluation never moves the state).
         reduce_sum: data parallel: sums a count tensor over the processes, so every rank updates from
             the global batch's counts and the controller state stays identical across ranks.
-        ae_target: the active-experts controller's settings (None: K is not controlled).
+        ae_target: the active-experts controller's settings (None: the active experts are not controlled).
         active: with `ae_target`: (2,) float64 [sum over the step's micro-batches of their realized mean
             active experts per token (mean over MoE layers), number of micro-batches], this process's.
     """
     remoe = [m for m in model.modules() if isinstance(m, ReMoERouter)]
     biases = [m for m in model.modules() if isinstance(m, ExpertBias)]
-    budget = budget_of(model) if ae_target is not None else None
-    if ae_target is not None and (budget is None or active is None):
-        raise ValueError("step(ae_target=...) needs a model with a SoftMoE budget and the step's `active` counts")
+    apply_ae = _ae_lever(model, ae_target, active) if ae_target is not None else None
     with torch.no_grad():
         if update and model.training:
             if reduce_sum is not None:
@@ -174,13 +217,40 @@ def step(model: nn.Module, update: bool = True,
                 _update_l1_coefs(remoe)
             for b in biases:
                 b.bias_E.copy_(bias_update(b.bias_E, b.load_E, b.rate))
-            if budget is not None and float(active[1]) > 0:
-                mean_active = active[0] / active[1]
-                high = budget.k_max if ae_target.k_max is None else min(ae_target.k_max, budget.k_max)
-                budget.budget.copy_(budget_update(budget.budget, mean_active, ae_target.target, ae_target.rate,
-                                                  budget.k_min, high))
+            if apply_ae is not None and float(active[1]) > 0:
+                apply_ae(active[0] / active[1])
         for r in remoe:
             r.routed_pairs.zero_()
             r.entries.zero_()
         for b in biases:
             b.load_E.zero_()
+
+
+def _ae_lever(model: nn.Module, ae_target: ActiveExpertsTarget,
+              active: torch.Tensor | None) -> Callable[[torch.Tensor], None]:
+    """The active-experts controller's update for `model`: a function of the step's mean active experts that
+    moves the lever in place. ValueError if the model has no such lever or `active` is missing."""
+    if active is None:
+        raise ValueError("step(ae_target=...) needs the step's `active` counts")
+    if ae_target.lever == "budget":
+        budget = budget_of(model)
+        if budget is None:
+            raise ValueError("train.ae_lever='budget' moves the SoftMoE budget K, but the model has none")
+        high = budget.k_max if ae_target.k_max is None else min(ae_target.k_max, budget.k_max)
+
+        def move_budget(mean_active: torch.Tensor) -> None:
+            budget.budget.copy_(budget_update(budget.budget, mean_active, ae_target.target, ae_target.rate,
+                                              budget.k_min, high))
+        return move_budget
+    routers = thresholded_routers(model)
+    if not routers:
+        raise ValueError("train.ae_lever='threshold' moves the relative threshold of SoftMoE routers, but the "
+                         "model has none (router='softmoe' with truncation='relative' and more than one expert)")
+
+    def move_threshold(mean_active: torch.Tensor) -> None:
+        # one threshold for the whole model, as the target is one mean over its layers
+        moved = threshold_update(routers[0].threshold, mean_active, ae_target.target, ae_target.rate,
+                                 float(max(r.num_experts for r in routers)))
+        for r in routers:
+            r.threshold.copy_(moved)
+    return move_threshold

@@ -1,5 +1,5 @@
 """Exact resume with between-step controllers: ReMoE's L1 coefficient, the loss-free balancing bias and
-the active-experts controller's budget K live in the model's state_dict, so a stopped-and-resumed run matches an uninterrupted one bit for bit.
+the active-experts controller's threshold or budget K live in the model's state_dict, so a stopped-and-resumed run matches an uninterrupted one bit for bit.
 
 Run: .venv/bin/python -m pytest -q tests/e2e/test_controller_resume.py
 """
@@ -19,8 +19,10 @@ VARIANTS = {
                   "router.balance.bias_E"),
     # the paper rule's training-only gate noise is drawn from the torch RNG, which checkpoints carry
     "softmoe_gate_noise": ("softmoe", ["model.router_options.gate_noise=0.5"], "router.gate.weight"),
-    # the active-experts controller moves the budget's K (a persistent buffer) every step
-    "softmoe_ae_target": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2"], "budget.budget"),
+    # the active-experts controller moves the routers' threshold, or the budget's K (persistent buffers), every step
+    "softmoe_ae_threshold": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2"], "router.threshold"),
+    "softmoe_ae_budget": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2", "train.ae_lever=budget"],
+                          "budget.budget"),
 }
 
 

@@ -51,12 +51,16 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     assert len(set(names)) == len(names) and names[0] == "small-dense-s0"
 
 
-def test_dry_run_tells_a_fixed_k_from_a_learned_budget(tmp_path):
+def test_dry_run_tells_a_fixed_k_from_a_learned_budget_and_lists_options_and_targets(tmp_path):
     variants = yaml.safe_load((STUDIES / "tiny.yaml").read_text())["variants"] + [
         {"name": "star", "overrides": {"model.k": 1.5, "model.budget_options.learnable": False}},
-        {"name": "dense", "overrides": {"model.ffn": "dense"}}]
+        {"name": "dense", "overrides": {"model.ffn": "dense"}},
+        {"name": "c4", "overrides": {"model.k": 1.0, "model.router_options.cap_factor": 4.0}},
+        {"name": "held", "overrides": {"train.ae_target": 2.0}}]
     study = load_study(write_study(tmp_path, variants=variants), out_dir=tmp_path / "out")
     rows = {line.split()[0]: line for line in describe_plan(study, plan_runs(study)).splitlines()[1:-1]}
+    assert " softmoe budget K=1 of 8, learned k_l, cap_factor=4 " in rows["tiny-c4-s0"]  # options are listed
+    assert " softmoe budget K=2 of 8, learned k_l, Train AE -> 2 by threshold " in rows["tiny-held-s0"]
     assert " softmoe budget K=2 of 8, learned k_l " in rows["tiny-softmoe-s0"]
     assert " softmoe fixed k=1.5 of 8 " in rows["tiny-star-s0"] and "budget" not in rows["tiny-star-s0"]
     assert " topk k=2 of 8 " in rows["tiny-topk-s0"] and " dense " in rows["tiny-dense-s0"]

@@ -1,4 +1,5 @@
-"""Between-step controllers: ReMoE's multiplicative L1 coefficient and DeepSeek-V3's loss-free bias.
+"""Between-step controllers: ReMoE's multiplicative L1 coefficient, DeepSeek-V3's loss-free bias and the
+active-experts target (its threshold and budget levers).
 
 The update rules move in the right direction; the hook pools sparsity over all ReMoE layers, drops the
 counts of skipped steps and never moves anything in eval mode; the state round-trips through
@@ -17,12 +18,13 @@ import pytest
 import torch
 from torch import nn
 
+from softmoe.eval.summaries import trajectories
 from softmoe.layers import MoELayer
 from softmoe.model import GPT
 from softmoe.model.config import ModelConfig
 from softmoe.ops.lapsum import soft_topk
 from softmoe.routing import build_router
-from softmoe.routing.softk import combine_weights
+from softmoe.routing.softk import combine_weights, relative_keep
 from softmoe.train import controllers
 from softmoe.train.config import load_run_config
 from softmoe.train.loop import Trainer
@@ -248,7 +250,7 @@ def test_bad_bias_options_raise_naming_the_argument(router, options, error, matc
         build_router(router, D, E, 2.0, **options)
 
 
-# ---- the active-experts target: an integral controller on the SoftMoE budget K ----
+# ---- the active-experts target: an integral controller on the routers' threshold or the budget K ----
 
 
 def test_budget_update_direction_and_bounds():
@@ -260,39 +262,129 @@ def test_budget_update_direction_and_bounds():
     assert float(controllers.budget_update(K, torch.tensor(-100.0), 2.0, 0.1, 1.0, 7.5)) == 7.5
 
 
+def test_threshold_update_direction_and_bounds():
+    thr = torch.tensor(1.8)
+    lower = controllers.threshold_update(thr, torch.tensor(1.0), 2.0, 0.1, 16.0)  # too few active: lower it
+    higher = controllers.threshold_update(thr, torch.tensor(3.0), 2.0, 0.1, 16.0)
+    assert float(lower) == pytest.approx(1.7) and float(higher) == pytest.approx(1.9) and lower.dtype == thr.dtype
+    assert float(controllers.threshold_update(thr, torch.tensor(-100.0), 2.0, 0.1, 16.0)) == 0.0  # keep m
+    assert float(controllers.threshold_update(thr, torch.tensor(900.0), 2.0, 0.1, 16.0)) == 16.0  # keep 1
+
+
+def test_the_threshold_bounds_span_one_to_m_experts():
+    """At the lower bound 0 every token keeps its cap m; at the upper bound E only its top expert."""
+    torch.manual_seed(0)
+    k = torch.tensor(1.5)
+    p_TE = soft_topk(torch.randn(64, E) * 3, k, torch.tensor(1.0))
+    m = 3  # ceil(1.5 * 2)
+    assert (relative_keep(p_TE, k, torch.tensor(0.0), 2.0).sum(-1) == m).all()
+    assert (relative_keep(p_TE, k, torch.tensor(float(E)), 2.0).sum(-1) == 1).all()
+
+
 def test_active_experts_target_rejects_bad_settings():
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match=f"ActiveExpertsTarget.target={bad} must be a finite number > 0"):
+    for bad in (0.0, 0.5, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"ActiveExpertsTarget.target={bad} must be a finite number >= 1"):
             controllers.ActiveExpertsTarget(bad, 0.1)
     for bad in (True, "2"):
         with pytest.raises(TypeError, match=f"ActiveExpertsTarget.target must be a float, got .* {bad!r}"):
             controllers.ActiveExpertsTarget(bad, 0.1)
     with pytest.raises(ValueError, match="ActiveExpertsTarget.rate=0 must be a finite number > 0"):
         controllers.ActiveExpertsTarget(2.0, 0)
+    with pytest.raises(ValueError, match="ActiveExpertsTarget.lever='alpha' must be one of"):
+        controllers.ActiveExpertsTarget(2.0, 0.1, "alpha")
     with pytest.raises(ValueError, match="ActiveExpertsTarget.k_max=-1.0 must be a finite number > 0"):
-        controllers.ActiveExpertsTarget(2.0, 0.1, k_max=-1.0)
+        controllers.ActiveExpertsTarget(2.0, 0.1, "budget", k_max=-1.0)
     with pytest.raises(TypeError, match="ActiveExpertsTarget.k_max must be a float, got bool True"):
-        controllers.ActiveExpertsTarget(2.0, 0.1, k_max=True)
+        controllers.ActiveExpertsTarget(2.0, 0.1, "budget", k_max=True)
+    with pytest.raises(ValueError, match="ActiveExpertsTarget.k_max=4.0 bounds K, but lever='threshold'"):
+        controllers.ActiveExpertsTarget(2.0, 0.1, "threshold", k_max=4.0)
+    preset = TINY_REMOE.parent / "softmoe.yaml"
     with pytest.raises(ValueError, match="train.ae_rate=0"):
-        load_run_config(TINY_REMOE.parent / "softmoe.yaml", ["train.ae_target=2", "train.ae_rate=0"])
+        load_run_config(preset, ["train.ae_target=2", "train.ae_rate=0"])
     with pytest.raises(ValueError, match="train.ae_target=-1"):
-        load_run_config(TINY_REMOE.parent / "softmoe.yaml", ["train.ae_target=-1"])
+        load_run_config(preset, ["train.ae_target=-1"])
+    with pytest.raises(ValueError, match=r"train.ae_target=0.5 must be 0 \(off\) or >= 1"):
+        load_run_config(preset, ["train.ae_target=0.5"])
+    with pytest.raises(ValueError, match="train.ae_lever='alpha' must be one of"):
+        load_run_config(preset, ["train.ae_target=2", "train.ae_lever=alpha"])
+    with pytest.raises(ValueError, match="train.ae_k_max=4.0 bounds the budget K, but train.ae_lever='threshold'"):
+        load_run_config(preset, ["train.ae_target=2", "train.ae_k_max=4"])
 
 
-def test_ae_target_needs_an_exact_budget(tmp_path):
-    for preset, extra, message in ((TINY_REMOE.parent / "topk.yaml", [], "no budget"),
-                                   (TINY_REMOE.parent / "softmoe.yaml", ["model.budget_options.mode=penalty"],
-                                    "mode 'penalty'")):
-        config = load_run_config(preset, [f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}",
-                                          "train.ae_target=2", *extra])
-        with pytest.raises(ValueError, match=message):
-            Trainer(config, report=lambda m: None)
+@pytest.mark.parametrize("preset, extra, message", [
+    ("topk.yaml", [], "threshold of SoftMoE routers, but this model has none"),
+    ("softmoe.yaml", ["model.router_options.truncation=min_weight"], "but this model has none"),
+    ("topk.yaml", ["train.ae_lever=budget"], "no budget"),
+    ("softmoe.yaml", ["train.ae_lever=budget", "model.budget_options.mode=penalty"], "mode 'penalty'"),
+])
+def test_ae_target_needs_its_lever_in_the_model(tmp_path, preset, extra, message):
+    config = load_run_config(TINY_REMOE.parent / preset, [
+        f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}", "train.ae_target=2", *extra])
+    with pytest.raises(ValueError, match=message):
+        Trainer(config, report=lambda m: None)
+
+
+def _tiny_softmoe() -> GPT:
+    return GPT(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=8, d_expert=16,
+                           router="softmoe", k=2.0))
+
+
+def test_ae_step_moves_the_threshold_of_every_router_only_in_training_and_for_good_steps():
+    model = _tiny_softmoe()
+    routers = controllers.thresholded_routers(model)
+    assert len(routers) == 2 and all(float(r.threshold) == pytest.approx(1.8) for r in routers)
+    target = controllers.ActiveExpertsTarget(3.0, 0.5)  # the threshold lever is the default
+    active = torch.tensor([2.0, 2.0], dtype=torch.float64)  # two micro-batches of mean 1.0
+    budget_before = float(model.budget.budget)
+    model.train()
+    controllers.step(model, update=False, ae_target=target, active=active)  # a skipped step
+    assert all(float(r.threshold) == pytest.approx(1.8) for r in routers)
+    controllers.step(model, update=True, ae_target=target, active=active)
+    assert all(float(r.threshold) == pytest.approx(1.8 - 0.5 * (3.0 - 1.0)) for r in routers)
+    assert float(model.budget.budget) == budget_before  # K is not this lever
+    model.eval()
+    controllers.step(model, update=True, ae_target=target, active=active)
+    assert all(float(r.threshold) == pytest.approx(0.8) for r in routers)
+    model.train()
+    summed = []
+    controllers.step(model, ae_target=target, active=active, reduce_sum=lambda t: summed.append(t) or 2 * t)
+    assert len(summed) == 1 and all(float(r.threshold) == pytest.approx(0.0) for r in routers)  # clamped at 0
+
+
+def test_the_threshold_resumes_from_a_state_dict_and_old_checkpoints_load_the_config_value():
+    model = _tiny_softmoe()
+    for r in controllers.thresholded_routers(model):
+        r.threshold.fill_(1.25)
+    state = model.state_dict()
+    fresh = _tiny_softmoe()
+    fresh.load_state_dict(state)  # strict
+    assert all(float(r.threshold) == 1.25 for r in controllers.thresholded_routers(fresh))
+    old = {name: value for name, value in state.items() if not name.endswith("router.threshold")}
+    assert len(old) == len(state) - 2  # written before the buffer existed
+    fresh.load_state_dict(old)  # strict: the pre-hook fills the missing key
+    assert all(float(r.threshold) == pytest.approx(1.8) for r in controllers.thresholded_routers(fresh))
+
+
+def test_a_moved_threshold_routes_like_a_router_built_with_that_threshold():
+    """The buffer is the threshold the rule uses: a router whose buffer was moved to t routes exactly like one
+    built with threshold=t, and keeps more experts than at the default 1.8."""
+    torch.manual_seed(0)
+    x = torch.randn(64, D)
+    moved = build_router("softmoe", D, E, 2.0)
+    default = build_router("softmoe", D, E, 2.0)
+    default.load_state_dict(moved.state_dict())
+    moved.threshold.fill_(1.2)
+    built = build_router("softmoe", D, E, 2.0, threshold=1.2)
+    built.load_state_dict(moved.state_dict())
+    a, b, c = moved(x).routing, built(x).routing, default(x).routing
+    for name in ("token_N", "expert_N", "weight_N", "counts_E"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert c.num_pairs < a.num_pairs
 
 
 def test_ae_step_moves_budget_only_in_training_and_for_good_steps():
-    model = GPT(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=8, d_expert=16,
-                            router="softmoe", k=2.0))
-    target = controllers.ActiveExpertsTarget(3.0, 0.5)
+    model = _tiny_softmoe()
+    target = controllers.ActiveExpertsTarget(3.0, 0.5, "budget")
     active = torch.tensor([2.0, 2.0], dtype=torch.float64)  # two micro-batches of mean 1.0
     model.train()
     controllers.step(model, update=False, ae_target=target, active=active)  # a skipped step
@@ -300,6 +392,7 @@ def test_ae_step_moves_budget_only_in_training_and_for_good_steps():
     controllers.step(model, update=True, ae_target=target, active=active)
     assert float(model.budget.budget) == pytest.approx(2.0 + 0.5 * (3.0 - 1.0))
     assert float(model.budget().detach().mean()) == pytest.approx(3.0, abs=1e-5)  # the k_l follow K
+    assert all(float(r.threshold) == pytest.approx(1.8) for r in controllers.thresholded_routers(model))
     model.eval()
     controllers.step(model, update=True, ae_target=target, active=active)
     assert float(model.budget.budget) == pytest.approx(3.0)
@@ -310,29 +403,58 @@ def test_ae_step_moves_budget_only_in_training_and_for_good_steps():
 
 
 def _ae_run(tmp_path, *extra: str) -> tuple[Trainer, list[dict]]:
-    # alpha 0.2: a tiny router is too flat for the paper's alpha 1 to keep more than one expert at any K
     config = load_run_config(TINY_REMOE.parent / "softmoe.yaml", [
         f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}", "train.progress=false",
         "train.tensorboard=false", "train.steps=80", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0",
-        "model.router_options.alpha=0.2", *extra])
+        *extra])
     trainer = Trainer(config, report=lambda m: None)
     trainer.fit()
     return trainer, read_metrics(config.train.run_dir, "train")
 
 
-def test_ae_target_holds_realized_train_ae_on_a_tiny_run(tmp_path):
-    """The stated tolerance: the mean realized Train AE over steps 61-80 of an 80-step tiny run is within 0.1
-    of the target; it starts 0.3+ away (K = 2 realizes ~1.8 experts at first)."""
+def _tail_mean(records: list[dict], after: int) -> float:
+    tail = [r["active_experts_mean"] for r in records if r["step"] > after]
+    return sum(tail) / len(tail)
+
+
+def test_ae_target_holds_realized_train_ae_on_a_tiny_run_by_the_threshold(tmp_path):
+    """The stated tolerance: the mean realized Train AE over steps 61-80 of an 80-step tiny run with the
+    paper's rule (alpha 1, threshold 1.8) is within 0.1 of the target; it starts 0.5+ away (a fresh router
+    keeps about one expert per token)."""
+    target = 2.0
+    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.05")
+    assert abs(_tail_mean(records, 60) - target) < 0.1, [r["active_experts_mean"] for r in records]
+    assert target - records[0]["active_experts_mean"] > 0.5  # it had somewhere to go
+    thresholds = {float(r.threshold) for r in controllers.thresholded_routers(trainer.model)}
+    assert len(thresholds) == 1 and thresholds.pop() < 1.8 - 0.2  # one threshold, moved down
+    assert float(trainer.model.budget.budget) == 2.0  # K untouched
+    logged = [r["layers"][0]["threshold"] for r in records]  # the threshold each step routed with
+    assert logged[0] == pytest.approx(1.8) and min(logged) < 1.6
+    assert all(layer["threshold"] == r["layers"][0]["threshold"] for r in records for layer in r["layers"])
+    assert trajectories(trainer.config.train.run_dir)[1]["threshold"] == logged  # what a study summary keeps
+
+
+def test_ae_target_holds_realized_train_ae_on_a_tiny_run_by_the_budget(tmp_path):
+    """The budget lever on a hard router (alpha 0.2: the tiny router is too flat for alpha 1 to keep more than
+    one expert at any K): within 0.1 of the target over steps 61-80; it starts 0.3+ away."""
     target = 1.4
-    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.1", "train.ae_k_max=4")
-    tail = [r["active_experts_mean"] for r in records if r["step"] > 60]
-    assert abs(sum(tail) / len(tail) - target) < 0.1, tail
+    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.1", "train.ae_lever=budget",
+                               "train.ae_k_max=4", "model.router_options.alpha=0.2")
+    assert abs(_tail_mean(records, 60) - target) < 0.1, [r["active_experts_mean"] for r in records]
     assert records[0]["active_experts_mean"] - target > 0.3  # it had somewhere to go
     assert float(trainer.model.budget.budget) < 2.0 - 0.2  # by moving K down
 
 
 def test_an_unreachable_ae_target_saturates_at_ae_k_max(tmp_path):
     """A target the routing cannot reach drives K to the cap and no further (never past it)."""
-    trainer, records = _ae_run(tmp_path, "train.ae_target=6", "train.ae_rate=0.5", "train.ae_k_max=3")
+    trainer, records = _ae_run(tmp_path, "train.ae_target=6", "train.ae_rate=0.5", "train.ae_lever=budget",
+                               "train.ae_k_max=3", "model.router_options.alpha=0.2")
     assert float(trainer.model.budget.budget) == pytest.approx(3.0)
     assert max(sum(r["layers"][i]["k"] for i in range(2)) / 2 for r in records) <= 3.0 + 1e-5
+
+
+def test_an_unreachable_ae_target_keeps_every_token_at_its_cap(tmp_path):
+    """A target above every token's cap m = ceil(k_l c) drives the threshold to 0 and no further."""
+    trainer, records = _ae_run(tmp_path, "train.ae_target=7", "train.ae_rate=0.5")
+    assert all(float(r.threshold) == 0.0 for r in controllers.thresholded_routers(trainer.model))
+    assert records[-1]["active_experts_mean"] < 7
