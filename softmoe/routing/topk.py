@@ -6,7 +6,9 @@ Shape legend:
     E   experts
 
 `normalize=True` renormalises the kept probabilities to sum to 1 (Mixtral); `normalize=False`
-uses the raw softmax probabilities (Switch k=1 / GShard).
+uses the raw softmax probabilities (Switch k=1 / GShard). The default (None) is Mixtral's for k > 1 and
+Switch's for k = 1: renormalising a single kept probability makes every weight exactly 1, so the gate would
+get no gradient from the loss (only from the auxiliary losses) and never learn to route by content.
 
 `loss_free_bias=True` (DeepSeek-V3, see routing/balance.py) picks the k largest of P + b_E instead;
 the combine weights are still the unbiased P of the picked experts.
@@ -27,10 +29,14 @@ __all__ = ["TopKConfig", "TopKRouter"]
 
 @dataclass(frozen=True)
 class TopKConfig(BiasBalanceConfig):
-    normalize: bool = True  # renormalise the k kept probabilities to sum to 1 (Mixtral); False: Switch/GShard
+    # renormalise the k kept probabilities to sum to 1 (Mixtral); False: raw softmax (Switch/GShard);
+    # None: True for k > 1, False for k = 1 (a renormalised single weight is always 1: the gate would not learn)
+    normalize: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.normalize is None:
+            object.__setattr__(self, "normalize", self.k > 1)
         check_bool("normalize", self.normalize)
         if self.dispatch_cap is not None and self.dispatch_cap < self.k:
             raise ValueError(f"dispatch_cap={self.dispatch_cap} is below k={self.k:g}: top-k routes every token to k "
