@@ -12,11 +12,12 @@ a token whose top-k holds j null picks uses only k - j real experts. Per token:
     1. P = softmax(W x) over all S slots, in fp32 (one gate of S rows).
     2. Keep the k most probable slots. Null picks are dropped from the Routing: they add no pair, no
        dispatch and no FLOPs. A token whose k picks are all null gets exactly zero FFN output.
-    3. Combine weights. `normalize=True` (default): the kept real probabilities renormalised to sum to
+    3. Combine weights. `normalize=True` (the default for k > 1): the kept real probabilities renormalised to sum to
        1 among the kept real experts only, as in the authors' released Mixtral code (AdaMoE builds on
        Mixtral's renormalised top-k). The null picks therefore do not shrink the output of the real
        experts; they only remove experts. `normalize=False`: the raw probabilities P (the mass on null
-       picks is simply lost, Switch/GShard style).
+       picks is simply lost, Switch/GShard style), the default for k = 1: a renormalised single kept weight
+       is always 1, so the gate would learn nothing from the loss.
     4. aux_loss = lb_coef * the null-aware balance loss (`null_balance_loss`) + z_coef * the z-loss
        over all S logits.
 Routing depends on the token alone, so outputs are batch invariant and causal.
@@ -45,11 +46,15 @@ class NullConfig(RouterConfig):
     """Null-expert router config. `k` is the integer top-k over all E + num_null slots (real and null)."""
 
     num_null: int = 1  # number of null experts (zero output, no FLOPs), >= 1
-    normalize: bool = True  # renormalise kept real probabilities among kept real experts (AdaMoE code)
+    # renormalise kept real probabilities among kept real experts (AdaMoE code); None: True for k > 1,
+    # False for k = 1 (a renormalised single weight is always 1: the gate would learn nothing from the loss)
+    normalize: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("num_null", self.num_null, 1)
+        if self.normalize is None:
+            object.__setattr__(self, "normalize", self.k > 1)
         check_bool("normalize", self.normalize)
 
     @classmethod

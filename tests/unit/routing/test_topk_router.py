@@ -1,4 +1,5 @@
-"""Top-k's combine weights: Mixtral's renormalisation for k > 1, Switch's raw softmax for k = 1 by default.
+"""Top-k's (and the null router's) combine weights: Mixtral's renormalisation for k > 1, Switch's raw softmax
+for k = 1 by default.
 
 A renormalised single weight is always exactly 1, so a top-1 router with Mixtral's normalisation gets no
 gradient from the loss through its weights (it learned only from the auxiliary losses: the paper8 study's
@@ -17,10 +18,11 @@ from softmoe.routing import build_router, router_config
 D, E = 16, 8
 
 
+@pytest.mark.parametrize("router", ["topk", "null"])
 @pytest.mark.parametrize("k, expected", [(1, False), (2, True), (4, True)])
-def test_the_default_normalises_only_above_one_expert(k, expected):
-    assert router_config("topk", E, k).normalize is expected
-    assert router_config("topk", E, k, normalize=not expected).normalize is (not expected)  # explicit wins
+def test_the_default_normalises_only_above_one_expert(router, k, expected):
+    assert router_config(router, E, k).normalize is expected
+    assert router_config(router, E, k, normalize=not expected).normalize is (not expected)  # explicit wins
 
 
 def _gate_grad_from_weights(router) -> torch.Tensor:
@@ -31,10 +33,11 @@ def _gate_grad_from_weights(router) -> torch.Tensor:
     return router.gate.weight.grad
 
 
-def test_a_default_top1_gate_learns_from_the_loss():
+@pytest.mark.parametrize("router", ["topk", "null"])
+def test_a_default_top1_gate_learns_from_the_loss(router):
     torch.manual_seed(0)
-    grad = _gate_grad_from_weights(build_router("topk", D, E, 1, lb_coef=0.0, z_coef=0.0))
-    assert grad.abs().sum() > 0
+    grad = _gate_grad_from_weights(build_router(router, D, E, 1, lb_coef=0.0, z_coef=0.0))
+    assert grad is not None and grad.abs().sum() > 0
 
 
 def test_an_explicitly_normalised_top1_gate_gets_no_gradient_from_its_weights():
