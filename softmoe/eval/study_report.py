@@ -266,7 +266,8 @@ def plot_frontier_ae(records: list[dict], variants, path: Path) -> Path:
 
 def plot_k_trajectories(records: list[dict], variants, path: Path) -> Path | None:
     """k_l over training, one panel per learned-budget variant, one line per layer (mean over seeds;
-    colour by depth), the realized Train AE of the layer dashed."""
+    colour by depth), the realized Train AE of the layer dashed, and the relative threshold (dotted, right
+    axis) where the active-experts controller moved it."""
     plt = pyplot()
     learned = [v for v in variants if any(r.get("k_trajectory", {}).get("k_L") for r in _of(records, v.name))]
     if not learned:
@@ -284,8 +285,22 @@ def plot_k_trajectories(records: list[dict], variants, path: Path) -> Path | Non
             ax.plot(steps, a[:, layer], color=color, lw=0.7, ls="--", alpha=0.6)
         style_axes(ax, "optimizer step", "experts per token", f"{v.label} (n={len(trajs)})",
                    legend_size=6 if ax is axes[0][0] else 0)
-    fig.suptitle("Learned k_l over training (solid) and realized Train AE per layer (dashed)", fontsize=10)
+        threshold = _moved_threshold(trajs, steps)
+        if threshold is not None:  # the active-experts controller's lever
+            twin = ax.twinx()
+            twin.plot(steps, threshold, color="black", lw=1.2, ls=":")
+            twin.set_ylabel("relative threshold (dotted)", fontsize=8)
+    fig.suptitle("Learned k_l over training (solid), realized Train AE per layer (dashed)", fontsize=10)
     return save_figure(fig, path)
+
+
+def _moved_threshold(trajs: list[dict], steps: list[int]) -> np.ndarray | None:
+    """The mean over seeds of the routers' relative threshold at `steps`, when every trajectory logged it and it
+    moved (a run with the active-experts controller on the threshold); else None."""
+    if not all(t.get("threshold") for t in trajs):
+        return None
+    values = np.mean([[t["threshold"][t["step"].index(s)] for s in steps] for t in trajs], axis=0)
+    return values if np.ptp(values) > 0 else None
 
 
 def plot_depth(records: list[dict], variants, path: Path) -> Path | None:

@@ -23,7 +23,8 @@ def rec(variant: str, seed: int, loss: float, train_ae: float = 2.0, infer_ae: f
             "k_L": k_L, "train_ae_per_layer": [train_ae] * 4, "active_experts_per_layer": [infer_ae] * 4,
             "tasks": tasks, "task_ci": {"piqa": {"acc": [acc - 0.05, acc + 0.05], "acc_norm": [acc - 0.05, acc + 0.05]}}
             if acc is not None else {},
-            "router": router, "k_trajectory": {"step": [1, 2], "k_L": [k_L, k_L], "active_L": [[1] * 4] * 2}
+            "router": router, "k_trajectory": {"step": [1, 2], "k_L": [k_L, k_L], "active_L": [[1] * 4] * 2,
+                                               "threshold": [1.8, 1.6]}  # as if held by the controller
             if k_L else {}, "dial": None}
 
 
@@ -94,6 +95,15 @@ def test_report_markdown_and_plots_from_fake_records(tmp_path):
     text = path.read_text()
     for png in ("frontier_ae.png", "depth.png", "k_trajectories.png", "dial.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in text
+
+
+def test_the_controllers_threshold_is_drawn_only_where_it_moved():
+    from softmoe.eval.study_report import _moved_threshold
+
+    moved = [{"step": [1, 2, 3], "threshold": [1.8, 1.7, 1.6]}, {"step": [1, 2, 3], "threshold": [1.8, 1.6, 1.5]}]
+    assert _moved_threshold(moved, [1, 3]).tolist() == pytest.approx([1.8, 1.55])
+    assert _moved_threshold([{"step": [1, 2], "threshold": [1.8, 1.8]}], [1, 2]) is None  # no controller
+    assert _moved_threshold([{"step": [1, 2]}], [1, 2]) is None  # summaries from before it was logged
 
 
 def test_paper8_study_has_the_issue_variants_seeds_and_scale():
