@@ -81,7 +81,8 @@ class TrainConfig:
                      "grad_clip", "ae_target", "ae_rate", "ae_k_max"):
             high = 1 if name in ("min_lr_ratio", "beta1", "beta2") else math.inf
             check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name == "lr")  # lr > 0
-        check_bool("train.activation_checkpointing", self.activation_checkpointing)
+        for name in ("activation_checkpointing", "progress", "tensorboard"):
+            check_bool(f"train.{name}", getattr(self, name))
         check_device_name(self.device, "train.device")
         check_bool("train.compile", self.compile)
         if self.ae_target > 0 and self.ae_rate == 0:

@@ -71,6 +71,9 @@ def test_missing_file_and_type_errors(tmp_path):
     (dict(ae_k_max=None), TypeError, r"train\.ae_k_max must be a float, got NoneType None"),
     (dict(compile=1), TypeError, r"train\.compile must be a bool, got int \(1\)"),
     (dict(activation_checkpointing="yes"), TypeError, r"train\.activation_checkpointing must be a bool, got str"),
+    (dict(progress="false"), TypeError, r"train\.progress must be a bool, got str"),
+    (dict(tensorboard=0), TypeError, r"train\.tensorboard must be a bool, got int \(0\)"),
+    (dict(ae_lever="K"), ValueError, r"train\.ae_lever='K' must be one of \('threshold', 'budget'\)"),
     (dict(precision="fp16"), ValueError, r"train\.precision='fp16' must be one of \('fp32', 'bf16'\)"),
 ])
 def test_train_config_errors_name_the_field_and_the_value(changes, error, match):
