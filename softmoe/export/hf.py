@@ -43,6 +43,7 @@ from softmoe.common.checks import check_bool, check_float
 from softmoe.model.attention import rope_tables
 from softmoe.model.config import ModelConfig
 from softmoe.model.decoder import GPT, check_pad_mask
+from softmoe.routing.softk import SoftKRouter
 
 __all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "AUTO_MAP", "REMOTE_CODE_FILE"]
 
@@ -136,6 +137,11 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)
             module.rope_cos.data = cos.to(module.rope_cos.device)
             module.rope_sin.data = sin.to(module.rope_sin.device)
+        # A folder exported before SoftKRouter had its `threshold` buffer lacks it; from_pretrained leaves a missing
+        # buffer uninitialised, so it gets the config's threshold (a loaded one is marked and kept).
+        if isinstance(module, SoftKRouter) and not getattr(module.threshold, "_is_hf_initialized", False):
+            with torch.no_grad():
+                module.threshold.fill_(module.config.threshold)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:

@@ -58,7 +58,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when available, else cpu) | "cpu" | "cuda" | "cuda:<index>"
     compile: bool = False  # torch.compile the model (the MoE layers' ragged dispatch is one dynamic size)
     ae_target: float = 0.0  # >= 1: hold the realized Train AE at this between steps (0 = off); see ae_lever
-    ae_lever: str = "threshold"  # what ae_target moves: "threshold" (the routers' relative threshold) | "budget" (K)
+    ae_lever: str = ""  # with ae_target: what it moves, "threshold" (the routers' relative threshold) | "budget" (K)
     ae_rate: float = 0.05  # the ae_target controller's step: the lever moves by ae_rate * (ae_target - AE) per step
     ae_k_max: float = 0.0  # ae_lever=budget: the controller keeps K <= this (0: the budget's own k_max = E - margin)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -89,10 +89,15 @@ class TrainConfig:
             raise ValueError(f"train.ae_rate=0 must be > 0 with train.ae_target={self.ae_target}")
         if 0 < self.ae_target < 1:
             raise ValueError(f"train.ae_target={self.ae_target} must be 0 (off) or >= 1 (every token keeps one expert)")
-        check_choice("train.ae_lever", self.ae_lever, AE_LEVERS)
+        if self.ae_target > 0:
+            if self.ae_lever not in AE_LEVERS:  # no default: configs written before the threshold lever moved K
+                raise ValueError(f"train.ae_lever={self.ae_lever!r} must be one of {AE_LEVERS} with train.ae_target="
+                                 f"{self.ae_target} (runs configured before 2026-12-02 moved K: train.ae_lever=budget)")
+        elif self.ae_lever:
+            raise ValueError(f"train.ae_lever={self.ae_lever!r} does nothing without train.ae_target > 0")
         if self.ae_k_max and self.ae_lever != "budget":
-            raise ValueError(f"train.ae_k_max={self.ae_k_max} bounds the budget K, but train.ae_lever="
-                             f"{self.ae_lever!r} does not move K (use train.ae_lever=budget, or drop train.ae_k_max)")
+            raise ValueError(f"train.ae_k_max={self.ae_k_max} bounds the budget K: it needs train.ae_lever=budget "
+                             f"(got {self.ae_lever!r})")
         check_choice("train.precision", self.precision, PRECISIONS)
         if not isinstance(self.name, str) or self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
             raise ValueError(f"train.name={self.name!r} must be a directory name (not '.' or '..', no '/')")

@@ -13,7 +13,7 @@ Three controllers, one hook (`step`, called by the Trainer after every optimizer
       micro-batches, summed over processes), at a target, in the spirit of ReMoE's lambda controller but
       proportional to the error (a sign step would leave the lever oscillating by +-rate around the point).
       Two levers (`train.ae_lever`):
-        threshold (default): the paper's relative threshold, shared by every SoftMoE router,
+        threshold: the paper's relative threshold, shared by every SoftMoE router,
             threshold <- clamp(threshold - rate * (target - A), 0, E). It moves the count directly: a token
             keeps the experts with p_i >= threshold * k_l / E, clamped to between 1 and m of them.
         budget: the SoftMoE budget's global K, K <- clamp(K + rate * (target - A), k_min, k_max); the learned

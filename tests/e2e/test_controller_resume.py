@@ -20,7 +20,9 @@ VARIANTS = {
     # the paper rule's training-only gate noise is drawn from the torch RNG, which checkpoints carry
     "softmoe_gate_noise": ("softmoe", ["model.router_options.gate_noise=0.5"], "router.gate.weight"),
     # the active-experts controller moves the routers' threshold, or the budget's K (persistent buffers), every step
-    "softmoe_ae_threshold": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2"], "router.threshold"),
+    # (rate 0.05: the threshold is still inside its bounds at the stop, so the compared value is not a clamp)
+    "softmoe_ae_threshold": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.05", "train.ae_lever=threshold"],
+                             "router.threshold"),
     "softmoe_ae_budget": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2", "train.ae_lever=budget"],
                           "budget.budget"),
 }

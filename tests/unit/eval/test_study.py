@@ -56,7 +56,7 @@ def test_dry_run_tells_a_fixed_k_from_a_learned_budget_and_lists_options_and_tar
         {"name": "star", "overrides": {"model.k": 1.5, "model.budget_options.learnable": False}},
         {"name": "dense", "overrides": {"model.ffn": "dense"}},
         {"name": "c4", "overrides": {"model.k": 1.0, "model.router_options.cap_factor": 4.0}},
-        {"name": "held", "overrides": {"train.ae_target": 2.0}}]
+        {"name": "held", "overrides": {"train.ae_target": 2.0, "train.ae_lever": "threshold"}}]
     study = load_study(write_study(tmp_path, variants=variants), out_dir=tmp_path / "out")
     rows = {line.split()[0]: line for line in describe_plan(study, plan_runs(study)).splitlines()[1:-1]}
     assert " softmoe budget K=1 of 8, learned k_l, cap_factor=4 " in rows["tiny-c4-s0"]  # options are listed

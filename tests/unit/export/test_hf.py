@@ -58,6 +58,30 @@ def test_save_load_round_trip_is_exact(model, saved):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_a_moved_threshold_round_trips_and_an_old_folder_loads_the_configured_one(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    routers = [m for m in model.modules() if hasattr(m, "threshold")]
+    assert len(routers) == 2
+    try:
+        for r in routers:
+            r.threshold.fill_(1.25)  # as the active-experts controller leaves it
+        model.save_pretrained(tmp_path / "moved")
+    finally:
+        for r in routers:
+            r.threshold.fill_(1.8)
+    moved = SoftMoEForCausalLM.from_pretrained(tmp_path / "moved")
+    assert [float(m.threshold) for m in moved.modules() if hasattr(m, "threshold")] == [1.25, 1.25]
+    # a folder written before the buffer existed: no threshold entries in its weights
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.endswith("router.threshold")},
+              tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    for _ in range(3):  # the uninitialised memory it used to get differs between loads
+        old = SoftMoEForCausalLM.from_pretrained(tmp_path / "old")
+        assert [float(m.threshold) for m in old.modules() if hasattr(m, "threshold")] == pytest.approx([1.8, 1.8])
+
+
 def test_auto_classes_load_the_folder_after_register(model, saved):
     register()
     assert isinstance(AutoConfig.from_pretrained(saved), SoftMoEConfig)

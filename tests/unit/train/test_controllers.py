@@ -12,6 +12,7 @@ Run: .venv/bin/python -m pytest -q tests/unit/train/test_controllers.py
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -300,20 +301,26 @@ def test_active_experts_target_rejects_bad_settings():
         controllers.ActiveExpertsTarget(2.0, 0.1, "threshold", k_max=4.0)
     preset = TINY_REMOE.parent / "softmoe.yaml"
     with pytest.raises(ValueError, match="train.ae_rate=0"):
-        load_run_config(preset, ["train.ae_target=2", "train.ae_rate=0"])
+        load_run_config(preset, ["train.ae_target=2", "train.ae_rate=0", "train.ae_lever=threshold"])
     with pytest.raises(ValueError, match="train.ae_target=-1"):
         load_run_config(preset, ["train.ae_target=-1"])
     with pytest.raises(ValueError, match=r"train.ae_target=0.5 must be 0 \(off\) or >= 1"):
         load_run_config(preset, ["train.ae_target=0.5"])
     with pytest.raises(ValueError, match="train.ae_lever='alpha' must be one of"):
         load_run_config(preset, ["train.ae_target=2", "train.ae_lever=alpha"])
-    with pytest.raises(ValueError, match="train.ae_k_max=4.0 bounds the budget K, but train.ae_lever='threshold'"):
-        load_run_config(preset, ["train.ae_target=2", "train.ae_k_max=4"])
+    with pytest.raises(ValueError, match=r"train.ae_lever='' must be one of .*runs configured before 2026-12-02 moved K"):
+        load_run_config(preset, ["train.ae_target=2"])  # no default: an old config must not change its lever
+    with pytest.raises(ValueError, match="train.ae_lever='budget' does nothing without train.ae_target > 0"):
+        load_run_config(preset, ["train.ae_lever=budget"])
+    with pytest.raises(ValueError, match="train.ae_k_max=4.0 bounds the budget K: it needs train.ae_lever=budget "
+                                         "\\(got 'threshold'\\)"):
+        load_run_config(preset, ["train.ae_target=2", "train.ae_lever=threshold", "train.ae_k_max=4"])
 
 
 @pytest.mark.parametrize("preset, extra, message", [
-    ("topk.yaml", [], "threshold of SoftMoE routers, but this model has none"),
-    ("softmoe.yaml", ["model.router_options.truncation=min_weight"], "but this model has none"),
+    ("topk.yaml", ["train.ae_lever=threshold"], "threshold of SoftMoE routers, but this model has none"),
+    ("softmoe.yaml", ["train.ae_lever=threshold", "model.router_options.truncation=min_weight"],
+     "but this model has none"),
     ("topk.yaml", ["train.ae_lever=budget"], "no budget"),
     ("softmoe.yaml", ["train.ae_lever=budget", "model.budget_options.mode=penalty"], "mode 'penalty'"),
 ])
@@ -422,7 +429,7 @@ def test_ae_target_holds_realized_train_ae_on_a_tiny_run_by_the_threshold(tmp_pa
     paper's rule (alpha 1, threshold 1.8) is within 0.1 of the target; it starts 0.5+ away (a fresh router
     keeps about one expert per token)."""
     target = 2.0
-    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.05")
+    trainer, records = _ae_run(tmp_path, f"train.ae_target={target}", "train.ae_rate=0.05", "train.ae_lever=threshold")
     assert abs(_tail_mean(records, 60) - target) < 0.1, [r["active_experts_mean"] for r in records]
     assert target - records[0]["active_experts_mean"] > 0.5  # it had somewhere to go
     thresholds = {float(r.threshold) for r in controllers.thresholded_routers(trainer.model)}
@@ -454,7 +461,11 @@ def test_an_unreachable_ae_target_saturates_at_ae_k_max(tmp_path):
 
 
 def test_an_unreachable_ae_target_keeps_every_token_at_its_cap(tmp_path):
-    """A target above every token's cap m = ceil(k_l c) drives the threshold to 0 and no further."""
-    trainer, records = _ae_run(tmp_path, "train.ae_target=7", "train.ae_rate=0.5")
+    """A target above every token's cap m = ceil(k_l c) drives the threshold to 0 and no further; there every
+    token keeps exactly its cap (c = 2, E = 8)."""
+    trainer, records = _ae_run(tmp_path, "train.ae_target=7", "train.ae_rate=0.5", "train.ae_lever=threshold")
     assert all(float(r.threshold) == 0.0 for r in controllers.thresholded_routers(trainer.model))
-    assert records[-1]["active_experts_mean"] < 7
+    last = records[-1]["layers"]
+    assert all(layer["threshold"] == 0.0 for layer in last)  # the last step routed at the bound
+    assert [layer["active_experts_mean"] for layer in last] == pytest.approx(
+        [min(math.ceil(2 * layer["k"]), 8) for layer in last])
