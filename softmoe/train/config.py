@@ -89,12 +89,15 @@ class TrainConfig:
             raise ValueError(f"train.ae_rate=0 must be > 0 with train.ae_target={self.ae_target}")
         if 0 < self.ae_target < 1:
             raise ValueError(f"train.ae_target={self.ae_target} must be 0 (off) or >= 1 (every token keeps one expert)")
-        if self.ae_target > 0:
-            if self.ae_lever not in AE_LEVERS:  # no default: configs written before the threshold lever moved K
-                raise ValueError(f"train.ae_lever={self.ae_lever!r} must be one of {AE_LEVERS} with train.ae_target="
-                                 f"{self.ae_target} (runs configured before 2026-12-02 moved K: train.ae_lever=budget)")
-        elif self.ae_lever:
-            raise ValueError(f"train.ae_lever={self.ae_lever!r} does nothing without train.ae_target > 0")
+        # No default lever: configs written before the threshold lever existed moved K without naming it.
+        if self.ae_target > 0 and self.ae_lever not in AE_LEVERS:
+            raise ValueError(f"train.ae_lever={self.ae_lever!r} must be one of {AE_LEVERS} with train.ae_target="
+                             f"{self.ae_target} (runs configured before 2026-12-02 moved K: train.ae_lever=budget)")
+        check_choice("train.ae_lever", self.ae_lever, ("", *AE_LEVERS))
+        if not self.ae_target:
+            # without a target no lever moves: resolved as "" so run configs of 2026-12-01/02, which carry the
+            # then-default "threshold", compare equal to today's
+            object.__setattr__(self, "ae_lever", "")
         if self.ae_k_max and self.ae_lever != "budget":
             raise ValueError(f"train.ae_k_max={self.ae_k_max} bounds the budget K: it needs train.ae_lever=budget "
                              f"(got {self.ae_lever!r})")

@@ -310,8 +310,8 @@ def test_active_experts_target_rejects_bad_settings():
         load_run_config(preset, ["train.ae_target=2", "train.ae_lever=alpha"])
     with pytest.raises(ValueError, match=r"train.ae_lever='' must be one of .*runs configured before 2026-12-02 moved K"):
         load_run_config(preset, ["train.ae_target=2"])  # no default: an old config must not change its lever
-    with pytest.raises(ValueError, match="train.ae_lever='budget' does nothing without train.ae_target > 0"):
-        load_run_config(preset, ["train.ae_lever=budget"])
+    # run configs of 2026-12-01/02 carry the then-default lever without a target: it resolves to none
+    assert load_run_config(preset, ["train.ae_lever=threshold"]).train.ae_lever == ""
     with pytest.raises(ValueError, match="train.ae_k_max=4.0 bounds the budget K: it needs train.ae_lever=budget "
                                          "\\(got 'threshold'\\)"):
         load_run_config(preset, ["train.ae_target=2", "train.ae_lever=threshold", "train.ae_k_max=4"])

@@ -74,7 +74,7 @@ def test_missing_file_and_type_errors(tmp_path):
     (dict(progress="false"), TypeError, r"train\.progress must be a bool, got str"),
     (dict(tensorboard=0), TypeError, r"train\.tensorboard must be a bool, got int \(0\)"),
     (dict(ae_target=2.0, ae_lever="K"), ValueError, r"train\.ae_lever='K' must be one of \('threshold', 'budget'\)"),
-    (dict(ae_lever="threshold"), ValueError, r"train\.ae_lever='threshold' does nothing without train\.ae_target"),
+    (dict(ae_lever="K"), ValueError, r"train\.ae_lever='K' must be one of \('', 'threshold', 'budget'\)"),
     (dict(precision="fp16"), ValueError, r"train\.precision='fp16' must be one of \('fp32', 'bf16'\)"),
 ])
 def test_train_config_errors_name_the_field_and_the_value(changes, error, match):
