@@ -47,7 +47,7 @@ from softmoe.routing.remoe import ReMoERouter
 from softmoe.routing.softk import SoftKRouter
 
 __all__ = ["multiplicative_update", "bias_update", "budget_update", "threshold_update", "pooled_sparsity",
-           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "step"]
+           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "lever_update", "step"]
 
 AE_LEVERS = ("threshold", "budget")
 
@@ -207,7 +207,9 @@ def step(model: nn.Module, update: bool = True,
     """
     remoe = [m for m in model.modules() if isinstance(m, ReMoERouter)]
     biases = [m for m in model.modules() if isinstance(m, ExpertBias)]
-    apply_ae = _ae_lever(model, ae_target, active) if ae_target is not None else None
+    if ae_target is not None and active is None:
+        raise ValueError("step(ae_target=...) needs the step's `active` counts")
+    apply_ae = lever_update(model, ae_target) if ae_target is not None else None
     with torch.no_grad():
         if update and model.training:
             if reduce_sum is not None:
@@ -226,17 +228,21 @@ def step(model: nn.Module, update: bool = True,
             b.load_E.zero_()
 
 
-def _ae_lever(model: nn.Module, ae_target: ActiveExpertsTarget,
-              active: torch.Tensor | None) -> Callable[[torch.Tensor], None]:
+def lever_update(model: nn.Module, ae_target: ActiveExpertsTarget) -> Callable[[torch.Tensor], None]:
     """The active-experts controller's update for `model`: a function of the step's mean active experts that
-    moves the lever in place. ValueError if the model has no such lever or `active` is missing."""
-    if active is None:
-        raise ValueError("step(ae_target=...) needs the step's `active` counts")
+    moves the lever in place. ValueError naming the lever when the model has none to move: the threshold lever
+    needs SoftMoE routers with the relative truncation, the budget lever an exact-mode budget (and k_max
+    inside its bounds)."""
     if ae_target.lever == "budget":
         budget = budget_of(model)
-        if budget is None:
-            raise ValueError("train.ae_lever='budget' moves the SoftMoE budget K, but the model has none")
-        high = budget.k_max if ae_target.k_max is None else min(ae_target.k_max, budget.k_max)
+        if budget is None or budget.mode != "exact":
+            raise ValueError("train.ae_lever='budget' moves the SoftMoE budget K, but this model has "
+                             + ("no budget (router without learned k_l)" if budget is None else
+                                f"a budget in mode {budget.mode!r}; use model.budget_options.mode=exact"))
+        if ae_target.k_max is not None and not budget.k_min < ae_target.k_max <= budget.k_max:
+            raise ValueError(f"train.ae_k_max={ae_target.k_max} must be in (k_min={budget.k_min}, "
+                             f"E - margin={budget.k_max}]")
+        high = budget.k_max if ae_target.k_max is None else ae_target.k_max
 
         def move_budget(mean_active: torch.Tensor) -> None:
             budget.budget.copy_(budget_update(budget.budget, mean_active, ae_target.target, ae_target.rate,
@@ -244,8 +250,8 @@ def _ae_lever(model: nn.Module, ae_target: ActiveExpertsTarget,
         return move_budget
     routers = thresholded_routers(model)
     if not routers:
-        raise ValueError("train.ae_lever='threshold' moves the relative threshold of SoftMoE routers, but the "
-                         "model has none (router='softmoe' with truncation='relative' and more than one expert)")
+        raise ValueError("train.ae_lever='threshold' moves the relative threshold of SoftMoE routers, but this model "
+                         "has none (model.router=softmoe with model.router_options.truncation=relative)")
 
     def move_threshold(mean_active: torch.Tensor) -> None:
         # one threshold for the whole model, as the target is one mean over its layers

@@ -480,25 +480,13 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
-    """The active-experts controller of `train.ae_target` (None when 0), checked against the model: the
-    threshold lever needs SoftMoE routers with the relative truncation, the budget lever an exact-mode budget."""
+    """The active-experts controller of `train.ae_target` (None when 0); a model without the lever it moves is
+    refused here, before the first step (`controllers.lever_update`)."""
     if not t.ae_target:
         return None
-    if t.ae_lever == "threshold":
-        if not controllers.thresholded_routers(model):
-            raise ValueError(f"train.ae_target={t.ae_target} with train.ae_lever='threshold' moves the relative "
-                             "threshold of SoftMoE routers, but this model has none (model.router=softmoe with "
-                             "model.router_options.truncation=relative)")
-        return controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, "threshold")
-    budget = controllers.budget_of(model)
-    if budget is None or budget.mode != "exact":
-        raise ValueError(f"train.ae_target={t.ae_target} with train.ae_lever='budget' moves the SoftMoE budget K, "
-                         "but this model has "
-                         + ("no budget (router without learned k_l)" if budget is None else
-                            f"a budget in mode {budget.mode!r}; use model.budget_options.mode=exact"))
-    if t.ae_k_max and not budget.k_min < t.ae_k_max <= budget.k_max:
-        raise ValueError(f"train.ae_k_max={t.ae_k_max} must be in (k_min={budget.k_min}, E - margin={budget.k_max}]")
-    return controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, "budget", t.ae_k_max or None)
+    target = controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, t.ae_lever, t.ae_k_max or None)
+    controllers.lever_update(model, target)
+    return target
 
 
 def _routed_active(routing: dict, device: torch.device) -> torch.Tensor:
