@@ -164,15 +164,19 @@ def test_paper8_study_has_the_issue_variants_seeds_and_scale():
     seeds = {}
     for run in runs:
         seeds.setdefault(run.variant.name, []).append(run.seed)
-    for name in ("topk-k2", "topk-k3", "softmoe-K1.5", "softmoe-K2.0"):
+    for name in ("topk-k2", "softmoe-K1.5"):
+        assert seeds[name] == [0, 1, 2, 3]
+    for name in ("topk-k3", "softmoe-K2.0"):
         assert seeds[name] == [0, 1, 2]
     assert {"topk-k1", "topk-k4", "softmoe-star-k1.5", "softmoe-ae2.0", "remoe-k2", "dense",
-            "softmoe-star-k1-c4"} <= set(seeds)
+            "softmoe-star-k1-c4", "softmoe-K1.5-blr30", "softmoe-K2.0-blr30"} <= set(seeds)
+    assert [r.variant.name for r in runs[:8]] == ["topk-k2", "softmoe-K1.5"] * 4  # the headline pair first
     dial = {v.name: v.dial for v in study.variants if v.dial}
     assert dial == {"softmoe-K1.5": (1.0, 1.5, 2.0, 3.0), "softmoe-K2.0": (1.0, 1.5, 2.0, 3.0)}
     by_name = {(r.variant.name, r.seed): r.config for r in runs}
     assert by_name[("softmoe-ae2.0", 0)].train.ae_target == 2.0
     assert by_name[("softmoe-star-k1-c4", 0)].model.routed_router_config().cap_factor == 4.0
     # the same batches per seed: every variant's data config and token count are the same at a seed
-    assert len({(r.seed, r.config.data) for r in runs}) == 3
+    assert len({(r.seed, r.config.data) for r in runs}) == 4
+    assert by_name[("softmoe-K1.5-blr30", 0)].train.budget_lr_mult == 3 * first.train.budget_lr_mult
     assert study.summaries.parts[-2:] == ("results", "paper8") and study.references == ("topk-k2", "topk-k3")
