@@ -23,8 +23,8 @@ import numpy as np
 from softmoe.data.io import atomic_write_text
 from softmoe.eval.report import pyplot, save_figure, style_axes
 
-__all__ = ["CLAIM_ROLES", "MARGIN", "t_interval", "paired", "claims_rows", "study_report_markdown",
-           "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth", "plot_dial"]
+__all__ = ["CLAIM_ROLES", "MARGIN", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
+           "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth", "plot_dial"]
 
 CLAIM_ROLES = frozenset({"top2", "top3", "top4", "learned", "learned_K2", "fixed", "compute_matched", "larger_c"})
 # "comparable": a paired loss difference whose 95% interval lies below +MARGIN nats. The paper's own
@@ -33,6 +33,8 @@ MARGIN = 0.02
 # Chance accuracy of the multiple-choice tasks (uniform guessing over the choices).
 CHANCE = {"piqa": 0.5, "copa": 0.5, "winogrande": 0.5, "boolq": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
           "sciq": 0.25, "hellaswag": 0.25, "openbookqa": 0.25}
+# k_l "settled": no layer's k_l moved more than this over the last 20% of the logged steps (mean over seeds).
+SETTLE_TOL = 0.05
 # Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -99,6 +101,37 @@ def _late_share(k_L) -> float | None:
         return None
     last = math.ceil(0.3 * len(k_L))
     return float(sum(k_L[-last:]) / sum(k_L))
+
+
+def _at_fraction(trajectory: dict, fraction: float) -> list[float]:
+    """k_l [layers] at the logged step nearest to `fraction` of the trajectory's last step."""
+    steps = trajectory["step"]
+    target = fraction * steps[-1]
+    i = min(range(len(steps)), key=lambda j: abs(steps[j] - target))
+    return trajectory["k_L"][i]
+
+
+def allocation_movement(records: list[dict], variant: str) -> dict | None:
+    """How a learned allocation moved over training, from the summaries' k_l trajectories (mean over seeds):
+    {"seeds", "late_share": {fraction: share of Σk_l in the last 30% of layers}, "last_move": [layers] k_l at
+    the end minus at 80% of the steps, "settled": every |last_move| <= SETTLE_TOL}. None when the variant has
+    no trajectory or its k_l never moved (a fixed k)."""
+    trajs = [r["k_trajectory"] for r in _of(records, variant)
+             if r.get("k_trajectory", {}).get("k_L") and len(r["k_trajectory"]["step"]) >= 2]
+    if not trajs or all(np.ptp(t["k_L"], axis=0).max() == 0 for t in trajs):
+        return None
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    share = {f: float(np.mean([_late_share(_at_fraction(t, f)) for t in trajs])) for f in fractions}
+    last_move = np.mean([np.subtract(_at_fraction(t, 1.0), _at_fraction(t, 0.8)) for t in trajs], axis=0)
+    return {"seeds": len(trajs), "late_share": share, "last_move": [float(m) for m in last_move],
+            "settled": bool(np.abs(last_move).max() <= SETTLE_TOL)}
+
+
+def _largest_rise(record: dict) -> float | None:
+    """The largest rise between consecutive logged train losses (each a mean over the log interval)."""
+    loss = record.get("curves", {}).get("train", {}).get("loss") or []
+    rises = [b - a for a, b in zip(loss, loss[1:]) if a is not None and b is not None]
+    return max(rises) if rises else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,14 +229,20 @@ def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, s
             parts.append(f"{name}: share of Σk_l in the last {math.ceil(0.3 * n_layers)} of {n_layers} layers "
                          f"{_fmt(share, '.3f')} (uniform {uniform:.3f})")
             if share["low"] is None:
-                verdicts.append("not resolved (one seed)")
+                verdict = "not resolved (one seed)"
             elif share["low"] > uniform:
-                verdicts.append("yes" if share["mean"] >= 0.4 else "direction only (later layers take more, "
-                                "less than the paper's ~half)")
+                verdict = ("yes" if share["mean"] >= 0.4 else "direction only (later layers take more, "
+                           "less than the paper's ~half)")
             elif share["high"] < uniform:
-                verdicts.append("no (earlier layers take more)")
+                verdict = "no (earlier layers take more)"
             else:
-                verdicts.append("not resolved")
+                verdict = "not resolved"
+            movement = allocation_movement(records, name)
+            if movement is not None and not movement["settled"]:
+                moving = movement["late_share"][1.0] - movement["late_share"][0.5]
+                verdict += (f" at the end of training; k_l not settled (late share {moving:+.3f} over the second "
+                            "half)")
+            verdicts.append(verdict)
         rows.append((claim, paper, "; ".join(parts), "; ".join(verdicts)))
     # (4) Train AE vs Infer AE
     claim = "Infer AE exceeds Train AE (learned SoftMoE)"
@@ -403,7 +442,8 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
             cells.append("(reference)" if ref == v.name else "-" if d is None else
                          f"{_fmt(d, '.4f', True)} ({d['lower']}/{d['n']})")
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
-    lines += _allocation_lines(records, variants) + _dial_lines(records, variants, study.references[:1], label)
+    lines += _allocation_lines(records, variants) + _movement_lines(records, variants)
+    lines += _dial_lines(records, variants, study.references[:1], label) + _stability_lines(records, variants)
     lines += _task_lines(records, variants)
     for caption, path in plots:
         lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
@@ -426,6 +466,40 @@ def _allocation_lines(records: list[dict], variants) -> list[str]:
     return ["", "## Allocation by depth (mean over seeds, first to last MoE layer)", "",
             "| variant | seeds | learned k_l | Train AE per layer | Infer AE per layer |", "|---|---|---|---|---|",
             *rows]
+
+
+def _movement_lines(records: list[dict], variants) -> list[str]:
+    rows = []
+    for v in variants:
+        m = allocation_movement(records, v.name)
+        if m is None:
+            continue
+        shares = " / ".join(f"{m['late_share'][f]:.3f}" for f in (0.25, 0.5, 0.75, 1.0))
+        moves = ", ".join(f"{x:+.3f}" for x in m["last_move"])
+        rows.append(f"| {v.label} | {m['seeds']} | {shares} | {moves} | {'yes' if m['settled'] else 'no'} |")
+    if not rows:
+        return []
+    return ["", "## How the learned allocation moved (k_l trajectories, mean over seeds)", "",
+            f"Late share: the share of Σk_l held by the last 30% of the layers at 25 / 50 / 75 / 100% of the steps. "
+            f"Settled: no layer's k_l moved more than {SETTLE_TOL} over the last 20% of the steps.", "",
+            "| variant | seeds | late share at 25 / 50 / 75 / 100% | k_l change over the last 20% (first to last "
+            "layer) | settled? |", "|---|---|---|---|---|", *rows]
+
+
+def _stability_lines(records: list[dict], variants) -> list[str]:
+    rows = []
+    for v in variants:
+        mine = _of(records, v.name)
+        rises = [x for x in map(_largest_rise, mine) if x is not None]
+        skipped = [r.get("skipped_steps") for r in mine if r.get("skipped_steps") is not None]
+        if not rises:
+            continue
+        rows.append(f"| {v.label} | {len(mine)} | {max(rises):+.3f} | {sum(skipped) if skipped else '-'} |")
+    if not rows:
+        return []
+    return ["", "## Training stability (the logged train loss, each point a mean over its log interval)", "",
+            "| variant | runs | largest rise between logged losses (worst run) | skipped steps (all runs) |",
+            "|---|---|---|---|", *rows]
 
 
 def _dial_lines(records: list[dict], variants, reference: tuple[str, ...], label: dict[str, str]) -> list[str]:

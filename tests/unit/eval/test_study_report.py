@@ -97,6 +97,55 @@ def test_report_markdown_and_plots_from_fake_records(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in text
 
 
+def _trajectory(early: list[float], late: list[float], end_move: float = 0.0) -> dict:
+    """Logged at steps 10..100: k_l walks linearly from `early` to `late` by step 80, then (layer 0 only)
+    `end_move` more by step 100."""
+    steps = list(range(10, 101, 10))
+    k = []
+    for s in steps:
+        w = min(s, 80) / 80
+        row = [a + w * (b - a) for a, b in zip(early, late)]
+        row[0] += end_move * max(s - 80, 0) / 20
+        k.append(row)
+    return {"step": steps, "k_L": k, "active_L": [[1.0] * len(early)] * len(steps)}
+
+
+def test_allocation_movement_reads_the_trajectory_and_says_whether_k_settled():
+    from softmoe.eval.study_report import SETTLE_TOL, allocation_movement
+
+    uniform, late = [1.5] * 4, [1.0, 1.0, 1.0, 3.0]  # last ceil(1.2) = 2 of 4 layers: share 0.5 -> 4 / 6
+    records = [dict(rec("soft", s, 3.0, k_L=late), k_trajectory=_trajectory(uniform, late)) for s in range(2)]
+    m = allocation_movement(records, "soft")
+    assert m["seeds"] == 2 and m["settled"] and m["last_move"] == pytest.approx([0.0] * 4)
+    shares = [m["late_share"][f] for f in (0.25, 0.5, 0.75, 1.0)]
+    assert 0.5 < shares[0] < shares[1] < shares[2] < shares[3] == pytest.approx(4 / 6)
+    moving = [dict(r, k_trajectory=_trajectory(uniform, late, end_move=-2 * SETTLE_TOL)) for r in records]
+    m = allocation_movement(moving, "soft")
+    assert not m["settled"] and m["last_move"][0] == pytest.approx(-2 * SETTLE_TOL)
+    fixed = [dict(r, k_trajectory=_trajectory(uniform, uniform)) for r in records]
+    assert allocation_movement(fixed, "soft") is None  # a fixed k never moved
+    assert allocation_movement([rec("top2", 0, 3.0, router="topk")], "top2") is None  # no trajectory
+    # the claims table says when the allocation it judges was still moving
+    top2 = [rec("top2", s, 3.0, router="topk") for s in range(2)]
+    study_moving = top2 + [dict(r, loss=2.9 + 0.01 * r["seed"]) for r in moving]
+    assert "k_l not settled" in _claims(study_moving)["The learned allocatio"][3]
+    assert "k_l not settled" not in _claims(top2 + records)["The learned allocatio"][3]
+
+
+def test_report_lists_movement_and_stability():
+    variants = (SimpleNamespace(name="top2", label="top-k k=2"), SimpleNamespace(name="soft", label="SoftMoE"))
+    study = SimpleNamespace(name="fake", variants=variants, references=("top2",),
+                            claims=(("top2", "top2"), ("learned", "soft")))
+    curves = {"train": {"step": [25, 50, 75], "loss": [8.0, 7.0, 7.3]}}
+    records = [dict(rec("top2", 0, 3.0, router="topk"), curves=curves, skipped_steps=0),
+               dict(rec("soft", 0, 2.9, k_L=[1.0, 3.0]), k_trajectory=_trajectory([2.0, 2.0], [1.0, 3.0], 0.5),
+                    curves={"train": {"step": [25, 50], "loss": [8.0, 6.0]}}, skipped_steps=1)]
+    md = study_report_markdown(study, records, [], planned=2)
+    assert "## How the learned allocation moved" in md
+    assert "| SoftMoE | 1 | " in md and "| +0.500, +0.000 | no |" in md
+    assert "| top-k k=2 | 1 | +0.300 | 0 |" in md and "| SoftMoE | 1 | -2.000 | 1 |" in md
+
+
 def test_the_controllers_threshold_is_drawn_only_where_it_moved():
     from softmoe.eval.study_report import _moved_threshold
 
@@ -115,15 +164,19 @@ def test_paper8_study_has_the_issue_variants_seeds_and_scale():
     seeds = {}
     for run in runs:
         seeds.setdefault(run.variant.name, []).append(run.seed)
-    for name in ("topk-k2", "topk-k3", "softmoe-K1.5", "softmoe-K2.0"):
+    for name in ("topk-k2", "softmoe-K1.5"):
+        assert seeds[name] == [0, 1, 2, 3]
+    for name in ("topk-k3", "softmoe-K2.0"):
         assert seeds[name] == [0, 1, 2]
     assert {"topk-k1", "topk-k4", "softmoe-star-k1.5", "softmoe-ae2.0", "remoe-k2", "dense",
-            "softmoe-star-k1-c4"} <= set(seeds)
+            "softmoe-star-k1-c4", "softmoe-K1.5-blr30", "softmoe-K2.0-blr30"} <= set(seeds)
+    assert [r.variant.name for r in runs[:8]] == ["topk-k2", "softmoe-K1.5"] * 4  # the headline pair first
     dial = {v.name: v.dial for v in study.variants if v.dial}
     assert dial == {"softmoe-K1.5": (1.0, 1.5, 2.0, 3.0), "softmoe-K2.0": (1.0, 1.5, 2.0, 3.0)}
     by_name = {(r.variant.name, r.seed): r.config for r in runs}
     assert by_name[("softmoe-ae2.0", 0)].train.ae_target == 2.0
     assert by_name[("softmoe-star-k1-c4", 0)].model.routed_router_config().cap_factor == 4.0
     # the same batches per seed: every variant's data config and token count are the same at a seed
-    assert len({(r.seed, r.config.data) for r in runs}) == 3
+    assert len({(r.seed, r.config.data) for r in runs}) == 4
+    assert by_name[("softmoe-K1.5-blr30", 0)].train.budget_lr_mult == 3 * first.train.budget_lr_mult
     assert study.summaries.parts[-2:] == ("results", "paper8") and study.references == ("topk-k2", "topk-k3")
