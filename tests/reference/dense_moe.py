@@ -102,14 +102,16 @@ def softk_weights(layer, x_TD: torch.Tensor, k: float) -> torch.Tensor:
     num_experts = logits.shape[-1]
     p = torch.ones_like(logits) if num_experts == 1 else soft_topk(logits, k, float(layer.router.alpha))
     weight = torch.zeros_like(p)
+    p_detached = p.detach()  # the kept set is chosen on detached p (the paper's threshold carries no gradient)
     for t in range(p.shape[0]):
-        order = torch.argsort(p[t], descending=True)
+        row = p_detached[t]
+        order = torch.argsort(row, descending=True)
         if cfg.truncation == "relative" and num_experts > 1:
             m = min(math.ceil(k * cfg.cap_factor), num_experts)
-            tau = min(max(cfg.threshold * k / num_experts, float(p[t, order[m - 1]])), float(p[t, order[0]]))
-            kept = [int(e) for e in order if p[t, e] >= tau]
+            tau = min(max(cfg.threshold * k / num_experts, float(row[order[m - 1]])), float(row[order[0]]))
+            kept = [int(e) for e in order if row[e] >= tau]
         else:
-            kept = [int(e) for e in order if p[t, e] >= cfg.min_weight] or [int(order[0])]
+            kept = [int(e) for e in order if row[e] >= cfg.min_weight] or [int(order[0])]
         if cfg.max_active is not None:
             kept = kept[: cfg.max_active]
         kept_idx = torch.tensor(kept)
