@@ -24,7 +24,8 @@ from softmoe.data.io import atomic_write_text
 from softmoe.eval.report import pyplot, save_figure, style_axes
 
 __all__ = ["CLAIM_ROLES", "MARGIN", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
-           "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth", "plot_dial"]
+           "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
+           "plot_dial"]
 
 CLAIM_ROLES = frozenset({"top2", "top3", "top4", "learned", "learned_K2", "fixed", "compute_matched", "larger_c"})
 # "comparable": a paired loss difference whose 95% interval lies below +MARGIN nats. The paper's own
