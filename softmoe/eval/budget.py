@@ -9,6 +9,11 @@ so a layer that is capped hands its overflow to the others in proportion to thei
 layer lifted to k_min takes its deficit from them). Without clipping c = K'/K. The values are pinned
 with `Budget.set_budget(K', per_layer=...)`, which checks the bounds and the mean again; the model's
 own budget state is restored after each evaluation.
+
+Under the paper's rule K' sets the soft mass, not the count (routing/budget.py): the realized count barely
+moves. A model trained with the realized-count budget (`budget_options.realized`) holds counts instead: at each
+K' its layers' thresholds are recalibrated (`calibrate_thresholds`, eval mode, on calibration batches of the
+training split) so that each layer's realized count equals its k_l', and the dial then moves compute.
 """
 
 from __future__ import annotations
@@ -22,13 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softmoe.common.checks import check_float
+from softmoe.common.checks import check_float, check_int
+from softmoe.common.precision import autocast_context, module_device
+from softmoe.data import eval_batches
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import bits_per_byte, evaluate_split
 from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.model import GPT
+from softmoe.train.controllers import realized_budget
 
-__all__ = ["BudgetPoint", "budget_sweep", "check_budgets", "dialed", "plot_budget_sweep", "scaled_allocation"]
+__all__ = ["BudgetPoint", "budget_sweep", "calibrate_thresholds", "calibration_batches", "check_budgets", "dialed",
+           "plot_budget_sweep", "scaled_allocation"]
+
+CALIBRATION_ROUNDS = 24  # bisection rounds: the threshold to E / 2^24
 
 
 @dataclass(frozen=True)
@@ -101,29 +112,119 @@ def check_budgets(model: GPT, budgets: Sequence[float]) -> None:
                              f"E - margin={high}]")
 
 
+def calibration_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int = 4
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `num_batches` evaluation batches of `tokens` (the training split's, for `calibrate_thresholds`)."""
+    check_int("num_batches", num_batches, 1)
+    batches = []
+    for idx_BT, targets_BT in eval_batches(tokens, seq_len, batch_size):
+        batches.append((idx_BT, targets_BT))
+        if len(batches) == num_batches:
+            break
+    if not batches:
+        raise ValueError(f"calibration tokens ({tokens.shape[0]}) make no batch of seq_len={seq_len}")
+    return batches
+
+
+@torch.no_grad()
+def _eval_counts(model: GPT, batches, precision: str) -> torch.Tensor:
+    """(L,) float64 realized mean active experts per token of every MoE layer over `batches`, eval mode."""
+    device = module_device(model)
+    sums, tokens = None, 0.0
+    for idx_BT, _ in batches:
+        with autocast_context(precision, device):
+            out = model(idx_BT.to(device))
+        # every token of an unpadded batch is real: the layer's mean counts all of them
+        layer_L = torch.stack([stats.tensors["active_experts_mean"].double() for stats in out.routing.values()])
+        n = float(idx_BT.numel())
+        sums = layer_L * n if sums is None else sums + layer_L * n
+        tokens += n
+    return sums / tokens
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: GPT, batches, precision: str = "fp32",
+                         rounds: int = CALIBRATION_ROUNDS) -> torch.Tensor:
+    """Set every layer's relative threshold so that its eval-mode realized count on `batches` equals its k_l.
+
+    Joint bisection on [0, E] per layer (the count falls as the threshold rises; a layer's input depends on the
+    earlier layers' thresholds only weakly, and they settle first). Each layer keeps the threshold whose
+    count was nearest its k_l. The model's mode is restored.
+
+    Args:
+        model: a GPT with a realized-count budget (ValueError otherwise).
+        batches: (idx_BT, targets_BT) calibration batches (targets unused).
+    Returns:
+        (L,) float64 the realized counts at the chosen thresholds.
+    """
+    found = realized_budget(model)
+    if found is None:
+        raise ValueError("calibrate_thresholds needs a model trained with model.budget_options.realized=true")
+    budget, routers = found
+    was_training = model.training
+    model.eval()
+    target_L = budget().detach().double().cpu()
+    low_L = torch.zeros_like(target_L)
+    high_L = torch.full_like(target_L, float(budget.num_experts))
+    best_L, best_err_L, best_count_L = low_L.clone(), torch.full_like(target_L, math.inf), target_L.clone()
+    try:
+        for _ in range(rounds):
+            mid_L = 0.5 * (low_L + high_L)
+            for router, value in zip(routers, mid_L):
+                router.threshold.fill_(float(value))
+            count_L = _eval_counts(model, batches, precision).cpu()
+            err_L = (count_L - target_L).abs()
+            better = err_L < best_err_L
+            best_L = torch.where(better, mid_L, best_L)
+            best_count_L = torch.where(better, count_L, best_count_L)
+            best_err_L = torch.minimum(err_L, best_err_L)
+            too_many = count_L > target_L  # raise the threshold
+            low_L = torch.where(too_many, mid_L, low_L)
+            high_L = torch.where(too_many, high_L, mid_L)
+        for router, value in zip(routers, best_L):
+            router.threshold.fill_(float(value))
+    finally:
+        model.train(was_training)
+    return best_count_L
+
+
 @contextlib.contextmanager
-def dialed(model: GPT, budget: float) -> Iterator[torch.Tensor]:
+def dialed(model: GPT, budget: float, calibration=None, precision: str = "fp32") -> Iterator[torch.Tensor]:
     """Pin the model's per-layer budgets to the learned allocation scaled to `budget`; restore on exit.
+
+    A model with a realized-count budget also has its thresholds recalibrated to the new k_l' on `calibration`
+    batches (required then; see `calibrate_thresholds`) and restored on exit.
 
     Yields:
         (L,) float32 k_l' in use.
     """
     check_budgets(model, [budget])
-    saved = {name: buffer.clone() for name, buffer in model.budget.named_buffers()}
     b = model.budget
+    realized = realized_budget(model)
+    if realized is not None and calibration is None:
+        raise ValueError("this model was trained with model.budget_options.realized=true: dialing its budget needs "
+                         "calibration batches (its thresholds are recalibrated to the new k_l)")
+    routers = [] if realized is None else realized[1]
+    saved = {name: buffer.clone() for name, buffer in b.named_buffers()}
+    saved_thresholds = [r.threshold.clone() for r in routers]
     with torch.no_grad():
         k_L = scaled_allocation(b.k(), budget, b.k_min, b.k_max)
     try:
         b.set_budget(float(budget), per_layer=k_L.float())
+        if realized is not None:
+            calibrate_thresholds(model, calibration, precision)
         yield b.k()
     finally:
         for name, buffer in b.named_buffers():
             buffer.copy_(saved[name])
+        for router, value in zip(routers, saved_thresholds):
+            router.threshold.copy_(value)
 
 
 def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence[float], batch_size: int = 16,
                  precision: str = "fp32", max_batches: int | None = None,
-                 num_bytes: int | None = None, progress: bool = False) -> list[BudgetPoint]:
+                 num_bytes: int | None = None, progress: bool = False,
+                 calibration_tokens: np.ndarray | None = None) -> list[BudgetPoint]:
     """Evaluate `model` on one split at each global budget K' (see the module docstring).
 
     Args:
@@ -133,13 +234,20 @@ def budget_sweep(model: GPT, tokens: np.ndarray, seq_len: int, budgets: Sequence
         budgets: the K' values, each in the Budget's [k_min, E - margin].
         num_bytes: UTF-8 bytes of the split's text, for bits per byte (whole splits only).
         progress: a progress bar per budget (on a terminal).
+        calibration_tokens: token ids (of the training split) whose first batches recalibrate the thresholds of a
+            realized-count budget at each K'; required for such a model, unused otherwise.
     Returns:
         One BudgetPoint per K', in the given order.
     """
     check_budgets(model, budgets)
+    calibration = None
+    if realized_budget(model) is not None:
+        if calibration_tokens is None:
+            raise ValueError("budget_sweep of a model with a realized-count budget needs calibration_tokens")
+        calibration = calibration_batches(calibration_tokens, seq_len, batch_size)
     points = []
     for i, budget in enumerate(budgets):
-        with dialed(model, budget) as k_L:
+        with dialed(model, budget, calibration, precision) as k_L:
             result = evaluate_split(model, tokens, seq_len, batch_size, precision, max_batches, progress=progress,
                                     desc=f"budget dial {i + 1}/{len(budgets)}: K'={budget:g}")
             cost = compute_cost(model, result.layers)
@@ -167,6 +275,6 @@ def plot_budget_sweep(points: Sequence[BudgetPoint], path: Path, trained_budget:
         trained = trained_budget is not None and abs(p.budget - trained_budget) < 1e-9
         ax.annotate(f"K'={p.budget:g}" + (" (trained)" if trained else ""), (p.active_experts_mean, p.loss),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
-    style_axes(ax, "realized mean active experts per token (mean over layers)", "cross-entropy (nats / token)", title,
+    style_axes(ax, "realized active experts per token, AE (mean over layers)", "cross-entropy (nats / token)", title,
                legend_size=0)
     return save_figure(fig, path)

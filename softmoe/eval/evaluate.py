@@ -168,6 +168,7 @@ def _routing_report(layers: list[LayerRouting]) -> dict:
         "active_experts_mean": (sum(layer.active_mean for layer in layers) / len(layers)) if layers else None,
         "layers": [{"block": layer.block, "k": layer.k, "active_experts_mean": layer.active_mean,
                     "active_experts_hist": layer.active_hist.astype(int).tolist(),
+                    "logit_spread": layer.logit_spread, **layer.load_diagnostics,
                     "expert_load": [round(float(v), 6) for v in layer.expert_load]} for layer in layers],
     }
 
@@ -314,8 +315,12 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
     if settings.budgets:
         first = splits[0]
         report(f"budget dial on {first.corpus}/{first.split}: K' = {list(settings.budgets)}")
+        calibration = None
+        if model.budget.realized:  # its thresholds are recalibrated at each K' on training batches
+            calibration = load_corpus_split(config, path, config.data.corpus, "train", settings.data_dir).tokens
         points = budget_dial.budget_sweep(model, first.tokens, seq_len, list(settings.budgets), batch_size,
-                                          precision, settings.max_batches, first.num_bytes, progress=progress)
+                                          precision, settings.max_batches, first.num_bytes, progress=progress,
+                                          calibration_tokens=calibration)
     payload = {
         "model": _model_summary(model, config, path, read_json(path / "meta.json").get("step")),
         "settings": {**dataclasses.asdict(settings), "precision": precision, "batch_size": batch_size,
@@ -354,12 +359,15 @@ def _routing_table(entry: dict) -> list[str]:
     if not layers:
         return ["Dense model: no routing."]
     lines = [f"Measured on {entry['corpus']}/{entry['split']} ({entry['tokens']:,} tokens).", "",
-             "| block | k_l | Infer AE (realized active experts per token, eval mode) | expert load (fraction of routed pairs) |",
-             "|---|---|---|---|"]
+             "| block | k (nominal: k_l soft mass, or top-k's k) | Infer AE (realized experts per token, eval mode) "
+             "| logit spread | load max/mean | dead experts | expert load (fraction of routed pairs) |",
+             "|---|---|---|---|---|---|---|"]
     for layer in layers:
         load = ", ".join(f"{v:.3f}" for v in layer["expert_load"])
-        lines.append(f"| {layer['block']} | {layer['k']:.3f} | {layer['active_experts_mean']:.3f} | {load} |")
-    lines.append(f"| mean | | {entry['routing']['active_experts_mean']:.3f} | |")
+        lines.append(f"| {layer['block']} | {layer['k']:.3f} | {layer['active_experts_mean']:.3f} | "
+                     f"{layer.get('logit_spread', float('nan')):.3f} | {layer.get('load_max_over_mean', float('nan')):.2f} | "
+                     f"{layer.get('dead_fraction', float('nan')):.2f} | {load} |")
+    lines.append(f"| mean | | {entry['routing']['active_experts_mean']:.3f} | | | | |")
     return lines
 
 

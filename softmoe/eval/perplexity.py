@@ -24,6 +24,7 @@ from softmoe.data import IGNORE_INDEX, eval_batches
 from softmoe.data.loader import num_eval_batches
 from softmoe.model import GPT
 from softmoe.progress import progress_bar
+from softmoe.routing.diagnostics import load_diagnostics
 
 __all__ = ["LayerRouting", "SplitEval", "accumulate_routing", "bits_per_byte", "evaluate_split"]
 
@@ -55,6 +56,23 @@ class LayerRouting:
     k: float
     active_hist: np.ndarray
     expert_tokens: np.ndarray
+    spread_sum: float = 0.0  # sum over batches of (logit spread x real tokens)
+
+    @property
+    def tokens(self) -> float:
+        """Real tokens routed (the histogram's total)."""
+        return float(self.active_hist.sum())
+
+    @property
+    def logit_spread(self) -> float:
+        """Token-weighted mean of the router logit spread (routing/diagnostics.py)."""
+        return self.spread_sum / max(self.tokens, 1.0)
+
+    @property
+    def load_diagnostics(self) -> dict[str, float]:
+        """load_max_over_mean, load_cv, dead_fraction of the accumulated expert load."""
+        counts = torch.as_tensor(self.expert_tokens, dtype=torch.float64)
+        return {key: float(value) for key, value in load_diagnostics(counts).items()}
 
     @property
     def active_mean(self) -> float:
@@ -99,6 +117,8 @@ def accumulate_routing(layers: dict[int, LayerRouting], out_routing, k_L: torch.
             layers[block] = LayerRouting(block, k, np.zeros_like(hist), np.zeros_like(load))
         layers[block].active_hist += hist
         layers[block].expert_tokens += load
+        if "logit_spread" in stats:
+            layers[block].spread_sum += float(stats["logit_spread"]) * float(hist.sum())
 
 
 @torch.no_grad()

@@ -82,23 +82,60 @@ def plot_losses(runs: list[RunResult], path: Path) -> Path:
 
 
 def plot_layer_k(run: RunResult, path: Path) -> Path:
-    """Per-layer k_l of a SoftMoE run over training (from the training records)."""
+    """Per-layer k_l (the soft top-k mass, solid) and realized Train AE (dashed) of a SoftMoE run over training."""
     plt = pyplot()
     records = [r for r in read_metrics(run.run_dir, "train") if r.get("layers")]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = [r["step"] for r in records]
+    values = []
     for j, layer in enumerate(records[0]["layers"] if records else []):
-        ax.plot(steps, [r["layers"][j]["k"] for r in records], label=f"block {layer['block']}")
+        k_l = [r["layers"][j]["k"] for r in records]
+        ae_l = [r["layers"][j].get("active_experts_mean", np.nan) for r in records]
+        line, = ax.plot(steps, k_l, label=f"block {layer['block']}: k_l")
+        ax.plot(steps, ae_l, color=line.get_color(), ls="--", lw=1, label=f"block {layer['block']}: AE")
+        values += k_l + [v for v in ae_l if np.isfinite(v)]
     if records:
         mean_k = [np.mean([layer["k"] for layer in r["layers"]]) for r in records]
-        ax.plot(steps, mean_k, color="black", ls="--", lw=1, label="mean over layers (budget K)")
-        ax.set_ylim(*k_range([layer["k"] for r in records for layer in r["layers"]], float(np.mean(mean_k))))
-    style_axes(
-        ax,
-        "optimizer step",
-        "k_l (mean active experts, learned)",
-        f"Per-layer budget allocation: {run.label}",
-    )
+        ax.plot(steps, mean_k, color="black", ls=":", lw=1, label="mean k_l (budget K)")
+        ax.set_ylim(*k_range(values, float(np.mean(mean_k))))
+    style_axes(ax, "optimizer step", "experts per token", f"k_l (soft mass, solid) and realized Train AE "
+               f"(dashed): {run.label}", legend_size=7, legend_outside=True)
+    return save_figure(fig, path)
+
+
+def plot_logit_spread(runs: list[RunResult], path: Path) -> Path:
+    """The router logit spread (mean over tokens of the std over experts) of every MoE layer over training."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        records = [r for r in read_metrics(run.run_dir, "train") if r.get("layers")]
+        if not records or "logit_spread" not in records[0]["layers"][0]:
+            continue
+        steps = [r["step"] for r in records]
+        for j, layer in enumerate(records[0]["layers"]):
+            ax.plot(steps, [r["layers"][j].get("logit_spread", np.nan) for r in records], color=f"C{j}",
+                    ls=styles[i % len(styles)], lw=1.2, label=f"{run.label}, block {layer['block']}")
+    style_axes(ax, "optimizer step", "router logit spread (std over experts)",
+               "Router logit spread by layer (it sets the count under the paper's rule)", legend_size=7,
+               legend_outside=True)
+    return save_figure(fig, path)
+
+
+def plot_load_heatmap(runs: list[RunResult], path: Path) -> Path:
+    """Per run, a heat map of each MoE layer's expert load on the scored split, relative to uniform (1 = E^-1)."""
+    plt = pyplot()
+    moe = [run for run in runs if run.final.layers]
+    fig, axes = plt.subplots(1, len(moe), figsize=(4.5 * len(moe), 0.5 * max(len(r.final.layers) for r in moe) + 1.8),
+                             squeeze=False)
+    for ax, run in zip(axes[0], moe):
+        load = np.stack([layer.expert_load * layer.expert_load.shape[0] for layer in run.final.layers])
+        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(load.max())))
+        ax.set_yticks(range(load.shape[0]), [f"block {layer.block}" for layer in run.final.layers])
+        ax.set_xlabel("expert")
+        ax.set_title(run.label, fontsize=9)
+        fig.colorbar(image, ax=ax, label="load / uniform")
+    fig.suptitle(f"Expert load by layer ({runs[0].split} split; < 0.1 counts as dead)", fontsize=10)
     return save_figure(fig, path)
 
 
@@ -144,23 +181,30 @@ def save_figure(fig, path: Path) -> Path:
 def results_table(runs: list[RunResult]) -> str:
     """Markdown table: final loss, perplexity, Train / Infer AE, throughput, parameters."""
     lines = [
-        "| run | final val loss | val perplexity | Train AE | Infer AE | per-layer Infer AE | k_l at the end "
-        "| train tok/s | parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | final val loss | val perplexity | Train AE | Infer AE | per-layer Infer AE | nominal k at the end "
+        "| logit spread | load max/mean | dead experts | train tok/s | parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s = run.summary
-        per_layer = ", ".join(f"{layer.active_mean:.2f}" for layer in run.final.layers) or "-"
-        k_l = ", ".join(f"{layer.k:.2f}" for layer in run.final.layers) or "-"
+        layers = run.final.layers
+        per_layer = ", ".join(f"{layer.active_mean:.2f}" for layer in layers) or "-"
+        k_l = ", ".join(f"{layer.k:.2f}" for layer in layers) or "-"
+        spread = ", ".join(f"{layer.logit_spread:.2f}" for layer in layers) or "-"
+        peak = ", ".join(f"{layer.load_diagnostics['load_max_over_mean']:.2f}" for layer in layers) or "-"
+        dead = ", ".join(f"{layer.load_diagnostics['dead_fraction']:.2f}" for layer in layers) or "-"
         active, train = run.final.active_experts_mean, s.get("train_ae")
         lines.append(
             f"| {run.label} | {run.final.loss:.4f} | {run.final.perplexity:.1f} | "
             f"{'-' if train is None else f'{train:.2f}'} | {'-' if active is None else f'{active:.2f}'} | "
-            f"{per_layer} | {k_l} | {s.get('tokens_per_sec') or 0:,.0f} | {s.get('num_params', 0):,} |"
+            f"{per_layer} | {k_l} | {spread} | {peak} | {dead} | {s.get('tokens_per_sec') or 0:,.0f} | "
+            f"{s.get('num_params', 0):,} |"
         )
     lines += ["", "AE (active experts, the paper's name): realized routed experts per token, averaged over MoE "
               "layers; Train AE in training mode over the last 20% of logged steps, Infer AE in eval mode on the "
-              "scored split."]
+              "scored split. Nominal k: top-k's k, or SoftMoE's k_l, the soft top-k mass (not a count). Logit "
+              "spread: mean over tokens of the std over experts of the router logits; load max/mean and dead "
+              "experts (load below 10% of uniform) on the scored split; one value per MoE layer."]
     return "\n".join(lines)
 
 
@@ -182,7 +226,29 @@ def observations(runs: list[RunResult]) -> list[str]:
     if k_values and _has_learned_k(base):
         lines.append(f"- Learned per-layer k_l of {base.label}: {min(k_values):.2f} to {max(k_values):.2f} "
                      f"(mean {sum(k_values) / len(k_values):.2f}, the global budget).")
-    return lines
+    return lines + [line for run in runs if (line := budget_meaning(run))]
+
+
+def budget_meaning(run: RunResult) -> str | None:
+    """What the run's budget K held, in one sentence with the measured numbers (None without a budget).
+
+    Under the paper's rule K sets the soft top-k mass and the threshold (with the logit spread and E) sets the
+    count; with `budget_options.realized` the thresholds are steered so the count follows k_l."""
+    if not _has_learned_k(run) or not run.final.layers:
+        return None
+    model = yaml.safe_load((run.run_dir / "config.yaml").read_text())["model"]
+    budget = float(model["k"])
+    train, infer = run.summary.get("train_ae"), run.final.active_experts_mean
+    spread = np.mean([layer.logit_spread for layer in run.final.layers])
+    measured = (f"realized Train AE {train:.2f}, Infer AE {infer:.2f}" if train is not None
+                else f"realized Infer AE {infer:.2f}")
+    if (model.get("budget_options") or {}).get("realized") is True:
+        return (f"- {run.label}: K = {budget:g} is held in realized counts (`budget_options.realized`): each "
+                f"layer's threshold is steered so its count follows k_l; {measured}.")
+    return (f"- {run.label}: under the paper's rule K = {budget:g} sets the soft top-k mass (sum of p per token), "
+            f"not the count: {measured}. The threshold, the router logit spread ({spread:.2f} here) and E set the "
+            f"count (docs/routers.md, \"Nominal k and realized count\"); `model.budget_options.realized=true` "
+            f"holds the budget in realized counts.")
 
 
 def compute_title(runs: list[RunResult]) -> str:
@@ -208,9 +274,12 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
     plots = [("Loss curves", plot_losses(runs, out_dir / "loss.png"))]
     for i, run in enumerate(runs):
         if _has_learned_k(run):
-            plots.append((f"Per-layer k_l: {run.label}", plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
+            plots.append((f"Per-layer k_l (soft mass) and realized AE: {run.label}",
+                          plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
     if any(run.final.layers for run in runs):
         plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
+        plots.append(("Router logit spread", plot_logit_spread(runs, out_dir / "logit_spread.png")))
+        plots.append(("Expert load by layer", plot_load_heatmap(runs, out_dir / "expert_load.png")))
     body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), ""]
     for caption, path in plots:
         body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]

@@ -45,9 +45,24 @@ from softmoe.model.config import ModelConfig
 from softmoe.model.decoder import GPT, check_pad_mask
 from softmoe.routing.softk import SoftKRouter
 
-__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "AUTO_MAP", "REMOTE_CODE_FILE"]
+__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "SoftMoECausalLMOutput", "register", "AUTO_MAP", "REMOTE_CODE_FILE"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+@dataclasses.dataclass
+class SoftMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """MoeCausalLMOutputWithPast plus the routing results of the forward (detached; no host sync).
+
+    Attributes:
+        routing_stats: block index -> that MoE layer's LayerStats (active experts, logit spread, expert counts,
+            ...; docs/training.md), in block order; empty for a dense model. What `RoutingDiagnosticsCallback`
+            (softmoe/export/diagnostics.py) reads.
+        k_L: (L,) the budget's per-layer k_l (SoftMoE: the soft top-k mass), else None.
+    """
+
+    routing_stats: dict | None = None
+    k_L: torch.Tensor | None = None
 # The output's cache field: `cache` in recent transformers (5.24 here), `past_key_values` in older releases.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # What an exported folder's config.json names under auto_map, and the file (written next to it) it points to.
@@ -170,7 +185,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
+                past_key_values: Cache | None = None, **kwargs) -> SoftMoECausalLMOutput:
         """Logits (and HF-style shifted loss) for input_ids (B, S).
 
         Args:
@@ -189,8 +204,9 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 None: positions come from attention_mask. It is kept out of the signature on purpose, since
                 generate builds position_ids only for models whose forward names it.
         Returns:
-            MoeCausalLMOutputWithPast with (B, S, V) float32 logits and the cache; with output_router_logits
-            also aux_loss (0-d float32) and router_logits (one (B * S, E) tensor per MoE layer).
+            SoftMoECausalLMOutput (a MoeCausalLMOutputWithPast) with (B, S, V) float32 logits, the cache and the
+            layers' routing_stats and k_L; with output_router_logits also aux_loss (0-d float32) and router_logits
+            (one (B * S, E) tensor per MoE layer).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -220,8 +236,9 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             aux_loss = out.aux_loss
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=out.logits,
-                                         router_logits=out.router_logits, **{_OUTPUT_CACHE_FIELD: cache})
+        return SoftMoECausalLMOutput(loss=loss, aux_loss=aux_loss, logits=out.logits,
+                                     router_logits=out.router_logits, routing_stats=out.routing, k_L=out.k_L,
+                                     **{_OUTPUT_CACHE_FIELD: cache})
 
 
 def register() -> None:

@@ -110,6 +110,14 @@ class SoftMoEBudget(Budget):
         experts = layer.router.num_experts
         if experts != self.num_experts:
             raise ValueError(f"layer routes over {experts} experts but the budget has num_experts={self.num_experts}")
+        # The budget's k_l replace the layer's own k: a layer built with another k would silently lose it.
+        layer_k, budget_k = float(layer.router.config.k), float(self.budget)
+        if abs(layer_k - budget_k) > 1e-9 * max(1.0, budget_k):
+            raise ValueError(f"layer k={layer_k:g} differs from the budget's K={budget_k:g}: attached, the layer routes "
+                             f"with the budget's k_l, never its own k; build it with k={budget_k:g}")
+        if getattr(layer.router, "own_k", None) is not None:
+            raise ValueError("layer has learn_k=True (its own learned k), but an attached layer routes with the "
+                             "budget's k_l: build it without learn_k")
         index = self._attached if index is None else index
         check_int("index", index)
         if not 0 <= index < self.num_layers:

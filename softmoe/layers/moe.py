@@ -38,7 +38,7 @@ def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) ->
     Args:
         num_experts: E, coarse experts.
         d_expert: H, hidden width of one coarse expert; must be divisible by g.
-        k: the coarse budget (top-k's k, or the soft routers' mean active experts).
+        k: the coarse budget (top-k's k, or the soft routers' soft top-k mass).
         granularity: g >= 1.
     Returns:
         (E * g, H // g, k * g): the routed experts, their width and the routed budget.
@@ -215,7 +215,7 @@ class MoELayer(nn.Module):
         d_hidden: H, hidden width of one (coarse) SwiGLU expert.
         num_experts: E, coarse experts.
         router: a registered router name ("softmoe", "topk", ...).
-        k: top-k's k, or the soft router's mean active experts when no budget k_l is passed (coarse;
+        k: top-k's k, or the soft router's soft top-k mass when no budget k_l is passed (coarse;
             the router gets k * g).
         experts_impl: "auto" (default: "grouped" on CUDA, "padded" on CPU), "padded", "grouped" (torch
             grouped_mm) or "loop" (the reference). See layers/experts.py.

@@ -31,9 +31,10 @@ class ModelConfig:
     num_experts: int = 8  # E, experts per MoE layer
     d_expert: int = 256  # hidden width of one SwiGLU expert
     router: str = "softmoe"  # a registered router: softmoe (LapSum soft top-k, learned k_l) | topk | topp | null ...
-    k: float = 2.0  # softmoe: global budget K = mean over MoE layers of k_l; other routers: their config's k
+    k: float = 2.0  # softmoe: global budget K = mean over MoE layers of k_l (soft mass; realized count with
+    # budget_options.realized); other routers: their config's k
     router_options: dict = field(default_factory=dict)  # passed to MoELayer as **router_options
-    budget_options: dict = field(default_factory=dict)  # passed to Budget (softmoe only)
+    budget_options: dict = field(default_factory=dict)  # passed to Budget (softmoe only): mode, realized, ...
     num_shared_experts: int = 0  # always-on experts per MoE layer, each as wide as a routed expert (DeepSeekMoE)
     granularity: int = 1  # split each expert into g of width d_expert/g: E*g routed experts, budget k*g
     rope_theta: float = 10000.0  # RoPE base
@@ -74,16 +75,22 @@ class ModelConfig:
             raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}) "
                              f"for router={self.router!r}")
         fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)  # d_expert % granularity
-        self.routed_router_config()  # router-specific checks
+        rule = self.routed_router_config()  # router-specific checks
+        if self.budget_options.get("realized") is True and getattr(rule, "truncation", None) != "relative":
+            raise ValueError("model.budget_options.realized=true steers the paper's relative threshold of each layer; "
+                             f"it needs router=softmoe with router_options.truncation=relative (got router="
+                             f"{self.router!r}, truncation={getattr(rule, 'truncation', None)!r})")
 
     # ---- derived, read-only ----
 
     def describe_routing(self) -> str:
         """The configured expert count for run listings and report labels, from the router class's `describe`:
-        "k=2 of 8", "budget K=1.5 of 16, learned k_l", or "fixed k=1.5 of 16" for a budget that does not learn
-        its k_l (`budget_options: {learnable: false}`)."""
+        "k=2 of 8", "soft mass K=1.5 of 16, learned k_l" (the paper's rule: K is the soft top-k mass),
+        "realized count K=1.5 of 16, learned k_l" (`budget_options: {realized: true}`), or "fixed soft mass
+        k=1.5 of 16" for a budget that does not learn its k_l (`budget_options: {learnable: false}`)."""
         learned = self.budget_options.get("learnable", True)  # Budget's default
-        return router_class(self.router).describe(self.k, self.num_experts, learned=learned)
+        realized = self.budget_options.get("realized", False) is True
+        return router_class(self.router).describe(self.k, self.num_experts, learned=learned, realized=realized)
 
     @property
     def uses_budget(self) -> bool:

@@ -41,7 +41,8 @@ class DecoderOutput:
         loss: mean cross-entropy over targets != -100, or None without targets.
         aux_loss: scalar, sum of the MoE layers' aux losses plus the budget penalty (0 for dense).
         routing: block index -> that MoE layer's detached stats (MoEOutput.stats), in block order.
-        k_L: (L,) detached per-layer mean active experts of the budget (softmoe), else None.
+        k_L: (L,) detached per-layer k_l of the budget (softmoe: the soft top-k mass; the realized count is
+            routing[i]["active_experts_mean"]), else None.
         router_logits: with output_router_logits=True, one (B * S, E) float32 tensor per MoE layer, in
             block order (transformers' MoE convention); else None.
     """

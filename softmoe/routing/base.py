@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from softmoe.common.checks import check_float, check_int
 from softmoe.ops.checks import value_checks_enabled
-from softmoe.routing import losses
+from softmoe.routing import diagnostics, losses
 from softmoe.routing.record import Routing, routing_from_mask
 
 __all__ = [
@@ -63,7 +63,7 @@ class RouterConfig:
     """Fields every router has. Subclasses add theirs and extend `__post_init__`."""
 
     num_experts: int  # E
-    k: float  # experts per token (top-k) or mean active experts (soft routers)
+    k: float  # experts per token (top-k); the soft top-k mass k (SoftMoE: nominal, not the realized count)
     lb_coef: float = 0.01  # weight of the Switch load-balancing loss in aux_loss (Fedus et al. 2021)
     z_coef: float = 1e-3  # weight of the router z-loss in aux_loss (Zoph et al. 2022)
     # Static dispatch size: None (default) routes exactly N pairs (one host sync per layer on a GPU); an int
@@ -195,7 +195,7 @@ def finish_routing(
         logits_TE: (T, E) float32 router scores.
         real_T: (T,) bool, True for real (non-padding) tokens.
         config: the router's config (loss coefficients).
-        k: 0-d tensor, the layer's k (fixed top-k or mean active experts).
+        k: 0-d tensor, the layer's k (fixed top-k, or the soft top-k mass k_l: nominal, not the realized count).
         extra_loss: optional 0-d loss already weighted (e.g. a standalone budget penalty).
         extra_stats: optional more 0-d/vector tensors to report.
         balance_loss: optional 0-d balance loss that replaces the Switch loss (unweighted: lb_coef applies).
@@ -216,11 +216,22 @@ def finish_routing(
         "active_experts_mean": losses.masked_mean(active_T.float(), mask_T),
         "active_experts_hist": losses.active_histogram(active_T, mask_T, config.num_experts),
         "expert_load": losses.expert_load(counts_E),
+        "expert_counts": counts_E.detach().float(),
+        **diagnostics.load_diagnostics(counts_E),
+        "logit_spread": diagnostics.logit_spread(logits_TE.detach(), mask_T),
+        "weight_sum_mean": _weight_per_token(routing, mask_T),
         "load_balance_loss": lb,
         "z_loss": z,
     }
     stats.update(extra_stats or {})
     return RouterOutput(routing=routing, logits_TE=logits_TE, aux_loss=aux, stats=LayerStats(stats))
+
+
+def _weight_per_token(routing: Routing, mask_T: torch.Tensor) -> torch.Tensor:
+    """0-d float32 mean over real tokens of the sum of their combine weights (the MoE output's scale: 1 for
+    renormalised top-k, the kept soft mass for the paper's raw-p combine). Padding pairs carry weight 0."""
+    # float64: a static-size routing (padding pairs) sums in another order; the mean must not depend on it
+    return (routing.weight_N.detach().double().sum() / mask_T.sum().clamp(min=1.0)).float()
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,7 @@ class GateRouter(torch.nn.Module):
         fixed_active_experts   the mean experts per token is set by the config (top-k, expert choice), so a
                                per-layer plot of the realised count says nothing
         marker                 its matplotlib marker in the comparison plots
-        describe(k, E)         "k=2 of 8" (or "budget K=2 of 8, learned k_l" / "fixed k=2 of 8"), for run
+        describe(k, E)         "k=2 of 8" (or "soft mass K=2 of 8, learned k_l" / "fixed soft mass k=2 of 8"), for run
                                listings and report labels
 
     A rule builds the Routing it returns with `self.to_routing(weight_TE, keep_TE)`, which sizes it as the
@@ -284,13 +295,16 @@ class GateRouter(torch.nn.Module):
         self.balance = None
 
     @classmethod
-    def describe(cls, k: float, num_experts: int, learned: bool = True) -> str:
-        """The configured count for listings: "k=2 of 8"; for a budget router "budget K=2 of 8, learned
-        k_l", or "fixed k=2 of 8" when its budget does not learn the k_l (`learned=False`: each k_l = K)."""
+    def describe(cls, k: float, num_experts: int, learned: bool = True, realized: bool = False) -> str:
+        """The configured count for listings: "k=2 of 8"; for a budget router what K holds and whether the k_l
+        are learned: "soft mass K=2 of 8, learned k_l" (the paper's rule: K is the soft top-k mass, not the
+        realized count), "realized count K=2 of 8, learned k_l" (`realized`: the realized-count budget), or
+        "fixed soft mass k=2 of 8" when the budget does not learn the k_l (`learned=False`: each k_l = K)."""
         count = f"={k:g} of {num_experts}"
         if not cls.uses_budget:
             return f"k{count}"
-        return f"budget K{count}, learned k_l" if learned else f"fixed k{count}"
+        held = "realized count" if realized else "soft mass"
+        return f"{held} K{count}, learned k_l" if learned else f"fixed {held} k{count}"
 
     def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
         """The router's own rule (template step 4).

@@ -1,10 +1,18 @@
-"""The global expert budget: owns every SoftMoE layer's mean number of active experts k_l.
+"""The global expert budget: owns every SoftMoE layer's k_l, the soft top-k mass of layer l.
 
 Shape legend:
     L   SoftMoE layers
 
 The model calls `budget.k()` once per forward and hands layer l its k_l (a 0-d tensor). Gradients
 of the task loss reach k_l through the soft top-k and move allocation between layers.
+
+Nominal k and realized count. k_l is the soft top-k's mass (sum_i p_i = k_l), the paper's parameterisation
+of "mean active experts". Under the paper's rule it is not the realized count: while every p_i < 1/2 the kept
+set does not depend on k_l at all (p and the threshold 1.8 k_l / E both scale with k_l); the logit spread,
+E and the cap set the count (docs/routers.md). With `realized=True` the budget is held in realized counts:
+after every optimizer step each layer's relative threshold is steered (`steer_threshold`, no gradient) so the
+layer's realized active experts per token follow its k_l, and the mean over layers follows K. The learned
+allocation and the budget dial then move compute.
 
 Modes:
     exact    k_l = k_min + L (K - k_min) softmax(theta)_l, then any excess above k_max = E - margin
@@ -26,7 +34,7 @@ from torch import nn
 
 from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 
-__all__ = ["Budget", "BUDGET_MODES", "exact_allocation"]
+__all__ = ["Budget", "BUDGET_MODES", "exact_allocation", "steer_threshold"]
 
 BUDGET_MODES = ("exact", "penalty")
 
@@ -58,18 +66,44 @@ def exact_allocation(share_L: torch.Tensor, budget: float | torch.Tensor, k_min:
     return k_min + extra_L.clamp(max=room)
 
 
+def steer_threshold(threshold: torch.Tensor, active: torch.Tensor, target: torch.Tensor | float, rate: float,
+                    high: float) -> torch.Tensor:
+    """One integral-controller step on a relative threshold: clamp(threshold - rate * (target - active), 0, high).
+
+    Too few active experts lower the threshold (more experts pass it), too many raise it. At 0 every token keeps
+    its cap m; at high = E no expert passes (tau = threshold * k / E >= k >= 1 > p_i for k >= 1) and every token
+    keeps its top expert: the bounds span the whole range the rule allows. Works elementwise, so (L,) thresholds
+    follow (L,) targets in one call.
+
+    Args:
+        threshold: float thresholds in use (0-d or (L,)).
+        active: realized mean active experts per token, same shape (or broadcastable).
+        target: wanted realized counts (a float, or a tensor like `active`).
+        rate: step size (threshold units per expert of error), > 0.
+        high: the upper bound (the number of experts).
+    Returns:
+        a tensor of threshold's shape and dtype.
+    """
+    target = torch.as_tensor(target, dtype=torch.float64, device=threshold.device)
+    moved = threshold.double() - rate * (target - active.double())
+    return moved.clamp(0.0, high).to(threshold.dtype)
+
+
 class Budget(nn.Module):
-    """Per-layer mean active experts k_l under a global budget K = mean_l k_l.
+    """Per-layer soft top-k mass k_l under a global budget K = mean_l k_l.
 
     Args:
         num_layers: L, the number of SoftMoE layers.
         num_experts: E per layer.
-        budget: K, the global mean active experts, in [k_min, E - margin].
+        budget: K = mean_l k_l (soft mass; realized count with `realized`), in [k_min, E - margin].
         k_min: lower bound of every k_l (> 0).
         margin: k_l <= E - margin (> 0; soft top-k needs k < E).
         mode: "exact" (default, mean k_l == K always) or "penalty".
         learnable: whether theta is trained (False = uniform k_l = K, fixed).
         penalty_coef: weight of (mean k_l - K)^2 in penalty mode.
+        realized: hold the budget in realized counts (module docstring): the training loop steers each
+            layer's relative threshold after every step so its realized active experts follow k_l.
+        realized_rate: that controller's step, threshold units per expert of error (> 0).
     """
 
     def __init__(
@@ -82,6 +116,8 @@ class Budget(nn.Module):
         mode: str = "exact",
         learnable: bool = True,
         penalty_coef: float = 1.0,
+        realized: bool = False,
+        realized_rate: float = 0.1,
     ):
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_experts", num_experts)):
@@ -91,6 +127,9 @@ class Budget(nn.Module):
         check_float("margin", margin, 0.0, num_experts, open_low=True)
         check_float("k_min", k_min, 0.0, num_experts - margin, open_low=True)
         check_float("penalty_coef", penalty_coef, 0.0)
+        check_bool("realized", realized)
+        check_float("realized_rate", realized_rate, 0.0, open_low=True)
+        self.realized, self.realized_rate = realized, float(realized_rate)
         self.num_layers, self.num_experts, self.mode = num_layers, num_experts, mode
         self.k_min, self.k_max = float(k_min), float(num_experts - margin)
         self.penalty_coef = float(penalty_coef)
@@ -195,6 +234,23 @@ class Budget(nn.Module):
         self.pinned_k_L.copy_(k_L)
         self.pinned.fill_(True)
 
+    def steer(self, thresholds: Sequence[torch.Tensor], active_L: torch.Tensor) -> None:
+        """Realized mode, after an optimizer step: move layer l's threshold buffer so its count follows k_l.
+
+        Args:
+            thresholds: the L routers' `threshold` buffers, in budget order (moved in place).
+            active_L: (L,) realized mean active experts per token of the step, per layer (training mode).
+        """
+        if len(thresholds) != self.num_layers:
+            raise ValueError(f"steer got {len(thresholds)} thresholds, expected num_layers={self.num_layers}")
+        with torch.no_grad():
+            target_L = self().detach()
+            stacked = torch.stack([t.detach() for t in thresholds])
+            moved = steer_threshold(stacked, active_L.to(stacked.device), target_L, self.realized_rate,
+                                    float(self.num_experts))
+            for t, value in zip(thresholds, moved):
+                t.copy_(value)
+
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_experts={self.num_experts}, budget={float(self.budget)}, "
-                f"k_min={self.k_min}, k_max={self.k_max}, mode={self.mode!r}")
+                f"k_min={self.k_min}, k_max={self.k_max}, mode={self.mode!r}, realized={self.realized}")

@@ -1,4 +1,4 @@
-"""The SoftMoE router: LapSum soft top-k with a learned mean number of active experts, truncated.
+"""The SoftMoE router: truncated LapSum soft top-k whose mass k_l is learned under a global budget.
 
 Shape legend:
     T   tokens
@@ -123,7 +123,7 @@ def combine_weights(
         p_TE: (T, E) soft top-k inclusion probabilities, rows sum to k.
         logits_TE: (T, E) float32 router scores.
         keep_TE: (T, E) bool kept pairs (only kept entries are used downstream).
-        k: 0-d (or (T, 1)) mean active experts.
+        k: 0-d (or (T, 1)) the soft top-k mass k_l.
         mode: one of COMBINE_MODES.
     """
     if mode == "raw_p":

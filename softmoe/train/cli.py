@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
         print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    variant = config.model.router if config.model.ffn == "moe" else "dense"
+    variant = f"{config.model.router} ({config.model.describe_routing()})" if config.model.ffn == "moe" else "dense"
     if trainer.writes_run_files:
         print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
               f"{config.train.steps} steps, precision {config.train.precision}")
@@ -66,7 +66,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     active = ""
     if result.mean_active_experts:
         train = f"{result.train_ae:.2f}" if result.train_ae is not None else "n/a"
-        active = f", AE (active experts per token) train {train} / infer {result.mean_active_experts:.2f}"
+        active = f", AE (realized experts per token) train {train} / infer {result.mean_active_experts:.2f}"
+        if config.model.uses_budget:  # what K holds: the paper's rule makes it a soft mass, not a count
+            held = "realized count" if config.model.budget_options.get("realized") is True else "soft mass"
+            active += f" at K={config.model.k:g} ({held})"
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0

@@ -3,7 +3,7 @@
 Shape legend:
     E   experts
 
-Three controllers, one hook (`step`, called by the Trainer after every optimizer step):
+Four controllers, one hook (`step`, called by the Trainer after every optimizer step):
     - ReMoE's L1 coefficient (Wang et al., ICLR 2025, sec. 3.2): lambda <- lambda * factor^sign(target - S),
       with S the sparsity pooled over every ReMoE layer and micro-batch of the step, target = 1 - k/E.
     - DeepSeek-V3's loss-free balancing bias (arXiv 2412.19437, sec. 2.1.2), per layer:
@@ -23,9 +23,12 @@ Three controllers, one hook (`step`, called by the Trainer after every optimizer
             truncation and for hard (small-alpha) routers whose p saturate.
       It holds Train AE at the target, so a SoftMoE run can be placed at the expert FLOPs of a top-k baseline;
       Infer AE (eval mode) is measured, not controlled.
+    - The realized-count budget (`model.budget_options.realized: true`, routing/budget.py): per layer, the
+      same integral step on that layer's own relative threshold, with the layer's k_l as its target, so each
+      layer's realized Train AE follows its k_l and their mean follows K (`Budget.steer`).
 
 The state lives in persistent buffers (`ReMoERouter.l1_coef`, `ExpertBias.bias_E`, `Budget.budget`,
-`SoftKRouter.threshold`), so
+`SoftKRouter.threshold`, one per router), so
 it is in `model.state_dict()` and a checkpoint resumes exactly; the routers count what the controllers
 read (routed pairs, expert load) in non-persistent buffers, in training mode only, and the Trainer hands
 the step's realized active experts to `step` as a return value of its forward passes. No config is
@@ -42,12 +45,13 @@ from torch import nn
 
 from softmoe.common.checks import check_choice, check_float
 from softmoe.routing.balance import ExpertBias
-from softmoe.routing.budget import Budget
+from softmoe.routing.budget import Budget, steer_threshold
 from softmoe.routing.remoe import ReMoERouter
 from softmoe.routing.softk import SoftKRouter
 
 __all__ = ["multiplicative_update", "bias_update", "budget_update", "threshold_update", "pooled_sparsity",
-           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "lever_update", "step"]
+           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "lever_update", "realized_budget",
+           "step"]
 
 AE_LEVERS = ("threshold", "budget")
 
@@ -125,23 +129,9 @@ def budget_update(budget: torch.Tensor, active: torch.Tensor, target: float, rat
 
 def threshold_update(threshold: torch.Tensor, active: torch.Tensor, target: float, rate: float,
                      high: float) -> torch.Tensor:
-    """The active-experts controller on the relative threshold: clamp(threshold - rate * (target - active), 0, high).
-
-    Too few active experts lower the threshold (more experts pass it), too many raise it. At 0 every token keeps
-    its cap m; at high = E no expert passes (tau = threshold * k / E >= k >= 1 > p_i for k >= 1) and every token
-    keeps its top expert: the bounds span the whole range the rule allows.
-
-    Args:
-        threshold: 0-d float the routers' current threshold.
-        active: 0-d float realized mean active experts per token of the step.
-        target: wanted realized mean active experts.
-        rate: step size (threshold units per expert of error).
-        high: the upper bound (the number of experts).
-    Returns:
-        0-d tensor of threshold's dtype.
-    """
-    moved = threshold.double() - rate * (target - active.double())
-    return moved.clamp(0.0, high).to(threshold.dtype)
+    """The active-experts controller on the relative threshold: clamp(threshold - rate * (target - active), 0, high)
+    (`routing.budget.steer_threshold`, which the realized-count budget applies per layer)."""
+    return steer_threshold(threshold, active, target, rate, high)
 
 
 def budget_of(model: nn.Module) -> Budget | None:
@@ -156,6 +146,23 @@ def thresholded_routers(model: nn.Module) -> list[SoftKRouter]:
     """The model's SoftMoE routers that truncate by the paper's relative threshold (the threshold lever's)."""
     return [m for m in model.modules()
             if isinstance(m, SoftKRouter) and m.config.truncation == "relative" and m.num_experts > 1]
+
+
+def realized_budget(model: nn.Module) -> tuple[Budget, list[SoftKRouter]] | None:
+    """The model's realized-count budget and its routers in budget order, or None when it has none.
+
+    ValueError when the budget is realized but its layers cannot be steered (not one relative-threshold
+    SoftMoE router per budget layer, as a GPT built from ModelConfig has).
+    """
+    budget = budget_of(model)
+    if budget is None or not budget.realized:
+        return None
+    routers = thresholded_routers(model)
+    if len(routers) != budget.num_layers:
+        raise ValueError(f"model.budget_options.realized=true steers the relative threshold of each budgeted layer, "
+                         f"but the model has {len(routers)} SoftMoE routers with truncation=relative for "
+                         f"{budget.num_layers} budget layers")
+    return budget, routers
 
 
 def pooled_sparsity(routers: list[ReMoERouter]) -> torch.Tensor | None:
@@ -202,13 +209,18 @@ def step(model: nn.Module, update: bool = True,
         reduce_sum: data parallel: sums a count tensor over the processes, so every rank updates from
             the global batch's counts and the controller state stays identical across ranks.
         ae_target: the active-experts controller's settings (None: the active experts are not controlled).
-        active: with `ae_target`: (2,) float64 [sum over the step's micro-batches of their realized mean
-            active experts per token (mean over MoE layers), number of micro-batches], this process's.
+        active: with `ae_target` or a realized-count budget: (L + 1,) float64, this process's sums over the
+            step's micro-batches of each MoE layer's realized mean active experts per token (training mode), then
+            the number of micro-batches. (A (2,) tensor is one sum, e.g. of the mean over layers.)
     """
     remoe = [m for m in model.modules() if isinstance(m, ReMoERouter)]
     biases = [m for m in model.modules() if isinstance(m, ExpertBias)]
-    if ae_target is not None and active is None:
-        raise ValueError("step(ae_target=...) needs the step's `active` counts")
+    realized = realized_budget(model)
+    if (ae_target is not None or realized is not None) and active is None:
+        raise ValueError("step() with ae_target or a realized-count budget needs the step's `active` counts")
+    if realized is not None and active.shape[0] != realized[0].num_layers + 1:
+        raise ValueError(f"step(): `active` has {active.shape[0]} entries, expected one per budget layer "
+                         f"({realized[0].num_layers}) plus the micro-batch count")
     apply_ae = lever_update(model, ae_target) if ae_target is not None else None
     with torch.no_grad():
         if update and model.training:
@@ -219,8 +231,11 @@ def step(model: nn.Module, update: bool = True,
                 _update_l1_coefs(remoe)
             for b in biases:
                 b.bias_E.copy_(bias_update(b.bias_E, b.load_E, b.rate))
-            if apply_ae is not None and float(active[1]) > 0:
-                apply_ae(active[0] / active[1])
+            if apply_ae is not None and float(active[-1]) > 0:
+                apply_ae(active[:-1].mean() / active[-1])
+            if realized is not None:  # no host sync: a step always has >= 1 micro-batch
+                budget, routers = realized
+                budget.steer([r.threshold for r in routers], active[:-1] / active[-1].clamp(min=1))
         for r in remoe:
             r.routed_pairs.zero_()
             r.entries.zero_()
@@ -233,6 +248,10 @@ def lever_update(model: nn.Module, ae_target: ActiveExpertsTarget) -> Callable[[
     moves the lever in place. ValueError naming the lever when the model has none to move: the threshold lever
     needs SoftMoE routers with the relative truncation, the budget lever an exact-mode budget (and k_max
     inside its bounds)."""
+    if realized_budget(model) is not None:
+        raise ValueError(f"train.ae_target={ae_target.target:g} and model.budget_options.realized=true would both steer "
+                         "the realized count: the realized-count budget already holds the mean over layers at "
+                         f"model.k; set model.k={ae_target.target:g} and train.ae_target=0 instead")
     if ae_target.lever == "budget":
         budget = budget_of(model)
         if budget is None or budget.mode != "exact":

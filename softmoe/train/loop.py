@@ -38,7 +38,9 @@ from softmoe.train.checkpoint import (
 )
 from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
-from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metrics, routing_summary, train_ae
+from softmoe.routing.diagnostics import LoadWindow
+from softmoe.train.metrics import (MetricsWriter, mean_active_experts, read_metrics, routing_summary, train_ae,
+                                   with_load_window)
 from softmoe.train.optim import build_optimizer
 from softmoe.train.rundir import (
     RunDirError,
@@ -87,12 +89,21 @@ class TrainResult:
     train_ae: float | None = None  # Train AE: realized active experts per token in training mode (last 20%)
     train_ae_per_layer: list | None = None
     infer_ae_per_layer: list | None = None  # per MoE layer, eval mode, final val
+    # Routing diagnostics per MoE layer (train/metrics.py DIAGNOSTIC_KEYS), of the final validation pass
+    # (eval mode, the load over all its batches): the nominal k (k_l: soft mass), logit spread, kept weight, load.
+    k_per_layer: list | None = None
+    logit_spread_per_layer: list | None = None
+    weight_sum_per_layer: list | None = None
+    dead_fraction_per_layer: list | None = None
+    load_max_over_mean_per_layer: list | None = None
+    load_cv_per_layer: list | None = None
 
 
 @torch.no_grad()
 def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              precision: str = "fp32") -> tuple[float, list[dict]]:
-    """Token-weighted mean cross-entropy over `batches`, and the routing summary of the last batch.
+    """Token-weighted mean cross-entropy over `batches`, and the routing summary of the last batch (its expert
+    load numbers over all batches).
 
     Args:
         model: the decoder (its training/eval mode is restored afterwards); batches are moved to its device.
@@ -102,14 +113,16 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     was_training = model.training
     model.eval()
     device = module_device(model)
-    total, count, layers = 0.0, 0, []
+    total, count, out = 0.0, 0, None
+    window = LoadWindow()  # the load over every batch, not the last one's
     for idx_BT, targets_BT in batches:
         idx_BT, targets_BT = to_device(idx_BT, device), to_device(targets_BT, device)
         with autocast_context(precision, device):
             out = model(idx_BT, targets_BT, return_logits=False)
         n = int((targets_BT != -100).sum())
         total, count = total + out.loss.item() * n, count + n
-        layers = routing_summary(out.routing, out.k_L)
+        window.add(out.routing)
+    layers = [] if out is None else with_load_window(routing_summary(out.routing, out.k_L), window)
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: the batches contain no scored targets")
@@ -143,6 +156,9 @@ class Trainer:
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
         self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
         self.ae_target = _ae_target(t, self.model)
+        # The step's per-layer realized counts feed the ae_target controller and the realized-count budget.
+        self.count_active = self.ae_target is not None or controllers.realized_budget(self.model) is not None
+        self.load_window = LoadWindow()  # routed pairs per expert since the last train record (diagnostics)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0
@@ -175,7 +191,7 @@ class Trainer:
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
-        active = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of micro-batch mean AE, count]
+        active = None  # (L + 1,) [per-layer sums of micro-batch mean AE, micro-batches], when a controller reads it
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
             idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
@@ -183,10 +199,12 @@ class Trainer:
                 out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
             sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
-            if self.ae_target is not None:  # the step's realized active experts, read by the controller
-                active += _routed_active(out.routing, self.device)
+            if self.count_active:  # the step's realized active experts, read by the controllers
+                counted = _routed_active(out.routing, self.device)
+                active = counted if active is None else active + counted
+            self.load_window.add(out.routing)
         loss_sum, aux_sum = sums.tolist()
-        layers = routing_summary(out.routing, out.k_L) if summarize else []
+        layers = with_load_window(routing_summary(out.routing, out.k_L), self.load_window) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = self._clip_grad_norm(max_norm)
@@ -246,6 +264,7 @@ class Trainer:
             "data_position": self.data.train.state_dict(next_step=self.step * self.config.train.grad_accum),
             "skipped_total": self.skipped_total,
             "log_window": list(self.window),
+            "load_window": self.load_window.state_dict(),
         }
 
     def save(self) -> Path:
@@ -302,6 +321,7 @@ class Trainer:
         self.step = self.saved_step = train_state["step"]
         self.skipped_total = train_state["skipped_total"]
         self.window = list(train_state.get("log_window", [0.0, 0, 0, 0.0]))
+        self.load_window.load_state_dict(train_state.get("load_window", {}), self.device)
         # The loader checks the saved position was taken on the same data with the same windows.
         next_batch = self.data.train.load_state_dict(train_state["data_position"])
         if next_batch != self.step * self.config.train.grad_accum:
@@ -450,6 +470,7 @@ class Trainer:
                 writer.write(_train_record(self.step, stats, mean_loss, tokens_per_step * w[2] / max(w[3], 1e-9)))
                 if self.step % t.log_every == 0:  # an off-schedule record (a stop) keeps the window running
                     self.window = [0.0, 0, 0, 0.0]
+                    self.load_window.reset()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
                 self._validate(writer)  # fit evaluates at the end
             if t.ckpt_every and self.step % t.ckpt_every == 0:
@@ -490,19 +511,25 @@ def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
 
 
 def _routed_active(routing: dict, device: torch.device) -> torch.Tensor:
-    """(2,) float64 [realized mean active experts per token of one forward averaged over its MoE layers, 1]
-    on `device` (a layer's count may be a tensor or a float; the controller reads the sum once per step)."""
-    values = [torch.as_tensor(stats["active_experts_mean"], dtype=torch.float64, device=device).detach()
-              for stats in routing.values()]
-    mean = torch.stack(values).mean()
-    return torch.stack([mean, torch.ones_like(mean)])
+    """(L + 1,) float64 [each MoE layer's realized mean active experts per token of one forward, 1] on `device`
+    (read from the stats' tensors: no host sync; the controllers read the step's sum once)."""
+    values = [getattr(stats, "tensors", stats)["active_experts_mean"] for stats in routing.values()]
+    values = [torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values]
+    return torch.cat([torch.stack(values), torch.ones(1, dtype=torch.float64, device=device)])
 
 
 def _ae_fields(run_dir: Path, val_layers: list[dict]) -> dict:
-    """Train AE (training mode, from metrics.jsonl) and the per-layer Infer AE (eval mode) of a session."""
+    """Train AE (training mode, from metrics.jsonl), the per-layer Infer AE (eval mode) and the final validation
+    pass's routing diagnostics per layer, for summary.json."""
     ae, per_layer = train_ae(read_metrics(run_dir))
-    infer = [layer["active_experts_mean"] for layer in val_layers if "active_experts_mean" in layer]
-    return {"train_ae": ae, "train_ae_per_layer": per_layer or None, "infer_ae_per_layer": infer or None}
+
+    def per(key: str) -> list | None:
+        return [layer[key] for layer in val_layers if key in layer] or None
+
+    return {"train_ae": ae, "train_ae_per_layer": per_layer or None, "infer_ae_per_layer": per("active_experts_mean"),
+            "k_per_layer": per("k"), "logit_spread_per_layer": per("logit_spread"),
+            "weight_sum_per_layer": per("weight_sum_mean"), "dead_fraction_per_layer": per("dead_fraction"),
+            "load_max_over_mean_per_layer": per("load_max_over_mean"), "load_cv_per_layer": per("load_cv")}
 
 
 def _on_schedule(record: dict, t) -> bool:
@@ -536,7 +563,7 @@ def _postfix(stats: StepStats, tok_per_sec: float) -> dict:
     post = {"loss": f"{stats.loss:.3f}", "tok/s": f"{tok_per_sec:.0f}"}
     active = mean_active_experts(stats.layers)
     if active is not None:
-        post["active"] = f"{active:.2f}"
+        post["AE"] = f"{active:.2f}"
     return post
 
 

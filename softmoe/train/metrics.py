@@ -15,7 +15,19 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MetricsWriter", "routing_summary", "mean_active_experts", "train_ae", "read_metrics"]
+__all__ = ["MetricsWriter", "routing_summary", "with_load_window", "mean_active_experts", "train_ae", "read_metrics",
+           "DIAGNOSTIC_KEYS"]
+
+# The per-layer routing diagnostics every MoE record carries (docs/training.md, "What a run writes"):
+#   k                   the layer's nominal k: the soft top-k mass k_l of a SoftMoE budget, top-k's k
+#   active_experts_mean the realized count AE: mean experts per token with a nonzero weight
+#   active_experts_hist tokens using exactly j experts, j = 0..E
+#   logit_spread        mean over tokens of the std over experts of the fp32 router logits
+#   weight_sum_mean     mean per token of the summed combine weights (the MoE output's scale)
+#   expert_load         each expert's share of the routed pairs (train: over the logging window)
+#   load_max_over_mean, load_cv, dead_fraction   of that load (dead: below 10% of uniform)
+DIAGNOSTIC_KEYS = ("k", "active_experts_mean", "active_experts_hist", "logit_spread", "weight_sum_mean",
+                   "expert_load", "load_max_over_mean", "load_cv", "dead_fraction")
 
 
 def _plain(value):
@@ -31,13 +43,26 @@ def _plain(value):
 
 
 def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) -> list[dict]:
-    """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe)."""
-    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items()}}
+    """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe).
+
+    The raw `expert_counts` are left out (the load fractions and `LoadWindow` carry them)."""
+    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items() if key != "expert_counts"}}
               for block, stats in routing.items()]
     if k_L is not None:
         for layer, k in zip(layers, k_L.tolist()):
             layer["k"] = k
     return layers
+
+
+def with_load_window(layers: list[dict], window) -> list[dict]:
+    """`layers` (routing_summary records) with each layer's load numbers replaced by those of `window`
+    (a routing.diagnostics.LoadWindow over many forwards): expert_load, load_max_over_mean, load_cv, dead_fraction."""
+    summary = window.summary()
+    out = []
+    for layer in layers:
+        over = summary.get(layer.get("block"))
+        out.append(layer if over is None else {**layer, **{key: _plain(value) for key, value in over.items()}})
+    return out
 
 
 def mean_active_experts(layers: list[dict]) -> float | None:
@@ -111,9 +136,12 @@ class MetricsWriter:
             if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(f"{split}/{key}", value, step)
         for layer in record.get("layers", []):
-            for key in ("k", "active_experts_mean"):
+            for key in DIAGNOSTIC_KEYS:
                 if isinstance(layer.get(key), (int, float)):
                     self._tb.add_scalar(f"{split}/{key}/block{layer.get('block', '?')}", layer[key], step)
+            if isinstance(layer.get("expert_load"), list) and layer["expert_load"]:
+                self._tb.add_histogram(f"{split}/expert_load/block{layer.get('block', '?')}",
+                                       torch.tensor(layer["expert_load"]), step)
 
     def close(self) -> None:
         if self._file is not None:

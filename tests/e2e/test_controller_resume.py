@@ -25,6 +25,8 @@ VARIANTS = {
                              "router.threshold"),
     "softmoe_ae_budget": ("softmoe", ["train.ae_target=3.0", "train.ae_rate=0.2", "train.ae_lever=budget"],
                           "budget.budget"),
+    # the realized-count budget steers each router's own threshold towards its k_l every step
+    "softmoe_realized_budget": ("softmoe", ["model.budget_options.realized=true"], "router.threshold"),
 }
 
 

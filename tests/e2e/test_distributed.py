@@ -1,9 +1,9 @@
 """Multi-process training on the tiny preset (gloo, forked ranks) against the single-process run.
 
 For each layout (DDP, FSDP2, expert parallel x DDP on 2 and 4 ranks, expert parallel x FSDP2) and a
-router with global state:
+router with global state (DDP: the loss-free bias and the realized-count budget's per-layer thresholds):
     - the per-step train loss, aux loss, grad norm and logged layer statistics (load-balance loss, expert
-      load, mean active experts) equal the single-process run's to REL_TOL;
+      load, mean active experts, logit spread, load diagnostics) equal the single-process run's to REL_TOL;
     - the final weights and buffers (Budget theta, loss-free bias, ReMoE lambda), read back through the
       sharded checkpoint's conversion to a single-file checkpoint, equal the single-process ones to ATOL;
     - replicated state (Budget theta, controller buffers) is identical on every rank;
@@ -42,7 +42,7 @@ STEPS = ("train.steps=6", "train.grad_accum=2", "train.log_every=1", "train.ckpt
          "train.eval_every=0", "train.eval_batches=1", "train.progress=false", "train.tensorboard=false")
 
 LAYOUTS = {
-    "ddp": (2, ["parallel.data=ddp", "model.router_options.loss_free_bias=true"]),
+    "ddp": (2, ["parallel.data=ddp", "model.router_options.loss_free_bias=true", "model.budget_options.realized=true"]),
     "fsdp": (2, ["parallel.data=fsdp"]),
     "ep2_ddp": (2, ["parallel.data=ddp", "parallel.expert=2", "model.router=remoe"]),
     "ep2_fsdp": (2, ["parallel.data=fsdp", "parallel.expert=2", "model.router_options.loss_free_bias=true"]),
@@ -68,6 +68,8 @@ def _replicated(trainer: Trainer) -> dict[str, torch.Tensor]:
             out[f"{name}.bias_E"] = module.bias_E.clone()
         if isinstance(module, ReMoERouter):
             out[f"{name}.l1_coef"] = module.l1_coef.clone()
+        if hasattr(module, "threshold") and isinstance(module.threshold, torch.Tensor):  # the realized budget's
+            out[f"{name}.threshold"] = module.threshold.clone()
     if trainer.model.budget is not None and trainer.config.parallel.data == "ddp":
         out["budget.theta"] = trainer.model.budget.theta.detach().clone()
     return out
@@ -125,7 +127,8 @@ def test_multi_process_training_matches_single_process(layout, single, tmp_path)
         for key in ("loss", "aux_loss", "grad_norm"):
             assert _close(got[key], want[key]), f"step {got['step']} {key}: {got[key]} vs {want[key]}"
         for layer_got, layer_want in zip(got["layers"], want["layers"]):
-            for key in ("load_balance_loss", "active_experts_mean", "k"):
+            for key in ("load_balance_loss", "active_experts_mean", "k", "logit_spread", "weight_sum_mean",
+                        "load_max_over_mean", "load_cv", "dead_fraction"):
                 assert _close(layer_got[key], layer_want[key]), f"step {got['step']} {key}"
             for g, w in zip(layer_got["expert_load"], layer_want["expert_load"]):
                 assert _close(g, w), f"step {got['step']} expert_load {layer_got['expert_load']}"

@@ -23,7 +23,7 @@ def test_main_job_writes_report_with_plots_and_measured_numbers(tmp_path, capsys
         assert (out / png).stat().st_size > 1000
         assert f"({png})" in text
     # the table's throughput is the run's measured number, not typed in
-    for name, label in (("tiny-softmoe", "SoftMoE (budget K=2 of 8, learned k_l)"), ("tiny-topk", "top-k (k=2 of 8)")):
+    for name, label in (("tiny-softmoe", "SoftMoE (soft mass K=2 of 8, learned k_l)"), ("tiny-topk", "top-k (k=2 of 8)")):
         summary = json.loads((out / name / "summary.json").read_text())
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         assert f"{summary['tokens_per_sec']:,.0f}" in row

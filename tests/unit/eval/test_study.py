@@ -59,10 +59,10 @@ def test_dry_run_tells_a_fixed_k_from_a_learned_budget_and_lists_options_and_tar
         {"name": "held", "overrides": {"train.ae_target": 2.0, "train.ae_lever": "threshold"}}]
     study = load_study(write_study(tmp_path, variants=variants), out_dir=tmp_path / "out")
     rows = {line.split()[0]: line for line in describe_plan(study, plan_runs(study)).splitlines()[1:-1]}
-    assert " softmoe budget K=1 of 8, learned k_l, cap_factor=4 " in rows["tiny-c4-s0"]  # options are listed
-    assert " softmoe budget K=2 of 8, learned k_l, Train AE -> 2 by threshold " in rows["tiny-held-s0"]
-    assert " softmoe budget K=2 of 8, learned k_l " in rows["tiny-softmoe-s0"]
-    assert " softmoe fixed k=1.5 of 8 " in rows["tiny-star-s0"] and "budget" not in rows["tiny-star-s0"]
+    assert " softmoe soft mass K=1 of 8, learned k_l, cap_factor=4 " in rows["tiny-c4-s0"]  # options are listed
+    assert " softmoe soft mass K=2 of 8, learned k_l, Train AE -> 2 by threshold " in rows["tiny-held-s0"]
+    assert " softmoe soft mass K=2 of 8, learned k_l " in rows["tiny-softmoe-s0"]
+    assert " softmoe fixed soft mass k=1.5 of 8 " in rows["tiny-star-s0"] and "learned" not in rows["tiny-star-s0"]
     assert " topk k=2 of 8 " in rows["tiny-topk-s0"] and " dense " in rows["tiny-dense-s0"]
     assert len({line.index(" steps") for line in rows.values()}) == 1  # one column for every row
 

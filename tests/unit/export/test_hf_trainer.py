@@ -93,3 +93,37 @@ def test_trainer_trains_the_aux_loss(tmp_path):
     assert all(not torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(zero, on))  # coef 1: it is trained
     for a, b in zip(on, recomputed):  # Trainer's activation_checkpointing: GPT's per-block checkpointing, same result
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_routing_diagnostics_callback_logs_every_layer_in_a_trainer_run(tmp_path):
+    """add_routing_diagnostics: per-layer k, realized AE, logit spread, kept weight and the interval's load reach the
+    Trainer's logs (state.log_history) on every logging step, from the training forwards of that interval."""
+    from softmoe.export.diagnostics import RoutingDiagnosticsCallback, add_routing_diagnostics
+
+    model = make_model()
+    gen = torch.Generator().manual_seed(2)
+    data = [{"input_ids": r, "labels": r} for r in (torch.randint(0, 64, (16,), generator=gen) for _ in range(12))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "diag"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=2, seed=0,
+        data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    callback = add_routing_diagnostics(trainer)
+    assert isinstance(callback, RoutingDiagnosticsCallback) and trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    keys = ("k", "active_experts_mean", "logit_spread", "weight_sum_mean", "load_max_over_mean", "load_cv",
+            "dead_fraction")
+    for entry in logged:
+        for block in (0, 1):
+            for key in keys:
+                assert isinstance(entry[f"softmoe/block{block}/{key}"], float), (block, key)
+            assert entry[f"softmoe/block{block}/k"] == pytest.approx(1.5, abs=0.2)
+            assert 1.0 <= entry[f"softmoe/block{block}/active_experts_mean"] <= 3.0  # m = ceil(2 k) = 3
+            assert entry[f"softmoe/block{block}/logit_spread"] > 0
+            assert 1.0 <= entry[f"softmoe/block{block}/load_max_over_mean"] <= 4.0
+            assert 0.0 <= entry[f"softmoe/block{block}/dead_fraction"] <= 1.0
+    assert callback._handle is None  # the hook is removed when training ends
+    # the interval's forwards only: a new interval starts empty
+    assert callback.summary() == {}

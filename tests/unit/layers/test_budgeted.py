@@ -135,3 +135,13 @@ def test_attach_checks_the_layer_and_the_index():
     with pytest.raises(RuntimeError, match="do not nest"):
         with budget.collect(), budget.collect():
             pass
+
+
+def test_a_layer_k_the_budget_overrides_is_refused():
+    """Attached, a layer routes with the budget's k_l: a different k of its own would be silently ignored."""
+    budget = softmoe.SoftMoEBudget(num_layers=2, num_experts=E, budget=1.5)
+    with pytest.raises(ValueError, match="layer k=3 differs from the budget's K=1.5"):
+        budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=3.0))
+    with pytest.raises(ValueError, match="learn_k=True"):
+        budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=1.5, learn_k=True))
+    assert budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=1.5)).index == 0

@@ -36,9 +36,9 @@ def test_invalid_fields_raise_naming_the_field(overrides, error, match):
 
 def test_describe_routing_says_whether_the_budget_learns_the_layers_k():
     assert ModelConfig(router="softmoe", k=1.5, num_experts=16).describe_routing() == \
-        "budget K=1.5 of 16, learned k_l"
+        "soft mass K=1.5 of 16, learned k_l"
     fixed = ModelConfig(router="softmoe", k=1.5, num_experts=16, budget_options={"learnable": False})
-    assert fixed.describe_routing() == "fixed k=1.5 of 16"
+    assert fixed.describe_routing() == "fixed soft mass k=1.5 of 16"
     assert ModelConfig(router="topk", k=2, num_experts=8).describe_routing() == "k=2 of 8"
     # a router without a budget ignores budget_options
     assert ModelConfig(router="topk", k=2, num_experts=8, budget_options={"learnable": False}).describe_routing() \

@@ -77,7 +77,7 @@ def check_class_contract(case: Case) -> None:
     assert isinstance(cls.causal, bool) and isinstance(cls.fixed_active_experts, bool)
     assert isinstance(cls.label, str) and cls.label and isinstance(cls.marker, str) and cls.marker
     assert f"={case.k:g} of {E}" in cls.describe(case.k, E)
-    assert ("fixed k" in cls.describe(case.k, E, learned=False)) == cls.uses_budget
+    assert ("fixed soft mass k" in cls.describe(case.k, E, learned=False)) == cls.uses_budget
     cls.config_class.check_k(case.k, E)  # the model config's coarse check accepts the case's k
     # Only a budget router takes mean_k: the others do not even accept it.
     assert ("mean_k" in inspect.signature(cls.forward).parameters) == cls.uses_budget

@@ -158,3 +158,21 @@ def test_allocation_moves_to_the_layer_that_needs_more_experts(one_thread):
     check_exact(budget.k(), budget)
     assert k_a > 2.5 and k_b < 1.5, (k_a, k_b)
     assert out_a.stats.active_experts_mean > out_b.stats.active_experts_mean
+
+
+def test_steer_moves_each_layer_threshold_towards_its_own_k():
+    """Realized mode: layer l's threshold falls when its count is below k_l, rises when above, within [0, E]."""
+    from softmoe.routing.budget import steer_threshold
+
+    budget = Budget(3, 8, 2.0, realized=True, realized_rate=0.5)
+    thresholds = [torch.tensor(1.8), torch.tensor(1.8), torch.tensor(0.1)]
+    budget.steer(thresholds, torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64))
+    assert [round(float(t), 6) for t in thresholds] == [1.3, 2.3, 1.6]  # 1.8 -+ 0.5 * (2 - AE)
+    assert float(steer_threshold(torch.tensor(0.2), torch.tensor(9.0), 1.0, 1.0, 8.0)) == 8.0  # bounded by E
+    assert float(steer_threshold(torch.tensor(0.2), torch.tensor(1.0), 5.0, 1.0, 8.0)) == 0.0
+    with pytest.raises(ValueError, match="steer got 2 thresholds, expected num_layers=3"):
+        budget.steer(thresholds[:2], torch.ones(2))
+    with pytest.raises(ValueError, match="realized_rate=0"):
+        Budget(3, 8, 2.0, realized=True, realized_rate=0.0)
+    with pytest.raises(TypeError, match="realized must be a bool"):
+        Budget(3, 8, 2.0, realized=1)

@@ -469,3 +469,33 @@ def test_an_unreachable_ae_target_keeps_every_token_at_its_cap(tmp_path):
     assert all(layer["threshold"] == 0.0 for layer in last)  # the last step routed at the bound
     assert [layer["active_experts_mean"] for layer in last] == pytest.approx(
         [min(math.ceil(2 * layer["k"]), 8) for layer in last])
+
+
+def test_the_realized_budget_needs_the_relative_threshold_and_excludes_ae_target(tmp_path):
+    with pytest.raises(ValueError, match="realized=true steers the paper's relative threshold"):
+        ModelConfig(router="softmoe", budget_options={"realized": True}, router_options={"truncation": "min_weight"})
+    with pytest.raises(ValueError, match="realized=true steers the paper's relative threshold"):
+        ModelConfig(router="topk", budget_options={"realized": True})
+    config = load_run_config(TINY_REMOE.parent / "softmoe.yaml", [
+        f"train.out_dir={tmp_path}", f"data.data_dir={tmp_path / 'data'}", "model.budget_options.realized=true",
+        "train.ae_target=2", "train.ae_lever=threshold"])
+    with pytest.raises(ValueError, match="would both steer the realized count"):
+        Trainer(config, report=lambda m: None)
+    described = ModelConfig(router="softmoe", k=1.5, num_experts=16, budget_options={"realized": True})
+    assert described.describe_routing() == "realized count K=1.5 of 16, learned k_l"
+
+
+def test_step_steers_the_realized_budget_per_layer_only_for_good_training_steps():
+    model = GPT(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=8, d_expert=16,
+                            router="softmoe", k=2.0, budget_options={"realized": True, "realized_rate": 0.5}))
+    routers = controllers.thresholded_routers(model)
+    active = torch.tensor([2.0, 6.0, 2.0], dtype=torch.float64)  # two micro-batches: layer means 1.0 and 3.0
+    model.train()
+    controllers.step(model, update=False, active=active)
+    assert [float(r.threshold) for r in routers] == pytest.approx([1.8, 1.8])
+    controllers.step(model, active=active)
+    assert [float(r.threshold) for r in routers] == pytest.approx([1.3, 2.3])
+    with pytest.raises(ValueError, match="needs the step's `active` counts"):
+        controllers.step(model)
+    with pytest.raises(ValueError, match="expected one per budget layer"):
+        controllers.step(model, active=torch.ones(2, dtype=torch.float64))

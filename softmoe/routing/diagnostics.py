@@ -1,0 +1,97 @@
+"""Routing diagnostics: logit spread, expert load and dead experts, as pure functions of tensors.
+
+Shape legend:
+    T   tokens
+    E   experts (the router's scored columns: E, or E + num_null for null experts)
+    L   MoE layers
+
+What users of every MoE library ask for first, computed from tensors the forward already has (no host sync):
+    logit_spread       mean over real tokens of the std (over experts) of the fp32 router logits. Under the
+                       paper's rule the realized count is set by this spread and by E, not by k (docs/routers.md,
+                       "Nominal k and realized count").
+    load_max_over_mean the busiest expert's routed pairs over the mean per expert (1 = perfect balance, E = one
+                       expert takes everything).
+    load_cv            coefficient of variation (std / mean) of the routed pairs per expert.
+    dead_fraction      fraction of experts whose share of the routed pairs is below DEAD_LOAD (10%) of uniform.
+A single forward's load is noisy; `LoadWindow` sums the counts over many forwards (the training loop's logging
+window, an evaluation pass, a transformers Trainer's logging interval) and reports the same load numbers over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["DEAD_LOAD", "logit_spread", "load_diagnostics", "LoadWindow"]
+
+DEAD_LOAD = 0.1  # an expert is dead when its share of the routed pairs is below DEAD_LOAD / E
+
+
+def logit_spread(logits_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
+    """0-d float32: mean over real tokens (mask_T == 1) of the std over experts of the fp32 logits.
+
+    Args:
+        logits_TE: (T, E) router logits. mask_T: (T,) float, 1 = real token.
+    """
+    std_T = logits_TE.float().std(dim=-1, correction=0)
+    return (std_T * mask_T).sum() / mask_T.sum().clamp(min=1.0)
+
+
+def load_diagnostics(counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    """0-d float32 load statistics of routed-pair counts: load_max_over_mean, load_cv, dead_fraction.
+
+    With no routed pair at all the load is undefined: max/mean and cv are reported as 0 and every expert as dead.
+
+    Args:
+        counts_E: (E,) routed (token, expert) pairs per expert (int or float).
+    """
+    counts = counts_E.float()
+    mean = counts.mean()
+    safe_mean = mean.clamp(min=torch.finfo(torch.float32).tiny)
+    some = mean > 0
+    return {
+        "load_max_over_mean": torch.where(some, counts.max() / safe_mean, 0.0),
+        "load_cv": torch.where(some, counts.std(correction=0) / safe_mean, 0.0),
+        "dead_fraction": torch.where(some, (counts < DEAD_LOAD * mean).float().mean(), 1.0),
+    }
+
+
+class LoadWindow:
+    """Routed-pair counts per expert of every MoE layer, summed over forwards (device tensors; no host sync).
+
+    Feed it the per-layer stats a forward returns (each holds `expert_counts`, (E,) float32); `summary()` gives,
+    per layer in the order first seen, the window's `expert_load` (fractions summing to 1) and its
+    `load_diagnostics`; `reset()` starts a new window. `state_dict()` / `load_state_dict()` carry an open window
+    across a checkpoint, so a resumed run logs what the uninterrupted one would.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def add(self, routing: Mapping[int, Mapping]) -> None:
+        """Add one forward's counts. `routing`: layer (block) index -> its stats mapping (LayerStats or dict)."""
+        for layer, stats in routing.items():
+            tensors = getattr(stats, "tensors", stats)
+            counts_E = tensors["expert_counts"].detach().float()
+            if layer in self.counts:
+                self.counts[layer] = self.counts[layer] + counts_E
+            else:
+                self.counts[layer] = counts_E.clone()
+
+    def summary(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Layer -> {"expert_load": (E,) fractions, "load_max_over_mean", "load_cv", "dead_fraction"}."""
+        out = {}
+        for layer, counts_E in self.counts.items():
+            out[layer] = {"expert_load": counts_E / counts_E.sum().clamp(min=1.0), **load_diagnostics(counts_E)}
+        return out
+
+    def reset(self) -> None:
+        self.counts = {}
+
+    def state_dict(self) -> dict[int, torch.Tensor]:
+        return {layer: counts.cpu().clone() for layer, counts in self.counts.items()}
+
+    def load_state_dict(self, state: Mapping[int, torch.Tensor], device: torch.device | None = None) -> None:
+        self.counts = {int(layer): torch.as_tensor(counts, dtype=torch.float32, device=device).clone()
+                       for layer, counts in state.items()}
