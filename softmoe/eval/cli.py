@@ -109,7 +109,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     try:
         report = run_study(study, tuple(args.overrides), progress=not args.quiet, next_runs=args.next,
-                           force=args.force, jobs=args.jobs)
+                           force=args.force, jobs=args.jobs, mixed_revisions=args.mixed_revisions)
     except (ValueError, TypeError, FetchError, CheckpointError) as err:  # a run dir of another config, data, ...
         print(f"softmoe compare: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -160,6 +160,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summaries", default=None,
                    help="directory of the committed run summaries and the study report (default: the study's "
                         "`summaries`; none: no summaries)")
+    p.add_argument("--mixed-revisions", action="store_true",
+                   help="write the results even when the runs were trained by different code revisions")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides applied to every run after the study's (e.g. train.steps=50)")
     p.set_defaults(func=_cmd_compare)

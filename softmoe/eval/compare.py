@@ -50,7 +50,8 @@ from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.eval.study_report import CLAIM_ROLES, write_study_report
-from softmoe.eval.summaries import build_summary, check_summary, load_summary, record_of, summary_path, write_summary
+from softmoe.eval.summaries import (build_summary, check_revisions, check_summary, load_summary, record_of,
+                                    summary_path, write_summary)
 from softmoe.routing import ROUTERS, router_class
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
@@ -62,7 +63,7 @@ __all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_one", "run_stu
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference",
-               "references", "summaries", "claims"}
+               "references", "summaries", "claims", "preregistration", "pinned_revision"}
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "train_ae", "expert_flops_per_token",
            "tokens_per_sec")
 TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
@@ -75,6 +76,7 @@ class Variant:
     label: str  # legend / table label
     seeds: tuple[int, ...] | None = None  # the study seeds this variant runs with; None = all
     dial: tuple[float, ...] = ()  # budget dial K' values evaluated after training (learned-budget models)
+    exploratory: bool = False  # added after the pre-registration: reported, never part of a registered verdict
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class Study:
     references: tuple[str, ...] = ()  # every paired-difference reference (the first is `reference`)
     summaries: Path | None = None  # committable per-run summaries and the study report
     claims: tuple[tuple[str, str], ...] = ()  # (role, variant) pairs for the paper-claims table
+    # The pre-registered protocol (metrics, margins, verdict rules, the paper's reference numbers), as written in
+    # the study file before its first run; the report reads it, code holds none of it.
+    preregistration: dict | None = None
+    pinned_revision: bool = False  # every run on one clean commit: the report refuses local edits too
 
 
 @dataclass(frozen=True)
@@ -140,9 +146,11 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
         raise ValueError(f"variants={raw!r} must be a non-empty list of {{name, overrides}}")
     variants = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label", "seeds", "dial"}:
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "label", "seeds", "dial", "exploratory"}:
             raise ValueError(f"variants[{i}]={item!r} must be a mapping with name, overrides and optional "
-                             "label, seeds and dial")
+                             "label, seeds, dial and exploratory")
+        if not isinstance(item.get("exploratory", False), bool):
+            raise ValueError(f"variants[{i}].exploratory={item['exploratory']!r} must be true or false")
         name = item.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"variants[{i}].name={name!r} must be a non-empty name of letters, digits, _ . -")
@@ -157,7 +165,8 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
                 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in dial)):
             raise ValueError(f"variants[{i}].dial={dial!r} must be a list of distinct budgets K' > 0")
         variants.append(Variant(name, _overrides(item.get("overrides"), f"variants[{i}].overrides"),
-                                str(item.get("label", name)), seeds, tuple(float(b) for b in dial)))
+                                str(item.get("label", name)), seeds, tuple(float(b) for b in dial),
+                                item.get("exploratory", False)))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variants: names {names} must be distinct")
@@ -205,11 +214,17 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
     if not isinstance(claims, dict) or any(v not in names for v in claims.values()) or set(claims) - CLAIM_ROLES:
         raise ValueError(f"claims={claims!r} must map roles from {sorted(CLAIM_ROLES)} to variant names from {names}")
     summaries = raw.get("summaries") if summaries is None else str(summaries)
+    preregistration = raw.get("preregistration")
+    if preregistration is not None and not isinstance(preregistration, dict):
+        raise ValueError(f"preregistration={preregistration!r} must be a mapping (the study's registered protocol)")
+    if not isinstance(raw.get("pinned_revision", False), bool):
+        raise ValueError(f"pinned_revision={raw['pinned_revision']!r} must be true or false")
     return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
                  variants=variants, path=path, reference=references[0] if references else None,
                  references=tuple(references), claims=tuple(claims.items()),
-                 summaries=None if summaries is None else _resolve(summaries, "summaries"))
+                 summaries=None if summaries is None else _resolve(summaries, "summaries"),
+                 preregistration=preregistration, pinned_revision=raw.get("pinned_revision", False))
 
 
 def plan_runs(study: Study, extra_overrides: tuple[str, ...] = ()) -> list[PlannedRun]:
@@ -309,6 +324,26 @@ def _evaluate_run(run_dir: Path, settings: EvalSettings, progress: bool = False)
     return payload
 
 
+def _noise_ae(run: PlannedRun, run_dir: Path, batches: int = 8) -> dict:
+    """Train-mode realized AE of the final checkpoint with the gate noise on and off (eval/noise.py), on the first
+    `batches` validation batches; {} for a dense model or a run without gate noise."""
+    m = run.config.model
+    if m.ffn != "moe" or not m.router_options.get("gate_noise"):
+        return {}
+    from softmoe.eval.budget import calibration_batches
+    from softmoe.eval.evaluate import load_corpus_split
+    from softmoe.eval.noise import train_mode_active
+    from softmoe.train.restore import load_model
+
+    model, config, path = load_model(run_dir, lambda message: None)
+    val = load_corpus_split(config, path, config.data.corpus, "val")
+    data = calibration_batches(val.tokens, config.data.seq_len, config.data.batch_size, batches)
+    on = train_mode_active(model, data, config.train.precision, noise=True)
+    off = train_mode_active(model, data, config.train.precision, noise=False)
+    return {"train_mode_ae_noise_on": sum(on) / len(on), "train_mode_ae_noise_off": sum(off) / len(off),
+            "train_mode_ae_noise_on_per_layer": on, "train_mode_ae_noise_off_per_layer": off}
+
+
 def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
     entry = payload["language_modelling"][0]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -328,7 +363,15 @@ def _run_record(run: PlannedRun, run_dir: Path, payload: dict) -> dict:
         "granularity": m.granularity if m.ffn == "moe" else 1,
         "num_shared_experts": m.num_shared_experts if m.ffn == "moe" else 0,
         "tasks": {name: {key: result[key] for key in TASK_METRICS} for name, result in payload["tasks"].items()},
+        "train_ae_last": _last_train_ae(run_dir),
+        **_noise_ae(run, run_dir),
     }
+
+
+def _last_train_ae(run_dir: Path) -> float | None:
+    """The realized AE of the last training record (Train AE's other reading, beside the last-20% mean)."""
+    rows = [r for r in read_metrics(run_dir, "train") if r.get("active_experts_mean") is not None]
+    return rows[-1]["active_experts_mean"] if rows else None
 
 
 def _settings(study: Study, variant: Variant) -> EvalSettings:
@@ -434,7 +477,7 @@ def _missing(study: Study, runs: list[PlannedRun], force: bool) -> tuple[dict[st
 
 
 def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: bool = False, next_runs: int | None = None,
-              force: bool = False, jobs: int = 1) -> Path:
+              force: bool = False, jobs: int = 1, mixed_revisions: bool = False) -> Path:
     """Train and evaluate the study's missing runs (all, or the next `next_runs` in plan order), then write
     the results from every run there is; returns results.md.
 
@@ -442,7 +485,8 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
     `force`: ignore existing summaries (their runs are evaluated and summarised again; a finished run dir
     is reused, so pass a new out_dir to retrain). `jobs` > 1: that many runs at once, each in its own
     process with one thread (train.threads=1). Runs not trained in this sitting and not summarised are
-    left out of the results (a study in progress)."""
+    left out of the results (a study in progress). The results refuse runs of different code revisions (and,
+    for a study with `pinned_revision`, runs with local edits) unless `mixed_revisions`."""
     check_int("jobs", jobs, 1)
     check_int("next_runs", next_runs, 0, allow_none=True)
     overrides = tuple(extra_overrides) + (("train.threads=1",) if jobs > 1 else ())
@@ -472,7 +516,7 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
     ordered = [records[run.config.train.name] for run in runs if run.config.train.name in records]
     if not ordered:
         raise ValueError(f"study {study.name}: no run is trained or summarised yet; run it without --next 0")
-    return write_results(study, runs, ordered)
+    return write_results(study, runs, ordered, mixed_revisions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,8 +761,15 @@ def _zero_shot_markdown(study: Study, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def write_results(study: Study, runs: list[PlannedRun], records: list[dict]) -> Path:
-    """results.json, results.md and the plots into the study's out_dir; returns results.md."""
+def write_results(study: Study, runs: list[PlannedRun], records: list[dict], mixed_revisions: bool = False) -> Path:
+    """results.json, results.md and the plots into the study's out_dir; returns results.md.
+
+    ValueError when the runs mix code revisions (summaries.check_revisions), unless `mixed_revisions`."""
+    mixed = check_revisions([(r.get("summary_run") or r.get("variant"), r.get("revision")) for r in records],
+                            allow_dirty=not study.pinned_revision)
+    if mixed and not mixed_revisions:
+        raise ValueError(f"study {study.name}: {mixed}; a study's results do not mix code revisions (pass "
+                         f"--mixed-revisions to write them anyway)")
     out = study.out_dir
     rows = _aggregate(records, study.variants, study.reference)
     frontier = plot_frontier(rows, records, study.variants, out / "frontier.png")

@@ -13,7 +13,11 @@ run, `<summaries>/runs/<run name>.json` holding everything its report needs and 
                       "threshold": [the SoftMoE routers' relative threshold, ...]}
                  (train records; k_L absent for routers without a learned budget, threshold for routers without
                  the relative truncation and in summaries written before it was logged),
+                 and, where the run logged them, the routing diagnostics per layer: "spread_L" (logit spread),
+                 "weight_L" (summed combine weight), "dead_L" (dead-expert fraction), "load_peak_L" (max/mean load),
      "dial":     the budget dial's points (K', loss, realized AE per layer) or null,
+     "routing":  the final evaluation's routing per layer (Infer AE, histogram, expert load, spread, dead experts),
+     "revision": {"commits", "dirty", "sessions"}: the code revision of every training session of the run,
      "machine":  where it ran (platform, torch, threads, tok/s)}
 
 `softmoe compare` reads these before training anything: a planned run whose summary exists is not trained
@@ -32,11 +36,12 @@ import torch
 
 from softmoe.data.io import atomic_write_text, read_json
 from softmoe.train.config import RunConfig
+from softmoe.train.loop import read_revisions
 from softmoe.train.metrics import read_metrics
 from softmoe.train.rundir import resolved_dict, trajectory_diff
 
 __all__ = ["FORMAT", "summary_path", "build_summary", "write_summary", "load_summary", "check_summary",
-           "record_of", "trajectories"]
+           "check_revisions", "record_of", "revision_of", "trajectories"]
 
 FORMAT = 1
 
@@ -66,11 +71,42 @@ def trajectories(run_dir: Path) -> tuple[dict, dict]:
     layered = [r for r in train if r.get("layers")]
     k_traj = {"step": [r["step"] for r in layered],
               "active_L": [[layer.get("active_experts_mean") for layer in r["layers"]] for r in layered]}
+    for key, name in (("logit_spread", "spread_L"), ("weight_sum_mean", "weight_L"), ("dead_fraction", "dead_L"),
+                      ("load_max_over_mean", "load_peak_L")):  # routing diagnostics, where the run logged them
+        if layered and all(key in layer for layer in layered[0]["layers"]):
+            k_traj[name] = [[layer.get(key) for layer in r["layers"]] for r in layered]
     if layered and all("k" in layer for layer in layered[0]["layers"]):
         k_traj["k_L"] = [[layer.get("k") for layer in r["layers"]] for r in layered]
     if layered and all("threshold" in layer for layer in layered[0]["layers"]):  # one for all layers
         k_traj["threshold"] = [r["layers"][0].get("threshold") for r in layered]
     return curves, k_traj
+
+
+def revision_of(run_dir: Path) -> dict:
+    """{"commits": the distinct commits that trained the run, "dirty": any session with local edits,
+    "sessions": [{"step", "commit", "dirty", "version"} per training session]} (empty lists when not recorded)."""
+    sessions = read_revisions(run_dir)
+    commits = sorted({s.get("commit") for s in sessions if s.get("commit")})
+    return {"commits": commits, "dirty": any(s.get("dirty") for s in sessions), "sessions": sessions}
+
+
+def check_revisions(runs: list[tuple[str, dict | None]], allow_dirty: bool = True) -> str | None:
+    """Why these runs mix code revisions (None when they do not): runs trained by different commits (a run trained
+    across commits included), some runs with a recorded revision and some without, or (`allow_dirty` False)
+    local edits. `runs`: (run name, its summary's "revision" or None) pairs."""
+    recorded = [(name, rev) for name, rev in runs if (rev or {}).get("commits")]
+    if not recorded:
+        return None
+    if len(recorded) < len(runs):
+        missing = sorted(str(name) for name, rev in runs if not (rev or {}).get("commits"))
+        return f"{len(missing)} run(s) record no code revision ({', '.join(missing[:4])})"
+    commits = sorted({c for _, rev in recorded for c in rev["commits"]})
+    if len(commits) > 1:
+        return f"the runs were trained by {len(commits)} commits ({', '.join(c[:10] for c in commits[:4])})"
+    dirty = sorted(str(name) for name, rev in recorded if rev.get("dirty"))
+    if dirty and not allow_dirty:
+        return f"{len(dirty)} run(s) were trained with local edits ({', '.join(dirty[:4])})"
+    return None
 
 
 def _task_intervals(payload: dict) -> dict:
@@ -93,6 +129,8 @@ def build_summary(study: str, run_name: str, variant: str, label: str, seed: int
         "format": FORMAT, "study": study, "run": run_name, "variant": variant, "label": label, "seed": seed,
         "config": resolved_dict(config), "record": record, "task_ci": _task_intervals(payload),
         "curves": curves, "k_trajectory": k_traj, "dial": None if not dial else dial["points"],
+        "routing": payload["language_modelling"][0]["routing"] if payload.get("language_modelling") else None,
+        "revision": revision_of(run_dir),
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "torch": torch.__version__,
                     "threads": config.train.threads, "tokens_per_sec": run_summary.get("tokens_per_sec"),
                     "skipped_steps": run_summary.get("skipped_steps")},
@@ -140,4 +178,5 @@ def record_of(summary: dict) -> dict:
     """The compare record of a summary, with its curves, trajectories, intervals and dial attached."""
     return {**summary["record"], "run_dir": None, "curves": summary["curves"],
             "k_trajectory": summary["k_trajectory"], "task_ci": summary.get("task_ci", {}),
-            "dial": summary.get("dial"), "summary_run": summary["run"]}
+            "dial": summary.get("dial"), "summary_run": summary["run"], "revision": summary.get("revision"),
+            "routing": summary.get("routing")}

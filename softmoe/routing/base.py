@@ -7,7 +7,8 @@ Shape legend:
 
 Every router routes T tokens in the same steps, and only one of them is its own:
     1. the padding mask (`real_tokens`): padding is never routed and is left out of losses and stats;
-    2. fp32 router scores W x (`router_logits`), padding rows zeroed, NaN/inf refused;
+    2. fp32 router scores W x (`router_logits`), padding rows zeroed, NaN/inf refused; in training, plus the
+       config's `gate_noise` (`noised`: the rule routes on the noised scores, the losses read the clean ones);
     3. the layer's k as a 0-d tensor: the router's fixed k, or for a router that uses the global budget
        (`BudgetRouter`) the k_l the model passes as `mean_k`;
     4. THE RULE (`rule`, the router's only method): scores -> the one ragged `Routing` record, plus any
@@ -71,9 +72,14 @@ class RouterConfig:
     # more than N_max pairs is an error, so cap must bound the experts a token can keep (top-k: k; the
     # paper's rule: ceil(k_l * cap_factor)).
     dispatch_cap: int | None = None
+    # Training only: std of N(0, 1) noise added to the fp32 router logits before the rule (the paper's "small noise
+    # on the gate pre-activations", on every routed model); the losses read the noiseless logits. Drawn from the
+    # torch RNG, which checkpoints carry, so a resume stays exact.
+    gate_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, 1)
+        check_float("gate_noise", self.gate_noise, 0.0, 1e3)
         check_float("k", self.k, 0.0, self.num_experts, open_low=True)
         self.check_k(self.k, self.num_experts)
         check_float("lb_coef", self.lb_coef, 0.0)
@@ -326,6 +332,13 @@ class GateRouter(torch.nn.Module):
         """
         return routing_from_mask(weight_TE, keep_TE, self.config.max_pairs(keep_TE.shape[0]))
 
+    def noised(self, logits_TE: torch.Tensor, real_T: torch.Tensor) -> torch.Tensor:
+        """(T, E) the scores the rule routes on: in training with `gate_noise` > 0, logits + gate_noise * N(0, 1) on
+        real tokens (padding rows stay 0); otherwise the logits themselves."""
+        if not (self.training and self.config.gate_noise > 0):
+            return logits_TE
+        return logits_TE + self.config.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
+
     def fixed_k(self, device: torch.device) -> torch.Tensor:
         """0-d float32 k of a router without a budget: its config's k (reported as stats["k"])."""
         return torch.tensor(float(self.config.k), device=device)
@@ -351,7 +364,7 @@ class GateRouter(torch.nn.Module):
         """
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
         logits_TE = router_logits(x_TD, self.gate.weight, real_T)
-        ruled = self.rule(logits_TE, real_T, k)
+        ruled = self.rule(self.noised(logits_TE, real_T), real_T, k)
         stats = dict(ruled.stats)
         if self.balance is not None:
             self.balance.record(ruled.routing.counts_E)

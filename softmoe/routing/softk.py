@@ -6,7 +6,8 @@ Shape legend:
     E   experts
 
 The paper's rule (Zasada et al., ICML 2026; METHOD.md, "SoftMoE layer"), the default, per token:
-    1. r = W x in fp32 (no softmax before LapSum); in training, optionally r + gate_noise * N(0, 1).
+    1. r = W x in fp32 (no softmax before LapSum); in training, optionally r + gate_noise * N(0, 1) (the router
+       template's `noised`, for every router).
     2. p = soft_topk(r, k_l, alpha) with alpha = 1: p_i in (0, 1), sum_i p_i = k_l. k_l comes from
        the model's Budget (`mean_k`) or, standalone, from this router.
     3. Truncation `relative`: tau = clamp(threshold * k_l / E, m-th largest p, largest p) with
@@ -17,7 +18,8 @@ The paper's rule (Zasada et al., ICML 2026; METHOD.md, "SoftMoE layer"), the def
 Our earlier rule, kept for ablations (docs/routers.md): alpha = 0.1, truncation `min_weight`
 (drop p_i < min_weight, optional cap `max_active`, keep at least the top expert) and combine
 `mask_softmax` (w = p * softmax(r), renormalised over the kept experts). Other combine modes:
-`mask_softmax_raw` (p * softmax(r), not renormalised) and `p` (p / k_l).
+`raw_p_norm` (the kept p renormalised to sum 1: the paper's kept set at top-k's output scale, a control for
+output scale vs routing), `mask_softmax_raw` (p * softmax(r), not renormalised) and `p` (p / k_l).
 Routing depends on the token alone (the gate noise is training-only), so outputs are batch
 invariant and causal.
 
@@ -45,7 +47,7 @@ from softmoe.routing.record import Routing, routing_from_mask, select_experts
 __all__ = ["SoftKConfig", "SoftKRouter", "COMBINE_MODES", "TRUNCATIONS", "combine_weights", "relative_keep",
            "soft_routing"]
 
-COMBINE_MODES = ("raw_p", "mask_softmax", "mask_softmax_raw", "p")
+COMBINE_MODES = ("raw_p", "raw_p_norm", "mask_softmax", "mask_softmax_raw", "p")
 TRUNCATIONS = ("relative", "min_weight")
 
 
@@ -59,7 +61,6 @@ class SoftKConfig(BiasBalanceConfig):
     min_weight: float = 0.05  # min_weight truncation: experts with p < min_weight are not computed
     max_active: int | None = None  # optional hard cap on experts per token (either truncation)
     combine: str = "raw_p"  # combine weights, one of COMBINE_MODES (paper: raw_p)
-    gate_noise: float = 0.0  # training only: std of N(0, 1) noise added to the fp32 logits before routing
     learn_k: bool = False  # standalone layer only: learn k in [k_min, E - margin], penalised towards k
     k_min: float = 1.0  # standalone learn_k: lower bound of k
     margin: float = 0.5  # standalone learn_k: upper bound E - margin
@@ -73,7 +74,6 @@ class SoftKConfig(BiasBalanceConfig):
         check_float("threshold", self.threshold, 0.0)
         check_float("cap_factor", self.cap_factor, 0.0, open_low=True)
         check_float("min_weight", self.min_weight, 0.0, 1.0)
-        check_float("gate_noise", self.gate_noise, 0.0, 1e3)
         check_float("k_penalty_coef", self.k_penalty_coef, 0.0)
         check_int("max_active", self.max_active, 1, self.num_experts, allow_none=True)
         check_choice("combine", self.combine, COMBINE_MODES)
@@ -130,6 +130,9 @@ def combine_weights(
         return p_TE
     if mode == "p":
         return p_TE / k
+    if mode == "raw_p_norm":  # the kept p renormalised to sum 1 (the paper's rule at top-k's output scale)
+        kept_TE = torch.where(keep_TE, p_TE, 0.0)
+        return kept_TE / kept_TE.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(p_TE.dtype).tiny)
     w_TE = p_TE * torch.softmax(logits_TE, dim=-1)
     if mode == "mask_softmax_raw":
         return w_TE
@@ -184,12 +187,9 @@ class SoftKRouter(BudgetRouter):
         return self.fixed_k(device), None
 
     def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
-        """Truncated soft top-k of the (optionally noised) scores; the losses read the noiseless ones."""
-        route_TE = logits_TE
-        if self.training and self.config.gate_noise > 0:  # the training RNG draws it: resume stays exact
-            route_TE = logits_TE + self.config.gate_noise * torch.randn_like(logits_TE) * real_T.unsqueeze(-1)
-        selection_p_TE = self._selection_p(route_TE, k)
-        routing, stats = soft_routing(route_TE, k, self.alpha, self.config, real_T, selection_p_TE, self.threshold)
+        """Truncated soft top-k of the scores (in training noised by the template's `gate_noise`)."""
+        selection_p_TE = self._selection_p(logits_TE, k)
+        routing, stats = soft_routing(logits_TE, k, self.alpha, self.config, real_T, selection_p_TE, self.threshold)
         return Rule(routing, stats=stats)
 
     def _selection_p(self, logits_TE: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ import yaml
 
 from softmoe.common.atomic import atomic_write_text
 from softmoe.common.precision import autocast_context, module_device, resolve_device
+from softmoe.common.revision import code_revision
 from softmoe.model import GPT, DecoderOutput
 from softmoe.ops.compile import compile_model
 from softmoe.train import controllers, runtime
@@ -53,7 +54,7 @@ from softmoe.train.rundir import (
 )
 from softmoe.train.schedule import lr_at
 
-__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "evaluate"]
+__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "evaluate", "read_revisions", "REVISIONS"]
 
 
 class TrainingAborted(RuntimeError):
@@ -345,7 +346,7 @@ class Trainer:
         check_ownership(self.config, mode, good is not None)
         if good is None:  # a fresh start: nothing of an earlier attempt may mix into this run's logs
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
-            for name in ("metrics.jsonl", "summary.json"):
+            for name in ("metrics.jsonl", "summary.json", REVISIONS):
                 (self.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
         return good, candidates
@@ -394,6 +395,8 @@ class Trainer:
             finished = self._start(mode)
             if finished is not None:
                 return finished
+            if self.writes_run_files:  # the code revision of every training session of this run
+                record_revision(self.run_dir, self.step)
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
                                    report=self.report, enabled=self.writes_run_files)
@@ -489,6 +492,30 @@ class Trainer:
                       "active_experts_mean": mean_active_experts(layers), "layers": layers})
         self.report(f"step {self.step}: val loss {val_loss:.4f}")
         return val_loss, layers
+
+
+REVISIONS = "revisions.jsonl"  # one line per training session: {"step": start step, "commit", "dirty", "version"}
+
+
+def record_revision(run_dir: Path, step: int) -> None:
+    """Append this session's code revision (softmoe/common/revision.py) to the run's revisions.jsonl."""
+    line = json.dumps({"step": step, **code_revision()}) + "\n"
+    with open(Path(run_dir) / REVISIONS, "a") as f:
+        f.write(line)
+
+
+def read_revisions(run_dir: Path) -> list[dict]:
+    """The revisions of a run's training sessions ([] when none were recorded; torn lines skipped)."""
+    path = Path(run_dir) / REVISIONS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -28,6 +28,7 @@ EXTRA = {
         Case("softmoe", 2.5, dict(EARLIER, combine="p", max_active=2, alpha=0.5), mean_k=3.3),
         Case("softmoe", 2.0, dict(learn_k=True, learn_alpha=True)),
         Case("softmoe", 2.0, dict(loss_free_bias=True)),
+        Case("softmoe", 1.5, dict(combine="raw_p_norm")),
     ],
     "topk": [
         Case("topk", 1.0, dict(normalize=False)),

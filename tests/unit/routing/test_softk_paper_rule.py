@@ -136,6 +136,32 @@ def test_gate_noise_is_training_only_and_drawn_from_the_torch_rng():
     assert not torch.equal(a, quiet.train()(x).routing.dense_weights())
 
 
+@pytest.mark.parametrize("router, k", [("topk", 2.0), ("topk", 1.0), ("topp", 2.0), ("remoe", 2.0)])
+def test_every_router_takes_the_gate_noise_in_training_only(router, k):
+    """The template applies gate_noise for every router: top-k baselines get the paper's noise too."""
+    torch.manual_seed(0)
+    noisy = build_router(router, 10, 8, k, gate_noise=2.0)
+    quiet = build_router(router, 10, 8, k)
+    quiet.load_state_dict(noisy.state_dict())
+    x = torch.randn(256, 10)
+    torch.testing.assert_close(noisy.eval()(x).routing.dense_weights(), quiet.eval()(x).routing.dense_weights())
+    trained = noisy.train()(x)
+    assert not torch.equal(trained.routing.dense_weights(), quiet.train()(x).routing.dense_weights())
+    torch.testing.assert_close(trained.logits_TE, quiet(x).logits_TE)  # the losses read the clean logits
+
+
+def test_raw_p_norm_keeps_the_paper_set_and_renormalises_its_p():
+    torch.manual_seed(0)
+    x = torch.randn(40, 10)
+    raw = build_router("softmoe", 10, 8, 1.5).eval()
+    norm = build_router("softmoe", 10, 8, 1.5, combine="raw_p_norm").eval()
+    norm.load_state_dict(raw.state_dict())
+    w_raw, w_norm = raw(x).routing.dense_weights(), norm(x).routing.dense_weights()
+    assert torch.equal(w_raw > 0, w_norm > 0)
+    torch.testing.assert_close(w_norm, w_raw / w_raw.sum(-1, keepdim=True))
+    torch.testing.assert_close(w_norm.sum(-1), torch.ones(40))
+
+
 def test_layer_invariant_to_batch_padding_and_decoding_with_noise_configured():
     torch.manual_seed(0)
     layer = MoELayer(12, 24, 8, router="softmoe", k=1.5, gate_noise=0.3).eval()
