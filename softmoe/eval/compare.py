@@ -164,9 +164,9 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
         if (not isinstance(dial, list) or len(set(dial)) != len(dial)
                 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in dial)):
             raise ValueError(f"variants[{i}].dial={dial!r} must be a list of distinct budgets K' > 0")
+        label = str(item.get("label", name)) + (" [exploratory]" if item.get("exploratory", False) else "")
         variants.append(Variant(name, _overrides(item.get("overrides"), f"variants[{i}].overrides"),
-                                str(item.get("label", name)), seeds, tuple(float(b) for b in dial),
-                                item.get("exploratory", False)))
+                                label, seeds, tuple(float(b) for b in dial), item.get("exploratory", False)))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variants: names {names} must be distinct")

@@ -77,8 +77,9 @@ def trajectories(run_dir: Path) -> tuple[dict, dict]:
             k_traj[name] = [[layer.get(key) for layer in r["layers"]] for r in layered]
     if layered and all("k" in layer for layer in layered[0]["layers"]):
         k_traj["k_L"] = [[layer.get("k") for layer in r["layers"]] for r in layered]
-    if layered and all("threshold" in layer for layer in layered[0]["layers"]):  # one for all layers
-        k_traj["threshold"] = [r["layers"][0].get("threshold") for r in layered]
+    if layered and all("threshold" in layer for layer in layered[0]["layers"]):
+        k_traj["threshold"] = [r["layers"][0].get("threshold") for r in layered]  # the controller's: one for all
+        k_traj["threshold_L"] = [[layer.get("threshold") for layer in r["layers"]] for r in layered]  # realized
     return curves, k_traj
 
 
