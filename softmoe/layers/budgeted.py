@@ -78,6 +78,22 @@ class RoutingResults:
         """One (T, E) float32 tensor per call, in call order (transformers' MoE convention)."""
         return tuple(result.router_logits for _, result in self.layers)
 
+    def active_L(self) -> torch.Tensor:
+        """(L,) float64 realized mean active experts per token of each budget layer over the scope's calls."""
+        sums = torch.zeros(self.budget.num_layers, dtype=torch.float64)
+        calls = torch.zeros(self.budget.num_layers, dtype=torch.float64)
+        for index, result in self.layers:
+            sums[index] += result.stats.tensors["active_experts_mean"].detach().double().cpu()
+            calls[index] += 1
+        return sums / calls.clamp(min=1)
+
+    def steer(self) -> None:
+        """Realized-count budget (`realized=True`), after the optimizer step: move every attached layer's threshold
+        so its realized count follows its k_l (`Budget.steer`). ValueError for a budget that is not realized."""
+        if not self.budget.realized:
+            raise ValueError("steer() needs SoftMoEBudget(..., realized=True)")
+        self.budget.steer(self.budget.thresholds(), self.active_L())
+
 
 class SoftMoEBudget(Budget):
     """A Budget (routing/budget.py) that hands its k_l to MoE layers inside any nn.Module.
@@ -90,6 +106,7 @@ class SoftMoEBudget(Budget):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._attached = 0  # layers attached so far (construction time only)
+        self._routers: dict[int, nn.Module] = {}  # budget index -> attached router (for a realized budget's steer)
         self._scope: RoutingResults | None = None
         self._ever_collected = False  # a training forward before any collect() scope warns (aux loss dropped)
 
@@ -124,7 +141,18 @@ class SoftMoEBudget(Budget):
             raise ValueError(f"index={index!r} must be an int in [0, num_layers={self.num_layers}); "
                              "make the budget with one layer per MoE layer of the model")
         self._attached = max(self._attached, index + 1)
+        if self.realized and getattr(layer.router.config, "truncation", None) != "relative":
+            raise ValueError("a realized-count budget steers the paper's relative threshold: attach layers with "
+                             "truncation='relative' (the default)")
+        self._routers[index] = layer.router  # not a child: the layer is registered where the host model holds it
         return BudgetedMoE(layer, self, index)
+
+    def thresholds(self) -> list[torch.Tensor]:
+        """The attached layers' relative-threshold buffers, in budget order (every layer must be attached)."""
+        missing = [i for i in range(self.num_layers) if i not in self._routers]
+        if missing:
+            raise ValueError(f"budget layers {missing} have no attached layer (attach one per budget layer)")
+        return [self._routers[i].threshold for i in range(self.num_layers)]
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[RoutingResults]:

@@ -19,14 +19,14 @@ transformers = pytest.importorskip("transformers")
 D, H, E, LAYERS, VOCAB = 32, 32, 4, 2, 64
 
 
-def llama_with_softmoe(budget_mode: str = "exact"):
+def llama_with_softmoe(budget_mode: str = "exact", realized: bool = False):
     """docs/library.md's drop-in, verbatim apart from the tiny sizes."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=32)
     model = transformers.LlamaForCausalLM(config)
-    budget = softmoe.SoftMoEBudget(num_layers=LAYERS, num_experts=E, budget=2.0, mode=budget_mode)
+    budget = softmoe.SoftMoEBudget(num_layers=LAYERS, num_experts=E, budget=2.0, mode=budget_mode, realized=realized)
     for block in model.model.layers:
         block.mlp = budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=2.0))
     model.softmoe_budget = budget
@@ -145,3 +145,24 @@ def test_a_layer_k_the_budget_overrides_is_refused():
     with pytest.raises(ValueError, match="learn_k=True"):
         budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=1.5, learn_k=True))
     assert budget.attach(softmoe.MoELayer(D, H, num_experts=E, router="softmoe", k=1.5)).index == 0
+
+
+def test_a_realized_budget_makes_each_layer_use_its_k_l_experts():
+    """docs/library.md's realized-count example: after the optimizer step, routing.steer() moves every layer's
+    threshold so its realized count follows its k_l (the paper's rule alone keeps ~1 expert here)."""
+    model, budget = llama_with_softmoe(realized=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    first = None
+    for _ in range(40):
+        with budget.collect() as routing:
+            out = model(input_ids=ids, labels=ids)
+        opt.zero_grad()
+        (out.loss + routing.aux_loss).backward()
+        opt.step()
+        routing.steer()
+        first = routing.active_L() if first is None else first
+    assert float(first.mean()) < 1.5  # before steering: the paper's rule keeps few experts
+    assert torch.allclose(routing.active_L().float(), budget().detach(), atol=0.15), (routing.active_L(), budget())
+    with pytest.raises(ValueError, match="realized=True"):
+        llama_with_softmoe()[1].collect().__enter__().steer()
