@@ -25,7 +25,7 @@ from softmoe.eval.report import pyplot, save_figure, style_axes
 
 __all__ = ["CLAIM_ROLES", "MARGIN", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
            "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
-           "plot_dial"]
+           "plot_dial", "plot_spread", "plot_load_heatmap"]
 
 CLAIM_ROLES = frozenset({"top2", "top3", "top4", "learned", "learned_K2", "fixed", "compute_matched", "larger_c"})
 # "comparable": a paired loss difference whose 95% interval lies below +MARGIN nats. The paper's own
@@ -453,7 +453,7 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
     lines += _allocation_lines(records, variants) + _movement_lines(records, variants)
     lines += _dial_lines(records, variants, study.references[:1], label) + _stability_lines(records, variants)
-    lines += _task_lines(records, variants)
+    lines += _diagnostic_lines(records, variants) + _task_lines(records, variants)
     for caption, path in plots:
         lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
     return "\n".join(lines) + "\n"
@@ -527,6 +527,74 @@ def _dial_lines(records: list[dict], variants, reference: tuple[str, ...], label
             "|---|---|---|---|---|", *rows]
 
 
+def _layer_mean(rows: list[list[float]]) -> str:
+    return "-" if not rows else ", ".join(f"{m:.2f}" for m in np.mean(rows, axis=0))
+
+
+def _diagnostic_lines(records: list[dict], variants) -> list[str]:
+    """Per variant and layer (mean over seeds, final evaluation): logit spread, kept weight at the end of training,
+    dead experts and max/mean load; from summaries that carry the routing diagnostics."""
+    rows = []
+    for v in variants:
+        mine = [r for r in _of(records, v.name) if (r.get("routing") or {}).get("layers")]
+        if not mine:
+            continue
+        layers = [r["routing"]["layers"] for r in mine]
+        spread = [[layer.get("logit_spread") for layer in ls] for ls in layers if "logit_spread" in ls[0]]
+        dead = [[layer.get("dead_fraction") for layer in ls] for ls in layers if "dead_fraction" in ls[0]]
+        peak = [[layer.get("load_max_over_mean") for layer in ls] for ls in layers if "load_max_over_mean" in ls[0]]
+        weight = [r["k_trajectory"]["weight_L"][-1] for r in mine if (r.get("k_trajectory") or {}).get("weight_L")]
+        rows.append(f"| {v.label} | {len(mine)} | {_layer_mean(spread)} | {_layer_mean(weight)} | "
+                    f"{_layer_mean(dead)} | {_layer_mean(peak)} |")
+    if not rows:
+        return []
+    return ["", "## Routing diagnostics (mean over seeds, first to last MoE layer)", "",
+            "Logit spread: mean over tokens of the std over experts of the router logits (final evaluation; under the "
+            "paper's rule it sets the count). Kept weight: the summed combine weight per token at the last training "
+            "record (the output's scale). Dead: share of experts below 10% of uniform load; max/mean: the busiest "
+            "expert's load over the mean (final evaluation).", "",
+            "| variant | runs | logit spread | kept weight | dead experts | load max/mean |", "|---|---|---|---|---|---|",
+            *rows]
+
+
+def plot_spread(records: list[dict], variants, path: Path) -> Path | None:
+    """Router logit spread by layer over training (mean over seeds), one panel per variant that logged it."""
+    shown = [v for v in variants if any((r.get("k_trajectory") or {}).get("spread_L") for r in _of(records, v.name))]
+    if not shown:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], shown):
+        trajs = [r["k_trajectory"] for r in _of(records, v.name) if r["k_trajectory"].get("spread_L")]
+        length = min(len(t["step"]) for t in trajs)
+        mean = np.mean([np.array(t["spread_L"][:length], dtype=float) for t in trajs], axis=0)
+        for layer in range(mean.shape[1]):
+            ax.plot(trajs[0]["step"][:length], mean[:, layer], color=plt.cm.viridis(layer / max(1, mean.shape[1] - 1)),
+                    lw=1.2, label=f"layer {layer}")
+        style_axes(ax, "optimizer step", "logit spread", v.label, legend_size=0)
+    axes[0][-1].legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def plot_load_heatmap(records: list[dict], variants, path: Path) -> Path | None:
+    """Expert load by layer relative to uniform (final evaluation, the first seed of each variant)."""
+    shown = [(v, r) for v in variants for r in _of(records, v.name)[:1]
+             if (r.get("routing") or {}).get("layers") and "expert_load" in r["routing"]["layers"][0]]
+    if not shown:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
+    for ax, (v, r) in zip(axes[0], shown):
+        load = np.array([layer["expert_load"] for layer in r["routing"]["layers"]], dtype=float)
+        load = load * load.shape[1]
+        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(load.max())))
+        ax.set_title(f"{v.label} (seed {r['seed']})", fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="load / uniform")
+    return save_figure(fig, path)
+
+
 def _task_lines(records: list[dict], variants) -> list[str]:
     tasks = sorted({t for r in records for t in r.get("tasks", {})})
     if not tasks:
@@ -557,7 +625,9 @@ def write_study_report(study, records: list[dict], out_dir: Path, planned: int) 
     plots = [("Frontier: loss vs Train AE and Infer AE", frontier)]
     for caption, fn, name in (("Allocation by depth", plot_depth, "depth.png"),
                               ("k_l trajectories", plot_k_trajectories, "k_trajectories.png"),
-                              ("Budget dial", plot_dial, "dial.png")):
+                              ("Budget dial", plot_dial, "dial.png"),
+                              ("Router logit spread by layer", plot_spread, "logit_spread.png"),
+                              ("Expert load by layer", plot_load_heatmap, "expert_load.png")):
         path = fn(records, variants, out_dir / name)
         if path is not None:
             plots.append((caption, path))

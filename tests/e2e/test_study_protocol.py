@@ -35,6 +35,9 @@ def test_a_pinned_study_records_its_protocol_and_refuses_mixed_commits(tmp_path,
     path = tmp_path / "proto.yaml"
     path.write_text(yaml.safe_dump(study))
     assert main(["compare", "--config", str(path), "--quiet"]) == 0
+    report = (tmp_path / "docs" / "report.md").read_text()
+    assert "## Routing diagnostics" in report and "[exploratory]" in report
+    assert (tmp_path / "docs" / "logit_spread.png").is_file() and (tmp_path / "docs" / "expert_load.png").is_file()
     runs = tmp_path / "docs" / "runs"
     realized = json.loads((runs / "proto-realized-s0.json").read_text())
     commits = realized["revision"]["commits"]
