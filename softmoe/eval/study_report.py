@@ -591,7 +591,7 @@ def plot_load_heatmap(records: list[dict], variants, path: Path) -> Path | None:
         ax.set_title(f"{v.label} (seed {r['seed']})", fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="load / uniform")
+    fig.colorbar(image, ax=axes[0][-1], label="load / uniform")
     return save_figure(fig, path)
 
 
