@@ -37,6 +37,7 @@ import dataclasses
 import json
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,6 +395,21 @@ def run_one(study: Study, run: PlannedRun, progress: bool = False) -> dict:
     return {**record_of(summary), "run_dir": str(run_dir)}
 
 
+def _end_with_parent() -> None:
+    """Pool-worker initializer: on Linux the worker gets SIGTERM when the `softmoe compare` process dies, so a
+    killed compare never leaves runs training on its own (each worker's Trainer checkpoints and stops; the next
+    compare resumes the run). Elsewhere nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_one_in_worker(args: tuple) -> dict:
     """A process-pool worker: `run_one(*args)` (its output interleaves with the other worker's)."""
     return run_one(*args)
@@ -504,7 +520,8 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_end_with_parent) as pool:
             for run, record in zip(todo, pool.map(_run_one_in_worker, [(study, run, False) for run in todo])):
                 records[run.config.train.name] = record
     else:
