@@ -406,8 +406,10 @@ def _task_table(tasks: dict) -> list[str]:
 
 def _dial_table(dial: dict) -> list[str]:
     lines = [f"Learned allocation scaled to each K' (trained at K = {dial['trained_budget']:g}); "
-             f"measured on {dial['corpus']}/{dial['split']}.", "",
-             "| K' | per-layer k_l' | loss | perplexity | bits per byte | realized mean active experts "
+             f"measured on {dial['corpus']}/{dial['split']}. k_l' is the nominal k (the soft top-k mass; with a "
+             "realized-count budget also the count each layer's threshold is recalibrated to); AE is the realized "
+             "count.", "",
+             "| K' | per-layer k_l' (nominal) | loss | perplexity | bits per byte | realized AE (mean over layers) "
              "| FFN FLOPs / token (M) |", "|---|---|---|---|---|---|---|"]
     for p in dial["points"]:
         k_l = ", ".join(f"{v:.2f}" for v in p["k_L"])
