@@ -2,7 +2,7 @@
 
 The routers' balance statistics read their counts through `softmoe.routing.losses.global_sum`, which
 `counts_summed_over(group)` makes an all-reduce (see DistributedTrainer._forward); the controllers get
-the same function (`controllers.step(..., reduce_sum=...)`). Logged values are averaged here, so every
+(their layers return global counts, which the controllers read). Logged values are averaged here, so every
 rank logs the global batch's numbers (ranks hold equal token counts).
 """
 

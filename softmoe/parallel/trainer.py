@@ -7,8 +7,9 @@ What differs from one process, and why the result is the same (to float round-of
       `reduce_expert_grads`; the mean of per-rank mean losses is the global mean (equal shard sizes);
     - routing statistics: the forward runs inside `global_counts`, so balance losses, loads and the
       controllers use the global batch's counts; logged losses and layer summaries are rank means;
-    - Budget k_l, the loss-free bias and ReMoE's lambda stay identical on every rank: the first is a
-      data-parallel parameter, the others move by the same global counts;
+    - Budget k_l, the loss-free bias, ReMoE's lambda and the count controllers' thresholds stay identical on
+      every rank: the first is a data-parallel parameter, the others move by the same global counts (the
+      layers return them summed over the ranks);
     - validation: every rank evaluates the same full validation batches;
     - checkpoints: torch.distributed.checkpoint, sharded, atomic (softmoe/parallel/checkpoint.py).
 Rank 0 alone writes the run directory's files (config, metrics, summary, the checkpoint manifest).
@@ -33,7 +34,6 @@ from softmoe.parallel.stats import counts_summed_over, global_layer_summary, mea
 from softmoe.parallel.world import World
 from softmoe.parallel.wrap import parallelize
 from softmoe.routing.losses import global_counts
-from softmoe.train import controllers
 from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint
 from softmoe.train.config import RunConfig
 from softmoe.train.loop import Trainer, TrainResult
@@ -102,9 +102,6 @@ class DistributedTrainer(Trainer):
             for params in (dense, experts):  # separately: FSDP2's DTensor gradients and plain expert shards
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
         return total.item()
-
-    def _controllers_step(self, update: bool, active: torch.Tensor) -> None:
-        controllers.step(self.model, update=update, reduce_sum=self._sum, ae_target=self.ae_target, active=active)
 
     def num_params(self) -> int:
         """The whole model's parameters: this rank's, plus the experts other EP ranks hold."""

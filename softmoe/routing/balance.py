@@ -8,13 +8,14 @@ Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Ex
 used by DeepSeek-V3 (arXiv 2412.19437, sec. 2.1.2). Each MoE layer keeps a bias b_E, not learned by
 gradient. A router adds it to its selection scores; the combine weights use the unbiased scores, so the
 bias decides *which* experts run, never how much they contribute. Between optimizer steps,
-`softmoe.train.controllers.step` moves it towards balance:
+the router's `after_step` (called by `softmoe.train.controllers.step`) moves it towards balance:
 
     b_e <- b_e + u * sign(mean_e' load_e' - load_e)
 
 with load_e the pairs routed to expert e on real tokens over all micro-batches of the step (u = 1e-3 in
-the paper). The bias is a persistent buffer (state_dict, exact resume); the load is a non-persistent
-counter, filled only in training mode, so evaluation neither reads nor moves the balance state.
+the paper). The bias is a persistent buffer (state_dict, exact resume). The load is not stored anywhere: the
+layer returns it in its statistics (`expert_counts`), the training loop sums it over the step and hands it to
+`ExpertBias.step` after the optimizer step, so evaluation neither reads nor moves the balance state.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from softmoe.common.checks import check_bool, check_float
 from softmoe.routing.base import RouterConfig
 
-__all__ = ["BiasBalanceConfig", "ExpertBias", "expert_bias"]
+__all__ = ["BiasBalanceConfig", "ExpertBias", "expert_bias", "bias_update"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,25 @@ class BiasBalanceConfig(RouterConfig):
         check_float("bias_update_rate", self.bias_update_rate, 0.0, open_low=True)
 
 
+def bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's loss-free balancing step: (E,) bias + rate * sign(mean load - load).
+
+    Under-loaded experts (load below the mean) gain `rate`, over-loaded ones lose it.
+
+    Args:
+        bias_E: (E,) float32 selection bias.
+        load_E: (E,) int64 or float routed pairs per expert over the step.
+        rate: u > 0.
+    """
+    load = load_E.to(torch.float64)
+    return bias_E + rate * torch.sign(load.mean() - load).to(bias_E.dtype)
+
+
 class ExpertBias(nn.Module):
-    """One layer's selection bias b_E (persistent buffer) and the load routed since the last update.
+    """One layer's selection bias b_E (a persistent buffer).
 
     Attributes:
-        bias_E: (E,) float32 selection bias, updated only by `softmoe.train.controllers`.
-        load_E: (E,) int64 pairs routed per expert on real tokens since the last controller step
-            (training mode only; not saved).
+        bias_E: (E,) float32 selection bias, moved only by `step` between optimizer steps.
         rate: u, the update rate.
     """
 
@@ -57,17 +70,15 @@ class ExpertBias(nn.Module):
         super().__init__()
         self.rate = rate
         self.register_buffer("bias_E", torch.zeros(num_experts))
-        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     def shift(self, score_TE: torch.Tensor) -> torch.Tensor:
         """(T, E) selection scores score + b (no gradient reaches b: it is a buffer)."""
         return score_TE + self.bias_E
 
-    def record(self, counts_E: torch.Tensor) -> None:
-        """Add a forward's routed pairs per expert (E,) int64 to the step's load; a no-op in eval mode."""
-        if self.training:
-            with torch.no_grad():
-                self.load_E += counts_E
+    def step(self, load_E: torch.Tensor) -> None:
+        """One balancing step from the step's routed pairs per expert (E,) (summed over its micro-batches)."""
+        with torch.no_grad():
+            self.bias_E.copy_(bias_update(self.bias_E, load_E.to(self.bias_E.device), self.rate))
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Detached copies for LayerStats (a later controller step must not change a reported value)."""

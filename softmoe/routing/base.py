@@ -207,7 +207,9 @@ def finish_routing(
         balance_loss: optional 0-d balance loss that replaces the Switch loss (unweighted: lb_coef applies).
     """
     mask_T = real_T.float()
-    counts_E = losses.global_sum(routing.counts_E)  # the global batch's load under data parallelism
+    # The global batch's load and real tokens under data parallelism (one collective for both).
+    global_counts = losses.global_sum(torch.cat([routing.counts_E.float(), mask_T.sum().reshape(1)]))
+    counts_E, tokens = global_counts[:-1], global_counts[-1]
     if balance_loss is None:
         lb = losses.load_balance_loss(counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
     else:
@@ -222,7 +224,8 @@ def finish_routing(
         "active_experts_mean": losses.masked_mean(active_T.float(), mask_T),
         "active_experts_hist": losses.active_histogram(active_T, mask_T, config.num_experts),
         "expert_load": losses.expert_load(counts_E),
-        "expert_counts": counts_E.detach().float(),
+        "expert_counts": counts_E.detach(),
+        "real_tokens": tokens.detach(),
         **diagnostics.load_diagnostics(counts_E),
         "logit_spread": diagnostics.logit_spread(logits_TE.detach(), mask_T),
         "weight_sum_mean": _weight_per_token(routing, mask_T),
@@ -289,6 +292,7 @@ class GateRouter(torch.nn.Module):
     config_class: type
     label: str = ""
     uses_budget = False
+    has_threshold = False  # truncates by a relative `threshold` buffer that count controllers steer (SoftMoE)
     causal = True
     fixed_active_experts = False
     marker = "D"
@@ -332,6 +336,20 @@ class GateRouter(torch.nn.Module):
         """
         return routing_from_mask(weight_TE, keep_TE, self.config.max_pairs(keep_TE.shape[0]))
 
+    @classmethod
+    def after_step(cls, layers: list[tuple["GateRouter", Mapping]]) -> None:
+        """Between optimizer steps: update the non-learned state of this class's routers from the step's counts.
+
+        Called by the training loop (train/controllers.py) once per good optimizer step, with every router of
+        this class and the counts its layer returned in the step (`expert_counts` (E,) and `real_tokens`, summed
+        over the micro-batches; global under data parallelism). Nothing is counted during forward: the counts
+        arrive here as return values. Default: the loss-free selection bias of each router that has one.
+        Pooled rules (ReMoE's one lambda decision for all its layers) override it.
+        """
+        for router, counts in layers:
+            if router.balance is not None:
+                router.balance.step(counts["expert_counts"])
+
     def noised(self, logits_TE: torch.Tensor, real_T: torch.Tensor) -> torch.Tensor:
         """(T, E) the scores the rule routes on: in training with `gate_noise` > 0, logits + gate_noise * N(0, 1) on
         real tokens (padding rows stay 0); otherwise the logits themselves."""
@@ -367,7 +385,6 @@ class GateRouter(torch.nn.Module):
         ruled = self.rule(self.noised(logits_TE, real_T), real_T, k)
         stats = dict(ruled.stats)
         if self.balance is not None:
-            self.balance.record(ruled.routing.counts_E)
             stats.update(self.balance.stats())
         extra_loss = k_loss
         if ruled.loss is not None:

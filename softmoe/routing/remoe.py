@@ -17,12 +17,13 @@ Per token:
        over real tokens; f carries no gradient. At perfect balance (k experts per token, spread evenly)
        f_e = 1 and L_reg is the plain L1 mean.
 
-lambda is not a constant. `softmoe.train.controllers.step` updates it after every optimizer step
-(paper sec. 3.2): lambda <- lambda * factor^sign(target - S), with S the sparsity (fraction of zero
-(token, expert) entries over real tokens) pooled over all ReMoE layers and the step's micro-batches,
-target = 1 - k/E, factor = 1.2, starting at lambda_init = 1e-8. lambda is a persistent buffer
-(`l1_coef`, in the state_dict: exact resume); the pair counts are non-persistent and filled only in
-training mode, so evaluation never moves lambda.
+lambda is not a constant. `ReMoERouter.after_step` (called by `softmoe.train.controllers.step`) updates it
+after every optimizer step (paper sec. 3.2): lambda <- lambda * factor^sign(target - S), with S the sparsity
+(fraction of zero (token, expert) entries over real tokens) pooled over all ReMoE layers and the step's
+micro-batches, target = 1 - k/E, factor = 1.2, starting at lambda_init = 1e-8. lambda is a persistent buffer
+(`l1_coef`, in the state_dict: exact resume); the pair counts reach the update as the layers' returned
+statistics (`expert_counts`, `real_tokens`), so nothing is counted on the module and evaluation never moves
+lambda.
 
 Layer sum vs mean: the paper averages L_reg over the L layers; the decoder sums each layer's aux
 loss (as for every other router), so our lambda is the paper's lambda / L. The controller is
@@ -42,7 +43,7 @@ from softmoe.routing import losses
 from softmoe.routing.base import GateRouter, RouterConfig, Rule, register_router
 from softmoe.routing.record import select_experts
 
-__all__ = ["ReMoEConfig", "ReMoERouter", "relu_l1_loss"]
+__all__ = ["ReMoEConfig", "ReMoERouter", "relu_l1_loss", "multiplicative_update", "pooled_sparsity"]
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,34 @@ def relu_l1_loss(weight_TE: torch.Tensor, routed_TE: torch.Tensor, mask_T: torch
     return (f_E * losses.masked_mean(weight_TE, mask_T)).sum()
 
 
+def multiplicative_update(coef: torch.Tensor, sparsity: torch.Tensor, target: float, factor: float) -> torch.Tensor:
+    """ReMoE's controller: coef * factor if sparsity < target, coef / factor if above, unchanged if equal.
+
+    Args:
+        coef: 0-d float lambda.
+        sparsity: 0-d float measured fraction of zero entries.
+        target: wanted sparsity, 1 - k/E.
+        factor: alpha > 1 (paper: 1.2).
+    """
+    return coef * factor ** torch.sign(target - sparsity.to(torch.float64)).to(coef.dtype)
+
+
+def pooled_sparsity(layers: list[tuple[GateRouter, dict]]) -> torch.Tensor | None:
+    """0-d float64 fraction of zero (token, expert) entries over every layer's step counts; None if they saw no
+    token. `layers`: (router, counts with `expert_counts` (E,) and `real_tokens`) pairs."""
+    routed = sum(counts["expert_counts"].double().sum() for _, counts in layers)
+    entries = sum(counts["real_tokens"].double() * router.num_experts for router, counts in layers)
+    if float(entries) == 0:
+        return None
+    return 1.0 - routed / entries
+
+
 @register_router("remoe", ReMoEConfig)
 class ReMoERouter(GateRouter):
-    """ReLU router with an adaptive L1 penalty; lambda is a buffer owned by `train/controllers`.
+    """ReLU router with an adaptive L1 penalty; lambda is a buffer moved by `after_step` between steps.
 
     Buffers:
         l1_coef: 0-d float32 lambda (persistent).
-        routed_pairs, entries: 0-d int64 routed pairs and real tokens x E since the last controller
-            step (training mode only; not saved).
     """
 
     label = "ReMoE"
@@ -101,8 +122,20 @@ class ReMoERouter(GateRouter):
     def __init__(self, d_model: int, config: ReMoEConfig):
         super().__init__(d_model, config)
         self.register_buffer("l1_coef", torch.tensor(float(config.lambda_init)))
-        self.register_buffer("routed_pairs", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("entries", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @classmethod
+    def after_step(cls, layers: list[tuple[GateRouter, dict]]) -> None:
+        """One lambda decision for every ReMoE layer (the paper's S averages all layers): the sparsity pooled over
+        their step counts against the mean of their targets 1 - k/E."""
+        super().after_step(layers)
+        sparsity = pooled_sparsity(layers)
+        if sparsity is None:
+            return
+        target = sum(router.config.target_sparsity for router, _ in layers) / len(layers)
+        with torch.no_grad():
+            for router, _ in layers:
+                router.l1_coef.copy_(multiplicative_update(router.l1_coef, sparsity, target,
+                                                           router.config.lambda_factor))
 
     def rule(self, logits_TE: torch.Tensor, real_T: torch.Tensor, k: torch.Tensor) -> Rule:
         """Every expert whose ReLU gate is positive (the `max_active` largest if capped), weighted by the
@@ -115,7 +148,6 @@ class ReMoERouter(GateRouter):
         routing = self.to_routing(weight_TE, routed_TE)
         mask_f = real_T.float()
         reg = relu_l1_loss(weight_TE, routed_TE, mask_f, cfg.k)
-        self._count(routing.counts_E, real_T)
         # A copy: the controller updates the buffer in place, which must not touch this step's graph or stats.
         l1_coef = self.l1_coef.clone()
         stats = {
@@ -125,10 +157,3 @@ class ReMoERouter(GateRouter):
             "zero_expert_fraction": losses.masked_mean((~routed_TE.any(dim=-1)).float(), mask_f),
         }
         return Rule(routing, loss=l1_coef * reg, stats=stats)
-
-    def _count(self, counts_E: torch.Tensor, real_T: torch.Tensor) -> None:
-        """Accumulate routed pairs and real entries for the controller (training mode only)."""
-        if self.training:
-            with torch.no_grad():
-                self.routed_pairs += counts_E.sum()
-                self.entries += real_T.sum() * self.num_experts

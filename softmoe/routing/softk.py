@@ -180,6 +180,11 @@ class SoftKRouter(BudgetRouter):
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp()
 
+    @property
+    def has_threshold(self) -> bool:
+        """Whether the rule truncates by the relative `threshold` buffer (what the count controllers move)."""
+        return self.config.truncation == "relative" and self.num_experts > 1
+
     def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's k without a budget: the learned own k and its penalty, or the config's k."""
         if self.own_k is not None:

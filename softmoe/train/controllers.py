@@ -2,25 +2,27 @@
 
 Shape legend:
     E   experts
+    L   MoE layers
 
-Four controllers, one hook (`step`, called by the Trainer after every optimizer step):
-    - ReMoE's L1 coefficient (Wang et al., ICLR 2025, sec. 3.2): lambda <- lambda * factor^sign(target - S),
-      with S the sparsity pooled over every ReMoE layer and micro-batch of the step, target = 1 - k/E.
-    - DeepSeek-V3's loss-free balancing bias (arXiv 2412.19437, sec. 2.1.2), per layer:
-      b_e <- b_e + u * sign(mean load - load_e).
+One hook, `step`, called by the Trainer after every optimizer step with the step's counts: per MoE layer, the
+routed pairs per expert and the real tokens, summed over the step's micro-batches (`StepCounts`, filled from
+the layers' returned statistics; global under data parallelism, where the layers sum them over the processes
+in their forward). Nothing is counted on a module during forward, so a forward may run twice (activation
+checkpointing) without counting twice. The controllers:
+    - each router class's own (`GateRouter.after_step`): the loss-free balancing bias (DeepSeek-V3,
+      routing/balance.py) and ReMoE's L1 coefficient (routing/remoe.py), one lambda decision pooled over its
+      layers. This module never names a router: it groups the model's routers by class and calls the hook.
     - The active-experts target (compute matching, `train.ae_target`): an integral controller that holds the
-      realized mean active experts per token of a step, A (training mode, mean over MoE layers and
-      micro-batches, summed over processes), at a target, in the spirit of ReMoE's lambda controller but
-      proportional to the error (a sign step would leave the lever oscillating by +-rate around the point).
-      Two levers (`train.ae_lever`):
+      realized mean active experts per token of a step, A (training mode, mean over MoE layers), at a target,
+      in the spirit of ReMoE's lambda controller but proportional to the error (a sign step would leave the
+      lever oscillating by +-rate around the point). Two levers (`train.ae_lever`):
         threshold: the paper's relative threshold, shared by every SoftMoE router,
             threshold <- clamp(threshold - rate * (target - A), 0, E). It moves the count directly: a token
             keeps the experts with p_i >= threshold * k_l / E, clamped to between 1 and m of them.
         budget: the SoftMoE budget's global K, K <- clamp(K + rate * (target - A), k_min, k_max); the learned
-            per-layer shares are kept, only their total moves. Under the paper's rule K barely moves the count:
-            while a token's p_i < 1/2, LapSum's p scale with k exactly as the threshold k * threshold / E does,
-            so the kept set does not change (benchmarks/dial_diagnosis.py); it works for the `min_weight`
-            truncation and for hard (small-alpha) routers whose p saturate.
+            per-layer shares are kept, only their total moves. Under the paper's rule K barely moves the count
+            (docs/routers.md, "Nominal k and realized count"); it works for the `min_weight` truncation and for
+            hard (small-alpha) routers whose p saturate.
       It holds Train AE at the target, so a SoftMoE run can be placed at the expert FLOPs of a top-k baseline;
       Infer AE (eval mode) is measured, not controlled.
     - The realized-count budget (`model.budget_options.realized: true`, routing/budget.py): per layer, the
@@ -28,30 +30,28 @@ Four controllers, one hook (`step`, called by the Trainer after every optimizer 
       layer's realized Train AE follows its k_l and their mean follows K (`Budget.steer`).
 
 The state lives in persistent buffers (`ReMoERouter.l1_coef`, `ExpertBias.bias_E`, `Budget.budget`,
-`SoftKRouter.threshold`, one per router), so
-it is in `model.state_dict()` and a checkpoint resumes exactly; the routers count what the controllers
-read (routed pairs, expert load) in non-persistent buffers, in training mode only, and the Trainer hands
-the step's realized active experts to `step` as a return value of its forward passes. No config is
-mutated. The update rules are pure functions of tensors; `step` only finds the modules and applies them.
+`SoftKRouter.threshold`, one per router), so it is in `model.state_dict()` and a checkpoint resumes exactly.
+A skipped (non-finite) step moves nothing; no config is mutated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
 from softmoe.common.checks import check_choice, check_float
-from softmoe.routing.balance import ExpertBias
+from softmoe.routing.balance import bias_update
+from softmoe.routing.base import GateRouter
 from softmoe.routing.budget import Budget, steer_threshold
-from softmoe.routing.remoe import ReMoERouter
-from softmoe.routing.softk import SoftKRouter
+from softmoe.routing.remoe import multiplicative_update, pooled_sparsity
 
 __all__ = ["multiplicative_update", "bias_update", "budget_update", "threshold_update", "pooled_sparsity",
-           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "thresholded_routers", "lever_update", "realized_budget",
-           "step"]
+           "ActiveExpertsTarget", "AE_LEVERS", "StepCounts", "budget_of", "routers_of", "thresholded_routers",
+           "lever_update", "realized_budget", "step"]
 
 AE_LEVERS = ("threshold", "budget")
 
@@ -82,32 +82,6 @@ class ActiveExpertsTarget:
             if self.lever != "budget":
                 raise ValueError(f"ActiveExpertsTarget.k_max={self.k_max} bounds K, but lever={self.lever!r} "
                                  "does not move K")
-
-
-def multiplicative_update(coef: torch.Tensor, sparsity: torch.Tensor, target: float, factor: float) -> torch.Tensor:
-    """ReMoE's controller: coef * factor if sparsity < target, coef / factor if above, unchanged if equal.
-
-    Args:
-        coef: 0-d float lambda.
-        sparsity: 0-d float measured fraction of zero entries.
-        target: wanted sparsity, 1 - k/E.
-        factor: alpha > 1 (paper: 1.2).
-    """
-    return coef * factor ** torch.sign(target - sparsity).to(coef.dtype)
-
-
-def bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
-    """DeepSeek-V3's loss-free balancing step: (E,) bias + rate * sign(mean load - load).
-
-    Under-loaded experts (load below the mean) gain `rate`, over-loaded ones lose it.
-
-    Args:
-        bias_E: (E,) float32 selection bias.
-        load_E: (E,) int64 or float routed pairs per expert since the last update.
-        rate: u > 0.
-    """
-    load = load_E.to(torch.float64)
-    return bias_E + rate * torch.sign(load.mean() - load).to(bias_E.dtype)
 
 
 def budget_update(budget: torch.Tensor, active: torch.Tensor, target: float, rate: float, low: float,
@@ -142,13 +116,44 @@ def budget_of(model: nn.Module) -> Budget | None:
     return budgets[0] if budgets else None
 
 
-def thresholded_routers(model: nn.Module) -> list[SoftKRouter]:
-    """The model's SoftMoE routers that truncate by the paper's relative threshold (the threshold lever's)."""
-    return [m for m in model.modules()
-            if isinstance(m, SoftKRouter) and m.config.truncation == "relative" and m.num_experts > 1]
+def routers_of(model: nn.Module) -> list[GateRouter]:
+    """The model's routers in module order (a GPT's: block order, as DecoderOutput.routing lists its layers)."""
+    return [m for m in model.modules() if isinstance(m, GateRouter)]
 
 
-def realized_budget(model: nn.Module) -> tuple[Budget, list[SoftKRouter]] | None:
+def thresholded_routers(model: nn.Module) -> list[GateRouter]:
+    """The model's routers that truncate by a relative threshold buffer (`has_threshold`: SoftMoE's relative
+    truncation), which the threshold lever and the realized-count budget move."""
+    return [m for m in routers_of(model) if m.has_threshold]
+
+
+class StepCounts:
+    """Per MoE layer, the routed pairs per expert and the real tokens of one optimizer step, summed over its
+    micro-batches from the layers' returned statistics (device tensors; no host sync).
+
+    `add(routing)` takes one forward's per-layer stats in layer order (DecoderOutput.routing, or
+    {i: MoEOutput.stats}); `layers` is then one {"expert_counts": (E,), "real_tokens": 0-d} per layer.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[dict[str, torch.Tensor]] = []
+
+    def add(self, routing: Mapping[int, Mapping]) -> None:
+        stats = [getattr(s, "tensors", s) for s in routing.values()]
+        if not self.layers:
+            self.layers = [{"expert_counts": s["expert_counts"].detach().double(),
+                            "real_tokens": s["real_tokens"].detach().double()} for s in stats]
+            return
+        for total, s in zip(self.layers, stats):
+            total["expert_counts"] = total["expert_counts"] + s["expert_counts"].detach()
+            total["real_tokens"] = total["real_tokens"] + s["real_tokens"].detach()
+
+    def active_L(self) -> torch.Tensor:
+        """(L,) float64 realized mean active experts per token of each layer over the step: pairs / real tokens."""
+        return torch.stack([c["expert_counts"].sum() / c["real_tokens"].clamp(min=1) for c in self.layers])
+
+
+def realized_budget(model: nn.Module) -> tuple[Budget, list[GateRouter]] | None:
     """The model's realized-count budget and its routers in budget order, or None when it has none.
 
     ValueError when the budget is realized but its layers cannot be steered (not one relative-threshold
@@ -165,82 +170,38 @@ def realized_budget(model: nn.Module) -> tuple[Budget, list[SoftKRouter]] | None
     return budget, routers
 
 
-def pooled_sparsity(routers: list[ReMoERouter]) -> torch.Tensor | None:
-    """0-d float64 fraction of zero (token, expert) entries over all routers' counts; None if they saw nothing."""
-    entries = sum(int(r.entries) for r in routers)
-    if entries == 0:
-        return None
-    routed = sum(int(r.routed_pairs) for r in routers)
-    return torch.tensor(1.0 - routed / entries, dtype=torch.float64)
-
-
-def _update_l1_coefs(routers: list[ReMoERouter]) -> None:
-    sparsity = pooled_sparsity(routers)
-    if sparsity is None:
-        return
-    # One decision for the whole model (the paper's S_i averages all layers); every model built from
-    # ModelConfig gives its layers the same k/E, and the mean covers standalone mixes.
-    target = sum(r.config.target_sparsity for r in routers) / len(routers)
-    for r in routers:
-        r.l1_coef.copy_(multiplicative_update(r.l1_coef, sparsity, target, r.config.lambda_factor))
-
-
-def _sum_counts(remoe: list[ReMoERouter], biases: list[ExpertBias],
-                reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace every router's step counts by their sum over processes (one collective for all of them)."""
-    counts = [t.view(-1) for r in remoe for t in (r.routed_pairs, r.entries)] + [b.load_E for b in biases]
-    if not counts:
-        return
-    total = reduce_sum(torch.cat(counts))
-    for t, part in zip(counts, total.split([c.numel() for c in counts])):
-        t.copy_(part)
-
-
-def step(model: nn.Module, update: bool = True,
-         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         ae_target: ActiveExpertsTarget | None = None, active: torch.Tensor | None = None) -> None:
-    """The after-optimizer-step hook: update every controller of `model`, then clear the step's counts.
+def step(model: nn.Module, counts: StepCounts | None, update: bool = True,
+         ae_target: ActiveExpertsTarget | None = None) -> None:
+    """The after-optimizer-step hook: every controller of `model` moves from the step's counts.
 
     Args:
-        model: any module holding ReMoE routers, loss-free biases, SoftMoE routers and/or a SoftMoE budget
-            (a no-op without).
-        update: False for a skipped (non-finite) step: the counts are dropped, the state is kept.
-            Nothing is updated in eval mode either (evaluation never moves the state).
-        reduce_sum: data parallel: sums a count tensor over the processes, so every rank updates from
-            the global batch's counts and the controller state stays identical across ranks.
+        model: any module holding routers (and optionally a SoftMoE budget); in training mode (nothing moves in
+            eval mode).
+        counts: the step's StepCounts, one entry per router of `model` in module order; None or empty: nothing
+            was counted (nothing moves).
+        update: False for a skipped (non-finite) step: nothing moves.
         ae_target: the active-experts controller's settings (None: the active experts are not controlled).
-        active: with `ae_target` or a realized-count budget: (L + 1,) float64, this process's sums over the
-            step's micro-batches of each MoE layer's realized mean active experts per token (training mode), then
-            the number of micro-batches. (A (2,) tensor is one sum, e.g. of the mean over layers.)
     """
-    remoe = [m for m in model.modules() if isinstance(m, ReMoERouter)]
-    biases = [m for m in model.modules() if isinstance(m, ExpertBias)]
-    realized = realized_budget(model)
-    if (ae_target is not None or realized is not None) and active is None:
-        raise ValueError("step() with ae_target or a realized-count budget needs the step's `active` counts")
-    if realized is not None and active.shape[0] != realized[0].num_layers + 1:
-        raise ValueError(f"step(): `active` has {active.shape[0]} entries, expected one per budget layer "
-                         f"({realized[0].num_layers}) plus the micro-batch count")
+    if not (update and model.training) or counts is None or not counts.layers:
+        return
+    routers = routers_of(model)
+    if len(routers) != len(counts.layers):
+        raise ValueError(f"step(): {len(counts.layers)} layers counted, but the model has {len(routers)} routers")
     apply_ae = lever_update(model, ae_target) if ae_target is not None else None
+    realized = realized_budget(model)
+    by_class: dict[type, list] = {}
+    for router, layer in zip(routers, counts.layers):
+        by_class.setdefault(type(router), []).append((router, layer))
     with torch.no_grad():
-        if update and model.training:
-            if reduce_sum is not None:
-                _sum_counts(remoe, biases, reduce_sum)
-                active = None if active is None else reduce_sum(active)  # ranks hold equal tokens per micro-batch
-            if remoe:
-                _update_l1_coefs(remoe)
-            for b in biases:
-                b.bias_E.copy_(bias_update(b.bias_E, b.load_E, b.rate))
-            if apply_ae is not None and float(active[-1]) > 0:
-                apply_ae(active[:-1].mean() / active[-1])
-            if realized is not None:  # no host sync: a step always has >= 1 micro-batch
-                budget, routers = realized
-                budget.steer([r.threshold for r in routers], active[:-1] / active[-1].clamp(min=1))
-        for r in remoe:
-            r.routed_pairs.zero_()
-            r.entries.zero_()
-        for b in biases:
-            b.load_E.zero_()
+        for cls, layers in by_class.items():  # each router class's own controllers (bias, ReMoE's lambda)
+            cls.after_step(layers)
+        active_L = counts.active_L()
+        if apply_ae is not None:
+            apply_ae(active_L.mean())
+        if realized is not None:
+            budget, steered = realized
+            index = {id(r): i for i, r in enumerate(routers)}
+            budget.steer([r.threshold for r in steered], active_L[[index[id(r)] for r in steered]])
 
 
 def lever_update(model: nn.Module, ae_target: ActiveExpertsTarget) -> Callable[[torch.Tensor], None]:

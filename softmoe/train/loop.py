@@ -157,8 +157,6 @@ class Trainer:
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
         self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
         self.ae_target = _ae_target(t, self.model)
-        # The step's per-layer realized counts feed the ae_target controller and the realized-count budget.
-        self.count_active = self.ae_target is not None or controllers.realized_budget(self.model) is not None
         self.load_window = LoadWindow()  # routed pairs per expert since the last train record (diagnostics)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
@@ -192,7 +190,7 @@ class Trainer:
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
-        active = None  # (L + 1,) [per-layer sums of micro-batch mean AE, micro-batches], when a controller reads it
+        counts = controllers.StepCounts()  # per layer: routed pairs per expert and real tokens of the step
         for micro in range(t.grad_accum):
             idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
             idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
@@ -200,9 +198,7 @@ class Trainer:
                 out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
             (out.objective / t.grad_accum).backward()
             sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
-            if self.count_active:  # the step's realized active experts, read by the controllers
-                counted = _routed_active(out.routing, self.device)
-                active = counted if active is None else active + counted
+            counts.add(out.routing)  # what the controllers read after the step: return values, no module state
             self.load_window.add(out.routing)
         loss_sum, aux_sum = sums.tolist()
         layers = with_load_window(routing_summary(out.routing, out.k_L), self.load_window) if summarize else []
@@ -215,7 +211,8 @@ class Trainer:
         else:
             # Never let NaN/inf reach the weights: drop this step's gradients instead.
             self.optimizer.zero_grad(set_to_none=True)
-        self._controllers_step(update=finite, active=active)  # ReMoE lambda, bias, K; a skipped step moves none
+        # ReMoE's lambda, the loss-free bias, the thresholds / K of the count controllers; a skipped step moves none
+        controllers.step(self.model, counts, update=finite, ae_target=self.ae_target)
         return StepStats(loss=loss_sum / t.grad_accum, aux_loss=aux_sum / t.grad_accum, grad_norm=grad_norm,
                          lr=lr, skipped=not finite, layers=layers)
 
@@ -234,10 +231,6 @@ class Trainer:
     def _clip_grad_norm(self, max_norm: float) -> float:
         """Hook: clip the gradients to `max_norm`; returns the total norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-
-    def _controllers_step(self, update: bool, active: torch.Tensor) -> None:
-        """Hook: the after-step controllers, fed with this process's counts."""
-        controllers.step(self.model, update=update, ae_target=self.ae_target, active=active)
 
     def num_params(self) -> int:
         """Hook: parameters of the whole model (the tied head counted once)."""
@@ -535,14 +528,6 @@ def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
     target = controllers.ActiveExpertsTarget(t.ae_target, t.ae_rate, t.ae_lever, t.ae_k_max or None)
     controllers.lever_update(model, target)
     return target
-
-
-def _routed_active(routing: dict, device: torch.device) -> torch.Tensor:
-    """(L + 1,) float64 [each MoE layer's realized mean active experts per token of one forward, 1] on `device`
-    (read from the stats' tensors: no host sync; the controllers read the step's sum once)."""
-    values = [getattr(stats, "tensors", stats)["active_experts_mean"] for stats in routing.values()]
-    values = [torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values]
-    return torch.cat([torch.stack(values), torch.ones(1, dtype=torch.float64, device=device)])
 
 
 def _ae_fields(run_dir: Path, val_layers: list[dict]) -> dict:

@@ -42,11 +42,14 @@ def _plain(value):
     return value
 
 
+_RAW_COUNTS = ("expert_counts", "real_tokens")  # what the controllers and LoadWindow read; records carry fractions
+
+
 def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) -> list[dict]:
     """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe).
 
-    The raw `expert_counts` are left out (the load fractions and `LoadWindow` carry them)."""
-    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items() if key != "expert_counts"}}
+    The raw counts (`expert_counts`, `real_tokens`) are left out (the load fractions and `LoadWindow` carry them)."""
+    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items() if key not in _RAW_COUNTS}}
               for block, stats in routing.items()]
     if k_L is not None:
         for layer, k in zip(layers, k_L.tolist()):

@@ -89,19 +89,28 @@ def test_train_option_reaches_the_model_and_is_validated():
         GPT(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8), activation_checkpointing=1)
 
 
-@pytest.mark.parametrize("router,options", [("remoe", {}), ("topk", {"loss_free_bias": True})])
-def test_controller_counters_double_and_keep_their_ratios(router, options):
-    """The recomputation increments the training-mode counters again; the controllers read ratios of them."""
-    counters = []
+@pytest.mark.parametrize("router,options", [("remoe", {}), ("topk", {"loss_free_bias": True}),
+                                            ("softmoe", {"loss_free_bias": True})])
+def test_controller_counts_and_updates_are_the_same_with_and_without_recomputation(router, options):
+    """The controllers read the step's counts from the first forward's return values; the recomputation in backward
+    counts nothing, so the counts and the state they move (ReMoE's lambda, the loss-free bias) are identical."""
+    from softmoe.train import controllers
+
+    results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, num_experts=4, d_expert=16,
                              max_seq_len=16, router=router, k=2.0, router_options=options)
         model = GPT(config, activation_checkpointing=checkpointing).train()
         idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-        model(idx, torch.roll(idx, -1, 1)).objective.backward()
-        routers = [b.ffn.router for b in model.blocks]
-        counters.append([t.clone() for r in routers for t in (
-            (r.routed_pairs, r.entries) if router == "remoe" else (r.balance.load_E,))])
-    for plain, recomputed in zip(*counters):
-        assert torch.equal(recomputed, 2 * plain) and int(plain.sum()) > 0
+        out = model(idx, torch.roll(idx, -1, 1))
+        out.objective.backward()
+        counts = controllers.StepCounts()
+        counts.add(out.routing)
+        controllers.step(model, counts)
+        state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("l1_coef", "bias_E"))}
+        results.append(([c["expert_counts"].clone() for c in counts.layers], state))
+    (plain_counts, plain_state), (recomputed_counts, recomputed_state) = results
+    assert all(torch.equal(a, b) and float(a.sum()) > 0 for a, b in zip(plain_counts, recomputed_counts))
+    assert plain_state.keys() == recomputed_state.keys() and plain_state
+    assert all(torch.equal(plain_state[k], recomputed_state[k]) for k in plain_state)

@@ -283,8 +283,29 @@ def check_static_dispatch(case: Case) -> None:
             make_layer(_with_options(case, dispatch_cap=bad))
 
 
+def check_forward_stores_nothing(case: Case) -> None:
+    """Results are return values: a training forward (and its backward) leaves every buffer and attribute of the
+    layer and its submodules as they were (no counter, no cached tensor: the controllers read returned counts)."""
+    layer = make_layer(case).train()
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    attrs = {name: dict(vars(m)) for name, m in layer.named_modules()}
+    out = layer(torch.randn(2, 6, D), **budget_kwargs(case))
+    (out.output.sum() + out.aux_loss).backward()
+    assert {name for name, _ in layer.named_buffers()} == buffers.keys()
+    for name, b in layer.named_buffers():
+        assert torch.equal(b, buffers[name]), f"buffer {name} changed in forward"
+    for name, m in layer.named_modules():
+        now = vars(m)
+        assert now.keys() == attrs[name].keys(), f"{name or 'layer'} gained attributes {set(now) - set(attrs[name])}"
+        for key, value in now.items():
+            if key.startswith("_") and key not in ("_parameters", "_buffers", "_modules"):
+                continue  # torch's own hook dicts
+            assert value is attrs[name][key] or key in ("_parameters", "_buffers", "_modules"), f"{name}.{key}"
+
+
 CHECKS = (
     check_class_contract,
+    check_forward_stores_nothing,
     check_routing_record_and_stats,
     check_dense_reference,
     check_batch_and_decoding_invariance,

@@ -57,50 +57,55 @@ def test_multiplicative_update_direction():
     assert float(same) == pytest.approx(1e-3) and up.dtype == torch.float32
 
 
-def test_step_pools_sparsity_over_layers_and_resets_counts():
+def forward_counts(layers, x, counts: controllers.StepCounts | None = None) -> controllers.StepCounts:
+    """Run every layer on x and add their returned statistics to a StepCounts (what the Trainer does)."""
+    counts = controllers.StepCounts() if counts is None else counts
+    counts.add({i: layer(x).stats for i, layer in enumerate(layers)})
+    return counts
+
+
+def test_step_pools_sparsity_over_layers():
     model = remoe_layers()
     x = torch.randn(4, 8, D)
-    model[0](x)
-    model[1](x)
-    routed = sum(int(m.router.routed_pairs) for m in model)
+    counts = forward_counts(model, x)
+    routed = sum(float(c["expert_counts"].sum()) for c in counts.layers)
     sparsity = 1 - routed / (2 * 32 * E)
-    assert float(controllers.pooled_sparsity([m.router for m in model])) == pytest.approx(sparsity)
+    layers = [(m.router, c) for m, c in zip(model, counts.layers)]
+    assert float(controllers.pooled_sparsity(layers)) == pytest.approx(sparsity)
     expected = 1e-3 * (1.2 if sparsity < 0.75 else 1 / 1.2)
-    controllers.step(model)
+    controllers.step(model, counts)
     assert coefs(model) == pytest.approx([expected, expected])  # one decision for all layers
-    assert all(int(m.router.routed_pairs) == 0 and int(m.router.entries) == 0 for m in model)
-    controllers.step(model)  # nothing counted since: no update
+    controllers.step(model, controllers.StepCounts())  # nothing counted: no update
+    controllers.step(model, None)
     assert coefs(model) == pytest.approx([expected, expected])
 
 
 def test_sparse_layers_lower_the_coefficient():
     model = remoe_layers(k=6.0)  # target 0.25; random ReLU gates are ~half zero
-    model[0](torch.randn(4, 8, D))
-    controllers.step(model)
+    controllers.step(model, forward_counts(model, torch.randn(4, 8, D)))
     assert coefs(model)[0] == pytest.approx(1e-3 / 1.2)
 
 
 def test_skipped_step_and_eval_mode_do_not_move_the_coefficient():
     model = remoe_layers()
     x = torch.randn(4, 8, D)
-    model[0](x)
-    controllers.step(model, update=False)  # a skipped (non-finite) step
-    assert coefs(model) == [pytest.approx(1e-3)] * 2 and int(model[0].router.entries) == 0
+    controllers.step(model, forward_counts(model, x), update=False)  # a skipped (non-finite) step
+    assert coefs(model) == [pytest.approx(1e-3)] * 2
     model.eval()
     for _ in range(3):
-        model[0](x)
-        controllers.step(model)
-    assert coefs(model) == [pytest.approx(1e-3)] * 2 and int(model[0].router.entries) == 0
+        controllers.step(model, forward_counts(model, x))
+    assert coefs(model) == [pytest.approx(1e-3)] * 2
 
 
-def test_eval_forward_between_training_forward_and_step_is_not_counted():
-    model = remoe_layers()
-    model[0](torch.randn(2, 8, D))
-    entries = int(model[0].router.entries)
-    model.eval()
-    model[0](torch.randn(5, 8, D))
-    model.train()
-    assert int(model[0].router.entries) == entries
+def test_no_router_keeps_a_counter_and_a_forward_changes_no_module_state():
+    """Counts are return values: a training forward leaves every buffer and attribute of every router as it was."""
+    for router, options in (("remoe", {}), ("topk", {"loss_free_bias": True}), ("softmoe", {"loss_free_bias": True})):
+        layer = MoELayer(D, H, E, router=router, k=2.0, **options)
+        before = {name: b.clone() for name, b in layer.named_buffers()}
+        attrs = dict(vars(layer.router))
+        layer(torch.randn(3, 5, D))
+        assert all(torch.equal(before[name], b) for name, b in layer.named_buffers()), router
+        assert vars(layer.router).keys() == attrs.keys()
 
 
 def test_state_dict_round_trip_restores_the_coefficient_and_bias():
@@ -109,10 +114,11 @@ def test_state_dict_round_trip_restores_the_coefficient_and_bias():
     torch.manual_seed(0)
     model = GPT(config)
     for _ in range(3):
-        model(torch.randint(0, 32, (2, 8)))
-        controllers.step(model)
+        counts = controllers.StepCounts()
+        counts.add(model(torch.randint(0, 32, (2, 8))).routing)
+        controllers.step(model, counts)
     state = model.state_dict()
-    assert "blocks.0.ffn.router.l1_coef" in state and "blocks.0.ffn.router.entries" not in state
+    assert "blocks.0.ffn.router.l1_coef" in state
     fresh = GPT(config)
     assert float(fresh.blocks[0].ffn.router.l1_coef) == pytest.approx(1e-3)
     fresh.load_state_dict(state)
@@ -122,8 +128,9 @@ def test_state_dict_round_trip_restores_the_coefficient_and_bias():
     biased = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, num_experts=4, d_expert=8, router="topk",
                          k=1.0, max_seq_len=16, router_options=dict(loss_free_bias=True, bias_update_rate=0.1))
     model = GPT(biased)
-    model(torch.randint(0, 32, (2, 8)))
-    controllers.step(model)
+    counts = controllers.StepCounts()
+    counts.add(model(torch.randint(0, 32, (2, 8))).routing)
+    controllers.step(model, counts)
     fresh = GPT(biased)
     fresh.load_state_dict(model.state_dict())
     bias = model.blocks[0].ffn.router.balance.bias_E
@@ -171,8 +178,7 @@ def test_bias_moves_towards_balance_on_skewed_input(router, rate, k):
     start = layer(x).stats["expert_load"].clone()
     assert float(start[0]) > 0.5  # skewed
     for _ in range(60):
-        layer(x)
-        controllers.step(layer)
+        controllers.step(layer, forward_counts([layer], x))
     end = layer(x).stats["expert_load"]
     bias = layer.router.balance.bias_E
     assert float(end.max()) < float(start.max()) - 0.2
@@ -228,14 +234,11 @@ def test_softmoe_bias_changes_truncation_not_combine_weights():
 def test_bias_frozen_in_eval_and_on_skipped_steps():
     layer = skewed_layer("topk", 0.1, 1.0)
     x = torch.randn(4, 8, D) + 0.3
-    layer(x)
-    controllers.step(layer, update=False)
+    controllers.step(layer, forward_counts([layer], x), update=False)
     assert torch.equal(layer.router.balance.bias_E, torch.zeros(4))
     layer.eval()
-    layer(x)
-    controllers.step(layer)
+    controllers.step(layer, forward_counts([layer], x))
     assert torch.equal(layer.router.balance.bias_E, torch.zeros(4))
-    assert int(layer.router.balance.load_E.sum()) == 0
 
 
 @pytest.mark.parametrize("router,options,error,match", [
@@ -336,26 +339,33 @@ def _tiny_softmoe() -> GPT:
                            router="softmoe", k=2.0))
 
 
+def fake_counts(active_L: list[float], num_experts: int = 8, tokens: float = 64.0) -> controllers.StepCounts:
+    """StepCounts whose layers realized `active_L` experts per token (pairs spread evenly over the experts)."""
+    counts = controllers.StepCounts()
+    counts.layers = [{"expert_counts": torch.full((num_experts,), a * tokens / num_experts, dtype=torch.float64),
+                      "real_tokens": torch.tensor(tokens, dtype=torch.float64)} for a in active_L]
+    return counts
+
+
 def test_ae_step_moves_the_threshold_of_every_router_only_in_training_and_for_good_steps():
     model = _tiny_softmoe()
     routers = controllers.thresholded_routers(model)
     assert len(routers) == 2 and all(float(r.threshold) == pytest.approx(1.8) for r in routers)
     target = controllers.ActiveExpertsTarget(3.0, 0.5)  # the threshold lever is the default
-    active = torch.tensor([2.0, 2.0], dtype=torch.float64)  # two micro-batches of mean 1.0
+    active = fake_counts([0.5, 1.5])  # mean over layers 1.0
     budget_before = float(model.budget.budget)
     model.train()
-    controllers.step(model, update=False, ae_target=target, active=active)  # a skipped step
+    controllers.step(model, active, update=False, ae_target=target)  # a skipped step
     assert all(float(r.threshold) == pytest.approx(1.8) for r in routers)
-    controllers.step(model, update=True, ae_target=target, active=active)
+    controllers.step(model, active, ae_target=target)
     assert all(float(r.threshold) == pytest.approx(1.8 - 0.5 * (3.0 - 1.0)) for r in routers)
     assert float(model.budget.budget) == budget_before  # K is not this lever
     model.eval()
-    controllers.step(model, update=True, ae_target=target, active=active)
+    controllers.step(model, active, ae_target=target)
     assert all(float(r.threshold) == pytest.approx(0.8) for r in routers)
     model.train()
-    summed = []
-    controllers.step(model, ae_target=target, active=active, reduce_sum=lambda t: summed.append(t) or 2 * t)
-    assert len(summed) == 1 and all(float(r.threshold) == pytest.approx(0.0) for r in routers)  # clamped at 0
+    controllers.step(model, active, ae_target=target)
+    assert all(float(r.threshold) == pytest.approx(0.0) for r in routers)  # clamped at 0
 
 
 def test_the_threshold_resumes_from_a_state_dict_and_old_checkpoints_load_the_config_value():
@@ -392,21 +402,17 @@ def test_a_moved_threshold_routes_like_a_router_built_with_that_threshold():
 def test_ae_step_moves_budget_only_in_training_and_for_good_steps():
     model = _tiny_softmoe()
     target = controllers.ActiveExpertsTarget(3.0, 0.5, "budget")
-    active = torch.tensor([2.0, 2.0], dtype=torch.float64)  # two micro-batches of mean 1.0
+    active = fake_counts([1.0, 1.0])
     model.train()
-    controllers.step(model, update=False, ae_target=target, active=active)  # a skipped step
+    controllers.step(model, active, update=False, ae_target=target)  # a skipped step
     assert float(model.budget.budget) == 2.0
-    controllers.step(model, update=True, ae_target=target, active=active)
+    controllers.step(model, active, ae_target=target)
     assert float(model.budget.budget) == pytest.approx(2.0 + 0.5 * (3.0 - 1.0))
     assert float(model.budget().detach().mean()) == pytest.approx(3.0, abs=1e-5)  # the k_l follow K
     assert all(float(r.threshold) == pytest.approx(1.8) for r in controllers.thresholded_routers(model))
     model.eval()
-    controllers.step(model, update=True, ae_target=target, active=active)
+    controllers.step(model, active, ae_target=target)
     assert float(model.budget.budget) == pytest.approx(3.0)
-    summed = []
-    model.train()
-    controllers.step(model, ae_target=target, active=active, reduce_sum=lambda t: summed.append(t) or 2 * t)
-    assert len(summed) == 1 and float(model.budget.budget) == pytest.approx(4.0)  # global mean is still 1.0
 
 
 def _ae_run(tmp_path, *extra: str) -> tuple[Trainer, list[dict]]:
@@ -489,13 +495,11 @@ def test_step_steers_the_realized_budget_per_layer_only_for_good_training_steps(
     model = GPT(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=8, d_expert=16,
                             router="softmoe", k=2.0, budget_options={"realized": True, "realized_rate": 0.5}))
     routers = controllers.thresholded_routers(model)
-    active = torch.tensor([2.0, 6.0, 2.0], dtype=torch.float64)  # two micro-batches: layer means 1.0 and 3.0
+    active = fake_counts([1.0, 3.0])
     model.train()
-    controllers.step(model, update=False, active=active)
+    controllers.step(model, active, update=False)
     assert [float(r.threshold) for r in routers] == pytest.approx([1.8, 1.8])
-    controllers.step(model, active=active)
+    controllers.step(model, active)
     assert [float(r.threshold) for r in routers] == pytest.approx([1.3, 2.3])
-    with pytest.raises(ValueError, match="needs the step's `active` counts"):
-        controllers.step(model)
-    with pytest.raises(ValueError, match="expected one per budget layer"):
-        controllers.step(model, active=torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 layers counted, but the model has 2 routers"):
+        controllers.step(model, fake_counts([1.0]))
