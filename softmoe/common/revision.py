@@ -24,11 +24,20 @@ def _git(root: Path, *args: str) -> str | None:
 def code_revision(root: Path | None = None) -> dict:
     """{"commit": the HEAD commit or None, "dirty": whether tracked files differ from it (None without git),
     "version": softmoe's version} of the checkout holding the softmoe package (or `root`)."""
-    from softmoe import __version__
-
     root = Path(__file__).resolve().parents[2] if root is None else Path(root)
+    version = _installed_version()
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
-        return {"commit": None, "dirty": None, "version": __version__}
+        return {"commit": None, "dirty": None, "version": version}
     status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", "softmoe", "configs")
-    return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip()), "version": __version__}
+    return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip()), "version": version}
+
+
+def _installed_version() -> str | None:
+    """softmoe's installed version (package metadata), None when it is not installed (a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("softmoe")
+    except PackageNotFoundError:
+        return None

@@ -48,7 +48,7 @@ variants:
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
                                "--quiet", "--summaries", "none"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
     while time.time() < deadline and len(workers) < 2:
         time.sleep(0.5)
         workers = [w for w in _children(parent.pid) if "spawn_main" in
@@ -57,9 +57,10 @@ variants:
     # wait until both runs are training (their metrics file exists)
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) < 2:
         time.sleep(0.5)
+    assert len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) == 2, "the two runs did not start training"
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # each worker finishes its step and checkpoints first
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.5)
     alive = [w for w in workers if _alive(w)]

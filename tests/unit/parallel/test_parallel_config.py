@@ -79,7 +79,9 @@ def test_global_counts_reach_the_balance_loss_and_load():
     with losses.global_counts(lambda t: t * 2):
         doubled = layer(x).stats
     assert doubled["load_balance_loss"] == pytest.approx(local["load_balance_loss"], rel=1e-6)
-    other = torch.tensor([10, 0, 0, 0])  # another rank's tokens all went to expert 0
+    # another rank's 10 tokens all went to expert 0: its counts per expert, then its real tokens (one collective)
+    other = torch.tensor([10.0, 0, 0, 0, 10])
     with losses.global_counts(lambda t: t + other if t.shape == other.shape else t):
         summed = layer(x).stats
     assert summed["expert_load"][0] > local["expert_load"][0]
+    assert float(summed["real_tokens"]) == 20 and float(local["real_tokens"]) == 10
