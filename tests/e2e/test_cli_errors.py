@@ -162,3 +162,24 @@ def test_damaged_dataset_is_refused_before_training(trained, tmp_path, capsys, d
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "sha256" in err, err
     assert not list((tmp_path / "runs").rglob("step_*"))  # nothing trained
+
+
+def test_help_imports_no_torch():
+    """`softmoe --help` and every verb's help build the parser only: no torch (issue 27: 3-11 s before)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from softmoe.cli import build_parser, main\n"
+              "parser = build_parser()\n"
+              "for verb in parser._subparsers._group_actions[0].choices.values():\n"
+              "    verb.format_help()\n"
+              "try:\n"
+              "    main(['--help'])\n"
+              "except SystemExit as stop:\n"
+              "    assert stop.code == 0, stop.code\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
