@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from softmoe.eval.perplexity import SplitEval
-from softmoe.extras import require
+from softmoe.extras import MissingExtra, require
 from softmoe.routing import router_class
 from softmoe.train.metrics import read_metrics
 
@@ -205,13 +205,13 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
         context: markdown lines placed under the heading (data, commands, hardware, token counts).
     """
     out_dir = Path(out_dir)
-    plots = [("Loss curves", plot_losses(runs, out_dir / "loss.png"))]
-    for i, run in enumerate(runs):
-        if _has_learned_k(run):
-            plots.append((f"Per-layer k_l: {run.label}", plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
-    if any(run.final.layers for run in runs):
-        plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
-    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), ""]
+    try:
+        plots, missing = _plots(runs, out_dir), []
+    except MissingExtra as err:  # a core-only install: the report without its plots, and how to get them
+        plots, missing = [], [f"No plots: {err}; then run the same command again (finished runs are reused).", ""]
+        print(f"writing the report without plots: {err}", flush=True)
+    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), "",
+            *missing]
     for caption, path in plots:
         body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     report = out_dir / "report.md"
@@ -219,6 +219,17 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
     tmp.write_text("\n".join(body))
     tmp.replace(report)
     return report
+
+
+def _plots(runs: list[RunResult], out_dir: Path) -> list[tuple[str, Path]]:
+    """(caption, path) of every plot of the report, drawn; MissingExtra without matplotlib."""
+    plots = [("Loss curves", plot_losses(runs, out_dir / "loss.png"))]
+    for i, run in enumerate(runs):
+        if _has_learned_k(run):
+            plots.append((f"Per-layer k_l: {run.label}", plot_layer_k(run, out_dir / f"layer_k_{i}.png")))
+    if any(run.final.layers for run in runs):
+        plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
+    return plots
 
 
 def _has_learned_k(run: RunResult) -> bool:
