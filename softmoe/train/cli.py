@@ -87,6 +87,7 @@ def _unusable_paths(config) -> str | None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from softmoe.common.checks import check_float
     from softmoe.model import generate
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.restore import load_for_inference
@@ -96,6 +97,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     if args.threads < 1:
         print(f"softmoe generate: --threads={args.threads} must be >= 1", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 0:
+        print(f"softmoe generate: --max-new-tokens={args.max_new_tokens} must be >= 0", file=sys.stderr)
+        return 2
+    try:  # before loading anything (and before the note on --max-new-tokens below)
+        check_float("temperature", args.temperature, 0)
+        check_float("top_p", args.top_p, 0, 1, open_low=True)
+    except ValueError as err:
+        print(f"softmoe generate: {err}", file=sys.stderr)
         return 2
     # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
     torch.set_num_threads(args.threads)
@@ -113,10 +123,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         print("softmoe generate: the prompt encodes to zero tokens", file=sys.stderr)
         return 2
+    context = model.config.max_seq_len
+    room = context - len(ids)
+    if room < 1:
+        print(f"softmoe generate: the prompt is {len(ids)} tokens, which fills the model's context of {context} "
+              f"tokens (model.max_seq_len): shorten --prompt", file=sys.stderr)
+        return 2
+    max_new_tokens = min(args.max_new_tokens, room)
+    if max_new_tokens < args.max_new_tokens:  # a note, not an error: generate what fits
+        print(f"softmoe generate: --max-new-tokens {args.max_new_tokens} cut to {room}: the prompt's {len(ids)} "
+              f"tokens and {room} new ones fill the model's context of {context} tokens", file=sys.stderr)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
-        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, generator=generator)
     except (ValueError, TypeError) as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
@@ -151,7 +171,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (newest good)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate; cut (with a note) to what fits in the model's context after the prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

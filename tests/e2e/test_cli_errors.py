@@ -60,6 +60,10 @@ CASES = {
                                           b"\xff\xfe".decode("utf-8", "surrogateescape")], "--prompt"),
     "seed too large": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a", "--seed",
                                         str(2**70)], f"--seed={2**70}"),
+    "generate: the prompt fills the context": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt",
+                                                                 "the cat sat " * 40], "shorten --prompt"),
+    "generate negative --max-new-tokens": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a",
+                                                            "--max-new-tokens", "-1"], "--max-new-tokens=-1"),
     "generate --top-p out of range": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a",
                                                        "--top-p", "1.5"], "top_p=1.5 must be a finite number in (0, 1]"),
     "a bool option given as 1": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.compile=1"),
@@ -110,6 +114,17 @@ def test_help_shows_defaults():
     generate = parser._subparsers._group_actions[0].choices["generate"]
     text = generate.format_help()
     assert "(default: 0)" in text and "(default: 100)" in text
+
+
+@pytest.mark.parametrize("extra", [[], ["--max-new-tokens", "80"]])
+def test_generate_cuts_max_new_tokens_to_the_context(trained, capsys, extra):
+    """The tiny model's context is 64 tokens: the default 100 (and the docs' 80) are cut with a note, not refused."""
+    run_dir, _ = trained
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "the cat", "--temperature", "0", *extra]) == 0
+    captured = capsys.readouterr()
+    assert "cut to" in captured.err and "context of 64 tokens" in captured.err, captured.err
+    assert captured.out.startswith("the cat")
 
 
 def test_train_flags_are_overrides(trained, tmp_path):
