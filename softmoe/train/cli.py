@@ -34,6 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"softmoe train: {'' if isinstance(err, RunDirError) else 'invalid config: '}{err}", file=sys.stderr)
         return 2
+    if args.stop_after is not None and args.stop_after > config.train.steps:
+        print(f"softmoe train: --stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the "
+              f"run ends anyway", file=sys.stderr)
+        return 2
     bad_path = _unusable_paths(config)
     if bad_path:
         print(f"softmoe train: {bad_path}", file=sys.stderr)

@@ -73,14 +73,16 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, one more forward)
 
     def __post_init__(self) -> None:
-        for name, low in [("seed", 0), ("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
+        check_int("train.seed", self.seed, 0, 2**63 - 1)  # what the RNGs take (a larger one overflowed in torch)
+        for name, low in [("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
                           ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
                           ("keep_last", 1), ("max_bad_steps", 0)]:
             check_int(f"train.{name}", getattr(self, name), low)
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "budget_lr_mult",
                      "grad_clip", "ae_target", "ae_rate", "ae_k_max"):
             high = 1 if name in ("min_lr_ratio", "beta1", "beta2") else math.inf
-            check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name == "lr")  # lr > 0
+            # lr > 0; eps > 0: AdamW divides by sqrt(v) + eps, and v is 0 for a parameter without gradient yet
+            check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name in ("lr", "eps"))
         for name in ("activation_checkpointing", "progress", "tensorboard"):
             check_bool(f"train.{name}", getattr(self, name))
         check_device_name(self.device, "train.device")

@@ -138,6 +138,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the dataset's "
                              f"tokenizer vocabulary ({self.data.vocab_size})")
         t = config.train
+        _check_eval_batches(t.eval_batches, self.data)
         self.device = resolve_device(t.device, "train.device")
         self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
@@ -374,6 +375,9 @@ class Trainer:
             finished = self._start(mode)
             if finished is not None:
                 return finished
+            if t.warmup_steps > t.steps and self.writes_run_files:  # legal (a smoke run), but say what it means
+                self.report(f"note: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning rate "
+                            f"rises to {t.steps / t.warmup_steps:.2g} x train.lr and never decays")
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
                                    report=self.report, enabled=self.writes_run_files)
@@ -477,6 +481,17 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and batch.device.type == "cpu":
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)
+
+
+def _check_eval_batches(eval_batches: int, data: TrainData) -> None:
+    """ValueError when the validation pass asks for more windows than the val split has distinct ones: beyond
+    that, more batches only redraw the same windows (100,000 batches of a 1k-token split ran for minutes)."""
+    val = data.val
+    most = max(1, val.num_starts // val.batch_size)
+    if eval_batches > most:
+        raise ValueError(f"train.eval_batches={eval_batches} asks for {eval_batches * val.batch_size:,} validation "
+                         f"windows, but the val split ({val.tokens.shape[0]:,} tokens) has only {val.num_starts:,} "
+                         f"distinct windows of data.seq_len={val.seq_len}: use train.eval_batches <= {most}")
 
 
 def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
