@@ -21,7 +21,7 @@ def _cmd_main(args: argparse.Namespace) -> int:
     from softmoe.data.io import unusable_dir
     from softmoe.main_job import run_main_job
 
-    why = unusable_dir(args.out)
+    why = unusable_dir(args.out, create=False)  # created once the preset and overrides are known to be good
     if why:
         print(f"softmoe main: --out {str(args.out)!r} {why}", file=sys.stderr)
         return 2

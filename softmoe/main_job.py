@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from softmoe.data import load_split, read_meta
+from softmoe.data.io import unusable_dir
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, compute_title, write_report
 from softmoe.presets import presets_dir
@@ -100,6 +101,9 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
     start = time.time()
     out_dir = Path(out_dir)
     configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
+    why = unusable_dir(out_dir)
+    if why:
+        raise ValueError(f"--out {str(out_dir)!r} {why}")
     print(f"== data: {configs[0].data.corpus} ==", flush=True)
     dataset_dir = prepared_dataset_dir(configs[0].data, progress)
     results = []

@@ -55,7 +55,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path,
     gpt, _, path = load_for_inference(checkpoint, report)
     model = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(gpt.config))
     model.model.load_state_dict(gpt.state_dict())
-    tmp = make_temp_dir(out)
+    try:
+        tmp = make_temp_dir(out)
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r}: cannot create it ({err.strerror or err})") from None
     try:
         model.save_pretrained(tmp)
         hf_tokenizer(path / "tokenizer.json", model_max_length=gpt.config.max_seq_len).save_pretrained(tmp)

@@ -13,6 +13,7 @@ from softmoe.cli import main
 from tests.e2e.test_smoke import CONFIGS
 
 TINY = str(CONFIGS / "tiny" / "softmoe.yaml")
+STUDY = str(CONFIGS / "studies" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,30 @@ CASES = {
     "main over a run of another config": (lambda r, d, t: ["main", "--preset", "tiny", "--out", str(r.parent),
                                                            "--data-dir", str(d), "--variants", "softmoe",
                                                            "train.steps=3"], "train.steps 2 -> 3"),
+    # issue 27, item 13: accepted silently (or a traceback) before
+    "AdamW eps of 0": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.eps=0"),
+                       "train.eps=0.0 must be a finite number > 0"),
+    "the same override twice": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.lr=1e-3",
+                                                       "train.lr=2e-3"), "override train.lr given twice"),
+    "the same override twice, one after a flag": (lambda r, d, t: _train(f"data.data_dir={d}", "train.steps=3",
+                                                                          "--resume", "train.steps=4"),
+                                                   "override train.steps given twice"),
+    "--stop-after beyond train.steps": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                               "--stop-after", "100"),
+                                        "--stop-after=100 is beyond train.steps=40"),
+    "eval_batches beyond the val split": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                                 "train.eval_batches=100000"),
+                                          "train.eval_batches=100000 asks for 800,000 validation windows"),
+    "seed beyond 64 bits": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                   "train.seed=99999999999999999999"),
+                            "train.seed=99999999999999999999 must be an int in [0, 9223372036854775807]"),
+    "demo negative --seed": (lambda r, d, t: ["demo", "--seed", "-1"], "--seed=-1"),
+    "export --out not empty": (lambda r, d, t: ["export", "--checkpoint", str(r), "--out", str(t)],
+                               "is not empty"),
+    "compare --dry-run --jobs 0": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--jobs", "0"],
+                                   "--jobs=0 must be >= 1"),
+    "compare --dry-run --next -1": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--next", "-1"],
+                                    "--next=-1 must be >= 0"),
     "fetch offline, nothing cached": (lambda r, d, t: ["data", "fetch", "--offline", "--data-dir", str(t / "empty")],
                                       "softmoe data fetch:"),
 }
@@ -85,11 +110,19 @@ CASES = {
 def test_user_mistake_is_exit_2_with_one_line(trained, tmp_path, capsys, case):
     (tmp_path / "bad.yaml").write_text("model: [1,\n")
     build, expected = CASES[case]
+    before = sorted(p for p in tmp_path.rglob("*"))
     capsys.readouterr()
     assert main(build(*trained, tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert expected in err and err.startswith("softmoe "), err
+    if case not in WRITES_BEFORE_FAILING:
+        assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written: no half-made run directory
+
+
+# Cases that fail by design after writing: mid-run (the run directory's checkpoints stay consistent), or the
+# data cache's lock file.
+WRITES_BEFORE_FAILING = {"lr diverges", "dispatch_cap exceeded while training", "fetch offline, nothing cached"}
 
 
 @pytest.mark.parametrize("argv, dest, value", [
@@ -125,6 +158,14 @@ def test_generate_cuts_max_new_tokens_to_the_context(trained, capsys, extra):
     captured = capsys.readouterr()
     assert "cut to" in captured.err and "context of 64 tokens" in captured.err, captured.err
     assert captured.out.startswith("the cat")
+
+
+def test_warmup_longer_than_the_run_is_said(trained, tmp_path, capsys):
+    """Legal (a smoke run of a preset), so not an error: but it is said, not silent (issue 27, item 13)."""
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.steps=2")) == 0
+    assert "note: train.warmup_steps=5 > train.steps=2" in capsys.readouterr().out
 
 
 def test_train_flags_are_overrides(trained, tmp_path):
