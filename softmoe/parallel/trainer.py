@@ -36,7 +36,7 @@ from softmoe.routing.losses import global_counts
 from softmoe.train import controllers
 from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint
 from softmoe.train.config import RunConfig
-from softmoe.train.loop import Trainer, TrainResult
+from softmoe.train.loop import Trainer, TrainingAborted, TrainResult
 from softmoe.train.rundir import RunDirError
 
 __all__ = ["DistributedTrainer"]
@@ -105,6 +105,12 @@ class DistributedTrainer(Trainer):
 
     def _controllers_step(self, update: bool, active: torch.Tensor) -> None:
         controllers.step(self.model, update=update, reduce_sum=self._sum, ae_target=self.ae_target, active=active)
+
+    def _skip_uncomputable(self, step: int, lr: float, active: torch.Tensor, reason: str):
+        # The other ranks may be inside this step's collectives: this rank cannot skip alone. It stops (torchrun
+        # then ends the others) with its reason; the run directory keeps its earlier checkpoints.
+        raise TrainingAborted(f"aborting at step {step} on rank {self.world.rank}: {reason}: the weights diverged, "
+                              f"is train.lr={self.config.train.lr:g} far too high?")
 
     def num_params(self) -> int:
         """The whole model's parameters: this rank's, plus the experts other EP ranks hold."""

@@ -28,6 +28,7 @@ from softmoe.common.atomic import atomic_write_text
 from softmoe.common.precision import autocast_context, module_device, resolve_device
 from softmoe.model import GPT, DecoderOutput
 from softmoe.ops.compile import compile_model
+from softmoe.routing.base import NonFiniteLogits
 from softmoe.train import controllers, runtime
 from softmoe.train.checkpoint import (
     CheckpointError,
@@ -68,6 +69,7 @@ class StepStats:
     lr: float
     skipped: bool
     layers: list[dict] = field(default_factory=list)  # routing summary of the last micro-batch
+    reason: str = ""  # why a skipped step could not be computed (empty: a non-finite loss or gradient)
 
 
 @dataclass(frozen=True)
@@ -177,15 +179,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
         active = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of micro-batch mean AE, count]
-        for micro in range(t.grad_accum):
-            idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
-            idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
-            with autocast_context(t.precision, self.device):
-                out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
-            (out.objective / t.grad_accum).backward()
-            sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
-            if self.ae_target is not None:  # the step's realized active experts, read by the controller
-                active += _routed_active(out.routing, self.device)
+        try:
+            for micro in range(t.grad_accum):
+                idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
+                idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
+                with autocast_context(t.precision, self.device):
+                    out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
+                (out.objective / t.grad_accum).backward()
+                sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
+                if self.ae_target is not None:  # the step's realized active experts, read by the controller
+                    active += _routed_active(out.routing, self.device)
+        except NonFiniteLogits as err:  # diverged weights (lr far too high): the CPU routers' check saw them first
+            return self._skip_uncomputable(step, lr, active, str(err).split(":")[0])
         loss_sum, aux_sum = sums.tolist()
         layers = routing_summary(out.routing, out.k_L) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
@@ -202,6 +207,14 @@ class Trainer:
                          lr=lr, skipped=not finite, layers=layers)
 
     # ---- hooks (single process; see softmoe/parallel/trainer.py) ----
+
+    def _skip_uncomputable(self, step: int, lr: float, active: torch.Tensor, reason: str) -> StepStats:
+        """Hook: a step whose forward could not be computed is skipped like a non-finite one (weights unchanged,
+        counted against train.max_bad_steps)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._controllers_step(update=False, active=active)
+        nan = math.nan
+        return StepStats(loss=nan, aux_loss=nan, grad_norm=nan, lr=lr, skipped=True, reason=reason)
 
     def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
         """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced).
@@ -231,11 +244,14 @@ class Trainer:
             return
         self.bad_steps += 1
         self.skipped_total += 1
-        self.report(f"step {step}: non-finite loss={stats.loss} aux={stats.aux_loss} grad_norm={stats.grad_norm}; "
-                    f"step skipped, weights unchanged ({self.bad_steps} in a row)")
+        what = stats.reason or (f"non-finite loss={stats.loss} aux={stats.aux_loss} "
+                                f"grad_norm={stats.grad_norm}")
+        self.report(f"step {step}: {what}; step skipped, weights unchanged ({self.bad_steps} in a row)")
         if self.bad_steps > self.config.train.max_bad_steps:
+            t = self.config.train
             raise TrainingAborted(f"aborting at step {step}: {self.bad_steps} consecutive non-finite steps "
-                               f"(train.max_bad_steps={self.config.train.max_bad_steps})")
+                                  f"({what.split(' aux=')[0]}; train.max_bad_steps={t.max_bad_steps}): the weights "
+                                  f"diverged, is train.lr={t.lr:g} far too high? Its earlier checkpoints are kept")
 
     # ---- checkpoints ----
 

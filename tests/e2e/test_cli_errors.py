@@ -45,6 +45,9 @@ CASES = {
                                                      "-1"), "--stop-after=-1"),
     "lr diverges": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.lr=1e6",
                                            "train.warmup_steps=0", "train.max_bad_steps=0"), "aborting at step"),
+    "lr so high the router logits overflow": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                                      "train.lr=1e10", "train.ckpt_every=1"),
+                                              "6 consecutive non-finite steps (router logits are not finite"),
     "dispatch_cap too small for top-k": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
                                                                "model.router=topk", "model.k=2",
                                                                "model.router_options.dispatch_cap=1"),
@@ -122,7 +125,7 @@ def test_user_mistake_is_exit_2_with_one_line(trained, tmp_path, capsys, case):
 
 # Cases that fail by design after writing: mid-run (the run directory's checkpoints stay consistent), or the
 # data cache's lock file.
-WRITES_BEFORE_FAILING = {"lr diverges", "dispatch_cap exceeded while training", "fetch offline, nothing cached"}
+WRITES_BEFORE_FAILING = {"lr diverges", "lr so high the router logits overflow", "dispatch_cap exceeded while training", "fetch offline, nothing cached"}
 
 
 @pytest.mark.parametrize("argv, dest, value", [
@@ -158,6 +161,28 @@ def test_generate_cuts_max_new_tokens_to_the_context(trained, capsys, extra):
     captured = capsys.readouterr()
     assert "cut to" in captured.err and "context of 64 tokens" in captured.err, captured.err
     assert captured.out.startswith("the cat")
+
+
+def test_diverged_run_stops_cleanly_and_keeps_only_finite_verified_checkpoints(trained, tmp_path, capsys):
+    """train.lr=1e10 (issue 27, item 9): the router's non-finite check is a skipped step, not a traceback; after
+    train.max_bad_steps the run stops with exit 2, and every checkpoint it wrote verifies and holds finite weights."""
+    import torch
+
+    from softmoe.train.checkpoint import list_checkpoints, load_checkpoint
+
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.lr=1e10",
+                       "train.ckpt_every=1", "train.max_bad_steps=2")) == 2
+    captured = capsys.readouterr()
+    assert "step skipped, weights unchanged (3 in a row)" in captured.out
+    assert captured.err.count("\n") == 1 and "3 consecutive non-finite steps" in captured.err
+    checkpoints = list_checkpoints(tmp_path / "tiny-softmoe" / "checkpoints")
+    assert checkpoints  # the steps before the divergence was seen
+    for path in checkpoints:
+        weights, _, _ = load_checkpoint(path)  # verifies the manifest
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert not (tmp_path / "tiny-softmoe" / "summary.json").exists()  # not a finished run
 
 
 def test_warmup_longer_than_the_run_is_said(trained, tmp_path, capsys):
