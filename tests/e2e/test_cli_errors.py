@@ -185,6 +185,33 @@ def test_diverged_run_stops_cleanly_and_keeps_only_finite_verified_checkpoints(t
     assert not (tmp_path / "tiny-softmoe" / "summary.json").exists()  # not a finished run
 
 
+def test_a_full_disk_at_a_checkpoint_is_exit_2_and_the_run_resumes(trained, tmp_path, capsys, monkeypatch):
+    """Issue 27, item 10: one line naming the checkpoint and the bytes; --resume continues after space is freed."""
+    from collections import namedtuple
+
+    from softmoe.train import checkpoint as module
+
+    _, data_dir = trained
+    real, saves = module.shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def full_at_the_second_save(path):
+        saves.append(path)
+        return usage(10**9, 10**9 - 100, 100) if len(saves) == 2 else real(path)
+
+    monkeypatch.setattr(module.shutil, "disk_usage", full_at_the_second_save)
+    args = _train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.steps=4", "train.ckpt_every=2",
+                  "train.warmup_steps=0")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    step4 = tmp_path / "tiny-softmoe" / "checkpoints" / "step_0000004"
+    assert len(err.splitlines()) == 1 and str(step4) in err and "bytes needed" in err, err
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert step4.is_dir()
+
+
 def test_warmup_longer_than_the_run_is_said(trained, tmp_path, capsys):
     """Legal (a smoke run of a preset), so not an error: but it is said, not silent (issue 27, item 13)."""
     _, data_dir = trained
