@@ -340,6 +340,11 @@ class Trainer:
         candidates = good_checkpoints(self.run_dir / "checkpoints", self.report)
         good = next(candidates, None) if mode in ("resume", "auto") else None
         check_ownership(self.config, mode, good is not None)
+        metrics = self.run_dir / "metrics.jsonl"
+        if good is not None and not metrics.is_file():  # every session creates it: someone deleted it
+            raise RunDirError(f"{metrics} is missing, but the run has checkpoints (newest {good.name}): resuming "
+                              f"would go on with the run's history gone; restore the file, or create an empty one "
+                              f"to continue without it")
         if good is None:  # a fresh start: nothing of an earlier attempt may mix into this run's logs
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
             for name in ("metrics.jsonl", "summary.json"):
@@ -365,11 +370,34 @@ class Trainer:
         if self.step >= self.config.train.steps and finished is not None and finished.step == self.step:
             self.report(f"{self.run_dir}: already trained to step {self.step}; nothing to do")
             return finished
+        if self.step >= self.config.train.steps:  # finished, but summary.json is missing or unreadable
+            rebuilt = self._summary_from_metrics(good)
+            if rebuilt is not None:
+                return rebuilt
         self.report(f"resumed from {good} at step {self.step}")
         t = self.config.train
         if self.writes_run_files:
             MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
         return None
+
+    def _summary_from_metrics(self, checkpoint: Path) -> TrainResult | None:
+        """A finished run's summary.json written again from metrics.jsonl (its final validation record), without
+        evaluating or logging anything again; None when that record is missing (then the run validates once)."""
+        val = [r for r in read_metrics(self.run_dir, "val") if r.get("step") == self.step]
+        if not val:
+            return None
+        layers = val[-1].get("layers") or []
+        train_loss, tok_per_sec = _logged_train(self.run_dir, self.step)
+        result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss,
+                             val_loss=val[-1]["loss"], tokens_per_sec=tok_per_sec,
+                             mean_active_experts=mean_active_experts(layers), skipped_steps=self.skipped_total,
+                             checkpoint=str(checkpoint), num_params=self.num_params(),
+                             **_ae_fields(self.run_dir, layers))
+        if self.writes_run_files:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
+        self.report(f"{self.run_dir}: already trained to step {self.step}; summary.json was missing or unreadable "
+                    f"and is written again from metrics.jsonl (train loss and tok/s: the last logged window)")
+        return result
 
     def _run_lock(self):
         """Hook: the run directory's lock for the session (RunLock: one trainer at a time)."""
@@ -407,6 +435,8 @@ class Trainer:
                     ckpt = self.save() if self.saved_step != self.step else self._latest()
             finally:
                 writer.close()
+            if train_loss is None and self.step >= t.steps:  # no step this session (a finished run's summary lost)
+                train_loss, tok_per_sec = _logged_train(self.run_dir, self.step)
             result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss,
                                  val_loss=val_loss, tokens_per_sec=tok_per_sec,
                                  mean_active_experts=mean_active_experts(val_layers),
@@ -545,6 +575,14 @@ def _on_schedule(record: dict, t) -> bool:
     if record.get("split") == "val":
         return bool(t.eval_every) and step % t.eval_every == 0
     return step % t.log_every == 0
+
+
+def _logged_train(run_dir: Path, step: int) -> tuple[float | None, float | None]:
+    """(loss, tokens/s) of the last train record at or before `step` in metrics.jsonl; None where absent."""
+    records = [r for r in read_metrics(run_dir, "train") if isinstance(r.get("step"), int) and r["step"] <= step]
+    if not records:
+        return None, None
+    return records[-1].get("loss"), records[-1].get("tokens_per_sec")
 
 
 def _read_summary(run_dir: Path) -> TrainResult | None:

@@ -191,6 +191,45 @@ def test_resume_on_a_finished_run_changes_nothing(tmp_path, data_dir):
     assert any("nothing to do" in r for r in reports)
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "deleted", "final val record gone too"])
+def test_resume_of_a_finished_run_with_a_lost_summary_rebuilds_it_without_a_duplicate(tmp_path, data_dir, damage):
+    """Issue 27, item 12: no second validation record and no nulls; the summary comes back from metrics.jsonl
+    (validated once only when its final validation record is gone as well)."""
+    config = tiny(tmp_path, data_dir, "train.steps=4")
+    original = Trainer(config, report=quiet).fit()
+    run_dir = config.train.run_dir
+    records = (run_dir / "metrics.jsonl").read_text()
+    if damage == "corrupt":
+        (run_dir / "summary.json").write_text('{"step": 4, "val_lo')
+    else:
+        (run_dir / "summary.json").unlink()
+    if damage == "final val record gone too":
+        kept = [line for line in records.splitlines(keepends=True)
+                if not (json.loads(line)["split"] == "val" and json.loads(line)["step"] == 4)]
+        (run_dir / "metrics.jsonl").write_text("".join(kept))
+    result = Trainer(config, report=quiet).fit(resume=True)
+    assert (run_dir / "metrics.jsonl").read_text() == records  # one final validation record, as before
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["val_loss"] == original.val_loss == result.val_loss
+    assert summary["mean_active_experts"] == original.mean_active_experts
+    assert None not in (summary["train_loss"], summary["tokens_per_sec"], summary["train_ae"])
+
+
+def test_resume_after_metrics_jsonl_was_deleted_is_refused_unless_an_empty_one_says_so(tmp_path, data_dir,
+                                                                                         capsys):
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "train.ckpt_every=3", "--stop-after", "3") == 0
+    metrics = tmp_path / "tiny-softmoe" / "metrics.jsonl"
+    metrics.unlink()
+    capsys.readouterr()
+    assert train_cli(tmp_path, data_dir, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{metrics} is missing" in err and "empty one" in err, err
+    assert not metrics.exists()
+    metrics.touch()  # continue without the history, on purpose
+    assert train_cli(tmp_path, data_dir, "--resume") == 0
+    assert min(r["step"] for r in read_metrics(tmp_path / "tiny-softmoe")) > 3
+
+
 def test_main_and_compare_start_new_runs_without_a_resume_warning(tmp_path, data_dir, capsys):
     from softmoe.train.runs import train_or_reuse
 
