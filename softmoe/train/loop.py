@@ -161,7 +161,7 @@ class Trainer:
 
     def _set_lr(self, step: int) -> float:
         t = self.config.train
-        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.schedule_end, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         return lr
@@ -376,8 +376,11 @@ class Trainer:
                 return rebuilt
         self.report(f"resumed from {good} at step {self.step}")
         t = self.config.train
+        # An extended run (it had finished at this step) keeps its final records; an interrupted one drops the
+        # off-schedule records its stop added, so its curves equal the uninterrupted run's.
+        extended = finished is not None and finished.step == self.step
         if self.writes_run_files:
-            MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
+            MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: extended or _on_schedule(r, t))
         return None
 
     def _summary_from_metrics(self, checkpoint: Path) -> TrainResult | None:
@@ -419,9 +422,9 @@ class Trainer:
             finished = self._start(mode)
             if finished is not None:
                 return finished
-            if t.warmup_steps > t.steps and self.writes_run_files:  # legal (a smoke run), but say what it means
-                self.report(f"note: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning rate "
-                            f"rises to {t.steps / t.warmup_steps:.2g} x train.lr and never decays")
+            if t.warmup_steps > t.schedule_end and self.writes_run_files:  # legal (a smoke run): say what it means
+                self.report(f"note: train.warmup_steps={t.warmup_steps} > train.steps={t.schedule_end}: the learning "
+                            f"rate rises to {t.schedule_end / t.warmup_steps:.2g} x train.lr and never decays")
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
                                    report=self.report, enabled=self.writes_run_files)

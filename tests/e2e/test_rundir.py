@@ -71,9 +71,9 @@ def test_resume_reads_the_runs_own_config(tmp_path, data_dir, capsys):
     assert train_cli(tmp_path, data_dir, "--resume", "train.log_every=2") == 0
     assert "done at step 12" in capsys.readouterr().out
     assert_consistent(tmp_path / "tiny-softmoe")
-    assert train_cli(tmp_path, data_dir, "--resume", "train.steps=20", "train.lr=0.5") == 2
+    assert train_cli(tmp_path, data_dir, "--resume", "train.steps=8", "train.lr=0.5") == 2
     err = capsys.readouterr().err
-    assert "train.steps 12 -> 20" in err and "train.lr" in err and len(err.splitlines()) == 1
+    assert "train.steps 12 -> 8" in err and "train.lr" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", ["nothing", "mistyped name", "all corrupt"])
@@ -228,6 +228,36 @@ def test_resume_after_metrics_jsonl_was_deleted_is_refused_unless_an_empty_one_s
     metrics.touch()  # continue without the history, on purpose
     assert train_cli(tmp_path, data_dir, "--resume") == 0
     assert min(r["step"] for r in read_metrics(tmp_path / "tiny-softmoe")) > 3
+
+
+def test_extending_a_finished_run_equals_a_run_planned_with_the_same_schedule(tmp_path, data_dir, capsys):
+    """Issue 27, item 7: `--resume train.steps=N` on a run finished at S continues it; the learning-rate schedule
+    keeps its end S (train.schedule_steps), so the added steps train at the floor lr, and the result is bitwise
+    the run configured with train.steps=N train.schedule_steps=S from the start. The old end's records stay."""
+    import yaml
+
+    base = ("train.warmup_steps=2", "train.ckpt_every=4", "train.eval_every=0", "train.eval_batches=1")
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=6", *base) == 0
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=10", *base, "--resume") == 0
+    assert "done at step 10" in capsys.readouterr().out
+    run = tmp_path / "a" / "tiny-softmoe"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["schedule_steps"]) == (10, 6)
+    assert train_cli(tmp_path / "b", data_dir, "train.steps=10", "train.schedule_steps=6", *base) == 0
+    planned = tmp_path / "b" / "tiny-softmoe"
+    from softmoe.train.checkpoint import load_checkpoint
+
+    extended, _, _ = load_checkpoint(run / "checkpoints" / "step_0000010")
+    assert_bitwise_equal(extended, load_checkpoint(planned / "checkpoints" / "step_0000010")[0])
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
+    planned_lrs = {r["step"]: r["lr"] for r in read_metrics(planned, "train")}
+    assert {step: lrs[step] for step in planned_lrs} == planned_lrs  # plus the old end's record at step 6
+    assert lrs[10] == pytest.approx(1e-2 * 0.1)  # the floor: lr x min_lr_ratio
+    assert [r["step"] for r in read_metrics(run, "val")] == [6, 10]  # the finished run's validation is kept
+    assert json.loads((run / "summary.json").read_text())["step"] == 10
+    # growing only: fewer steps is a trajectory change
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=8", *base, "--resume") == 2
+    assert "train.steps 10 -> 8" in capsys.readouterr().err
 
 
 def test_main_and_compare_start_new_runs_without_a_resume_warning(tmp_path, data_dir, capsys):
