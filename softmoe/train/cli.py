@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["add_train_parser", "add_generate_parser"]
@@ -19,11 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.train.rundir import RunDirError, resume_config
 
     if args.resume and args.overwrite:
-        print("softmoe train: --resume and --overwrite exclude each other", file=sys.stderr)
-        return 2
+        return _fail("--resume and --overwrite exclude each other")
     if args.stop_after is not None and args.stop_after < 1:
-        print(f"softmoe train: --stop-after={args.stop_after} must be >= 1", file=sys.stderr)
-        return 2
+        return _fail(f"--stop-after={args.stop_after} must be >= 1")
     flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
         ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
     args.overrides = [*args.overrides, *flags, *(["train.progress=false"] if args.quiet else [])]
@@ -32,21 +33,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
             config = resume_config(config, args.overrides)
     except (ValueError, TypeError) as err:
-        print(f"softmoe train: {'' if isinstance(err, RunDirError) else 'invalid config: '}{err}", file=sys.stderr)
-        return 2
+        return _fail(f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}")
     if args.stop_after is not None and args.stop_after > config.train.steps:
-        print(f"softmoe train: --stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the "
-              f"run ends anyway", file=sys.stderr)
-        return 2
+        return _fail(f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run ends "
+                     f"anyway")
     bad_path = _unusable_paths(config)
     if bad_path:
-        print(f"softmoe train: {bad_path}", file=sys.stderr)
-        return 2
+        return _fail(bad_path)
     try:
         trainer = build_trainer(config)  # one process, or one rank of a torchrun launch (parallel.data)
     except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
-        print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     variant = config.model.router if config.model.ffn == "moe" else "dense"
     if trainer.writes_run_files:
         print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
@@ -54,9 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, DispatchOverflow, OSError) as err:
-        if trainer.writes_run_files:  # every rank of a distributed run raises rank 0's error: one report
-            print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        # an error every rank of a distributed run raised from rank 0 is reported by rank 0 alone
+        return _fail(str(err), every_rank=getattr(err, "every_rank", False))
     finally:
         finish(trainer)  # a distributed run leaves its process group
     if not trainer.writes_run_files:  # the non-zero ranks of a distributed run: rank 0 reports
@@ -74,6 +70,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0
+
+
+def _fail(message: str, every_rank: bool = True) -> int:
+    """Report a `softmoe train` error in one line; returns the exit status (2).
+
+    Under torchrun the line goes to the rank's error file (TORCHELASTIC_ERROR_FILE), which torchrun prints as the
+    failure's "traceback" in the summary that ends its own output, so it is said once, last, instead of before
+    torchrun's ~40 lines. An error that every rank meets alike (`every_rank`: the command line, the config, the
+    data, or rank 0's error raised on every rank) is reported by rank 0; the other ranks exit 0, so torchrun
+    does not stop rank 0 before it has written it.
+    """
+    line = f"softmoe train: {' '.join(message.split())}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    rank = int(os.environ.get("RANK", "0"))
+    if error_file is None:  # not under torchrun
+        print(line, file=sys.stderr)
+        return 2
+    if every_rank and rank != 0:
+        return 0
+    line += f" (rank {rank})" if rank else ""
+    if error_file:
+        # the layout torch.distributed.elastic's own @record writes; its summary prints "py_callstack"
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+    else:  # torchrun without a log directory
+        print(line, file=sys.stderr)
+    return 2
 
 
 def _unusable_paths(config) -> str | None:
