@@ -8,6 +8,9 @@ from pathlib import Path
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if not 0 <= args.seed < 2**63:
+        print(f"softmoe demo: --seed={args.seed} must be in [0, 2**63)", file=sys.stderr)
+        return 2
     from softmoe.demo import run_demo
 
     run_demo(seed=args.seed)
@@ -18,7 +21,7 @@ def _cmd_main(args: argparse.Namespace) -> int:
     from softmoe.data.io import unusable_dir
     from softmoe.main_job import run_main_job
 
-    why = unusable_dir(args.out)
+    why = unusable_dir(args.out, create=False)  # created once the preset and overrides are known to be good
     if why:
         print(f"softmoe main: --out {str(args.out)!r} {why}", file=sys.stderr)
         return 2
@@ -121,6 +124,17 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 _show_defaults(child)
 
 
+def _given_twice(overrides: list[str]) -> str | None:
+    """Why `overrides` set one key twice (the last would win silently), or None."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in seen:
+            return f"override {key} given twice ({seen[key]!r} and {item!r}): give it once"
+        seen[key] = item
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # a passthrough: lm-eval's own options must not meet our parser
@@ -135,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    twice = _given_twice(getattr(args, "overrides", None) or [])
+    if twice:
+        print(f"softmoe {args.command}: {twice}", file=sys.stderr)
+        return 2
     from softmoe.extras import MissingExtra
 
     try:

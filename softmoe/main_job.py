@@ -10,12 +10,14 @@ checkpoint is reused), and an interrupted one resumes from its last good checkpo
 from __future__ import annotations
 
 import platform
+import shlex
 import time
 from pathlib import Path
 
 import torch
 
 from softmoe.data import load_split, read_meta
+from softmoe.data.io import unusable_dir
 from softmoe.eval.perplexity import evaluate_split
 from softmoe.eval.report import RunResult, compute_title, write_report
 from softmoe.presets import presets_dir
@@ -27,6 +29,8 @@ from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
 __all__ = ["run_main_job", "CONFIGS_DIR"]
 
 CONFIGS_DIR = presets_dir()  # configs/ of a clone, or the presets packaged in the wheel
+DEFAULT_VARIANTS = ("softmoe", "topk")
+MAKE_RUN = "softmoe main --preset demo --out runs/demo"  # the Makefile's `make run`
 
 
 def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None,
@@ -46,7 +50,7 @@ def _label(config: RunConfig) -> str:
 
 
 def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs: list[RunConfig],
-             seconds: float) -> list[str]:
+             seconds: float, command: str) -> list[str]:
     meta = read_meta(dataset_dir)
     c = configs[0]
     tokens = c.train.steps * c.train.grad_accum * c.data.batch_size * c.data.seq_len
@@ -59,13 +63,29 @@ def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs:
         f"Model: d_model {c.model.d_model}, {c.model.n_layers} layers, {c.model.num_experts} experts of width "
         f"{c.model.d_expert}, precision {c.train.precision}.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads in this process, "
-        f"torch {torch.__version__}. Wall time of the whole job: {seconds / 60:.1f} min.",
-        "Command: `make run` (equivalently `softmoe main --preset " + preset + "`).",
+        f"torch {torch.__version__}. Wall time of the whole job: {_duration(seconds)}.",
+        f"Command: `{command}`" + (" (what `make run` does)." if command == MAKE_RUN else "."),
     ]
 
 
+def _duration(seconds: float) -> str:
+    """'42 s' under two minutes, else '3.4 min' (a tiny job's 0.3 min read as 0.0 before)."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def main_command(preset: str, out_dir: Path, variants: tuple[str, ...], eval_max_batches: int | None,
+                 overrides: tuple[str, ...]) -> str:
+    """The `softmoe main` command line that reproduces a job (for the report)."""
+    parts = ["softmoe main", f"--preset {preset}", f"--out {out_dir}"]
+    if variants != DEFAULT_VARIANTS:
+        parts.append(f"--variants {','.join(variants)}")
+    if eval_max_batches is not None:
+        parts.append(f"--max-batches {eval_max_batches}")
+    return " ".join(parts + [shlex.quote(item) for item in overrides])
+
+
 def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_dir: Path | None = None,
-                 variants: tuple[str, ...] = ("softmoe", "topk"), eval_max_batches: int | None = None,
+                 variants: tuple[str, ...] = DEFAULT_VARIANTS, eval_max_batches: int | None = None,
                  overrides: tuple[str, ...] = (), progress: bool = False) -> Path:
     """Fetch, train every variant, evaluate, report. Returns the report's path.
 
@@ -81,6 +101,9 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
     start = time.time()
     out_dir = Path(out_dir)
     configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
+    why = unusable_dir(out_dir)
+    if why:
+        raise ValueError(f"--out {str(out_dir)!r} {why}")
     print(f"== data: {configs[0].data.corpus} ==", flush=True)
     dataset_dir = prepared_dataset_dir(configs[0].data, progress)
     results = []
@@ -98,4 +121,6 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
         results.append(RunResult(_label(config), run_dir, final))
     spent = compute_title(results)
     title = f"{' vs '.join(r.label for r in results)}, preset `{preset}`" + (f": {spent}" if spent else "")
-    return write_report(results, out_dir, title, _context(preset, variants, dataset_dir, configs, time.time() - start))
+    command = main_command(preset, out_dir, variants, eval_max_batches, overrides)
+    context = _context(preset, variants, dataset_dir, configs, time.time() - start, command)
+    return write_report(results, out_dir, title, context)

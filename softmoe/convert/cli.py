@@ -10,21 +10,22 @@ from pathlib import Path
 # Files that travel with the weights but are not written by save_pretrained.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# RetrofitConfig's defaults, written out so that building the parser (`softmoe --help`) imports no torch;
+# tests/unit/convert/test_from_hf.py checks they equal the dataclass's.
+DEFAULTS = {"alpha": 1e-3, "truncation": "relative", "threshold": 1.8, "min_weight": 0.05}
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    from softmoe.convert.retrofit import RetrofitConfig
-
     p = sub.add_parser("convert", help="retrofit a transformers Mixtral / Qwen2-MoE / OLMoE folder with SoftMoE routing")
     p.add_argument("--checkpoint", "--model", dest="model", required=True, type=Path, metavar="HF_DIR",
                    help="a local transformers folder (config.json + weights); --model is the old name")
     p.add_argument("--out", required=True, type=Path, help="output folder (load it with softmoe.convert.from_pretrained)")
-    p.add_argument("--alpha", type=float, default=RetrofitConfig.alpha, help="initial soft top-k scale, logit units")
+    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="initial soft top-k scale, logit units")
     p.add_argument("--budget", type=float, default=None, help="global mean active experts K (default: the model's top-k)")
-    p.add_argument("--truncation", choices=("relative", "min_weight"), default=RetrofitConfig.truncation,
+    p.add_argument("--truncation", choices=("relative", "min_weight"), default=DEFAULTS["truncation"],
                    help="relative: the paper's clamped threshold (--threshold x k/E); min_weight: p >= --min-weight")
-    p.add_argument("--threshold", type=float, default=RetrofitConfig.threshold, help="relative truncation threshold")
-    p.add_argument("--min-weight", type=float, default=RetrofitConfig.min_weight, help="min_weight truncation: p cut")
+    p.add_argument("--threshold", type=float, default=DEFAULTS["threshold"], help="relative truncation threshold")
+    p.add_argument("--min-weight", type=float, default=DEFAULTS["min_weight"], help="min_weight truncation: p cut")
     p.add_argument("--max-active", type=int, default=None, help="optional cap on experts per token")
     p.add_argument("--learn-alpha", action="store_true", help="make log alpha per layer trainable")
     p.set_defaults(func=cmd_convert)
@@ -37,7 +38,7 @@ def convert_folder(model_dir: Path, out: Path, report=print, **options) -> Path:
     from softmoe.convert.retrofit import from_hf, soft_blocks
 
     if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"--model {str(model_dir)!r} is not a transformers folder (no config.json)")
+        raise ValueError(f"--checkpoint {str(model_dir)!r} is not a transformers folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     from_hf(model, **options)
     out = Path(out)

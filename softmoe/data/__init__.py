@@ -11,18 +11,23 @@
     fixtures.py   the tiny offline dataset for tests and the `tiny` preset
 """
 
+import importlib
+
 from softmoe.data.config import CORPORA, DataConfig
-from softmoe.data.loader import IGNORE_INDEX, WindowLoader, eval_batches
 from softmoe.data.prepare import dataset_dir_for, load_split, prepare, read_meta
 
-__all__ = [
-    "CORPORA",
-    "IGNORE_INDEX",
-    "DataConfig",
-    "WindowLoader",
-    "dataset_dir_for",
-    "eval_batches",
-    "load_split",
-    "prepare",
-    "read_meta",
-]
+# The loader imports torch: loaded on first use, so `softmoe --help` (which imports softmoe.data.cli) stays fast.
+_WHERE = {"IGNORE_INDEX": "softmoe.data.loader", "WindowLoader": "softmoe.data.loader",
+          "eval_batches": "softmoe.data.loader"}
+
+__all__ = ["CORPORA", "DataConfig", "dataset_dir_for", "load_split", "prepare", "read_meta", *_WHERE]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -87,6 +87,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from softmoe.eval.compare import describe_plan, load_study, plan_runs, run_study
 
+    for flag, value, low in (("--jobs", args.jobs, 1), ("--next", args.next, 0)):
+        if value is not None and value < low:  # checked before --dry-run too, which would ignore them
+            print(f"softmoe compare: {flag}={value} must be >= {low}", file=sys.stderr)
+            return 2
     try:
         study = load_study(args.study, args.out, summaries=args.summaries)
         if args.quiet:

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from softmoe.eval.perplexity import SplitEval
-from softmoe.extras import require
+from softmoe.extras import MissingExtra, require
 from softmoe.routing import router_class
 from softmoe.train.metrics import read_metrics
 
@@ -271,6 +271,24 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
         context: markdown lines placed under the heading (data, commands, hardware, token counts).
     """
     out_dir = Path(out_dir)
+    try:
+        plots, missing = _plots(runs, out_dir), []
+    except MissingExtra as err:  # a core-only install: the report without its plots, and how to get them
+        plots, missing = [], [f"No plots: {err}; then run the same command again (finished runs are reused).", ""]
+        print(f"writing the report without plots: {err}", flush=True)
+    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), "",
+            *missing]
+    for caption, path in plots:
+        body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+    report = out_dir / "report.md"
+    tmp = report.with_name("report.md.tmp")
+    tmp.write_text("\n".join(body))
+    tmp.replace(report)
+    return report
+
+
+def _plots(runs: list[RunResult], out_dir: Path) -> list[tuple[str, Path]]:
+    """(caption, path) of every plot of the report, drawn; MissingExtra without matplotlib."""
     plots = [("Loss curves", plot_losses(runs, out_dir / "loss.png"))]
     for i, run in enumerate(runs):
         if _has_learned_k(run):
@@ -280,14 +298,7 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, context: list
         plots.append(("Active experts per token", plot_active_histogram(runs, out_dir / "active_experts.png")))
         plots.append(("Router logit spread", plot_logit_spread(runs, out_dir / "logit_spread.png")))
         plots.append(("Expert load by layer", plot_load_heatmap(runs, out_dir / "expert_load.png")))
-    body = [f"# {title}", "", *context, "", "## Results", "", results_table(runs), "", *observations(runs), ""]
-    for caption, path in plots:
-        body += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
-    report = out_dir / "report.md"
-    tmp = report.with_name("report.md.tmp")
-    tmp.write_text("\n".join(body))
-    tmp.replace(report)
-    return report
+    return plots
 
 
 def _has_learned_k(run: RunResult) -> bool:

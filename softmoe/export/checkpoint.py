@@ -6,14 +6,18 @@ The folder loads with `SoftMoEForCausalLM.from_pretrained(folder)`, or with the 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from softmoe.data.io import make_temp_dir
 from softmoe.data.tokenizer import EOT
 from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
+from softmoe.export.manifest import write_manifest
 from softmoe.train.checkpoint import CheckpointError
 from softmoe.train.restore import load_for_inference
 
@@ -38,13 +42,33 @@ def hf_tokenizer(tokenizer_file: str | Path, model_max_length: int | None = None
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path,
                       report: Callable[[str], None] = print) -> Path:
-    """Write a training checkpoint as a transformers folder (config.json, model.safetensors, tokenizer)."""
+    """Write a training checkpoint as a transformers folder (config.json, model.safetensors, tokenizer, and
+    softmoe_manifest.json with every file's sha256).
+
+    `out` must not exist or be empty (ValueError otherwise: nothing of another folder is overwritten). The folder
+    is written next to it under a temporary name and renamed into place, so it is complete or absent.
+    """
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {str(out)!r} is not empty ({len(list(out.iterdir()))} entries): export into a new "
+                         f"or empty folder")
     gpt, _, path = load_for_inference(checkpoint, report)
     model = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(gpt.config))
     model.model.load_state_dict(gpt.state_dict())
-    out = Path(out)
-    model.save_pretrained(out)
-    hf_tokenizer(path / "tokenizer.json", model_max_length=gpt.config.max_seq_len).save_pretrained(out)
+    try:
+        tmp = make_temp_dir(out)
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r}: cannot create it ({err.strerror or err})") from None
+    try:
+        model.save_pretrained(tmp)
+        hf_tokenizer(path / "tokenizer.json", model_max_length=gpt.config.max_seq_len).save_pretrained(tmp)
+        write_manifest(tmp)  # last: it covers the tokenizer files too
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     report(f"exported {path} -> {out}")
     return out
 

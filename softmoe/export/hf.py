@@ -25,8 +25,9 @@ load balancing as native training does.
 
 Loading a folder with the Auto classes: its config.json names these classes in `auto_map`, so
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it without importing softmoe
-first (the folder's modeling_softmoe.py only imports this module); or call `register()` once and drop
-trust_remote_code. Importing this module registers nothing.
+first (the folder's modeling_softmoe.py imports this module and calls `register()`); or call `register()` once
+and drop trust_remote_code. AutoTokenizer reads config.json through AutoConfig too, so it needs either as well
+(transformers otherwise asks on stdin whether to run the folder's code). Importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from softmoe.common.checks import check_bool, check_float
+from softmoe.export.manifest import is_model_file, verify_export, write_manifest
 from softmoe.model.attention import rope_tables
 from softmoe.model.config import ModelConfig
 from softmoe.model.decoder import GPT, check_pad_mask
@@ -71,10 +73,14 @@ AUTO_MAP = {"AutoConfig": "modeling_softmoe.SoftMoEConfig",
             "AutoModelForCausalLM": "modeling_softmoe.SoftMoEForCausalLM"}
 _REMOTE_CODE = '''"""SoftMoE's transformers classes, for AutoModelForCausalLM.from_pretrained(this_folder, trust_remote_code=True).
 
-They live in the softmoe package (pip install softmoe); this file only points transformers to them.
+They live in the softmoe package (pip install softmoe); this file only points transformers to them, and
+registers them with the Auto classes, so that AutoTokenizer.from_pretrained(this_folder) afterwards (which reads
+config.json through AutoConfig) does not ask again whether to run this code.
 """
 
-from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM  # noqa: F401
+from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM, register  # noqa: F401
+
+register()
 '''
 
 
@@ -171,10 +177,21 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.activation_checkpointing
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' save_pretrained, plus the modeling_softmoe.py that config.json's auto_map names."""
+        """transformers' save_pretrained, plus the modeling_softmoe.py that config.json's auto_map names and the
+        sha256 manifest of the folder's files (softmoe/export/manifest.py), written last."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             (Path(save_directory) / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+            write_manifest(Path(save_directory))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, after checking a local folder's weights and config against its
+        sha256 manifest (ExportIntegrityError naming the file; transformers itself checks no hashes)."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            verify_export(folder, select=is_model_file)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed

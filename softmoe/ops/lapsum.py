@@ -454,12 +454,23 @@ def _check_alpha(alpha, dtype: torch.dtype, device: torch.device, checks: bool) 
     return torch.tensor(value, device=device, dtype=dtype)  # not via float32: keep a float64 alpha exact
 
 
+def smallest_k(n: int, dtype: torch.dtype) -> float:
+    """The smallest k the op resolves among n entries in `dtype` (the compute dtype: float32 for half types).
+
+    The threshold is solved for w = n - k, which `dtype` holds to within ulp(n) / 2 <= n eps / 2, so sum p
+    differs from k by up to that much; from k = 2^9 n eps on, that is at most 2^-10 of k.
+    """
+    return 512.0 * n * torch.finfo(_compute_dtype(dtype)).eps
+
+
 def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: torch.device, checks: bool):
     """k and w = n - k broadcast to `batch_shape` in `dtype`; both checked in k's own precision.
 
-    w is formed before rounding to `dtype`, so a float64 k = n - 1e-9 keeps its distance to n.
+    w is formed before rounding to `dtype`, so a float64 k = n - 1e-9 keeps its distance to n. k itself must be
+    at least `smallest_k(n, dtype)`.
     """
     tiny = torch.finfo(dtype).tiny
+    k_min = smallest_k(n, dtype)
     if isinstance(k, torch.Tensor):
         k_own = k.detach() if k.is_floating_point() else k.detach().double()
         wide = torch.promote_types(k_own.dtype, dtype)
@@ -475,7 +486,11 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
             bad = ~(torch.isfinite(k_own) & (k_own > 0) & (k_own < n))
             if bool(bad.any()):
                 raise ValueError(f"k={k_own[bad].flatten()[0].item()} must satisfy 0 < k < n={n}")
-            small = (k_b.detach() < tiny) | (w_b < tiny)
+            unresolved = k_own.to(device=device).expand(batch_shape) < k_min
+            if bool(unresolved.any()):
+                raise ValueError(_below_smallest_k(k_own.expand(batch_shape)[unresolved].flatten()[0].item(), n,
+                                                   dtype, k_min))
+            small = w_b < tiny
             if bool(small.any()):
                 raise ValueError(f"k={k_own.expand(batch_shape)[small].flatten()[0].item()} is within "
                                  f"{tiny:.3g} of 0 or n={n}, beyond {dtype} precision")
@@ -487,10 +502,18 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
     value = float(k)
     if not (math.isfinite(value) and 0 < value < n):
         raise ValueError(f"k={value} must satisfy 0 < k < n={n}")
-    if value < tiny or n - value < tiny:
+    if value < k_min:
+        raise ValueError(_below_smallest_k(value, n, dtype, k_min))
+    if n - value < tiny:
         raise ValueError(f"k={value} is within {tiny:.3g} of 0 or n={n}, beyond {dtype} precision")
     return (torch.full(batch_shape, value, device=device, dtype=dtype),
             torch.full(batch_shape, n - value, device=device, dtype=dtype))
+
+
+def _below_smallest_k(value: float, n: int, dtype: torch.dtype, k_min: float) -> str:
+    return (f"k={value:.6g} is below {k_min:.3g}, the smallest k that {dtype} resolves among n={n} entries (the "
+            f"threshold is solved for n - k, held to +-{n * torch.finfo(dtype).eps / 2:.2g}); pass float64 scores "
+            f"for a smaller k")
 
 
 def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Tensor:
@@ -526,7 +549,8 @@ def soft_topk(scores: torch.Tensor, k, alpha=1.0, dim: int = -1) -> torch.Tensor
         finite scores (shift invariant: adding a constant to a row changes nothing). float32/float64
         are computed natively; bf16/fp16 in float32.
     Raises:
-        ValueError: k outside (0, n) or of a non-broadcastable shape, alpha <= 0 or subnormal,
+        ValueError: k outside (0, n) or of a non-broadcastable shape, k below `smallest_k(n, dtype)`
+            (2^9 n eps: 4.9e-4 for 8 float32 entries), alpha <= 0 or subnormal,
             non-finite scores, a row whose (max - min) / alpha overflows, fewer than 2 entries along
             `dim`. Checks that read tensor values follow SOFTMOE_CHECKS (softmoe/ops/checks.py): with
             them off the op makes no host sync and degenerate inputs give finite results.

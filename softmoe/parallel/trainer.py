@@ -36,7 +36,7 @@ from softmoe.parallel.wrap import parallelize
 from softmoe.routing.losses import global_counts
 from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint
 from softmoe.train.config import RunConfig
-from softmoe.train.loop import Trainer, TrainResult
+from softmoe.train.loop import Trainer, TrainingAborted, TrainResult
 from softmoe.train.rundir import RunDirError
 
 __all__ = ["DistributedTrainer"]
@@ -103,6 +103,12 @@ class DistributedTrainer(Trainer):
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
         return total.item()
 
+    def _skip_uncomputable(self, step: int, lr: float, reason: str):
+        # The other ranks may be inside this step's collectives: this rank cannot skip alone. It stops (torchrun
+        # then ends the others) with its reason; the run directory keeps its earlier checkpoints.
+        raise TrainingAborted(f"aborting at step {step} on rank {self.world.rank}: {reason}: the weights diverged, "
+                              f"is train.lr={self.config.train.lr:g} far too high?")
+
     def num_params(self) -> int:
         """The whole model's parameters: this rank's, plus the experts other EP ranks hold."""
         elsewhere = sum((m.num_experts_total - p.shape[0]) * p[0].numel() for m in self.model.modules()
@@ -137,6 +143,7 @@ class DistributedTrainer(Trainer):
                 claim = [err, []]
         dist.broadcast_object_list(claim, src=0)
         if claim[0] is not None:  # rank 0's error, raised on every rank so that all leave together
+            claim[0].every_rank = True  # rank 0 alone reports it (softmoe/train/cli.py)
             raise claim[0]
         paths = claim[1]
         return None if not paths else self._resume(paths[0], iter(paths[1:]))
@@ -163,6 +170,7 @@ def _raise_on_every_rank(error: Exception | None) -> None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
+        box[0].every_rank = True  # rank 0 alone reports it (softmoe/train/cli.py)
         raise box[0]
 
 

@@ -160,6 +160,10 @@ class RouterOutput:
     stats: LayerStats
 
 
+class NonFiniteLogits(ValueError):
+    """Router scores hold NaN/inf (in training: diverged weights; the trainer skips such a step)."""
+
+
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Tensor) -> torch.Tensor:
     """(T, E) float32 router scores W x, computed in fp32 even under autocast (gate stability).
 
@@ -172,7 +176,7 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Ten
     # One host sync (SOFTMOE_CHECKS, on by default on CPU): never route on NaN/inf scores. Off on GPUs, where
     # the training loop's non-finite guard catches them.
     if value_checks_enabled(logits_TE) and not bool(torch.isfinite(logits_TE).all()):
-        raise ValueError("router logits are not finite: the input holds NaN/inf in a real (non-padding) token "
+        raise NonFiniteLogits("router logits are not finite: the input holds NaN/inf in a real (non-padding) token "
                          f"(x of shape {tuple(x_TD.shape)})")
     return logits_TE
 

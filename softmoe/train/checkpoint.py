@@ -15,6 +15,7 @@ Reading: a checkpoint is used only if its manifest lists exactly its files and e
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -85,11 +86,59 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         raise ValueError(f"keep_last={keep_last} must be >= 1")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    need = _bytes_needed(model_state, train_state, extra_files)
+    free = shutil.disk_usage(root).free
+    if free < need:  # refuse before writing anything: the older checkpoints stay as they are
+        raise CheckpointError(_no_space(root / f"step_{step:07d}", need, free))
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    return finish_checkpoint(tmp, root, step, train_state, meta, extra_files, keep_last)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        return finish_checkpoint(tmp, root, step, train_state, meta, extra_files, keep_last)
+    except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_disk_full(err):
+            raise
+        raise CheckpointError(_no_space(root / f"step_{step:07d}", need, shutil.disk_usage(root).free)) from None
+
+
+# How a full disk (or quota) shows in the errors of open/write (errno), torch.save ("unexpected pos", "file write
+# failed") and safetensors (Rust's "StorageFull", "os error 28").
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left", "StorageFull", "os error 28", "unexpected pos", "file write failed",
+                   "Disk quota exceeded")
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` (or an error it was raised from) says the disk or the quota is full."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(err) for text in _DISK_FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _bytes_needed(model_state: dict, train_state: dict, extra_files: dict[str, Path] | None) -> int:
+    """A checkpoint's size, estimated: its tensors' bytes, the extra files, and 1 MiB for metadata and headers."""
+    def tensor_bytes(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
+    files = sum(Path(src).stat().st_size for src in (extra_files or {}).values())
+    return tensor_bytes(model_state) + tensor_bytes(train_state) + files + (1 << 20)
+
+
+def _no_space(final: Path, need: int, free: int) -> str:
+    return (f"cannot write checkpoint {final}: not enough disk space (about {need:,} bytes needed, {free:,} free); "
+            f"the earlier checkpoints are intact: free some space and continue with --resume")
 
 
 def finish_checkpoint(tmp: Path, root: Path, step: int, train_state: dict, meta: dict,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["add_train_parser", "add_generate_parser"]
@@ -19,11 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.train.rundir import RunDirError, resume_config
 
     if args.resume and args.overwrite:
-        print("softmoe train: --resume and --overwrite exclude each other", file=sys.stderr)
-        return 2
+        return _fail("--resume and --overwrite exclude each other")
     if args.stop_after is not None and args.stop_after < 1:
-        print(f"softmoe train: --stop-after={args.stop_after} must be >= 1", file=sys.stderr)
-        return 2
+        return _fail(f"--stop-after={args.stop_after} must be >= 1")
     flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
         ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
     args.overrides = [*args.overrides, *flags, *(["train.progress=false"] if args.quiet else [])]
@@ -32,17 +33,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
             config = resume_config(config, args.overrides)
     except (ValueError, TypeError) as err:
-        print(f"softmoe train: {'' if isinstance(err, RunDirError) else 'invalid config: '}{err}", file=sys.stderr)
-        return 2
+        return _fail(f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}")
+    if args.stop_after is not None and args.stop_after > config.train.steps:
+        return _fail(f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run ends "
+                     f"anyway")
     bad_path = _unusable_paths(config)
     if bad_path:
-        print(f"softmoe train: {bad_path}", file=sys.stderr)
-        return 2
+        return _fail(bad_path)
     try:
         trainer = build_trainer(config)  # one process, or one rank of a torchrun launch (parallel.data)
     except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
-        print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     variant = f"{config.model.router} ({config.model.describe_routing()})" if config.model.ffn == "moe" else "dense"
     if trainer.writes_run_files:
         print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
@@ -50,9 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, DispatchOverflow, OSError) as err:
-        if trainer.writes_run_files:  # every rank of a distributed run raises rank 0's error: one report
-            print(f"softmoe train: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        # an error every rank of a distributed run raised from rank 0 is reported by rank 0 alone
+        return _fail(str(err), every_rank=getattr(err, "every_rank", False))
     finally:
         finish(trainer)  # a distributed run leaves its process group
     if not trainer.writes_run_files:  # the non-zero ranks of a distributed run: rank 0 reports
@@ -75,6 +75,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str, every_rank: bool = True) -> int:
+    """Report a `softmoe train` error in one line; returns the exit status (2).
+
+    Under torchrun the line goes to the rank's error file (TORCHELASTIC_ERROR_FILE), which torchrun prints as the
+    failure's "traceback" in the summary that ends its own output, so it is said once, last, instead of before
+    torchrun's ~40 lines. An error that every rank meets alike (`every_rank`: the command line, the config, the
+    data, or rank 0's error raised on every rank) is reported by rank 0; the other ranks exit 0, so torchrun
+    does not stop rank 0 before it has written it.
+    """
+    line = f"softmoe train: {' '.join(message.split())}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    rank = int(os.environ.get("RANK", "0"))
+    if error_file is None:  # not under torchrun
+        print(line, file=sys.stderr)
+        return 2
+    if every_rank and rank != 0:
+        return 0
+    line += f" (rank {rank})" if rank else ""
+    if error_file:
+        # the layout torch.distributed.elastic's own @record writes; its summary prints "py_callstack"
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+    else:  # torchrun without a log directory
+        print(line, file=sys.stderr)
+    return 2
+
+
 def _unusable_paths(config) -> str | None:
     """Why data.data_dir / train.out_dir cannot be used (a file, not creatable), or None."""
     from softmoe.data.io import unusable_dir
@@ -90,6 +117,7 @@ def _unusable_paths(config) -> str | None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from softmoe.common.checks import check_float
     from softmoe.model import generate
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.restore import load_for_inference
@@ -99,6 +127,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     if args.threads < 1:
         print(f"softmoe generate: --threads={args.threads} must be >= 1", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 0:
+        print(f"softmoe generate: --max-new-tokens={args.max_new_tokens} must be >= 0", file=sys.stderr)
+        return 2
+    try:  # before loading anything (and before the note on --max-new-tokens below)
+        check_float("temperature", args.temperature, 0)
+        check_float("top_p", args.top_p, 0, 1, open_low=True)
+    except ValueError as err:
+        print(f"softmoe generate: {err}", file=sys.stderr)
         return 2
     # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
     torch.set_num_threads(args.threads)
@@ -116,10 +153,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         print("softmoe generate: the prompt encodes to zero tokens", file=sys.stderr)
         return 2
+    context = model.config.max_seq_len
+    room = context - len(ids)
+    if room < 1:
+        print(f"softmoe generate: the prompt is {len(ids)} tokens, which fills the model's context of {context} "
+              f"tokens (model.max_seq_len): shorten --prompt", file=sys.stderr)
+        return 2
+    max_new_tokens = min(args.max_new_tokens, room)
+    if max_new_tokens < args.max_new_tokens:  # a note, not an error: generate what fits
+        print(f"softmoe generate: --max-new-tokens {args.max_new_tokens} cut to {room}: the prompt's {len(ids)} "
+              f"tokens and {room} new ones fill the model's context of {context} tokens", file=sys.stderr)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
-        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, generator=generator)
     except (ValueError, TypeError) as err:
         print(f"softmoe generate: {err}", file=sys.stderr)
@@ -154,7 +201,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (newest good)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate; cut (with a note) to what fits in the model's context after the prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

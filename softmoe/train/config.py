@@ -48,6 +48,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     warmup_steps: int = 50  # linear warmup steps
+    schedule_steps: int = 0  # steps the warmup + cosine spans (0: train.steps); later steps keep the floor lr
     weight_decay: float = 0.1  # AdamW decay on matrices only (see train/optim.py)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -73,14 +74,16 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, one more forward)
 
     def __post_init__(self) -> None:
-        for name, low in [("seed", 0), ("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("threads", 0),
+        check_int("train.seed", self.seed, 0, 2**63 - 1)  # what the RNGs take (a larger one overflowed in torch)
+        for name, low in [("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("schedule_steps", 0), ("threads", 0),
                           ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
                           ("keep_last", 1), ("max_bad_steps", 0)]:
             check_int(f"train.{name}", getattr(self, name), low)
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "budget_lr_mult",
                      "grad_clip", "ae_target", "ae_rate", "ae_k_max"):
             high = 1 if name in ("min_lr_ratio", "beta1", "beta2") else math.inf
-            check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name == "lr")  # lr > 0
+            # lr > 0; eps > 0: AdamW divides by sqrt(v) + eps, and v is 0 for a parameter without gradient yet
+            check_float(f"train.{name}", getattr(self, name), 0, high, open_low=name in ("lr", "eps"))
         for name in ("activation_checkpointing", "progress", "tensorboard"):
             check_bool(f"train.{name}", getattr(self, name))
         check_device_name(self.device, "train.device")
@@ -108,6 +111,12 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def schedule_end(self) -> int:
+        """The step count the learning-rate schedule spans: schedule_steps, or steps when 0. A run extended with
+        `--resume train.steps=N` keeps its old end, so the added steps train at lr * min_lr_ratio."""
+        return self.schedule_steps or self.steps
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from softmoe.common.precision import autocast_context, module_device, resolve_de
 from softmoe.common.revision import code_revision
 from softmoe.model import GPT, DecoderOutput
 from softmoe.ops.compile import compile_model
+from softmoe.routing.base import NonFiniteLogits
 from softmoe.train import controllers, runtime
 from softmoe.train.checkpoint import (
     CheckpointError,
@@ -71,6 +72,7 @@ class StepStats:
     lr: float
     skipped: bool
     layers: list[dict] = field(default_factory=list)  # routing summary of the last micro-batch
+    reason: str = ""  # why a skipped step could not be computed (empty: a non-finite loss or gradient)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the dataset's "
                              f"tokenizer vocabulary ({self.data.vocab_size})")
         t = config.train
+        _check_eval_batches(t.eval_batches, self.data)
         self.device = resolve_device(t.device, "train.device")
         self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
@@ -173,7 +176,7 @@ class Trainer:
 
     def _set_lr(self, step: int) -> float:
         t = self.config.train
-        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.schedule_end, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         return lr
@@ -191,15 +194,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
         counts = controllers.StepCounts()  # per layer: routed pairs per expert and real tokens of the step
-        for micro in range(t.grad_accum):
-            idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
-            idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
-            with autocast_context(t.precision, self.device):
-                out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
-            (out.objective / t.grad_accum).backward()
-            sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
-            counts.add(out.routing)  # what the controllers read after the step: return values, no module state
-            self.load_window.add(out.routing)
+        try:
+            for micro in range(t.grad_accum):
+                idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
+                idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
+                with autocast_context(t.precision, self.device):
+                    out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
+                (out.objective / t.grad_accum).backward()
+                sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
+                counts.add(out.routing)  # what the controllers read after the step: return values, no module state
+                self.load_window.add(out.routing)
+        except NonFiniteLogits as err:  # diverged weights (lr far too high): the CPU routers' check saw them first
+            return self._skip_uncomputable(step, lr, str(err).split(":")[0])
         loss_sum, aux_sum = sums.tolist()
         layers = with_load_window(routing_summary(out.routing, out.k_L), self.load_window) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
@@ -217,6 +223,13 @@ class Trainer:
                          lr=lr, skipped=not finite, layers=layers)
 
     # ---- hooks (single process; see softmoe/parallel/trainer.py) ----
+
+    def _skip_uncomputable(self, step: int, lr: float, reason: str) -> StepStats:
+        """Hook: a step whose forward could not be computed is skipped like a non-finite one (weights unchanged,
+        counted against train.max_bad_steps; no controller moves)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        nan = math.nan
+        return StepStats(loss=nan, aux_loss=nan, grad_norm=nan, lr=lr, skipped=True, reason=reason)
 
     def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
         """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced).
@@ -242,11 +255,14 @@ class Trainer:
             return
         self.bad_steps += 1
         self.skipped_total += 1
-        self.report(f"step {step}: non-finite loss={stats.loss} aux={stats.aux_loss} grad_norm={stats.grad_norm}; "
-                    f"step skipped, weights unchanged ({self.bad_steps} in a row)")
+        what = stats.reason or (f"non-finite loss={stats.loss} aux={stats.aux_loss} "
+                                f"grad_norm={stats.grad_norm}")
+        self.report(f"step {step}: {what}; step skipped, weights unchanged ({self.bad_steps} in a row)")
         if self.bad_steps > self.config.train.max_bad_steps:
+            t = self.config.train
             raise TrainingAborted(f"aborting at step {step}: {self.bad_steps} consecutive non-finite steps "
-                               f"(train.max_bad_steps={self.config.train.max_bad_steps})")
+                                  f"({what.split(' aux=')[0]}; train.max_bad_steps={t.max_bad_steps}): the weights "
+                                  f"diverged, is train.lr={t.lr:g} far too high? Its earlier checkpoints are kept")
 
     # ---- checkpoints ----
 
@@ -337,6 +353,11 @@ class Trainer:
         candidates = good_checkpoints(self.run_dir / "checkpoints", self.report)
         good = next(candidates, None) if mode in ("resume", "auto") else None
         check_ownership(self.config, mode, good is not None)
+        metrics = self.run_dir / "metrics.jsonl"
+        if good is not None and not metrics.is_file():  # every session creates it: someone deleted it
+            raise RunDirError(f"{metrics} is missing, but the run has checkpoints (newest {good.name}): resuming "
+                              f"would go on with the run's history gone; restore the file, or create an empty one "
+                              f"to continue without it")
         if good is None:  # a fresh start: nothing of an earlier attempt may mix into this run's logs
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved_dict(self.config), sort_keys=False))
             for name in ("metrics.jsonl", "summary.json", REVISIONS):
@@ -362,11 +383,37 @@ class Trainer:
         if self.step >= self.config.train.steps and finished is not None and finished.step == self.step:
             self.report(f"{self.run_dir}: already trained to step {self.step}; nothing to do")
             return finished
+        if self.step >= self.config.train.steps:  # finished, but summary.json is missing or unreadable
+            rebuilt = self._summary_from_metrics(good)
+            if rebuilt is not None:
+                return rebuilt
         self.report(f"resumed from {good} at step {self.step}")
         t = self.config.train
+        # An extended run (it had finished at this step) keeps its final records; an interrupted one drops the
+        # off-schedule records its stop added, so its curves equal the uninterrupted run's.
+        extended = finished is not None and finished.step == self.step
         if self.writes_run_files:
-            MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: _on_schedule(r, t))
+            MetricsWriter.truncate_after(self.run_dir, self.step, keep=lambda r: extended or _on_schedule(r, t))
         return None
+
+    def _summary_from_metrics(self, checkpoint: Path) -> TrainResult | None:
+        """A finished run's summary.json written again from metrics.jsonl (its final validation record), without
+        evaluating or logging anything again; None when that record is missing (then the run validates once)."""
+        val = [r for r in read_metrics(self.run_dir, "val") if r.get("step") == self.step]
+        if not val:
+            return None
+        layers = val[-1].get("layers") or []
+        train_loss, tok_per_sec = _logged_train(self.run_dir, self.step)
+        result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss,
+                             val_loss=val[-1]["loss"], tokens_per_sec=tok_per_sec,
+                             mean_active_experts=mean_active_experts(layers), skipped_steps=self.skipped_total,
+                             checkpoint=str(checkpoint), num_params=self.num_params(),
+                             **_ae_fields(self.run_dir, layers))
+        if self.writes_run_files:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(result.__dict__, indent=2) + "\n")
+        self.report(f"{self.run_dir}: already trained to step {self.step}; summary.json was missing or unreadable "
+                    f"and is written again from metrics.jsonl (train loss and tok/s: the last logged window)")
+        return result
 
     def _run_lock(self):
         """Hook: the run directory's lock for the session (RunLock: one trainer at a time)."""
@@ -390,6 +437,9 @@ class Trainer:
                 return finished
             if self.writes_run_files:  # the code revision of every training session of this run
                 record_revision(self.run_dir, self.step)
+            if t.warmup_steps > t.schedule_end and self.writes_run_files:  # legal (a smoke run): say what it means
+                self.report(f"note: train.warmup_steps={t.warmup_steps} > train.steps={t.schedule_end}: the learning "
+                            f"rate rises to {t.schedule_end / t.warmup_steps:.2g} x train.lr and never decays")
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, purge_step=self.step or None,
                                    report=self.report, enabled=self.writes_run_files)
@@ -403,6 +453,8 @@ class Trainer:
                     ckpt = self.save() if self.saved_step != self.step else self._latest()
             finally:
                 writer.close()
+            if train_loss is None and self.step >= t.steps:  # no step this session (a finished run's summary lost)
+                train_loss, tok_per_sec = _logged_train(self.run_dir, self.step)
             result = TrainResult(run_dir=str(self.run_dir), step=self.step, train_loss=train_loss,
                                  val_loss=val_loss, tokens_per_sec=tok_per_sec,
                                  mean_active_experts=mean_active_experts(val_layers),
@@ -520,6 +572,17 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True)
 
 
+def _check_eval_batches(eval_batches: int, data: TrainData) -> None:
+    """ValueError when the validation pass asks for more windows than the val split has distinct ones: beyond
+    that, more batches only redraw the same windows (100,000 batches of a 1k-token split ran for minutes)."""
+    val = data.val
+    most = max(1, val.num_starts // val.batch_size)
+    if eval_batches > most:
+        raise ValueError(f"train.eval_batches={eval_batches} asks for {eval_batches * val.batch_size:,} validation "
+                         f"windows, but the val split ({val.tokens.shape[0]:,} tokens) has only {val.num_starts:,} "
+                         f"distinct windows of data.seq_len={val.seq_len}: use train.eval_batches <= {most}")
+
+
 def _ae_target(t, model: GPT) -> controllers.ActiveExpertsTarget | None:
     """The active-experts controller of `train.ae_target` (None when 0); a model without the lever it moves is
     refused here, before the first step (`controllers.lever_update`)."""
@@ -553,6 +616,14 @@ def _on_schedule(record: dict, t) -> bool:
     if record.get("split") == "val":
         return bool(t.eval_every) and step % t.eval_every == 0
     return step % t.log_every == 0
+
+
+def _logged_train(run_dir: Path, step: int) -> tuple[float | None, float | None]:
+    """(loss, tokens/s) of the last train record at or before `step` in metrics.jsonl; None where absent."""
+    records = [r for r in read_metrics(run_dir, "train") if isinstance(r.get("step"), int) and r["step"] <= step]
+    if not records:
+        return None, None
+    return records[-1].get("loss"), records[-1].get("tokens_per_sec")
 
 
 def _read_summary(run_dir: Path) -> TrainResult | None:

@@ -73,6 +73,7 @@ def resolved_dict(config: RunConfig | dict) -> dict:
         params = inspect.signature(Budget.__init__).parameters.values()
         defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         raw["model"]["budget_options"] = {**defaults, **config.model.budget_options}
+    raw["train"]["schedule_steps"] = config.train.schedule_end  # kept by `--resume train.steps=N`
     return raw
 
 
@@ -92,9 +93,19 @@ def config_diff(saved: RunConfig | dict, now: RunConfig | dict) -> list[str]:
 
 
 def trajectory_diff(saved: RunConfig | dict, now: RunConfig | dict) -> list[str]:
-    """The keys of `config_diff` that change what is trained (see NON_TRAJECTORY)."""
-    return [key for key in config_diff(saved, now)
+    """The keys of `config_diff` that change what is trained (see NON_TRAJECTORY).
+
+    More `train.steps` on the same schedule (train.schedule_steps, resolved) is no change: the steps done so far
+    are the same, the run only goes on for longer (`--resume train.steps=N`)."""
+    keys = [key for key in config_diff(saved, now)
             if key.split(".")[1] not in NON_TRAJECTORY.get(key.split(".")[0], set())]
+    if "train.steps" in keys:
+        a, b = resolved_dict(saved)["train"], resolved_dict(now)["train"]
+        if "train.schedule_steps" not in keys and b["steps"] > a["steps"]:
+            keys.remove("train.steps")
+        elif a["schedule_steps"] == a["steps"] and b["schedule_steps"] == b["steps"]:
+            keys.remove("train.schedule_steps")  # both span their own train.steps: name only that
+    return keys
 
 
 def read_saved_config(run_dir: Path) -> dict | None:
@@ -170,6 +181,9 @@ def resume_config(requested: RunConfig, overrides: list[str]) -> RunConfig:
     if not isinstance(saved, dict):
         raise RunDirError(f"--resume: {run_dir} holds no run (no config.yaml; check train.name and train.out_dir)")
     try:
+        # resolved: a run saved before train.schedule_steps existed spans its own train.steps, which an extension
+        # (`train.steps=N`) keeps
+        saved = resolved_dict(saved)
         config = run_config_from_dict(apply_overrides(saved, overrides))
     except (ValueError, TypeError) as err:
         raise RunDirError(f"--resume: {err}") from None
@@ -178,7 +192,7 @@ def resume_config(requested: RunConfig, overrides: list[str]) -> RunConfig:
         raise RunDirError(f"--resume: the override(s) would change the run's trajectory: "
                           f"{_describe(changed, saved, config)}; "
                           f"only {sorted(NON_TRAJECTORY['train'] - {'name', 'out_dir'})} and data.data_dir may change "
-                          f"on resume (start a new run with another train.name instead)")
+                          f"on resume, and train.steps may grow (start a new run with another train.name instead)")
     train = dataclasses.replace(config.train, out_dir=requested.train.out_dir, name=requested.train.name)
     return dataclasses.replace(config, train=train)
 

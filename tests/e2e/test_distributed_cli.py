@@ -42,7 +42,9 @@ def _torchrun(tmp_path: Path, *args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: the workers import this checkout's softmoe (not whichever one the venv has installed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(name, None)
     return env
@@ -81,6 +83,7 @@ def test_torchrun_ddp_trains_and_converts(tmp_path, capsys):
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done at step 4") == 1, proc.stdout  # rank 0 alone reports
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr  # DDP's C++ warning, on every rank before
     run_dir = tmp_path / "runs" / "tiny-softmoe"
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 4
     checkpoint = run_dir / "checkpoints" / "step_0000004"
@@ -91,6 +94,18 @@ def test_torchrun_ddp_trains_and_converts(tmp_path, capsys):
                  "--max-new-tokens", "4", "--temperature", "0"])
     assert code == 0
     assert "Four score" in capsys.readouterr().out
+
+    # The same launch again: the run directory holds this run. torchrun fails; the reason is said once, in the
+    # summary that ends torchrun's output (issue 27: one line buried above ~40 lines of ChildFailedError).
+    again = subprocess.run(_torchrun(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2",
+                                     "train.ckpt_every=0"),
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    output = again.stdout + again.stderr
+    assert output.count("softmoe train: ") == 1, output
+    tail = again.stderr[again.stderr.index("Root Cause"):]
+    assert "softmoe train: " in tail and "already holds this run" in tail and "--resume" in tail, tail
+    assert tail.rstrip().endswith("=" * 10), tail  # nothing of ours after torchrun's summary
 
 
 def test_killed_launch_resumes_exactly(tmp_path):

@@ -38,3 +38,23 @@ def test_main_job_reuses_finished_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "already trained to step 4; reusing it" in capsys.readouterr().out
+
+
+def test_main_job_without_matplotlib_writes_the_report_and_says_how_to_get_plots(tmp_path, capsys, monkeypatch):
+    """A core-only install (no `viz` extra): the report without plots, exit 0 (issue 27: exit 1, no report)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError, as if not installed
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    out = tmp_path / "out"
+    code = main(["main", "--preset", "tiny", "--out", str(out), "--data-dir", str(tmp_path / "data"),
+                 "--variants", "topk", "train.progress=false", "train.tensorboard=false", "train.steps=3",
+                 "train.eval_every=0", "train.ckpt_every=0"])
+    assert code == 0
+    assert "without plots" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "pip install 'softmoe[viz]'" in text and "![" not in text
+    assert not list(out.glob("*.png"))
+    # the report names the command that reproduces it, and a tiny job's wall time in seconds, not "0.0 min"
+    assert "Command: `softmoe main --preset tiny --out " in text and "--variants topk" in text
+    assert re.search(r"Wall time of the whole job: \d+ s\.", text), text

@@ -71,9 +71,9 @@ def test_resume_reads_the_runs_own_config(tmp_path, data_dir, capsys):
     assert train_cli(tmp_path, data_dir, "--resume", "train.log_every=2") == 0
     assert "done at step 12" in capsys.readouterr().out
     assert_consistent(tmp_path / "tiny-softmoe")
-    assert train_cli(tmp_path, data_dir, "--resume", "train.steps=20", "train.lr=0.5") == 2
+    assert train_cli(tmp_path, data_dir, "--resume", "train.steps=8", "train.lr=0.5") == 2
     err = capsys.readouterr().err
-    assert "train.steps 12 -> 20" in err and "train.lr" in err and len(err.splitlines()) == 1
+    assert "train.steps 12 -> 8" in err and "train.lr" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", ["nothing", "mistyped name", "all corrupt"])
@@ -189,6 +189,75 @@ def test_resume_on_a_finished_run_changes_nothing(tmp_path, data_dir):
     assert result.step == 4 and result.train_loss is not None and result.tokens_per_sec
     assert {name: (run_dir / name).read_bytes() for name in files} == files
     assert any("nothing to do" in r for r in reports)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "deleted", "final val record gone too"])
+def test_resume_of_a_finished_run_with_a_lost_summary_rebuilds_it_without_a_duplicate(tmp_path, data_dir, damage):
+    """Issue 27, item 12: no second validation record and no nulls; the summary comes back from metrics.jsonl
+    (validated once only when its final validation record is gone as well)."""
+    config = tiny(tmp_path, data_dir, "train.steps=4")
+    original = Trainer(config, report=quiet).fit()
+    run_dir = config.train.run_dir
+    records = (run_dir / "metrics.jsonl").read_text()
+    if damage == "corrupt":
+        (run_dir / "summary.json").write_text('{"step": 4, "val_lo')
+    else:
+        (run_dir / "summary.json").unlink()
+    if damage == "final val record gone too":
+        kept = [line for line in records.splitlines(keepends=True)
+                if not (json.loads(line)["split"] == "val" and json.loads(line)["step"] == 4)]
+        (run_dir / "metrics.jsonl").write_text("".join(kept))
+    result = Trainer(config, report=quiet).fit(resume=True)
+    assert (run_dir / "metrics.jsonl").read_text() == records  # one final validation record, as before
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["val_loss"] == original.val_loss == result.val_loss
+    assert summary["mean_active_experts"] == original.mean_active_experts
+    assert None not in (summary["train_loss"], summary["tokens_per_sec"], summary["train_ae"])
+
+
+def test_resume_after_metrics_jsonl_was_deleted_is_refused_unless_an_empty_one_says_so(tmp_path, data_dir,
+                                                                                         capsys):
+    assert train_cli(tmp_path, data_dir, "train.steps=6", "train.ckpt_every=3", "--stop-after", "3") == 0
+    metrics = tmp_path / "tiny-softmoe" / "metrics.jsonl"
+    metrics.unlink()
+    capsys.readouterr()
+    assert train_cli(tmp_path, data_dir, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{metrics} is missing" in err and "empty one" in err, err
+    assert not metrics.exists()
+    metrics.touch()  # continue without the history, on purpose
+    assert train_cli(tmp_path, data_dir, "--resume") == 0
+    assert min(r["step"] for r in read_metrics(tmp_path / "tiny-softmoe")) > 3
+
+
+def test_extending_a_finished_run_equals_a_run_planned_with_the_same_schedule(tmp_path, data_dir, capsys):
+    """Issue 27, item 7: `--resume train.steps=N` on a run finished at S continues it; the learning-rate schedule
+    keeps its end S (train.schedule_steps), so the added steps train at the floor lr, and the result is bitwise
+    the run configured with train.steps=N train.schedule_steps=S from the start. The old end's records stay."""
+    import yaml
+
+    base = ("train.warmup_steps=2", "train.ckpt_every=4", "train.eval_every=0", "train.eval_batches=1")
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=6", *base) == 0
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=10", *base, "--resume") == 0
+    assert "done at step 10" in capsys.readouterr().out
+    run = tmp_path / "a" / "tiny-softmoe"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["schedule_steps"]) == (10, 6)
+    assert train_cli(tmp_path / "b", data_dir, "train.steps=10", "train.schedule_steps=6", *base) == 0
+    planned = tmp_path / "b" / "tiny-softmoe"
+    from softmoe.train.checkpoint import load_checkpoint
+
+    extended, _, _ = load_checkpoint(run / "checkpoints" / "step_0000010")
+    assert_bitwise_equal(extended, load_checkpoint(planned / "checkpoints" / "step_0000010")[0])
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
+    planned_lrs = {r["step"]: r["lr"] for r in read_metrics(planned, "train")}
+    assert {step: lrs[step] for step in planned_lrs} == planned_lrs  # plus the old end's record at step 6
+    assert lrs[10] == pytest.approx(1e-2 * 0.1)  # the floor: lr x min_lr_ratio
+    assert [r["step"] for r in read_metrics(run, "val")] == [6, 10]  # the finished run's validation is kept
+    assert json.loads((run / "summary.json").read_text())["step"] == 10
+    # growing only: fewer steps is a trajectory change
+    assert train_cli(tmp_path / "a", data_dir, "train.steps=8", *base, "--resume") == 2
+    assert "train.steps 10 -> 8" in capsys.readouterr().err
 
 
 def test_main_and_compare_start_new_runs_without_a_resume_warning(tmp_path, data_dir, capsys):

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softmoe.ops import log_soft_topk, soft_topk
+from softmoe.ops.lapsum import smallest_k
 from softmoe.routing import truncate
 from tests.reference.lapsum_reference import soft_topk_reference
 
@@ -92,6 +93,7 @@ def test_outputs_and_gradients_finite(case, fn):
 def test_half_precision_inputs_finite(case, dtype):
     scores, k, alpha = case
     scores = scores.clamp(-6e4, 6e4).to(dtype)
+    k = k.clamp(min=smallest_k(scores.shape[-1], dtype))  # computed in float32: a smaller k is refused
     p = soft_topk(scores, k, alpha)
     assert p.dtype == dtype and torch.isfinite(p.float()).all()
     assert (p.float() >= 0).all() and (p.float() <= 1).all()
@@ -171,6 +173,7 @@ def test_sum_is_k_to_dtype_precision_at_extreme_inputs(case, dtype, checks, monk
     monkeypatch.setenv("SOFTMOE_CHECKS", checks)
     scores, k, alpha = case
     scores = scores.to(dtype)
+    k = k.clamp(min=smallest_k(scores.shape[-1], dtype))
     p = soft_topk(scores, k, alpha)
     assert p.dtype == dtype and torch.isfinite(p).all()
     n = scores.shape[-1]
@@ -247,3 +250,45 @@ def test_fuzz_cases_that_needed_more_closed_form_steps(checks, monkeypatch):
     for r, k, alpha in found.values():
         p = soft_topk(r, k, alpha).double()
         assert ((p.sum(-1) - k).abs() <= 8 * r.shape[-1] * torch.finfo(torch.float32).eps * (k + 1)).all()
+
+
+# ---------------------------------------------------------------- the smallest resolvable k
+# The threshold is solved for n - k, which the compute dtype holds to ulp(n) / 2: k below 2^9 n eps would come
+# out wrong by more than 2^-10 of itself (issue 27: all zeros for k = 1e-7 of 8, 0.01001 for k = 0.01 of 512).
+
+
+@PROFILE
+@given(st.integers(min_value=2, max_value=1024), st.integers(min_value=0, max_value=2**31 - 1),
+       st.floats(min_value=0.0, max_value=1.0), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from(["auto", "off"]))
+def test_every_accepted_k_is_met_to_a_2_pow_minus_10_fraction(n, seed, u, dtype, checks):
+    import os
+
+    k_min = smallest_k(n, dtype)
+    k = k_min * (n / 2 / k_min) ** u  # log-uniform over [smallest k, n / 2]
+    scores = torch.randn(3, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    os.environ["SOFTMOE_CHECKS"] = checks
+    try:
+        p = soft_topk(scores, k)
+    finally:
+        del os.environ["SOFTMOE_CHECKS"]
+    err = (p.double().sum(-1) - k).abs()
+    assert (err <= k / 1024).all(), f"|sum p - k| = {err.max().item():.3g} for k = {k:.3g}, n = {n}"
+
+
+@pytest.mark.parametrize("scores, k, named", [
+    (torch.zeros(1, 8), 1e-7, "k=1e-07 is below 0.000488"),
+    (torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), 0.01, "k=0.01 is below 0.0312"),
+    (torch.zeros(2, 8), torch.tensor([1.0, 1e-7]), "k=1e-07 is below 0.000488"),  # per-row k: the bad one named
+    (torch.zeros(1, 8, dtype=torch.bfloat16), 1e-4, "k=0.0001 is below 0.000488"),  # half types: float32 solve
+])
+def test_a_k_below_the_resolvable_one_is_refused_by_name(scores, k, named):
+    with pytest.raises(ValueError, match=rf"{named}, the smallest k that torch.float32 resolves among n="):
+        soft_topk(scores, k)
+
+
+def test_float64_resolves_the_small_k_float32_refuses():
+    p = soft_topk(torch.zeros(1, 8, dtype=torch.float64), 1e-7)
+    torch.testing.assert_close(p, torch.full((1, 8), 1e-7 / 8, dtype=torch.float64), rtol=1e-8, atol=0)
+    row = torch.randn(1, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(soft_topk(row, 0.01).sum().item() - 0.01) < 1e-12

@@ -217,7 +217,7 @@ def test_cli_convert_on_a_saved_tiny_model(tmp_path, capsys):
     src, out = tmp_path / "hf", tmp_path / "soft"
     model.save_pretrained(src)
     (src / "tokenizer.json").write_text("{}")
-    assert main(["convert", "--model", str(src), "--out", str(out), "--alpha", "0.02", "--budget", "1.5"]) == 0
+    assert main(["convert", "--checkpoint", str(src), "--out", str(out), "--alpha", "0.02", "--budget", "1.5"]) == 0
     assert "converted 2 Qwen2MoeForCausalLM MoE blocks" in capsys.readouterr().out
     assert (out / "tokenizer.json").read_text() == "{}"
     loaded = from_pretrained(out).eval()
@@ -226,10 +226,19 @@ def test_cli_convert_on_a_saved_tiny_model(tmp_path, capsys):
     x = ids(batch=2, length=10)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, expected(x).logits, atol=1e-6, rtol=0)
-    assert main(["convert", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    assert "missing" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "missing" in err, err  # the flag the user typed, not its old name
     assert main(["convert", "--model", str(src), "--out", str(out), "--alpha", "0"]) == 2
     assert "alpha=0.0" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_retrofit_defaults():
+    """The parser spells RetrofitConfig's defaults out (building it must not import torch): they must agree."""
+    from softmoe.convert.cli import DEFAULTS
+    from softmoe.convert.retrofit import RetrofitConfig
+
+    assert DEFAULTS == {name: getattr(RetrofitConfig, name) for name in DEFAULTS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def test_a_moved_threshold_round_trips_and_an_old_folder_loads_the_configured_on
     weights = load_file(tmp_path / "old" / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.endswith("router.threshold")},
               tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "old" / "softmoe_manifest.json").unlink()  # such a folder also predates the manifest
     for _ in range(3):  # the uninitialised memory it used to get differs between loads
         old = SoftMoEForCausalLM.from_pretrained(tmp_path / "old")
         assert [float(m.threshold) for m in old.modules() if hasattr(m, "threshold")] == pytest.approx([1.8, 1.8])
@@ -128,7 +129,10 @@ def test_mask_with_a_hole_is_rejected(model):
         model(ids, attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
 
 
-def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Trainer, Path]:
+    """(the trainer of a 2-step tiny run, its checkpoint exported with `softmoe export`)."""
+    tmp_path = tmp_path_factory.mktemp("export")
     config = load_run_config(CONFIGS / "tiny" / "softmoe.yaml", [
         f"train.out_dir={tmp_path / 'runs'}", f"data.data_dir={tmp_path / 'data'}", "train.steps=2",
         "train.ckpt_every=2", "train.eval_every=0", "train.eval_batches=1", "train.progress=false",
@@ -137,6 +141,12 @@ def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
     trainer.fit()
     out = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(config.train.run_dir), "--out", str(out)]) == 0
+    return trainer, out
+
+
+def test_export_cli_on_a_tiny_trained_checkpoint(exported, tmp_path):
+    trainer, out = exported
+    config = trainer.config
 
     loaded = SoftMoEForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -150,4 +160,59 @@ def test_export_cli_on_a_tiny_trained_checkpoint(tmp_path):
     trainer.model.eval()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False),
                        generate(trainer.model, prompt, 5, temperature=0.0))
-    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # nothing half-written
+
+
+def test_exported_folder_is_verified_on_load(exported, tmp_path):
+    """Every file's sha256 is in softmoe_manifest.json; SoftMoEForCausalLM.from_pretrained (and the Auto classes,
+    which call it) refuse a flipped byte in the weights, which transformers alone loads silently."""
+    import json
+    import shutil
+
+    from softmoe.export.manifest import MANIFEST, ExportIntegrityError, verify_export
+
+    _, out = exported
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert set(listed) == {p.name for p in out.iterdir()} - {MANIFEST}
+    assert verify_export(out) == sorted(listed)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    weights = damaged / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01  # inside the tensor data: the header still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportIntegrityError, match="model.safetensors: sha256"):
+        SoftMoEForCausalLM.from_pretrained(damaged)
+    register()
+    with pytest.raises(ExportIntegrityError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(damaged)
+    shutil.copy2(out / "model.safetensors", weights)
+    assert SoftMoEForCausalLM.from_pretrained(damaged) is not None
+    (damaged / "tokenizer.json").unlink()  # not read by the model load; verify_export checks every listed file
+    with pytest.raises(ExportIntegrityError, match="tokenizer.json: listed in"):
+        verify_export(damaged)
+
+
+@pytest.mark.parametrize("code", [
+    # docs/library.md: trust_remote_code on both Auto calls, no softmoe import
+    "tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)\n"
+    "model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)",
+    # the model first: its remote code registers the classes, so the tokenizer needs nothing more
+    "model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)\n"
+    "tok = AutoTokenizer.from_pretrained(out)",
+])  # (softmoe.register_hf() then plain Auto calls: test_auto_classes_load_the_folder_after_register)
+def test_documented_auto_loading_neither_prompts_nor_warns(exported, code):
+    """In a fresh process with no stdin: no "[y/N]" question from transformers, no model-type warning."""
+    import subprocess
+    import sys
+
+    _, out = exported
+    script = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\nout = {str(out)!r}\n{code}\n"
+              "print(type(model).__name__, type(tok).__name__, tok('four score').input_ids)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("SoftMoEForCausalLM "), proc.stdout
+    text = proc.stdout + proc.stderr
+    assert "[y/N]" not in text and "model of type" not in text, text

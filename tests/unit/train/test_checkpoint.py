@@ -84,3 +84,48 @@ def test_keep_last_prunes_oldest_and_ignores_temp_dirs(tmp_path):
 def test_resolve_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints below"):
         resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("failure", ["too little free space", "ENOSPC while writing the weights",
+                                     "torch.save's 'unexpected pos'"])
+def test_a_full_disk_is_one_error_naming_the_path_and_the_bytes(tmp_path, monkeypatch, failure):
+    """Issue 27, item 10: no traceback from torch / safetensors; the earlier checkpoint stays, no temp dir is left."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from softmoe.train import checkpoint as module
+
+    root = tmp_path / "ckpt"
+    save(root, 1)
+    if failure == "too little free space":
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    elif failure == "ENOSPC while writing the weights":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(module, "save_file", full)
+    else:
+        def unexpected_pos(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 490")
+        monkeypatch.setattr(module.torch, "save", unexpected_pos)
+    with pytest.raises(CheckpointError) as caught:
+        save(root, 2)
+    message = str(caught.value)
+    assert str(root / "step_0000002") in message and "bytes needed" in message and "\n" not in message, message
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000001"] and verify_checkpoint(root / "step_0000001")
+    assert not list(root.glob(".tmp-*"))
+    shutil.rmtree(root)
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    from softmoe.train import checkpoint as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(module, "save_file", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        save(tmp_path / "ckpt", 1)
+    assert not list((tmp_path / "ckpt").glob(".tmp-*"))

@@ -60,7 +60,9 @@ def test_missing_file_and_type_errors(tmp_path):
 
 @pytest.mark.parametrize("changes, error, match", [
     (dict(steps=0), ValueError, r"train\.steps=0 must be an int >= 1"),
-    (dict(seed=-1), ValueError, r"train\.seed=-1 must be an int >= 0"),
+    (dict(seed=-1), ValueError, r"train\.seed=-1 must be an int in \[0, 9223372036854775807\]"),
+    (dict(seed=2**64), ValueError, r"train\.seed=18446744073709551616 must be an int in"),
+    (dict(eps=0.0), ValueError, r"train\.eps=0\.0 must be a finite number > 0"),
     (dict(keep_last=True), TypeError, r"train\.keep_last=True must be an int >= 1"),
     (dict(lr=0), ValueError, r"train\.lr=0 must be a finite number > 0"),
     (dict(lr=float("inf")), ValueError, r"train\.lr=inf must be a finite number"),
