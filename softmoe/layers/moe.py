@@ -265,13 +265,7 @@ class MoELayer(nn.Module):
         """
         x_TD = self._flatten(x)
         mask_T = self._flatten_mask(attention_mask, x)
-        if mean_k is None:
-            out = self.router(x_TD, mask_T=mask_T)
-        elif self.uses_budget:
-            out = self.router(x_TD, mask_T=mask_T, mean_k=mean_k)
-        else:
-            raise ValueError(f"router={self.router.name!r} takes no budget k_l (uses_budget=False); "
-                             "mean_k must be None")
+        out = self.router(x_TD, mask_T=mask_T, k=mean_k)
         slots_TK = token_table(out.routing)
         x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
         y_TD = combine(self.experts(x_ND, out.routing.counts_E), out.routing, slots_TK)

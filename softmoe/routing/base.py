@@ -10,7 +10,7 @@ Every router routes T tokens in the same steps, and only one of them is its own:
     2. fp32 router scores W x (`router_logits`), padding rows zeroed, NaN/inf refused; in training, plus the
        config's `gate_noise` (`noised`: the rule routes on the noised scores, the losses read the clean ones);
     3. the layer's k as a 0-d tensor: the router's fixed k, or for a router that uses the global budget
-       (`BudgetRouter`) the k_l the model passes as `mean_k`;
+       (`BudgetRouter`) the k_l the model passes (`router(x_TD, mask_T, k)`, the one call signature);
     4. THE RULE (`rule`, the router's only method): scores -> the one ragged `Routing` record, plus any
        router-specific loss and statistics (`Rule`);
     5. finish (`finish_routing`): Switch load balance and z-loss into `aux_loss`, the shared statistics.
@@ -274,7 +274,7 @@ class GateRouter(torch.nn.Module):
         name                   the registered name (set by `register_router`)
         config_class           its config dataclass (set by `register_router`)
         label                  its name in tables and plots ("SoftMoE", "top-k", ...)
-        uses_budget            takes the model's global budget k_l (`mean_k`): a `BudgetRouter`
+        uses_budget            takes the model's global budget k_l (the `k` argument): a `BudgetRouter`
         causal                 False when a token's routing depends on other tokens of the call (expert
                                choice): the model then refuses KV-cache decoding
         fixed_active_experts   the mean experts per token is set by the config (top-k, expert choice), so a
@@ -365,14 +365,29 @@ class GateRouter(torch.nn.Module):
         """0-d float32 k of a router without a budget: its config's k (reported as stats["k"])."""
         return torch.tensor(float(self.config.k), device=device)
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> RouterOutput:
-        """Route T tokens.
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                k: torch.Tensor | None = None) -> RouterOutput:
+        """Route T tokens: every router is called this way.
 
         Args:
             x_TD: (T, D) token hidden states.
             mask_T: optional (T,) bool, True = real token; padding is not routed.
+            k: optional 0-d tensor, this layer's k_l from the model's budget (differentiable); only routers that
+                take a budget (`uses_budget`) accept it. None: the router's own k (`standalone_k`).
         """
-        return self.route(x_TD, mask_T, self.fixed_k(x_TD.device))
+        if k is None:
+            k, k_loss = self.standalone_k(x_TD.device)
+        elif not self.uses_budget:
+            raise ValueError(f"router={self.name!r} takes no budget k_l (uses_budget=False); k must be None")
+        elif not isinstance(k, torch.Tensor) or k.dim() != 0:
+            raise ValueError(f"k must be a 0-d tensor (this layer's k_l), got {k!r}")
+        else:
+            k, k_loss = k.float(), None
+        return self.route(x_TD, mask_T, k, k_loss)
+
+    def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k, its weighted loss or None) without a budget: the config's fixed k."""
+        return self.fixed_k(device), None
 
     def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, k: torch.Tensor,
               k_loss: torch.Tensor | None = None) -> RouterOutput:
@@ -398,33 +413,12 @@ class GateRouter(torch.nn.Module):
 
 
 class BudgetRouter(GateRouter):
-    """A router that takes the layer's k_l from the model's global budget: `forward(x_TD, mask_T, mean_k)`.
+    """A router that can take the layer's k_l from the model's global budget (`forward(x_TD, mask_T, k)`).
 
-    Standalone (mean_k None) it routes with `standalone_k` (default: the config's k).
+    Standalone (k None) it routes with `standalone_k` (default: the config's k).
     """
 
     uses_budget = True
-
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
-                mean_k: torch.Tensor | None = None) -> RouterOutput:
-        """Route T tokens with k = mean_k.
-
-        Args:
-            x_TD: (T, D) token hidden states.
-            mask_T: optional (T,) bool, True = real token; padding is not routed.
-            mean_k: optional 0-d tensor k_l in (0, E) from the model's Budget (differentiable).
-        """
-        if mean_k is None:
-            k, k_loss = self.standalone_k(x_TD.device)
-        else:
-            if not isinstance(mean_k, torch.Tensor) or mean_k.dim() != 0:
-                raise ValueError(f"mean_k must be a 0-d tensor (this layer's k_l), got {mean_k!r}")
-            k, k_loss = mean_k.float(), None
-        return self.route(x_TD, mask_T, k, k_loss)
-
-    def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(k, its weighted loss or None) without a budget: the config's fixed k."""
-        return self.fixed_k(device), None
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The paper's rule (Zasada et al., ICML 2026; METHOD.md, "SoftMoE layer"), the def
     1. r = W x in fp32 (no softmax before LapSum); in training, optionally r + gate_noise * N(0, 1) (the router
        template's `noised`, for every router).
     2. p = soft_topk(r, k_l, alpha) with alpha = 1: p_i in (0, 1), sum_i p_i = k_l. k_l comes from
-       the model's Budget (`mean_k`) or, standalone, from this router.
+       the model's Budget (the router's `k` argument) or, standalone, from this router.
     3. Truncation `relative`: tau = clamp(threshold * k_l / E, m-th largest p, largest p) with
        m = min(ceil(k_l * cap_factor), E), on detached p; keep p_i >= tau. So every token keeps
        between 1 and m experts (ties aside): an expert must hold `threshold` x the mean mass k_l / E.
@@ -149,9 +149,9 @@ def _default_threshold(module: "SoftKRouter", state_dict: dict, prefix: str, *ar
 
 @register_router("softmoe", SoftKConfig)
 class SoftKRouter(BudgetRouter):
-    """Truncated LapSum soft top-k router; k_l from the budget (`mean_k`) or its own k.
+    """Truncated LapSum soft top-k router; k_l from the budget (`k`) or its own k.
 
-    Standalone (mean_k=None) the layer is a one-layer budget: k fixed at `config.k`, or with
+    Standalone (k=None) the layer is a one-layer budget: k fixed at `config.k`, or with
     `learn_k=True` a learned k in [k_min, E - margin] with penalty k_penalty_coef (k - config.k)^2.
     """
 

@@ -54,7 +54,7 @@ def test_layer_equals_dense_reference(case, impl):
     x = torch.randn(3, 7, D)
     y = layer(x, mean_k=mean_k).output
     weight_TE = reference_weights(layer, x.reshape(-1, D), mean_k)
-    routed = layer.router(x.reshape(-1, D), **({} if mean_k is None else {"mean_k": mean_k})).routing
+    routed = layer.router(x.reshape(-1, D), k=mean_k).routing
     torch.testing.assert_close(routed.dense_weights(), weight_TE, rtol=0, atol=1e-6)
     torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5)
 
@@ -161,14 +161,14 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=f"attention_mask holds {value}"):
             layer(torch.randn(2, 3, D), attention_mask=torch.full((2, 3), value))
     layer(torch.randn(2, 3, D), attention_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # 0/1 floats are fine
-    with pytest.raises(ValueError, match="mean_k"):
+    with pytest.raises(ValueError, match="k must be a 0-d tensor"):
         layer(torch.randn(2, 3, D), mean_k=torch.tensor([2.0, 2.0]))
     with pytest.raises(ValueError, match="k="):
         layer(torch.randn(2, 3, D), mean_k=torch.tensor(float(E)))
     with pytest.raises(ValueError, match="not finite"):
         layer(torch.full((1, 2, D), float("nan")))
     topk, _ = make_layer("mixtral_k2")
-    with pytest.raises(ValueError, match="mean_k must be None"):
+    with pytest.raises(ValueError, match="takes no budget k_l .uses_budget=False.; k must be None"):
         topk(torch.randn(1, 2, D), mean_k=torch.tensor(2.0))
 
 

@@ -58,6 +58,11 @@ def budget_kwargs(case: Case) -> dict:
     return {} if case.mean_k is None else {"mean_k": torch.tensor(case.mean_k)}
 
 
+def router_kwargs(case: Case) -> dict:
+    """{"k": k_l} for a router called directly with a budget (the one router call signature), else {}."""
+    return {} if case.mean_k is None else {"k": torch.tensor(case.mean_k)}
+
+
 def layer_fn(case: Case, layer: MoELayer):
     """`layer` with this case's budget k_l bound, called as layer(x, ...)."""
     return functools.partial(layer, **budget_kwargs(case))
@@ -79,8 +84,9 @@ def check_class_contract(case: Case) -> None:
     assert f"={case.k:g} of {E}" in cls.describe(case.k, E)
     assert ("fixed soft mass k" in cls.describe(case.k, E, learned=False)) == cls.uses_budget
     cls.config_class.check_k(case.k, E)  # the model config's coarse check accepts the case's k
-    # Only a budget router takes mean_k: the others do not even accept it.
-    assert ("mean_k" in inspect.signature(cls.forward).parameters) == cls.uses_budget
+    # One call signature for every router: router(x_TD, mask_T=None, k=None), no override of forward.
+    assert list(inspect.signature(cls.forward).parameters) == ["self", "x_TD", "mask_T", "k"]
+    assert cls.forward is GateRouter.forward
 
 
 def check_routing_record_and_stats(case: Case) -> None:
@@ -89,7 +95,7 @@ def check_routing_record_and_stats(case: Case) -> None:
     layer = make_layer(case)
     x_TD = torch.randn(21, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer.router(x_TD, **budget_kwargs(case))
+        out = layer.router(x_TD, **router_kwargs(case))
     routing = out.routing
     assert out.logits_TE.dtype == torch.float32 and out.logits_TE.shape[0] == 21
     assert routing.num_experts == E and int(routing.counts_E.sum()) == routing.token_N.numel()
@@ -115,7 +121,7 @@ def check_dense_reference(case: Case) -> None:
     x = torch.randn(3, 7, D)
     for impl in ("padded", "grouped", "loop"):
         layer = make_layer(case, impl)
-        weight_TE = layer.router(x.reshape(-1, D), **budget_kwargs(case)).routing.dense_weights()
+        weight_TE = layer.router(x.reshape(-1, D), **router_kwargs(case)).routing.dense_weights()
         y = layer(x, **budget_kwargs(case)).output
         torch.testing.assert_close(y, ref.dense_moe(layer, x, weight_TE), rtol=0, atol=1e-5, msg=impl)
 
@@ -144,8 +150,8 @@ def check_padding_ignored(case: Case) -> None:
     y_pad = layer(padded, attention_mask=mask, **budget_kwargs(case)).output
     torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
     assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, D))
-    out = layer.router(x.reshape(-1, D), **budget_kwargs(case))
-    out_pad = layer.router(padded.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    out = layer.router(x.reshape(-1, D), **router_kwargs(case))
+    out_pad = layer.router(padded.reshape(-1, D), mask_T=mask.reshape(-1), **router_kwargs(case))
     for name, t in out.stats.tensors.items():
         if t.dim() == 0:
             assert out_pad.stats[name] == pytest.approx(out.stats[name], abs=1e-6), name
@@ -214,12 +220,12 @@ def check_bad_input_and_config(case: Case) -> None:
         build_router(name + "_unknown", D, E, k)
     layer = make_layer(case)
     with pytest.raises(ValueError, match="not finite"):
-        layer.router(torch.full((2, D), float("nan")), **budget_kwargs(case))
+        layer.router(torch.full((2, D), float("nan")), **router_kwargs(case))
     if router_class(name).uses_budget:
-        with pytest.raises(ValueError, match="mean_k must be a 0-d tensor"):
-            layer.router(torch.randn(2, D), mean_k=torch.tensor([k, k]))
+        with pytest.raises(ValueError, match="k must be a 0-d tensor"):
+            layer(torch.randn(1, 2, D), mean_k=torch.tensor([k, k]))
     else:
-        with pytest.raises(ValueError, match="mean_k must be None"):
+        with pytest.raises(ValueError, match="takes no budget k_l .uses_budget=False.; k must be None"):
             layer(torch.randn(1, 2, D), mean_k=torch.tensor(k))
 
 
@@ -237,8 +243,8 @@ def check_static_dispatch(case: Case) -> None:
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[0, 0] = False
     exact_case, static_case = case, _with_options(case, dispatch_cap=E)
-    exact = make_layer(exact_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
-    static = make_layer(static_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+    exact = make_layer(exact_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **router_kwargs(case))
+    static = make_layer(static_case).router(x.reshape(-1, D), mask_T=mask.reshape(-1), **router_kwargs(case))
     n, r = exact.routing.num_pairs, static.routing
     assert r.num_pairs == 21 * E and torch.equal(r.counts_E, exact.routing.counts_E)
     for name in ("token_N", "expert_N", "weight_N"):
@@ -274,9 +280,9 @@ def check_static_dispatch(case: Case) -> None:
     if smallest is not None and n > 21:  # some token keeps two experts or more: T * 1 pairs cannot hold them
         with pytest.raises(DispatchOverflow, match=rf"keeps {n} \(token, expert\) pairs, more than its static "
                                                    r"bound max_pairs=21 \(21 tokens x the router's dispatch_cap\)"):
-            smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+            smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **router_kwargs(case))
     elif smallest is not None:
-        out = smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **budget_kwargs(case))
+        out = smallest.router(x.reshape(-1, D), mask_T=mask.reshape(-1), **router_kwargs(case))
         assert torch.equal(out.routing.token_N[:n], exact.routing.token_N)
     for bad, error in ((0, ValueError), (E + 1, ValueError), (1.5, TypeError), (True, TypeError)):
         with pytest.raises(error, match=f"dispatch_cap={bad!r} must be"):

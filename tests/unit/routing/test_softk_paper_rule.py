@@ -103,7 +103,7 @@ def test_gradient_reaches_logits_and_k_through_kept_p_only():
     router = build_router("softmoe", 10, 8, 2.0)
     x = torch.randn(30, 10)
     k = torch.tensor(2.0, requires_grad=True)
-    out = router(x, mean_k=k)
+    out = router(x, k=k)
     c = torch.randn(30, 8)
     (out.routing.dense_weights() * c).sum().backward()
     grad_gate, grad_k = router.gate.weight.grad.clone(), k.grad.clone()

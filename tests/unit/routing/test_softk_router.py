@@ -48,7 +48,7 @@ def test_peaked_scores_keep_about_ceil_k_and_flat_scores_keep_more():
 def test_kept_mass_and_weight_sums(combine):
     soft, _ = routers(min_weight=0.0, combine=combine)
     x = torch.randn(20, D)
-    out = soft(x, mean_k=torch.tensor(2.7))
+    out = soft(x, k=torch.tensor(2.7))
     assert out.stats.kept_mass == pytest.approx(2.7, abs=1e-5)
     assert out.stats.k == pytest.approx(2.7)
     sums = out.routing.dense_weights().sum(-1)
@@ -61,6 +61,6 @@ def test_kept_mass_and_weight_sums(combine):
 def test_budget_k_changes_the_routing():
     soft, _ = routers(alpha=0.05, min_weight=0.05)
     x = torch.randn(64, D)
-    few = soft(x, mean_k=torch.tensor(1.2)).stats.active_experts_mean
-    many = soft(x, mean_k=torch.tensor(5.0)).stats.active_experts_mean
+    few = soft(x, k=torch.tensor(1.2)).stats.active_experts_mean
+    many = soft(x, k=torch.tensor(5.0)).stats.active_experts_mean
     assert many > few + 2
