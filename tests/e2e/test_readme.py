@@ -1,4 +1,5 @@
-"""The README's command block, in order, after `make run`, on the tiny preset with the same paths.
+"""The README's quick tour, pasted as it is, and its command block, in order, after `make run`, on the tiny preset
+with the same paths.
 
 `make run` is `softmoe main --preset demo --out runs/demo`; here it is `--preset tiny`, and every `demo`
 config, preset and run name becomes its `tiny` twin (configs/demo/softmoe.yaml -> configs/tiny/softmoe.yaml,
@@ -46,6 +47,21 @@ def on_tiny(line: str) -> list[str]:
     argv = shlex.split(line, comments=True)
     assert argv[0] == "softmoe", line
     return argv[1:]
+
+
+def quick_tour() -> str:
+    """The README's Python block under "## Quick tour"."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n", text.index("## Quick tour")) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_the_quick_tour_runs_as_pasted():
+    namespace: dict = {}
+    exec(compile(quick_tour(), "README.md quick tour", "exec"), namespace)
+    active = namespace["routing"].active_per_token()
+    assert 1 <= int(active.min()) and int(active.max()) <= 4  # the comment's "1 to 4 experts each"
+    assert namespace["y"].shape == (4, 128, 256)
 
 
 def test_every_readme_line_is_run_or_listed():

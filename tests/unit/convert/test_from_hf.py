@@ -1,6 +1,19 @@
 """Retrofit of transformers MoE models (softmoe.convert): equivalence at small alpha, gradients, budget,
 save / reload, the `softmoe convert` CLI and bad input. Tiny random configs, no download.
 
+Tiny random configs of all three classes (2 layers, hidden 32, 8 experts, top-2; Qwen2-MoE with
+`norm_topk_prob=False` and its shared expert, OLMoE with `norm_topk_prob=True`):
+    - blocks replaced with the same weights and names;
+    - logits, HF aux loss and greedy generate equal within 1e-5 at alpha <= margin / 40;
+    - positions before the first near-threshold token equal at alpha 1e-4 and 1e-3;
+    - per-token soft weights within the sqrt(E - k) e^(-delta / (2 alpha)) bound;
+    - budget k_l = the original k, and mean k_l = k after moving theta;
+    - gradients reach theta, log alpha, the gates and the experts;
+    - save / reload exact; `softmoe convert` on a saved tiny model;
+    - errors for a non-module, a model without MoE blocks, an unsupported block (`Qwen3MoeSparseMoeBlock`),
+      unknown options, out-of-range alpha / budget, a bad combine, an already converted model and a folder
+      without the config entry.
+
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:xdist tests/unit/convert/test_from_hf.py
 """
 
