@@ -39,7 +39,7 @@ from softmoe.train.controllers import realized_budget
 __all__ = ["BudgetPoint", "budget_sweep", "calibrate_thresholds", "calibration_batches", "check_budgets", "dialed",
            "plot_budget_sweep", "scaled_allocation"]
 
-CALIBRATION_ROUNDS = 24  # bisection rounds: the threshold to E / 2^24
+CALIBRATION_ROUNDS = 16  # bisection rounds: the threshold to E / 2^16 (far below a count step)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def check_budgets(model: GPT, budgets: Sequence[float]) -> None:
                              f"E - margin={high}]")
 
 
-def calibration_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int = 4
+def calibration_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int = 2
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `num_batches` evaluation batches of `tokens` (the training split's, for `calibrate_thresholds`)."""
     check_int("num_batches", num_batches, 1)
