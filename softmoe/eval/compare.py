@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import re
 import sys
@@ -411,8 +412,16 @@ def _end_with_parent() -> None:
 
 
 def _run_one_in_worker(args: tuple) -> dict:
-    """A process-pool worker: `run_one(*args)` (its output interleaves with the other worker's)."""
-    return run_one(*args)
+    """A process-pool worker: `run_one(*args)` (its output interleaves with the other worker's). Stopped because its
+    compare died (the SIGTERM above; the run is checkpointed), it exits: no parent will send it more work or read
+    its result, and the pool's queue would otherwise keep it waiting forever."""
+    parent = os.getppid()
+    try:
+        return run_one(*args)
+    except KeyboardInterrupt:
+        if os.getppid() != parent:
+            os._exit(130)
+        raise
 
 
 def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
