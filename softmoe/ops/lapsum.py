@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from softmoe.ops import lapsum_fast
 from softmoe.ops.checks import value_checks_enabled
 from softmoe.ops.lapsum_triton import lapsum_mode, lapsum_triton, use_triton
 
@@ -393,6 +394,42 @@ class _LapSumTopK(torch.autograd.Function):
         return grad_scores, grad_k, None, grad_alpha, None, None, None
 
 
+class _LapSumFastTopK(torch.autograd.Function):
+    """p = F((r - b) / alpha) for float32 rows (R, n) by `lapsum_fast` (CPU, value checks on); p only, not log p.
+
+    The same threshold and gradients as `_LapSumTopK`, in fewer and cheaper passes. Saves x and f = F'(x).
+    """
+
+    @staticmethod
+    def forward(ctx, scores_Rn, k_R, w_R, alpha):
+        x, f, p = torch.empty_like(scores_Rn), torch.empty_like(scores_Rn), torch.empty_like(scores_Rn)
+        for rows in _row_blocks(*scores_Rn.shape):
+            lapsum_fast.solve(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, x[rows], f[rows], p[rows])
+        ctx.save_for_backward(x, f, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, f, alpha = ctx.saved_tensors
+        need_k, need_alpha = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        grad_scores = torch.empty_like(x)
+        grad_k = x.new_empty(x.shape[0]) if need_k else None
+        grad_alpha = x.new_zeros(()) if need_alpha else None
+        grad_out = grad_out.contiguous()
+        for rows in _row_blocks(*x.shape):
+            g_k, unsafe = lapsum_fast.backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
+            if bool(unsafe.any()):  # every |x| of a row beyond ~80: q from the softmax form
+                redo = unsafe.nonzero().squeeze(-1)
+                exact, exact_k, _ = _lapsum_backward(x[rows][redo], grad_out[rows][redo], alpha, False, need_k, False)
+                grad_scores[rows] = grad_scores[rows].index_put((redo,), exact)
+                g_k = g_k.index_put((redo,), exact_k) if need_k else None
+            if need_k:
+                grad_k[rows] = g_k
+            if need_alpha:
+                grad_alpha += _lapsum_backward(x[rows], grad_out[rows], alpha, False, False, True)[2]
+        return grad_scores, grad_k, None, grad_alpha
+
+
 # --------------------------------------------------------------------------------------------
 # Argument checking and the public functions
 # --------------------------------------------------------------------------------------------
@@ -493,6 +530,13 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
             torch.full(batch_shape, n - value, device=device, dtype=dtype))
 
 
+def _fast_path(scores_Rn: torch.Tensor, log: bool, checks: bool, compiled: bool) -> bool:
+    """Whether `lapsum_fast` solves these rows: float32 on CPU, p (not log p), value checks on (its rare rows
+    that need the general solver are found with host syncs), not SOFTMOE_LAPSUM=compile."""
+    return (scores_Rn.dtype == torch.float32 and scores_Rn.device.type == "cpu" and not log and checks
+            and not compiled)
+
+
 def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Tensor:
     checks = isinstance(scores, torch.Tensor) and value_checks_enabled(scores)
     n = _check_scores(scores, dim, checks)
@@ -508,7 +552,10 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
         # SOFTMOE_LAPSUM=compile: the early-exit solver's passes compiled (with checks on; checks off keeps the
         # fixed-work solver, whose passes torch.compile fuses when the caller compiles the model).
         compiled = checks and lapsum_mode() == "compile" and not torch.compiler.is_compiling()
-        out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
+        if _fast_path(scores_Rn, log, checks, compiled):
+            out_Rn = _LapSumFastTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t)
+        else:
+            out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 
