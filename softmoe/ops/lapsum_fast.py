@@ -34,7 +34,7 @@ _MAX_STEPS = 8
 
 def _band(k_R1: torch.Tensor) -> torch.Tensor:
     """(R, 1) the largest |t| (alpha units from the row max) at which the s - t frame is exact enough."""
-    return (2.0 * (k_R1 + 1.0)).clamp_(max=16.0)
+    return (4.0 * (k_R1 + 1.0)).clamp_(max=16.0)
 
 
 def side_sums(x_Rn: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -111,7 +111,7 @@ def _steps(r_Rn, s_Rn, t_R1, w_R1, band_R1, alpha, max_steps: int) -> tuple[torc
         settled = settled.squeeze(-1)
         done[active[settled]] = True
         active = active[~settled]
-        far = active[(t_R1[active].abs() > 1.0).squeeze(-1)]
+        far = active[(t_R1[active].abs() > band_R1[active]).squeeze(-1)]
         if far.numel():
             _reanchor(r_Rn, s_Rn, anchor, t_R1, alpha, far)
         if not active.numel():
@@ -143,17 +143,23 @@ def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: tor
     t = sum_e.log().sub_(k_R1.log() + _LOG2)
     general = (k_R1 > w_R1).squeeze(-1)
     stepped = ((t < 0).squeeze(-1) & ~general).nonzero().squeeze(-1)
-    s_stepped = s[stepped] if stepped.numel() else None
-    x = s.sub_(t)
     if not stepped.numel() and not bool(general.any()):
+        x = s.sub_(t)
         e_s.mul_(k_R1 / sum_e)  # = e^x / 2 = p = f
         p_Rn.copy_(e_s)
         return
-    if stepped.numel():
-        x_rows, ok = _steps(r_Rn[stepped], s_stepped, t[stepped], w_R1[stepped], _band(k_R1[stepped]), alpha,
+    if 2 * stepped.numel() > s.shape[0]:
+        # Most rows step: all do (no row copies). A row already at its root settles in one step (u ~ 0).
+        x, ok = _steps(r_Rn, s, t, w_R1, _band(k_R1), alpha, _MAX_STEPS)
+        general |= ~ok
+    elif stepped.numel():
+        x_rows, ok = _steps(r_Rn[stepped], s[stepped], t[stepped], w_R1[stepped], _band(k_R1[stepped]), alpha,
                             _MAX_STEPS)
+        x = s.sub_(t)
         x[stepped] = x_rows
         general[stepped[~ok]] = True
+    else:
+        x = s.sub_(t)
     if bool(general.any()):
         rows = general.nonzero().squeeze(-1)
         x[rows] = _solve_x(r_Rn[rows], k_R1[rows], w_R1[rows], alpha, sync_free=False)
