@@ -12,7 +12,7 @@ uses only adds, multiplies, `sign`, `clamp`, `exp` and sums:
        t0 >= -log 2k (the sum of e^s is at least 1), so these frames start near the row max; x = s - t
        keeps its digits near the threshold while |t| <= `_band(k)` (below), and the rows that leave it
        (sharp rows far from their max), do not settle in `_MAX_STEPS`, or have k > n / 2 are solved by
-       the general eager solver (`lapsum._solve_x`, re-centred frames) instead.
+       the general eager solver (`lapsum._solve_x`, re-centred frames, handed in by the caller) instead.
     3. The output and F'(x) = e^{-|x|} / 2 (saved for the backward) come from one exp of the final x.
 
 Why the band is safe: s carries a relative error of ~1.5 eps, so near the threshold (s ~ t) x errs by
@@ -25,8 +25,11 @@ Shape legend: R rows, n entries per row.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+from softmoe.ops.lapsum_steps import _check_centred, _exact_where_unsafe, _interval_step
 
 _LOG2 = math.log(2.0)
 _MAX_STEPS = 8
@@ -93,8 +96,6 @@ def _steps(r_Rn, s_Rn, t_R1, w_R1, band_R1, alpha, max_steps: int) -> tuple[torc
     Returns (x_Rn at the final thresholds, ok_R) with ok False for rows that did not settle in `max_steps`
     or whose residual threshold is beyond `band_R1` (scores too coarse for a float32 anchor).
     """
-    from softmoe.ops.lapsum import _exact_where_unsafe, _interval_step
-
     tolerance = math.sqrt(torch.finfo(s_Rn.dtype).eps)
     anchor = r_Rn.amax(dim=-1, keepdim=True).double()
     done = torch.zeros(s_Rn.shape[0], dtype=torch.bool, device=s_Rn.device)
@@ -123,14 +124,13 @@ def _steps(r_Rn, s_Rn, t_R1, w_R1, band_R1, alpha, max_steps: int) -> tuple[torc
 
 
 def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: torch.Tensor,
-          x_Rn: torch.Tensor, f_Rn: torch.Tensor, p_Rn: torch.Tensor) -> None:
+          x_Rn: torch.Tensor, f_Rn: torch.Tensor, p_Rn: torch.Tensor, general_solver: Callable) -> None:
     """Write x = (r - b) / alpha at the exact threshold b, f = F'(x) = e^{-|x|} / 2 and p = F(x) into the
     given (R, n) float32 buffers (no copies: on CPU a copy costs as much as a pass of the solve).
 
-    Rows whose frame would lose digits go to the general solver (`lapsum._solve_x`); see the module docstring.
+    Rows whose frame would lose digits go to `general_solver(r, k, w, alpha) -> x` (the general solver,
+    `lapsum._solve_x`); see the module docstring.
     """
-    from softmoe.ops.lapsum import _check_centred, _solve_x
-
     s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True), out=x_Rn)
     if float(alpha) != 1.0:  # a host read, free on CPU: saves a pass at the paper's alpha
         s.div_(alpha)
@@ -162,7 +162,7 @@ def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: tor
         x = s.sub_(t)
     if bool(general.any()):
         rows = general.nonzero().squeeze(-1)
-        x[rows] = _solve_x(r_Rn[rows], k_R1[rows], w_R1[rows], alpha, sync_free=False)
+        x[rows] = general_solver(r_Rn[rows], k_R1[rows], w_R1[rows], alpha)
     e = torch.abs(x, out=f_Rn).neg_().exp_()
     # p = F(x) = e / 2 below 0, 1 - e / 2 at or above, as above (1 - e) + e / 2 with above a float 0/1.
     above = torch.sign(x, out=p_Rn).clamp_(min=0.0)  # x = 0 takes e / 2 = 1/2 = F(0)
