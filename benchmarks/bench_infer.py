@@ -12,14 +12,15 @@ flatter and every token keeps one expert).
 
 Measured per variant, interleaved repeat by repeat in one process (the box is shared; ratios are the claims):
     prefill    one forward over B_p x S_p prompt tokens with a fresh KV cache: tokens/s
-    decode     `generate` of N new tokens at batch 1 and 32 (greedy), per token: (t(N + 1) - t(1)) / N,
+    decode     `generate` of N new tokens at batch 1 (N = 32) and 32 (N = 8), greedy; per step (t(N + 1) - t(1)) / N,
                so the prompt's prefill cancels; tokens/s = batch / that
 for the native model (`softmoe.model.generate`) and for the exported transformers model
 (`SoftMoEForCausalLM.generate`, softmoe/export/hf.py; skipped with --no-hf). The realized AE is measured on the
 decoded tokens (an untimed run). Then, per path and measurement, time per token t against AE: a least-squares
 line over the top-k variants and one over the SoftMoE ones (slope = cost per active expert, intercept = the fixed
 cost), and SoftMoE / top-k at equal AE = t_softmoe / (top-k's line at SoftMoE's AE).
-Targets: SoftMoE within 10 % of top-k at equal AE; at AE ~1.4, decode tokens/s >= 1.25 x top-2's.
+Targets: SoftMoE within 10 % of top-k at equal AE; at AE 1.4, decode tokens/s >= 1.25 x top-2's (SoftMoE's line
+at AE 1.4, since a variant calibrated on one set of tokens realizes a slightly different AE on another).
 
 Run:
     .venv/bin/python benchmarks/bench_infer.py --json            # the documented run (~15 min on 2 cores)
@@ -219,8 +220,8 @@ def measure(models: dict, prompts: dict, args) -> dict[str, dict[str, list[float
                 lambda p=prefill(target), x=prompts["prefill"]: _timed(lambda: p(x)) / x.numel())
             for batch in args.decode_batches:
                 jobs[(name, f"{path}/decode_b{batch}")] = (
-                    lambda g=gen(target), x=prompts[f"decode_b{batch}"]: decode_time(g, x, args.new_tokens)
-                    / x.shape[0])
+                    lambda g=gen(target), x=prompts[f"decode_b{batch}"], n=args.new_tokens[batch]:
+                    decode_time(g, x, n) / x.shape[0])
     samples: dict[str, dict[str, list[float]]] = {}
     for job in jobs.values():  # warmup: every kernel shape once
         job()
@@ -252,13 +253,15 @@ def summarise(samples: dict, ae_all: dict[str, dict[str, float]]) -> dict:
         ratios = {n: t[n] / (a_top + b_top * ae[n]) for n in t if n.startswith("softmoe")}
         near = min((n for n in t if n.startswith("softmoe")), key=lambda n: abs(ae[n] - 1.4))
         top2 = t.get("top2", float("nan"))
+        at_1_4 = a_soft + b_soft * 1.4  # SoftMoE's line at AE 1.4: robust where no variant realized 1.4 exactly
         out[what] = {
             "ms_per_token": {n: v * 1e3 for n, v in t.items()},
             "tokens_per_s": {n: 1.0 / v for n, v in t.items()},
             "fit_topk_ms": {"intercept": a_top * 1e3, "slope_per_expert": b_top * 1e3},
             "fit_softmoe_ms": {"intercept": a_soft * 1e3, "slope_per_expert": b_soft * 1e3},
             "softmoe_over_topk_at_equal_ae": ratios,
-            "speedup_vs_top2": {"variant": near, "ae": ae[near], "value": top2 / t[near]},
+            "speedup_vs_top2": {"variant": near, "ae": ae[near], "value": top2 / t[near],
+                                "fit_at_1_4": top2 / at_1_4},
             "ae": dict(ae),
         }
     return out
@@ -276,12 +279,13 @@ def print_summary(summary: dict) -> None:
         print("  SoftMoE / top-k at equal AE: " + ", ".join(
             f"{n} {v:.2f}" for n, v in s["softmoe_over_topk_at_equal_ae"].items()))
         sp = s["speedup_vs_top2"]
-        print(f"  {sp['variant']} (AE {sp['ae']:.2f}) tokens/s / top-2's: {sp['value']:.2f}")
+        print(f"  tokens/s / top-2's: {sp['variant']} (AE {sp['ae']:.2f}) {sp['value']:.2f}; "
+              f"SoftMoE's fit at AE 1.4 {sp['fit_at_1_4']:.2f}")
 
 
 def targets(summary: dict) -> dict:
     worst = max(v for s in summary.values() for v in s["softmoe_over_topk_at_equal_ae"].values())
-    decode = {w: s["speedup_vs_top2"]["value"] for w, s in summary.items() if "decode" in w}
+    decode = {w: s["speedup_vs_top2"]["fit_at_1_4"] for w, s in summary.items() if "decode" in w}
     return {"within_10pct": worst <= TARGET_RATIO, "worst_ratio": worst,
             "decode_speedup_at_1_4": decode, "speedup_met": all(v >= TARGET_SPEEDUP for v in decode.values())}
 
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes: seconds, for the smoke test")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--new-tokens", type=int, default=None, help="N decoded tokens per timed generate")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="N decoded tokens per timed generate (default 32 at batch 1, 8 at larger batches)")
     parser.add_argument("--prefill", type=int, nargs=2, default=None, metavar=("B", "S"))
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-len", type=int, default=None, help="decode prompts' length")
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     args.repeats = args.repeats or (1 if quick else 3)
-    args.new_tokens = args.new_tokens or (2 if quick else 8)
+    fixed = args.new_tokens
+    args.new_tokens = {b: fixed or (2 if quick else 32 if b == 1 else 8) for b in args.decode_batches}
     args.prefill = args.prefill or ([2, 8] if quick else [4, 128])
     args.prompt_len = args.prompt_len or (4 if quick else 32)
     if args.threads:
@@ -320,13 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     soft = models.pop("softmoe")
     for target in args.ae:  # one model per AE target, sharing the weights; its threshold buffers set by bisection
         variant = _sharing(soft, soft.config)
-        calibrate(variant, calibration, target, prompts[largest], args.new_tokens)
+        calibrate(variant, calibration, target, prompts[largest], args.new_tokens[max(args.decode_batches)])
         models[f"softmoe@{target:g}"] = variant
     # AE realized where each measurement routes: the prefill prompts, and the tokens each decode produces
     # (greedy: the timed runs decode the same ones).
     ae = {"prefill": {n: realized_ae(m, prompts["prefill"]) for n, m in models.items()}}
     for b in args.decode_batches:
-        ae[f"decode_b{b}"] = {n: decode_ae(m, prompts[f"decode_b{b}"], args.new_tokens) for n, m in models.items()}
+        ae[f"decode_b{b}"] = {n: decode_ae(m, prompts[f"decode_b{b}"], args.new_tokens[b]) for n, m in models.items()}
     for per in ae.values():
         per["dense"] = 1.0  # one expert's FLOPs, no routing
 
@@ -335,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{config.n_layers} blocks, d_model {config.d_model}, {config.num_experts} experts of width "
           f"{config.d_expert}, vocab {config.vocab_size}; {torch.get_num_threads()} thread(s), fp32, "
           f"{args.repeats} interleaved repeats; prefill {args.prefill[0]} x {args.prefill[1]}, decode "
-          f"{args.new_tokens} tokens after a {args.prompt_len}-token prompt")
+          + ", ".join(f"{n} tokens at batch {b}" for b, n in args.new_tokens.items())
+          + f" after a {args.prompt_len}-token prompt")
     print_summary(summary)
     met = targets(summary)
     print(f"\ntarget SoftMoE / top-k <= {TARGET_RATIO} at equal AE: worst {met['worst_ratio']:.2f} -> "
           f"{'met' if met['within_10pct'] else 'MISSED'}")
-    print(f"target decode tokens/s at AE ~1.4 >= {TARGET_SPEEDUP} x top-2: " + ", ".join(
+    print(f"target decode tokens/s at AE 1.4 (SoftMoE's fit) >= {TARGET_SPEEDUP} x top-2: " + ", ".join(
         f"{w} {v:.2f}" for w, v in met["decode_speedup_at_1_4"].items()) + f" -> "
           f"{'met' if met['speedup_met'] else 'MISSED'}")
     if args.json:
