@@ -2,22 +2,23 @@
 
 The math is that of softmoe/ops/lapsum.py (its module docstring); only the passes differ. Every pass
 over the [R, n] rows is memory bound, and on CPU the kernels of `where`, `heaviside`, bool reductions,
-`argmin` and `softmax` over short rows cost 5-20x an add or an exp (docs/benchmarks.md), so this path
-uses only adds, multiplies, `sign`, `clamp`, `exp` and sums:
+`argmin`, `sort` and `softmax` over short rows cost 5-20x an add or an exp (docs/benchmarks.md), so the
+passes over [R, n] use only adds, multiplies, `sign`, `clamp`, `exp`, sums and maxima:
 
-    1. s = (r - max r) / alpha and e^s, one exp. t0 = log sum e^s - log 2k is the threshold if every
-       p < 1/2 (then p = k softmax(s): `_from_above`); that holds when t0 >= max s = 0.
-    2. Other rows take the exact piecewise steps of `lapsum._interval_step` from t0 (the root's safe
-       side), each one pass of x = s - t (side sums with a float sign mask instead of bool kernels).
-       t0 >= -log 2k (the sum of e^s is at least 1), so these frames start near the row max; x = s - t
-       keeps its digits near the threshold while |t| <= `_band(k)` (below), and the rows that leave it
-       (sharp rows far from their max), do not settle in `_MAX_STEPS`, or have k > n / 2 are solved by
-       the general eager solver (`lapsum._solve_x`, re-centred frames, handed in by the caller) instead.
-    3. The output and F'(x) = e^{-|x|} / 2 (saved for the backward) come from one exp of the final x.
+    1. s = (r - max r) / alpha and e^s, one exp. t0 = log sum e^s - log 2k is the threshold when every
+       p < 1/2 (then p = k softmax(s)); that holds when t0 >= max s = 0, and then the row is done.
+    2. The other rows take the exact piecewise steps of `lapsum_steps._interval_step` from t0 (the
+       root's safe side), one pass of x = s - t each, side sums with a float sign mask. A step that
+       passes no score (seen from the nearest score on each side, in the same pass) has landed on the
+       root; so router rows need one or two passes. A row whose threshold moves beyond `_band(k)` from its
+       frame's anchor (first the row max) is re-anchored there (`_reanchor`): x stays exact near the
+       threshold however sharp the row. Rows with k > n / 2 or that do not settle in `_MAX_STEPS` go to
+       the general solver (`lapsum._solve_x`, handed in by the caller).
+    3. p and F'(x) = e^{-|x|} / 2 (saved for the backward) come from one exp of the final x.
 
 Why the band is safe: s carries a relative error of ~1.5 eps, so near the threshold (s ~ t) x errs by
-~1.5 eps |t|, and sum p errs by at most ~1.5 eps (n / 2) (|t| + 0.4); `_band` keeps that under a
-third of the property tests' tolerance 8 n eps (k + 1).
+~1.5 eps |t|, and sum p errs by at most ~1.5 eps (n / 2) (|t| + 0.4); with |t| <= 4 (k + 1) that is
+under the property tests' tolerance 8 n eps (k + 1).
 
 Shape legend: R rows, n entries per row.
 """
