@@ -116,7 +116,8 @@ def bench_shape(tokens: int, experts: int, k: int, alpha: float, repeats: int, m
     gmum_error = None
     if gmum is not None:
         with torch.no_grad():
-            gmum_error = float((gmum_soft_topk(gmum, scores, k, alpha) - soft_topk(scores, float(k), alpha)).abs().max())
+            diff = gmum_soft_topk(gmum, scores, k, alpha) - soft_topk(scores, float(k), alpha)
+            gmum_error = float(diff.abs().max())
         candidates["gmum"] = fwd_bwd(lambda s: gmum_soft_topk(gmum, s, k, alpha), scores, grad)
     timings = time_interleaved(candidates, repeats=repeats)
     row = {"tokens": tokens, "experts": experts, "k": k, "alpha": alpha, "dtype": "float32",

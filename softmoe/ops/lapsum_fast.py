@@ -63,7 +63,8 @@ def side_sums(x_Rn: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return count, sum_below.log_(), sum_above.log_(), unsafe, nearest
 
 
-def _crosses(step_R1: torch.Tensor, nearest_below_R1: torch.Tensor, nearest_above_R1: torch.Tensor) -> torch.Tensor:
+def _crosses(step_R1: torch.Tensor, nearest_below_R1: torch.Tensor, nearest_above_R1: torch.Tensor
+             ) -> torch.Tensor:
     """(R, 1) whether moving the threshold by `step` passes a score (then the interval's model was not exact).
 
     Up by u > 0 passes the scores with x in [0, u): the nearest above has e^-x = nearest_above > e^-u. Down
@@ -90,10 +91,10 @@ def _steps(r_Rn, s_Rn, t_R1, w_R1, band_R1, alpha, max_steps: int) -> tuple[torc
     """Exact piecewise steps of each row's threshold t in its frame x = s - t, from the root's safe side.
 
     s = (r - anchor) / alpha; the anchor starts at the row max. A step solves the threshold equation exactly
-    on the current interval between scores (`lapsum._interval_step`); a row is done once its step is below
-    sqrt(eps), or at most 1 and passes no score (`_crosses`: it landed on the root, to a rounding of ~eps). Rows that are done leave the loop; a row
-    whose threshold moved more than 1 from its anchor is re-anchored there (`_reanchor`), so x stays exact
-    near the threshold. Updates s and t in place.
+    on the current interval between scores (`lapsum_steps._interval_step`); a row is done once its step is
+    below sqrt(eps), or at most 1 and passes no score (`_crosses`: it landed on the root, to a rounding of
+    ~eps). Rows that are done leave the loop; a row whose threshold moved beyond `band_R1` from its anchor is
+    re-anchored there (`_reanchor`), so x stays exact near the threshold. Updates s and t in place.
     Returns (x_Rn at the final thresholds, ok_R) with ok False for rows that did not settle in `max_steps`
     or whose residual threshold is beyond `band_R1` (scores too coarse for a float32 anchor).
     """
@@ -172,7 +173,7 @@ def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: tor
 
 def backward(f_Rn: torch.Tensor, grad_out_Rn: torch.Tensor, alpha: torch.Tensor, need_k: bool,
              grad_Rn: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Implicit-function gradients of p = F(x) from the saved f = F'(x) = e^{-|x|} / 2 (see `lapsum._lapsum_backward`).
+    """Implicit-function gradients of p = F(x) from the saved f = F'(x) = e^{-|x|} / 2 (`lapsum._lapsum_backward`).
 
     dL/dr = f (g - <q, g>) / alpha with q = f / sum f, written into `grad_Rn`; dL/dk = <q, g>. Returns
     (grad_k (R,) or None, `unsafe` (R,) bool): rows whose sum f is subnormal or 0 (every |x| beyond ~80),
