@@ -20,7 +20,8 @@ Implementations (`EXPERT_IMPLS`, chosen by name; `ExpertBank(impl="auto")`, the 
     padded   segments padded to a common capacity and run as batched matmuls (bmm), the few rows of
              overloaded experts past the capacity in a second, smaller padded batch; one host sync (the
              padded shape). The default on CPU: measured faster than `grouped` there at E = 8..64
-             (docs/benchmarks.md).
+             (docs/benchmarks.md). With at most 4 rows per expert on average (decoding) it runs the
+             non-empty experts one by one instead, so it reads only the active experts' weights.
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def _bucket(rows: int) -> int:
     return -(-rows // granule) * granule
 
 
+# At most this many rows per expert on average, `padded` runs the non-empty experts one by one (`loop`).
+_FEW_ROWS_PER_EXPERT = 4
+
+
 def _padded_capacity(counts: list[int], call_cost: float = 64.0) -> tuple[int, int]:
     """(C, C2): rows per expert in the main padded batch and in the overflow batch (0: none).
 
@@ -217,7 +222,10 @@ def padded_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD) -> torch.Te
     num_rows, num_experts = sum(counts), len(counts)
     if num_rows < x_ND.shape[0]:  # a static-size routing: the real rows, then zeros for its padding
         return pad_rows(padded_experts(x_ND[:num_rows], counts_E, w_gate_EDH, w_up_EDH, w_down_EHD), x_ND.shape[0])
-    if num_rows == 0:
+    if num_rows <= _FEW_ROWS_PER_EXPERT * num_experts:
+        # Few rows (decoding: a token or a small batch per step): the matmuls are bound by reading the weights,
+        # and a padded batch would read every expert's, the empty ones included. The non-empty experts one by
+        # one read only theirs, so the time follows the active experts.
         return loop_experts(x_ND, counts_E, w_gate_EDH, w_up_EDH, w_down_EHD)
     cap, cap2 = _padded_capacity(counts)
     over = [e for e, n in enumerate(counts) if n > cap]

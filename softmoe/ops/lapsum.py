@@ -38,7 +38,10 @@ import math
 
 import torch
 
+from softmoe.ops import lapsum_fast
 from softmoe.ops.checks import value_checks_enabled
+from softmoe.ops.lapsum_steps import (  # noqa: F401 (the shared steps, imported here by name)
+    _check_centred, _exact_where_unsafe, _interval_step, _log_side_sums, _plain_side_sums)
 from softmoe.ops.lapsum_triton import lapsum_mode, lapsum_triton, use_triton
 
 __all__ = ["soft_topk", "log_soft_topk"]
@@ -49,46 +52,6 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 # Pure math on [R, n] rows in the compute dtype
 # --------------------------------------------------------------------------------------------
-
-
-def _log_side_sums(x_Rn: torch.Tensor, below_Rn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, 1) log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x by log-sum-exp (-inf: empty side)."""
-    neg_abs = x_Rn.abs().neg_()
-    neg_inf = torch.tensor(-math.inf, dtype=x_Rn.dtype, device=x_Rn.device)
-    log_below = torch.logsumexp(torch.where(below_Rn, neg_abs, neg_inf), dim=-1, keepdim=True)
-    log_above = torch.logsumexp(torch.where(below_Rn, neg_inf, neg_abs), dim=-1, keepdim=True)
-    return log_below, log_above
-
-
-def _plain_side_sums(x_Rn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At threshold x = 0, from plain sums of e^{-|x|}: (R, 1) count below, log L, log U, and `unsafe`.
-
-    `unsafe` marks rows where a side's plain sum lost digits (see `_side_sums`). Pure: one fused loop
-    under torch.compile.
-    """
-    # Float masks, not bool: these passes are memory bound and bool kernels are slow on CPU.
-    below = torch.heaviside(x_Rn.neg(), x_Rn.new_zeros(()))  # 1.0 where x < 0, else 0.0
-    e = x_Rn.abs().neg_().exp_()
-    e_below = e * below
-    sum_below = e_below.sum(dim=-1, keepdim=True)
-    sum_above = e.sub_(e_below).sum(dim=-1, keepdim=True)  # per entry e or 0: no cancellation
-    count = below.sum(dim=-1, keepdim=True)
-    # A side's sum keeps full precision while it is a normal number at least 2^mantissa above the
-    # smallest one; an empty side is exact at 0.
-    finfo = torch.finfo(x_Rn.dtype)
-    safe = finfo.tiny / finfo.eps
-    n = x_Rn.shape[-1]
-    unsafe = ((sum_below < safe) & (count > 0)) | ((sum_above < safe) & (count < n))
-    return count, sum_below.log(), sum_above.log(), unsafe
-
-
-def _exact_where_unsafe(x_Rn, count, log_below, log_above, unsafe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The side sums of `_plain_side_sums` with its unsafe rows redone by log-sum-exp (a host sync to find them)."""
-    if bool(unsafe.any()):
-        rows = unsafe.squeeze(-1).nonzero().squeeze(-1)
-        exact_below, exact_above = _log_side_sums(x_Rn[rows], x_Rn[rows] < 0)
-        log_below, log_above = log_below.index_put((rows,), exact_below), log_above.index_put((rows,), exact_above)
-    return count, log_below, log_above
 
 
 def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,22 +67,6 @@ def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch
         exact_below, exact_above = _log_side_sums(x_Rn, x_Rn < 0)
         return count, torch.where(unsafe, exact_below, log_below), torch.where(unsafe, exact_above, log_above)
     return _exact_where_unsafe(x_Rn, count, log_below, log_above, unsafe)
-
-
-def _interval_step(count_R1, log_below_R1, log_above_R1, w_R1) -> torch.Tensor:
-    """(R, 1) step u of the threshold that solves the equation if no score lies between t and t + u.
-
-    With c scores below t, L = sum_{s<t} e^{s-t} and U = sum_{s>=t} e^{t-s}, sum_j F(t + u - s_j) is
-    c - L e^{-u} / 2 + U e^{u} / 2 = w: a quadratic in e^u. Its root, in the cancellation-free form
-    with d = w - c and D = d^2 + L U: u = log(|d| + sqrt D) - log U for d > 0, else
-    u = log L - log(|d| + sqrt D). Crossing a score, the model errs on the safe side (cosh >= 1),
-    so steps approach the root monotonically and land on it once they cross no score.
-    """
-    d = w_R1 - count_R1
-    log_abs_d = d.abs().log()
-    log_sqrt_disc = 0.5 * torch.logaddexp(2.0 * log_abs_d, log_below_R1 + log_above_R1)
-    log_root = torch.logaddexp(log_abs_d, log_sqrt_disc)
-    return torch.where(d > 0, log_root - log_above_R1, log_below_R1 - log_root)
 
 
 def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor) -> torch.Tensor:
@@ -265,12 +212,9 @@ def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8, compi
     return _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps)
 
 
-def _check_centred(all_finite: bool, s: torch.Tensor, alpha: torch.Tensor) -> None:
-    if not all_finite:
-        raise ValueError(
-            f"soft_topk: (max - min) / alpha of a row overflows {s.dtype} (alpha={float(alpha):.6g}); "
-            "scale the scores down, raise alpha or compute in float64"
-        )
+def _solve_x_general(r_Rn, k_R1, w_R1, alpha) -> torch.Tensor:
+    """`_solve_x` with host syncs allowed (the early-exit solver): what `lapsum_fast` hands its hard rows to."""
+    return _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free=False)
 
 
 def _start_pass(r_Rn, k_R1, w_R1, alpha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,6 +335,43 @@ class _LapSumTopK(torch.autograd.Function):
             if need_alpha:
                 grad_alpha += g_alpha
         return grad_scores, grad_k, None, grad_alpha, None, None, None
+
+
+class _LapSumFastTopK(torch.autograd.Function):
+    """p = F((r - b) / alpha) for float32 rows (R, n) by `lapsum_fast` (CPU, value checks on); p only, not log p.
+
+    The same threshold and gradients as `_LapSumTopK`, in fewer and cheaper passes. Saves x and f = F'(x).
+    """
+
+    @staticmethod
+    def forward(ctx, scores_Rn, k_R, w_R, alpha):
+        x, f, p = torch.empty_like(scores_Rn), torch.empty_like(scores_Rn), torch.empty_like(scores_Rn)
+        for rows in _row_blocks(*scores_Rn.shape):
+            lapsum_fast.solve(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, x[rows], f[rows], p[rows],
+                              _solve_x_general)
+        ctx.save_for_backward(x, f, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, f, alpha = ctx.saved_tensors
+        need_k, need_alpha = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        grad_scores = torch.empty_like(x)
+        grad_k = x.new_empty(x.shape[0]) if need_k else None
+        grad_alpha = x.new_zeros(()) if need_alpha else None
+        grad_out = grad_out.contiguous()
+        for rows in _row_blocks(*x.shape):
+            g_k, unsafe = lapsum_fast.backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
+            if bool(unsafe.any()):  # every |x| of a row beyond ~80: q from the softmax form
+                redo = unsafe.nonzero().squeeze(-1)
+                exact, exact_k, _ = _lapsum_backward(x[rows][redo], grad_out[rows][redo], alpha, False, need_k, False)
+                grad_scores[rows] = grad_scores[rows].index_put((redo,), exact)
+                g_k = g_k.index_put((redo,), exact_k) if need_k else None
+            if need_k:
+                grad_k[rows] = g_k
+            if need_alpha:
+                grad_alpha += _lapsum_backward(x[rows], grad_out[rows], alpha, False, False, True)[2]
+        return grad_scores, grad_k, None, grad_alpha
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +497,13 @@ def _below_smallest_k(value: float, n: int, dtype: torch.dtype, k_min: float) ->
             f"for a smaller k")
 
 
+def _fast_path(scores_Rn: torch.Tensor, log: bool, checks: bool, compiled: bool) -> bool:
+    """Whether `lapsum_fast` solves these rows: float32 on CPU, p (not log p), value checks on (its rare rows
+    that need the general solver are found with host syncs), not SOFTMOE_LAPSUM=compile."""
+    return (scores_Rn.dtype == torch.float32 and scores_Rn.device.type == "cpu" and not log and checks
+            and not compiled)
+
+
 def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Tensor:
     checks = isinstance(scores, torch.Tensor) and value_checks_enabled(scores)
     n = _check_scores(scores, dim, checks)
@@ -531,7 +519,10 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
         # SOFTMOE_LAPSUM=compile: the early-exit solver's passes compiled (with checks on; checks off keeps the
         # fixed-work solver, whose passes torch.compile fuses when the caller compiles the model).
         compiled = checks and lapsum_mode() == "compile" and not torch.compiler.is_compiling()
-        out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
+        if _fast_path(scores_Rn, log, checks, compiled):
+            out_Rn = _LapSumFastTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t)
+        else:
+            out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from softmoe.layers import EXPERT_IMPLS, ExpertBank
+from softmoe.layers import experts as experts_module
 from softmoe.layers.experts import grouped_mm_supported, loop_experts, swiglu
 from softmoe.layers.ffn import SwiGLU
 
@@ -32,10 +33,13 @@ def run(impl: str, counts, d_model, d_hidden, dtype=torch.float32, seed=0):
     return y, x.grad, [p.grad for p in bank.parameters()]
 
 
-@pytest.mark.parametrize("impl", ["grouped", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "padded", "padded_batch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("counts,d_model,d_hidden", SHAPES)
-def test_fast_impl_equals_loop(counts, d_model, d_hidden, dtype, tol, impl):
+def test_fast_impl_equals_loop(counts, d_model, d_hidden, dtype, tol, impl, monkeypatch):
+    if impl == "padded_batch":  # the padded batch even for few rows (padded hands those to the loop)
+        monkeypatch.setattr(experts_module, "_FEW_ROWS_PER_EXPERT", 0)
+        impl = "padded"
     y_g, dx_g, dw_g = run(impl, counts, d_model, d_hidden, dtype)
     y_l, dx_l, dw_l = run("loop", counts, d_model, d_hidden, dtype)
     torch.testing.assert_close(y_g, y_l, rtol=tol, atol=tol)
@@ -144,3 +148,19 @@ def test_grouped_mm_probe_runs_under_no_grad_and_keeps_the_rng():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert _probe_grouped_mm("cpu", torch.float32) and _probe_grouped_mm("cpu", torch.bfloat16)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_padded_runs_few_rows_expert_by_expert(monkeypatch):
+    """Decoding-sized inputs (<= 4 rows per expert on average) run only the non-empty experts (the loop), so the
+    time follows the active experts; more rows run the padded batch."""
+    calls = []
+    monkeypatch.setattr(experts_module, "loop_experts",
+                        lambda x, counts, *w: calls.append(x.shape[0]) or loop_experts(x, counts, *w))
+    bank = ExpertBank(32, 8, 16, impl="padded")
+    counts = torch.zeros(32, dtype=torch.int64)
+    counts[[3, 17]] = 1  # one token, two experts
+    bank(torch.randn(2, 8), counts)
+    many = torch.full((32,), 6)
+    many[0] = 200 - 31 * 6
+    bank(torch.randn(200, 8), many)
+    assert calls == [2]
