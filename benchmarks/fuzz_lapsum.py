@@ -5,7 +5,7 @@
 Each case: n in [2, 64], 4 rows of N(0, 1) * scale (scale log-uniform in [1e-3, 1e6]), ties (every 5th case),
 an offset of 0, +-1e3 or +-1e7, alpha log-uniform in [1e-3, 1e3], k uniform in (0, n) or an integer. The
 reference is float64 bisection on the same (rounded) inputs (tests/reference/lapsum_reference.py). Prints,
-per dtype and solver (SOFTMOE_CHECKS=auto: the early-exit solver; off: the sync-free closed form), the
+per dtype and solver (SOFTMOE_CHECKS=auto: the float32 CPU path, softmoe/ops/lapsum_fast.py; off: the sync-free closed form), the
 worst relative sum error |sum p - k| / (k + 1), the worst |p - p_ref| and how many cases exceed the
 property tests' tolerance (float32: 8 n eps (k + 1); bfloat16: 2 eps (k + 1), the output's own rounding).
 """
@@ -69,7 +69,7 @@ def main() -> None:
     print("| dtype | solver | cases | worst abs(sum p - k) / (k + 1) | worst abs(p - p_ref) | cases over tolerance |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        solver = "early-exit (checks on)" if r["checks"] == "auto" else "sync-free closed form (checks off)"
+        solver = "CPU path (checks on)" if r["checks"] == "auto" else "sync-free closed form (checks off)"
         print(f"| {r['dtype']} | {solver} | {r['cases']} | {r['worst_rel_sum_error']:.2e} | "
               f"{r['worst_abs_p_error']:.2e} | {r['cases_over_tolerance']} |")
 
