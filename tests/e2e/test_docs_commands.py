@@ -303,3 +303,15 @@ def test_relative_links_point_to_existing_files(path):
         elif fragment and linked.suffix == ".md" and fragment not in github_anchors(linked):
             broken.append(f"{target}: no heading #{fragment} in {rel(linked)}")
     assert not broken, f"{rel(path)}: " + "; ".join(broken)
+
+
+def test_the_docs_are_a_reference_not_a_diary():
+    """README.md and docs/ carry no history of how the work went (that lives in CHANGELOG.md)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    diary = re.compile(r"issue [0-9]+|later that day|that evening|that afternoon", re.IGNORECASE)
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    found = [f"{page.relative_to(root)}:{i}: {line.strip()[:80]}" for page in pages
+             for i, line in enumerate(page.read_text().splitlines(), 1) if diary.search(line)]
+    assert not found, "\n".join(found)
