@@ -13,33 +13,23 @@ side effects):
                                    registration (softmoe.export; needs the `hf` extra)
 """
 
-import importlib
+from softmoe.common.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _WHERE = {
-    "soft_topk": ("softmoe.ops.lapsum", "soft_topk"),
-    "MoELayer": ("softmoe.layers.moe", "MoELayer"),
-    "MoEOutput": ("softmoe.layers.moe", "MoEOutput"),
-    "SoftMoEBudget": ("softmoe.layers.budgeted", "SoftMoEBudget"),
-    "Budget": ("softmoe.routing.budget", "Budget"),
-    "GPT": ("softmoe.model.decoder", "GPT"),
-    "ModelConfig": ("softmoe.model.config", "ModelConfig"),
-    "load_model": ("softmoe.train.restore", "load_model"),
-    "SoftMoEConfig": ("softmoe.export.hf", "SoftMoEConfig"),
-    "SoftMoEForCausalLM": ("softmoe.export.hf", "SoftMoEForCausalLM"),
+    "soft_topk": "softmoe.ops.lapsum",
+    "MoELayer": "softmoe.layers.moe",
+    "MoEOutput": "softmoe.layers.moe",
+    "SoftMoEBudget": "softmoe.layers.budgeted",
+    "Budget": "softmoe.routing.budget",
+    "GPT": "softmoe.model.decoder",
+    "ModelConfig": "softmoe.model.config",
+    "load_model": "softmoe.train.restore",
+    "SoftMoEConfig": "softmoe.export.hf",
+    "SoftMoEForCausalLM": "softmoe.export.hf",
     "register_hf": ("softmoe.export.hf", "register"),
 }
 
 __all__ = ["__version__", *_WHERE]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        module, attr = _WHERE[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'softmoe' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, eager=__all__)

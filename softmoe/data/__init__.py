@@ -11,8 +11,7 @@
     fixtures.py   the tiny offline dataset for tests and the `tiny` preset
 """
 
-import importlib
-
+from softmoe.common.lazy import lazy_exports
 from softmoe.data.config import CORPORA, DataConfig
 from softmoe.data.prepare import dataset_dir_for, load_split, prepare, read_meta
 
@@ -21,13 +20,4 @@ _WHERE = {"IGNORE_INDEX": "softmoe.data.loader", "WindowLoader": "softmoe.data.l
           "eval_batches": "softmoe.data.loader"}
 
 __all__ = ["CORPORA", "DataConfig", "dataset_dir_for", "load_split", "prepare", "read_meta", *_WHERE]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, eager=__all__)

@@ -1,7 +1,8 @@
 """Evaluation: perplexity and routing statistics over whole splits, zero-shot tasks, and the comparison report."""
 
-import importlib
+from softmoe.common.lazy import lazy_exports
 
+# Loaded on first use, so that `softmoe --help` (which imports this package's cli module) imports no torch.
 _WHERE = {
     "TASKS": "softmoe.eval.downstream",
     "TaskResult": "softmoe.eval.downstream",
@@ -12,14 +13,4 @@ _WHERE = {
 }
 
 __all__ = list(_WHERE)
-
-
-def __getattr__(name: str):
-    # Loaded on first use, so that `softmoe --help` (which imports this package's cli module) imports no torch.
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -2,15 +2,11 @@
 `softmoe export` (export/checkpoint.py). Importing this package is cheap: transformers loads with the first
 name used from it."""
 
+from softmoe.common.lazy import lazy_exports
+
 __all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "hf_tokenizer", "export_checkpoint", "cmd_export"]
 
-_WHERE = {"SoftMoEConfig": "hf", "SoftMoEForCausalLM": "hf", "register": "hf",
-          "hf_tokenizer": "checkpoint", "export_checkpoint": "checkpoint", "cmd_export": "checkpoint"}
+_WHERE = {**{name: "softmoe.export.hf" for name in ("SoftMoEConfig", "SoftMoEForCausalLM", "register")},
+          **{name: "softmoe.export.checkpoint" for name in ("hf_tokenizer", "export_checkpoint", "cmd_export")}}
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"softmoe.export.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'softmoe.export' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
