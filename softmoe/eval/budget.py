@@ -34,9 +34,10 @@ from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import bits_per_byte, evaluate_split
 from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.model import GPT
+from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.train.controllers import realized_budget
 
-__all__ = ["BudgetPoint", "budget_sweep", "calibrate_thresholds", "calibration_batches", "check_budgets", "dialed",
+__all__ = ["BudgetPoint", "active_per_layer", "budget_sweep", "calibrate_thresholds", "calibration_batches", "check_budgets", "dialed",
            "plot_budget_sweep", "scaled_allocation"]
 
 CALIBRATION_ROUNDS = 16  # bisection rounds: the threshold to E / 2^16 (far below a count step)
@@ -127,19 +128,15 @@ def calibration_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_b
 
 
 @torch.no_grad()
-def _eval_counts(model: GPT, batches, precision: str) -> torch.Tensor:
-    """(L,) float64 realized mean active experts per token of every MoE layer over `batches`, eval mode."""
+def active_per_layer(model: GPT, batches, precision: str = "fp32") -> torch.Tensor:
+    """(L,) float64 realized mean active experts per token of every MoE layer over `batches` (routed pairs / real
+    tokens), in the model's current mode (eval here; training mode for eval/noise.py)."""
     device = module_device(model)
-    sums, tokens = None, 0.0
+    counts = RoutingCounts()
     for idx_BT, _ in batches:
         with autocast_context(precision, device):
-            out = model(idx_BT.to(device))
-        # every token of an unpadded batch is real: the layer's mean counts all of them
-        layer_L = torch.stack([stats.tensors["active_experts_mean"].double() for stats in out.routing.values()])
-        n = float(idx_BT.numel())
-        sums = layer_L * n if sums is None else sums + layer_L * n
-        tokens += n
-    return sums / tokens
+            counts.add(model(idx_BT.to(device)).routing)
+    return counts.active_L()
 
 
 @torch.no_grad()
@@ -172,7 +169,7 @@ def calibrate_thresholds(model: GPT, batches, precision: str = "fp32",
             mid_L = 0.5 * (low_L + high_L)
             for router, value in zip(routers, mid_L):
                 router.threshold.fill_(float(value))
-            count_L = _eval_counts(model, batches, precision).cpu()
+            count_L = active_per_layer(model, batches, precision).cpu()
             err_L = (count_L - target_L).abs()
             better = err_L < best_err_L
             best_L = torch.where(better, mid_L, best_L)

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from softmoe.common.precision import autocast_context, module_device
+from softmoe.common.precision import module_device
+from softmoe.eval.budget import active_per_layer
 from softmoe.model import GPT
 from softmoe.routing.base import GateRouter
 
@@ -42,18 +43,12 @@ def train_mode_active(model: GPT, batches, precision: str = "fp32", noise: bool 
     (`noise`) or switched off. The model's mode and the global RNG state are restored."""
     was_training = model.training
     device = module_device(model)
-    sums, tokens = None, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model.train()
         try:
             with noise_off(model) if not noise else contextlib.nullcontext():
-                for idx_BT, _ in batches:
-                    with autocast_context(precision, device):
-                        out = model(idx_BT.to(device))
-                    layer_L = torch.stack([s.tensors["active_experts_mean"].double() for s in out.routing.values()])
-                    sums = layer_L * idx_BT.numel() if sums is None else sums + layer_L * idx_BT.numel()
-                    tokens += idx_BT.numel()
+                active_L = active_per_layer(model, batches, precision)
         finally:
             model.train(was_training)
-    return [] if sums is None else (sums / tokens).tolist()
+    return active_L.tolist()

@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from transformers import TrainerCallback
 
-from softmoe.routing.diagnostics import LoadWindow
+from softmoe.routing.diagnostics import RoutingCounts
 
 __all__ = ["RoutingDiagnosticsCallback", "add_routing_diagnostics", "MEAN_KEYS"]
 
@@ -34,7 +34,7 @@ class RoutingDiagnosticsCallback(TrainerCallback):
 
     def __init__(self, prefix: str = "softmoe"):
         self.prefix = prefix
-        self.window = LoadWindow()
+        self.window = RoutingCounts()
         self.sums: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         self.forwards = 0
         self._handle = None

@@ -212,8 +212,8 @@ def finish_routing(
     """
     mask_T = real_T.float()
     # The global batch's load and real tokens under data parallelism (one collective for both).
-    global_counts = losses.global_sum(torch.cat([routing.counts_E.float(), mask_T.sum().reshape(1)]))
-    counts_E, tokens = global_counts[:-1], global_counts[-1]
+    summed = losses.global_sum(torch.cat([routing.counts_E.float(), mask_T.sum().reshape(1)]))
+    counts_E, tokens = summed[:-1], summed[-1]
     if balance_loss is None:
         lb = losses.load_balance_loss(counts_E, torch.softmax(logits_TE, dim=-1), mask_T)
     else:

@@ -13,8 +13,10 @@ What users of every MoE library ask for first, computed from tensors the forward
                        expert takes everything).
     load_cv            coefficient of variation (std / mean) of the routed pairs per expert.
     dead_fraction      fraction of experts whose share of the routed pairs is below DEAD_LOAD (10%) of uniform.
-A single forward's load is noisy; `LoadWindow` sums the counts over many forwards (the training loop's logging
-window, an evaluation pass, a transformers Trainer's logging interval) and reports the same load numbers over it.
+A single forward's load is noisy; `RoutingCounts` sums each layer's routed pairs per expert and real tokens over
+many forwards and reports the same load numbers over them. One accumulator serves every such sum: the counts of an
+optimizer step that the controllers read (train/controllers.py), the training loop's logging window, an evaluation
+pass, a transformers Trainer's logging interval, and the realized count of a set of batches (`active_L`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["DEAD_LOAD", "logit_spread", "load_diagnostics", "LoadWindow"]
+__all__ = ["DEAD_LOAD", "COUNT_KEYS", "logit_spread", "load_diagnostics", "RoutingCounts"]
 
 DEAD_LOAD = 0.1  # an expert is dead when its share of the routed pairs is below DEAD_LOAD / E
+COUNT_KEYS = ("expert_counts", "real_tokens")  # the raw counts a layer returns in its stats (global under DDP)
 
 
 def logit_spread(logits_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
@@ -57,41 +60,55 @@ def load_diagnostics(counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-class LoadWindow:
-    """Routed-pair counts per expert of every MoE layer, summed over forwards (device tensors; no host sync).
+class RoutingCounts:
+    """Per MoE layer, the routed pairs per expert and the real tokens, summed over forwards (float64 device tensors;
+    no host sync).
 
-    Feed it the per-layer stats a forward returns (each holds `expert_counts`, (E,) float32); `summary()` gives,
-    per layer in the order first seen, the window's `expert_load` (fractions summing to 1) and its
-    `load_diagnostics`; `reset()` starts a new window. `state_dict()` / `load_state_dict()` carry an open window
-    across a checkpoint, so a resumed run logs what the uninterrupted one would.
+    `add(routing)` takes one forward's per-layer stats (layer index -> LayerStats or dict holding `expert_counts`
+    (E,) and `real_tokens`), in layer order; `layers` lists each layer's sums in that order, `active_L()` its realized
+    active experts per token (pairs / real tokens), `summary()` its `expert_load` (fractions summing to 1) and
+    `load_diagnostics`. `reset()` starts again; `state_dict()` / `load_state_dict()` carry open sums across a
+    checkpoint, so a resumed run logs what the uninterrupted one would.
     """
 
     def __init__(self) -> None:
-        self.counts: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, routing: Mapping[int, Mapping]) -> None:
         """Add one forward's counts. `routing`: layer (block) index -> its stats mapping (LayerStats or dict)."""
         for layer, stats in routing.items():
             tensors = getattr(stats, "tensors", stats)
-            counts_E = tensors["expert_counts"].detach().float()
-            if layer in self.counts:
-                self.counts[layer] = self.counts[layer] + counts_E
-            else:
-                self.counts[layer] = counts_E.clone()
+            new = {key: tensors[key].detach().double() for key in COUNT_KEYS}
+            old = self.counts.get(layer)
+            self.counts[layer] = new if old is None else {key: old[key] + new[key] for key in COUNT_KEYS}
+
+    @property
+    def layers(self) -> list[dict[str, torch.Tensor]]:
+        """Each layer's {"expert_counts": (E,), "real_tokens": 0-d} sums, in the order the layers were added."""
+        return list(self.counts.values())
+
+    def active_L(self) -> torch.Tensor:
+        """(L,) float64 realized mean active experts per token of each layer: routed pairs / real tokens (empty
+        before any forward)."""
+        if not self.layers:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack([c["expert_counts"].sum() / c["real_tokens"].clamp(min=1) for c in self.layers])
 
     def summary(self) -> dict[int, dict[str, torch.Tensor]]:
         """Layer -> {"expert_load": (E,) fractions, "load_max_over_mean", "load_cv", "dead_fraction"}."""
         out = {}
-        for layer, counts_E in self.counts.items():
+        for layer, sums in self.counts.items():
+            counts_E = sums["expert_counts"].float()
             out[layer] = {"expert_load": counts_E / counts_E.sum().clamp(min=1.0), **load_diagnostics(counts_E)}
         return out
 
     def reset(self) -> None:
         self.counts = {}
 
-    def state_dict(self) -> dict[int, torch.Tensor]:
-        return {layer: counts.cpu().clone() for layer, counts in self.counts.items()}
+    def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {layer: {key: t.cpu().clone() for key, t in sums.items()} for layer, sums in self.counts.items()}
 
-    def load_state_dict(self, state: Mapping[int, torch.Tensor], device: torch.device | None = None) -> None:
-        self.counts = {int(layer): torch.as_tensor(counts, dtype=torch.float32, device=device).clone()
-                       for layer, counts in state.items()}
+    def load_state_dict(self, state: Mapping[int, Mapping[str, torch.Tensor]], device: torch.device | None = None
+                        ) -> None:
+        self.counts = {int(layer): {key: torch.as_tensor(sums[key], dtype=torch.float64, device=device).clone()
+                                    for key in COUNT_KEYS} for layer, sums in state.items()}

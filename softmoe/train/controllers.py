@@ -5,7 +5,7 @@ Shape legend:
     L   MoE layers
 
 One hook, `step`, called by the Trainer after every optimizer step with the step's counts: per MoE layer, the
-routed pairs per expert and the real tokens, summed over the step's micro-batches (`StepCounts`, filled from
+routed pairs per expert and the real tokens, summed over the step's micro-batches (`RoutingCounts`, filled from
 the layers' returned statistics; global under data parallelism, where the layers sum them over the processes
 in their forward). Nothing is counted on a module during forward, so a forward may run twice (activation
 checkpointing) without counting twice. The controllers:
@@ -37,7 +37,6 @@ A skipped (non-finite) step moves nothing; no config is mutated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -47,10 +46,11 @@ from softmoe.common.checks import check_choice, check_float
 from softmoe.routing.balance import bias_update
 from softmoe.routing.base import GateRouter
 from softmoe.routing.budget import Budget, steer_threshold
+from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.routing.remoe import multiplicative_update, pooled_sparsity
 
 __all__ = ["multiplicative_update", "bias_update", "budget_update", "threshold_update", "pooled_sparsity",
-           "ActiveExpertsTarget", "AE_LEVERS", "StepCounts", "budget_of", "routers_of", "thresholded_routers",
+           "ActiveExpertsTarget", "AE_LEVERS", "budget_of", "routers_of", "thresholded_routers",
            "lever_update", "realized_budget", "step"]
 
 AE_LEVERS = ("threshold", "budget")
@@ -101,11 +101,8 @@ def budget_update(budget: torch.Tensor, active: torch.Tensor, target: float, rat
     return moved.clamp(low, high).to(budget.dtype)
 
 
-def threshold_update(threshold: torch.Tensor, active: torch.Tensor, target: float, rate: float,
-                     high: float) -> torch.Tensor:
-    """The active-experts controller on the relative threshold: clamp(threshold - rate * (target - active), 0, high)
-    (`routing.budget.steer_threshold`, which the realized-count budget applies per layer)."""
-    return steer_threshold(threshold, active, target, rate, high)
+# The active-experts controller's step on the relative threshold is the realized-count budget's, one per layer.
+threshold_update = steer_threshold
 
 
 def budget_of(model: nn.Module) -> Budget | None:
@@ -127,32 +124,6 @@ def thresholded_routers(model: nn.Module) -> list[GateRouter]:
     return [m for m in routers_of(model) if m.has_threshold]
 
 
-class StepCounts:
-    """Per MoE layer, the routed pairs per expert and the real tokens of one optimizer step, summed over its
-    micro-batches from the layers' returned statistics (device tensors; no host sync).
-
-    `add(routing)` takes one forward's per-layer stats in layer order (DecoderOutput.routing, or
-    {i: MoEOutput.stats}); `layers` is then one {"expert_counts": (E,), "real_tokens": 0-d} per layer.
-    """
-
-    def __init__(self) -> None:
-        self.layers: list[dict[str, torch.Tensor]] = []
-
-    def add(self, routing: Mapping[int, Mapping]) -> None:
-        stats = [getattr(s, "tensors", s) for s in routing.values()]
-        if not self.layers:
-            self.layers = [{"expert_counts": s["expert_counts"].detach().double(),
-                            "real_tokens": s["real_tokens"].detach().double()} for s in stats]
-            return
-        for total, s in zip(self.layers, stats):
-            total["expert_counts"] = total["expert_counts"] + s["expert_counts"].detach()
-            total["real_tokens"] = total["real_tokens"] + s["real_tokens"].detach()
-
-    def active_L(self) -> torch.Tensor:
-        """(L,) float64 realized mean active experts per token of each layer over the step: pairs / real tokens."""
-        return torch.stack([c["expert_counts"].sum() / c["real_tokens"].clamp(min=1) for c in self.layers])
-
-
 def realized_budget(model: nn.Module) -> tuple[Budget, list[GateRouter]] | None:
     """The model's realized-count budget and its routers in budget order, or None when it has none.
 
@@ -170,14 +141,14 @@ def realized_budget(model: nn.Module) -> tuple[Budget, list[GateRouter]] | None:
     return budget, routers
 
 
-def step(model: nn.Module, counts: StepCounts | None, update: bool = True,
+def step(model: nn.Module, counts: RoutingCounts | None, update: bool = True,
          ae_target: ActiveExpertsTarget | None = None) -> None:
     """The after-optimizer-step hook: every controller of `model` moves from the step's counts.
 
     Args:
         model: any module holding routers (and optionally a SoftMoE budget); in training mode (nothing moves in
             eval mode).
-        counts: the step's StepCounts, one entry per router of `model` in module order; None or empty: nothing
+        counts: the step's RoutingCounts, one entry per router of `model` in module order; None or empty: nothing
             was counted (nothing moves).
         update: False for a skipped (non-finite) step: nothing moves.
         ae_target: the active-experts controller's settings (None: the active experts are not controlled).

@@ -40,7 +40,7 @@ from softmoe.train.checkpoint import (
 )
 from softmoe.train.config import RunConfig
 from softmoe.train.data import TrainData, open_data
-from softmoe.routing.diagnostics import LoadWindow
+from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.train.metrics import (MetricsWriter, mean_active_experts, read_metrics, routing_summary, train_ae,
                                    with_load_window)
 from softmoe.train.optim import build_optimizer
@@ -117,7 +117,7 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model.eval()
     device = module_device(model)
     total, count, out = 0.0, 0, None
-    window = LoadWindow()  # the load over every batch, not the last one's
+    window = RoutingCounts()  # the load over every batch, not the last one's
     for idx_BT, targets_BT in batches:
         idx_BT, targets_BT = to_device(idx_BT, device), to_device(targets_BT, device)
         with autocast_context(precision, device):
@@ -160,7 +160,7 @@ class Trainer:
         # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
         self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
         self.ae_target = _ae_target(t, self.model)
-        self.load_window = LoadWindow()  # routed pairs per expert since the last train record (diagnostics)
+        self.load_window = RoutingCounts()  # routed pairs per expert since the last train record (diagnostics)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0
@@ -193,7 +193,7 @@ class Trainer:
         lr = self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, aux], read once after the loop
-        counts = controllers.StepCounts()  # per layer: routed pairs per expert and real tokens of the step
+        counts = RoutingCounts()  # per layer: routed pairs per expert and real tokens of the step
         try:
             for micro in range(t.grad_accum):
                 idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from softmoe.routing.diagnostics import COUNT_KEYS
+
 __all__ = ["MetricsWriter", "routing_summary", "with_load_window", "mean_active_experts", "train_ae", "read_metrics",
            "DIAGNOSTIC_KEYS"]
 
@@ -42,13 +44,13 @@ def _plain(value):
     return value
 
 
-_RAW_COUNTS = ("expert_counts", "real_tokens")  # what the controllers and LoadWindow read; records carry fractions
+_RAW_COUNTS = COUNT_KEYS  # what the controllers and RoutingCounts read; records carry fractions
 
 
 def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) -> list[dict]:
     """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe).
 
-    The raw counts (`expert_counts`, `real_tokens`) are left out (the load fractions and `LoadWindow` carry them)."""
+    The raw counts (`expert_counts`, `real_tokens`) are left out (the load fractions and `RoutingCounts` carry them)."""
     layers = [{"block": block, **{key: _plain(value) for key, value in stats.items() if key not in _RAW_COUNTS}}
               for block, stats in routing.items()]
     if k_L is not None:
@@ -59,7 +61,7 @@ def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) ->
 
 def with_load_window(layers: list[dict], window) -> list[dict]:
     """`layers` (routing_summary records) with each layer's load numbers replaced by those of `window`
-    (a routing.diagnostics.LoadWindow over many forwards): expert_load, load_max_over_mean, load_cv, dead_fraction."""
+    (a routing.diagnostics.RoutingCounts over many forwards): expert_load, load_max_over_mean, load_cv, dead_fraction."""
     summary = window.summary()
     out = []
     for layer in layers:

@@ -94,6 +94,7 @@ def test_train_option_reaches_the_model_and_is_validated():
 def test_controller_counts_and_updates_are_the_same_with_and_without_recomputation(router, options):
     """The controllers read the step's counts from the first forward's return values; the recomputation in backward
     counts nothing, so the counts and the state they move (ReMoE's lambda, the loss-free bias) are identical."""
+    from softmoe.routing.diagnostics import RoutingCounts
     from softmoe.train import controllers
 
     results = []
@@ -105,7 +106,7 @@ def test_controller_counts_and_updates_are_the_same_with_and_without_recomputati
         idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
         out = model(idx, torch.roll(idx, -1, 1))
         out.objective.backward()
-        counts = controllers.StepCounts()
+        counts = RoutingCounts()
         counts.add(out.routing)
         controllers.step(model, counts)
         state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("l1_coef", "bias_E"))}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from softmoe.layers import MoELayer
-from softmoe.routing.diagnostics import DEAD_LOAD, LoadWindow, load_diagnostics, logit_spread
+from softmoe.routing.diagnostics import DEAD_LOAD, RoutingCounts, load_diagnostics, logit_spread
 
 
 def test_logit_spread_is_the_mean_over_real_tokens_of_the_population_std():
@@ -38,16 +38,23 @@ def test_load_diagnostics_without_any_pair():
     assert float(got["dead_fraction"]) == 1.0
 
 
-def test_the_load_window_sums_forwards_and_round_trips_a_state_dict():
-    window = LoadWindow()
-    window.add({0: {"expert_counts": torch.tensor([3.0, 1.0, 0.0, 0.0])}, 2: {"expert_counts": torch.ones(4)}})
-    window.add({0: {"expert_counts": torch.tensor([1.0, 1.0, 0.0, 2.0])}, 2: {"expert_counts": torch.ones(4)}})
+def counted(counts_E: list[float], tokens: float) -> dict:
+    return {"expert_counts": torch.tensor(counts_E), "real_tokens": torch.tensor(tokens)}
+
+
+def test_routing_counts_sum_forwards_and_round_trip_a_state_dict():
+    window = RoutingCounts()
+    assert window.active_L().shape == (0,)
+    window.add({0: counted([3.0, 1.0, 0.0, 0.0], 2.0), 2: counted([1.0, 1.0, 1.0, 1.0], 2.0)})
+    window.add({0: counted([1.0, 1.0, 0.0, 2.0], 2.0), 2: counted([1.0, 1.0, 1.0, 1.0], 2.0)})
     summary = window.summary()
     assert summary[0]["expert_load"].tolist() == [0.5, 0.25, 0.0, 0.25]
     assert float(summary[0]["dead_fraction"]) == 0.25 and float(summary[2]["load_cv"]) == 0.0
-    restored = LoadWindow()
+    assert window.active_L().tolist() == [2.0, 2.0]  # 8 pairs over 4 real tokens, per layer
+    restored = RoutingCounts()
     restored.load_state_dict(window.state_dict())
     assert restored.summary()[0]["expert_load"].tolist() == [0.5, 0.25, 0.0, 0.25]
+    assert restored.active_L().tolist() == [2.0, 2.0]
     window.reset()
     assert window.summary() == {}
 

@@ -25,6 +25,7 @@ from softmoe.model import GPT
 from softmoe.model.config import ModelConfig
 from softmoe.ops.lapsum import soft_topk
 from softmoe.routing import build_router
+from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.routing.softk import combine_weights, relative_keep
 from softmoe.train import controllers
 from softmoe.train.config import load_run_config
@@ -57,9 +58,9 @@ def test_multiplicative_update_direction():
     assert float(same) == pytest.approx(1e-3) and up.dtype == torch.float32
 
 
-def forward_counts(layers, x, counts: controllers.StepCounts | None = None) -> controllers.StepCounts:
-    """Run every layer on x and add their returned statistics to a StepCounts (what the Trainer does)."""
-    counts = controllers.StepCounts() if counts is None else counts
+def forward_counts(layers, x, counts: RoutingCounts | None = None) -> RoutingCounts:
+    """Run every layer on x and add their returned statistics to a RoutingCounts (what the Trainer does)."""
+    counts = RoutingCounts() if counts is None else counts
     counts.add({i: layer(x).stats for i, layer in enumerate(layers)})
     return counts
 
@@ -75,7 +76,7 @@ def test_step_pools_sparsity_over_layers():
     expected = 1e-3 * (1.2 if sparsity < 0.75 else 1 / 1.2)
     controllers.step(model, counts)
     assert coefs(model) == pytest.approx([expected, expected])  # one decision for all layers
-    controllers.step(model, controllers.StepCounts())  # nothing counted: no update
+    controllers.step(model, RoutingCounts())  # nothing counted: no update
     controllers.step(model, None)
     assert coefs(model) == pytest.approx([expected, expected])
 
@@ -114,7 +115,7 @@ def test_state_dict_round_trip_restores_the_coefficient_and_bias():
     torch.manual_seed(0)
     model = GPT(config)
     for _ in range(3):
-        counts = controllers.StepCounts()
+        counts = RoutingCounts()
         counts.add(model(torch.randint(0, 32, (2, 8))).routing)
         controllers.step(model, counts)
     state = model.state_dict()
@@ -128,7 +129,7 @@ def test_state_dict_round_trip_restores_the_coefficient_and_bias():
     biased = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, num_experts=4, d_expert=8, router="topk",
                          k=1.0, max_seq_len=16, router_options=dict(loss_free_bias=True, bias_update_rate=0.1))
     model = GPT(biased)
-    counts = controllers.StepCounts()
+    counts = RoutingCounts()
     counts.add(model(torch.randint(0, 32, (2, 8))).routing)
     controllers.step(model, counts)
     fresh = GPT(biased)
@@ -339,11 +340,11 @@ def _tiny_softmoe() -> GPT:
                            router="softmoe", k=2.0))
 
 
-def fake_counts(active_L: list[float], num_experts: int = 8, tokens: float = 64.0) -> controllers.StepCounts:
-    """StepCounts whose layers realized `active_L` experts per token (pairs spread evenly over the experts)."""
-    counts = controllers.StepCounts()
-    counts.layers = [{"expert_counts": torch.full((num_experts,), a * tokens / num_experts, dtype=torch.float64),
-                      "real_tokens": torch.tensor(tokens, dtype=torch.float64)} for a in active_L]
+def fake_counts(active_L: list[float], num_experts: int = 8, tokens: float = 64.0) -> RoutingCounts:
+    """RoutingCounts whose layers realized `active_L` experts per token (pairs spread evenly over the experts)."""
+    counts = RoutingCounts()
+    counts.add({i: {"expert_counts": torch.full((num_experts,), a * tokens / num_experts, dtype=torch.float64),
+                    "real_tokens": torch.tensor(tokens, dtype=torch.float64)} for i, a in enumerate(active_L)})
     return counts
 
 
