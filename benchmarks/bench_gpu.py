@@ -186,17 +186,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(preset: str, spec: dict, device: torch.device, peak: float, compile_model: bool) -> dict:
-    from benchmarks.bench_train import model_flops_per_token
+def train_config(preset: str, spec: dict, device: torch.device, compile_model: bool):
+    """The preset's run config on the tiny fixture corpus (no download) in a fresh temporary folder. One validation
+    batch: the fixture's val split holds fewer windows than the presets' eval_batches x batch_size, and the
+    benchmark times training steps only."""
     from softmoe.train.config import load_run_config
-    from softmoe.train.loop import Trainer
 
     out_dir = tempfile.mkdtemp(prefix="bench_gpu_")
-    config = load_run_config(ROOT / "configs" / f"{preset}.yaml", [
+    return load_run_config(ROOT / "configs" / f"{preset}.yaml", [
         f"train.out_dir={out_dir}", f"data.data_dir={out_dir}/data", "data.corpus=tiny", "train.progress=false",
         "train.tensorboard=false", f"train.device={device}", "train.precision=bf16", "train.threads=0",
-        f"data.batch_size={spec['batch_size']}", f"train.compile={str(compile_model).lower()}"])
-    trainer = Trainer(config, report=lambda message: None)
+        f"data.batch_size={spec['batch_size']}", f"train.compile={str(compile_model).lower()}",
+        "train.eval_batches=1"])
+
+
+def bench_train(preset: str, spec: dict, device: torch.device, peak: float, compile_model: bool) -> dict:
+    from benchmarks.bench_train import model_flops_per_token
+    from softmoe.train.loop import Trainer
+
+    trainer = Trainer(train_config(preset, spec, device, compile_model), report=lambda message: None)
+    config = trainer.config
     tokens = trainer.data.tokens_per_batch * config.train.grad_accum
     warmup, steps = spec["warmup"], spec["steps"]
     compile_tic = time.perf_counter()

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import write_json  # noqa: E402
+from softmoe.common.precision import resolve_device  # noqa: E402
 from softmoe.model import GPT, ModelConfig  # noqa: E402
 from softmoe.model.generate import generate  # noqa: E402
 from softmoe.routing.softk import SoftKRouter  # noqa: E402
@@ -157,7 +158,7 @@ def calibrate(model: GPT, ids_BS: torch.Tensor, target: float, decode_prompt: to
 
 
 def _hf(model: GPT):
-    """The exported transformers model around the same GPT (no copy of the weights)."""
+    """The exported transformers model around the same GPT (no copy of the weights), on the GPT's device."""
     from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 
     small = replace(model.config, vocab_size=8, d_model=8, n_heads=1, d_ff=8, d_expert=8, num_experts=2, k=1.0,
@@ -168,18 +169,25 @@ def _hf(model: GPT):
     hf.config = SoftMoEConfig.from_model_config(model.config)
     hf.model = model
     hf.generation_config.pad_token_id = 0
-    return hf.eval()
+    return hf.to(next(model.parameters()).device).eval()
 
 
-def _timed(fn) -> float:
+def synchronizer(device: torch.device):
+    """What waits for the device's queued work: CUDA's synchronize there, nothing on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _timed(fn, sync) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
-def decode_time(gen_fn, prompt: torch.Tensor, new_tokens: int) -> float:
+def decode_time(gen_fn, prompt: torch.Tensor, new_tokens: int, sync) -> float:
     """Seconds per decoded step: (t(N + 1 new tokens) - t(1)) / N (the prompt's prefill cancels)."""
-    return (_timed(lambda: gen_fn(prompt, new_tokens + 1)) - _timed(lambda: gen_fn(prompt, 1))) / new_tokens
+    return (_timed(lambda: gen_fn(prompt, new_tokens + 1), sync) - _timed(lambda: gen_fn(prompt, 1), sync)) / new_tokens
 
 
 def native_generate(model: GPT):
@@ -212,16 +220,17 @@ def measure(models: dict, prompts: dict, args) -> dict[str, dict[str, list[float
     if not args.no_hf:
         paths["hf"] = (hf_prefill, hf_generate)
     hf_models = {name: _hf(m) for name, m in models.items()} if not args.no_hf else {}
+    sync = synchronizer(args.device)
     jobs = {}
     for name, model in models.items():
         for path, (prefill, gen) in paths.items():
             target = model if path == "native" else hf_models[name]
             jobs[(name, f"{path}/prefill")] = (
-                lambda p=prefill(target), x=prompts["prefill"]: _timed(lambda: p(x)) / x.numel())
+                lambda p=prefill(target), x=prompts["prefill"]: _timed(lambda: p(x), sync) / x.numel())
             for batch in args.decode_batches:
                 jobs[(name, f"{path}/decode_b{batch}")] = (
                     lambda g=gen(target), x=prompts[f"decode_b{batch}"], n=args.new_tokens[batch]:
-                    decode_time(g, x, n) / x.shape[0])
+                    decode_time(g, x, n, sync) / x.shape[0])
     samples: dict[str, dict[str, list[float]]] = {}
     for job in jobs.values():  # warmup: every kernel shape once
         job()
@@ -303,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ae", type=float, nargs="+", default=list(SOFT_AE), help="SoftMoE AE targets")
     parser.add_argument("--gate-std", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<index>")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights, activations and KV cache (bfloat16: the GPU's grouped expert matmuls)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers path")
     parser.add_argument("--json", action="store_true", help="write benchmarks/results/<name>.json")
     parser.add_argument("--name", default="bench_infer")
@@ -315,17 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     args.prompt_len = args.prompt_len or (4 if quick else 32)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
 
     config = base_config(quick)
     models = build_models(config, args.gate_std, args.topk)
     gen = torch.Generator().manual_seed(1)
-    ids = lambda b, s: torch.randint(0, config.vocab_size, (b, s), generator=gen)  # noqa: E731
+    ids = lambda b, s: torch.randint(0, config.vocab_size, (b, s), generator=gen).to(args.device)  # noqa: E731
     prompts = {"prefill": ids(*args.prefill), **{f"decode_b{b}": ids(b, args.prompt_len) for b in args.decode_batches}}
     calibration = ids(8, 64) if not quick else ids(2, 8)
     largest = f"decode_b{max(args.decode_batches)}"
+    dtype = getattr(torch, args.dtype)
+    for model in models.values():
+        model.to(args.device, dtype)
     soft = models.pop("softmoe")
     for target in args.ae:  # one model per AE target, sharing the weights; its threshold buffers set by bisection
-        variant = _sharing(soft, soft.config)
+        variant = _sharing(soft, soft.config).to(args.device, dtype)  # its own buffers (rotary tables) too
         calibrate(variant, calibration, target, prompts[largest], args.new_tokens[max(args.decode_batches)])
         models[f"softmoe@{target:g}"] = variant
     # AE realized where each measurement routes: the prefill prompts, and the tokens each decode produces
@@ -338,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = measure(models, prompts, args)
     summary = summarise(samples, ae)
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU thread(s)")
     print(f"{config.n_layers} blocks, d_model {config.d_model}, {config.num_experts} experts of width "
-          f"{config.d_expert}, vocab {config.vocab_size}; {torch.get_num_threads()} thread(s), fp32, "
+          f"{config.d_expert}, vocab {config.vocab_size}; {where}, {args.dtype}, "
           f"{args.repeats} interleaved repeats; prefill {args.prefill[0]} x {args.prefill[1]}, decode "
           + ", ".join(f"{n} tokens at batch {b}" for b, n in args.new_tokens.items())
           + f" after a {args.prompt_len}-token prompt")
@@ -352,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if met['speedup_met'] else 'MISSED'}")
     if args.json:
         path = write_json(args.name, [{"what": w, **s} for w, s in summary.items()],
-                          {"ae": ae, "targets": met, "config": dataclasses.asdict(config),
+                          {"ae": ae, "targets": met, "config": dataclasses.asdict(config), "device": str(args.device),
+                           "dtype": args.dtype,
                            "command": "benchmarks/bench_infer.py " + " ".join(sys.argv[1:] if argv is None else argv)})
         print(f"wrote {path}")
     return 0

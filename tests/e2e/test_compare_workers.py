@@ -18,18 +18,36 @@ import pytest
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state first, then the parent's pid), or None when gone.
+
+    Read from /proc, not `ps`: CI images may carry a `ps` without procps' options (busybox), which prints nothing
+    here and once left this test waiting for workers it could not see."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-    return bool(state) and not state.startswith("Z")
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -46,14 +64,18 @@ variants:
   - {{name: b, overrides: {{model.router: topk, model.k: 2}}}}
 """)
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
-                               "--quiet", "--summaries", "none"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--quiet", "--summaries", "none"], stdout=subprocess.DEVNULL,
+                              stderr=(tmp_path / "compare.err").open("w"))
     workers: list[int] = []
     deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
     while time.time() < deadline and len(workers) < 2:
         time.sleep(0.5)
-        workers = [w for w in _children(parent.pid) if "spawn_main" in
-                   subprocess.run(["ps", "-o", "args=", "-p", str(w)], capture_output=True, text=True).stdout]
-    assert len(workers) == 2, "the pool did not start its two workers"
+        workers = [w for w in _children(parent.pid) if "spawn_main" in _cmdline(w)]
+        if parent.poll() is not None:
+            break
+    err = (tmp_path / "compare.err").read_text()[-2000:]
+    assert parent.poll() is None, f"compare exited with {parent.returncode} before starting its workers: {err}"
+    assert len(workers) == 2, f"the pool did not start its two workers: {err}"
     # wait until both runs are training (their metrics file exists)
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) < 2:
         time.sleep(0.5)

@@ -44,3 +44,17 @@ def test_gpu_check_script_is_valid_bash():
     text = script.read_text()
     for path in ("tests/gpu", "tests/unit/ops/test_lapsum_triton.py", "benchmarks/bench_gpu.py"):
         assert path in text and (ROOT / path).exists(), path
+
+
+@pytest.mark.parametrize("preset", ["small/softmoe", "small/topk", "small/dense"])
+def test_full_mode_train_presets_build_a_trainer(preset):
+    """The GPU run's own train part (full mode, not --quick): each preset's config on the fixture corpus is valid
+    (it once asked for more validation windows than the fixture holds and failed only on the GPU)."""
+    import torch
+
+    from benchmarks.bench_gpu import FULL, train_config
+    from softmoe.train.loop import Trainer
+
+    assert preset in FULL["train"]["presets"]
+    config = train_config(preset, FULL["train"], torch.device("cpu"), compile_model=False)
+    Trainer(config, report=lambda message: None)

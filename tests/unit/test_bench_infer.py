@@ -29,6 +29,21 @@ def test_bench_infer_quick_runs_every_part(capsys):
     assert "target SoftMoE / top-k" in out and "target decode tokens/s" in out
 
 
+@pytest.mark.slow
+def test_bench_infer_quick_in_bfloat16(capsys):
+    """The GPU's configuration (bf16 weights, activations and cache), natively: every variant moves to the dtype,
+    the calibrated SoftMoE variants included (their own rotary buffers once stayed behind on the device)."""
+    from benchmarks.bench_infer import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--dtype", "bfloat16", "--no-hf", "--decode-batches", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "\nnative/decode_b2: realized AE" in out and "hf/" not in out
+
+
 def test_shared_variants_differ_only_in_routing():
     from benchmarks.bench_infer import base_config, build_models
 
