@@ -44,7 +44,7 @@ def calibrate_mean_k(layer: MoELayer, x_TD: torch.Tensor, target: float, tol: fl
     with torch.no_grad():
         for _ in range(40):
             mid = 0.5 * (low + high)
-            m = float(layer.router(x_TD, k=torch.tensor(mid, device=x_TD.device)).stats.active_experts_mean)
+            m = float(layer.router(x_TD, k=torch.tensor(mid, device=x_TD.device)).stats["active_experts_mean"])
             if abs(m - target) <= tol * target:
                 return mid, m
             low, high = (mid, high) if m < target else (low, mid)

@@ -31,7 +31,7 @@ def main() -> None:
                 converted = from_hf(copy.deepcopy(model), alpha=alpha)
                 with converted.softmoe_retrofit.collect() as routing:
                     diff = (converted(x).logits - ref.logits).abs()
-                active = sum(s.active_experts_mean for s in routing.stats.values()) / len(routing.stats)
+                active = sum(float(s["active_experts_mean"]) for s in routing.stats.values()) / len(routing.stats)
                 rows.append({"family": family, "alpha": alpha, "max_abs_dlogit": float(diff.max()),
                              "mean_abs_dlogit": float(diff.mean()), "logit_scale": float(ref.logits.abs().mean()),
                              "tokens_margin_lt_40alpha": float((margin_BS < 40 * alpha).float().mean()),

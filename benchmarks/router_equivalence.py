@@ -61,7 +61,7 @@ def run_cases(out_path: str) -> None:
         ((out.routing.dense_weights() * torch.arange(8.0)).sum() + out.aux_loss).backward()
         results[f"{i}-{name}-{options}-mean_k={mean_k}"] = {
             "init": init, "weights": out.routing.dense_weights().detach(), "logits": out.logits_TE.detach(),
-            "aux_loss": out.aux_loss.detach(), "stats": dict(out.stats.tensors),
+            "aux_loss": out.aux_loss.detach(), "stats": dict(out.stats),
             "grads": {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None},
         }
     torch.save(results, out_path)

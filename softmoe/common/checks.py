@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_distinct_choices"]
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_distinct_choices", "check_known"]
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None,
@@ -72,3 +72,12 @@ def check_distinct_choices(name: str, values, choices) -> None:
     if unknown or len(set(values)) != len(values):  # all known: hashable like the choices
         raise ValueError(f"{name}={list(values)} must be distinct values from {choices}"
                          + (f"; unknown: {unknown}" if unknown else ""))
+
+
+def check_known(where: str, values: dict, valid) -> None:
+    """Raise ValueError naming each key of `values` not in `valid`, with its value: "unknown option(s) ['x']
+    for <where> (x=1); valid options: [...]"."""
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        given = ", ".join(f"{name}={values[name]!r}" for name in unknown)
+        raise ValueError(f"unknown option(s) {unknown} for {where} ({given}); valid options: {sorted(valid)}")

@@ -276,7 +276,7 @@ def _describe_run(config: RunConfig) -> str:
         return "dense"
     parts = [f"{m.router} {m.describe_routing()}"]
     parts += [f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-              for name, value in sorted(m.router_options.items())]
+              for name, value in sorted(m.router_options.changed().items())]
     if t.ae_target:
         parts.append(f"Train AE -> {t.ae_target:g} by {t.ae_lever}")
     return ", ".join(parts)
@@ -330,7 +330,7 @@ def _noise_ae(run: PlannedRun, run_dir: Path, batches: int = 8) -> dict:
     """Train-mode realized AE of the final checkpoint with the gate noise on and off (eval/noise.py), on the first
     `batches` validation batches; {} for a dense model or a run without gate noise."""
     m = run.config.model
-    if m.ffn != "moe" or not m.router_options.get("gate_noise"):
+    if m.ffn != "moe" or not m.router_options.gate_noise:
         return {}
     from softmoe.eval.budget import calibration_batches
     from softmoe.eval.evaluate import load_corpus_split

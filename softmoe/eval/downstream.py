@@ -161,7 +161,7 @@ def _score_batch(model: nn.Module, windows: list[tuple[list[int], list[int]]], p
     with autocast_context(precision, device), masked_padding(model, mask_BS):
         out = model(idx_BS)
     if layers is not None and out.routing:
-        accumulate_routing(layers, out.routing, out.k_L)
+        accumulate_routing(layers, out.routing)
     scores = []
     for b, (_, targets) in enumerate(windows):
         C = len(targets)
@@ -181,7 +181,7 @@ def score_requests(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
 
     Args:
         model: a decoder with `config.max_seq_len` whose forward(idx_BS) returns `.logits` (B, S, V)
-            and `.routing`/`.k_L` (softmoe.model.GPT); its train/eval mode is restored.
+            and `.routing` (softmoe.model.GPT); its train/eval mode is restored.
         tokenizer: anything with `encode(text).ids` (a `tokenizers.Tokenizer`).
         requests: (context, continuation) pairs, both non-empty.
         batch_size: B, requests per forward.

@@ -189,7 +189,7 @@ def _lm_entry(model: GPT, data: CorpusSplit, result: SplitEval, whole: bool) -> 
 def recording_routing(model: GPT) -> Iterator[dict[int, LayerRouting]]:
     """Accumulate the routing of every forward of `model` inside the block (block -> LayerRouting)."""
     layers: dict[int, LayerRouting] = {}
-    handle = model.register_forward_hook(lambda module, args, out: accumulate_routing(layers, out.routing, out.k_L))
+    handle = model.register_forward_hook(lambda module, args, out: accumulate_routing(layers, out.routing))
     try:
         yield layers
     finally:

@@ -105,14 +105,14 @@ class SplitEval:
         return sum(layer.active_mean for layer in self.layers) / len(self.layers)
 
 
-def accumulate_routing(layers: dict[int, LayerRouting], out_routing, k_L: torch.Tensor | None) -> None:
-    """Add one batch's per-layer histograms and loads into `layers` (keyed by block)."""
-    for index, (block, stats) in enumerate(out_routing.items()):
+def accumulate_routing(layers: dict[int, LayerRouting], out_routing) -> None:
+    """Add one batch's per-layer histograms and loads (`DecoderOutput.routing`) into `layers` (keyed by block)."""
+    for block, stats in out_routing.items():
         hist = stats["active_experts_hist"].double().cpu().numpy()
         # expert_load is a fraction of this batch's pairs; pairs = sum over tokens of active experts.
         pairs = float((np.arange(hist.shape[0]) * hist).sum())
         load = stats["expert_load"].double().cpu().numpy() * pairs
-        k = float(k_L[index]) if k_L is not None else float(stats["k"])
+        k = float(stats["k"])
         if block not in layers:
             layers[block] = LayerRouting(block, k, np.zeros_like(hist), np.zeros_like(load))
         layers[block].active_hist += hist
@@ -155,7 +155,7 @@ def evaluate_split(
         scored = int((targets_BT != IGNORE_INDEX).sum())
         total_nats += float(out.loss) * scored
         total_tokens += scored
-        accumulate_routing(layers, out.routing, out.k_L)
+        accumulate_routing(layers, out.routing)
     bar.close()
     model.train(was_training)
     return SplitEval(loss=total_nats / max(total_tokens, 1), tokens=total_tokens, layers=list(layers.values()))

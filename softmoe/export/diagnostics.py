@@ -40,13 +40,12 @@ class RoutingDiagnosticsCallback(TrainerCallback):
         self._handle = None
 
     def observe(self, routing_stats: dict) -> None:
-        """Add one training forward's per-layer stats (block -> LayerStats) to the interval."""
+        """Add one training forward's per-layer stats (block -> LayerStats, name -> tensor) to the interval."""
         self.window.add(routing_stats)
         for block, stats in routing_stats.items():
-            tensors = getattr(stats, "tensors", stats)
             for key in MEAN_KEYS:
-                if key in tensors:
-                    value = tensors[key].detach().double()
+                if key in stats:
+                    value = stats[key].detach().double()
                     self.sums[block][key] = self.sums[block][key] + value if key in self.sums[block] else value
         self.forwards += 1
 

@@ -57,14 +57,13 @@ class SoftMoECausalLMOutput(MoeCausalLMOutputWithPast):
     """MoeCausalLMOutputWithPast plus the routing results of the forward (detached; no host sync).
 
     Attributes:
-        routing_stats: block index -> that MoE layer's LayerStats (active experts, logit spread, expert counts,
-            ...; docs/training.md), in block order; empty for a dense model. What `RoutingDiagnosticsCallback`
+        routing_stats: block index -> that MoE layer's stats (name -> detached tensor: k, active experts, logit
+            spread, expert counts, ...; docs/training.md), in block order; empty for a dense model. Its "k" is the
+            layer's k (SoftMoE: the budget's k_l, the soft top-k mass). What `RoutingDiagnosticsCallback`
             (softmoe/export/diagnostics.py) reads.
-        k_L: (L,) the budget's per-layer k_l (SoftMoE: the soft top-k mass), else None.
     """
 
     routing_stats: dict | None = None
-    k_L: torch.Tensor | None = None
 # The output's cache field: `cache` in recent transformers (5.24 here), `past_key_values` in older releases.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # What an exported folder's config.json names under auto_map, and the file (written next to it) it points to.
@@ -222,7 +221,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 generate builds position_ids only for models whose forward names it.
         Returns:
             SoftMoECausalLMOutput (a MoeCausalLMOutputWithPast) with (B, S, V) float32 logits, the cache and the
-            layers' routing_stats and k_L; with output_router_logits also aux_loss (0-d float32) and router_logits
+            layers' routing_stats; with output_router_logits also aux_loss (0-d float32) and router_logits
             (one (B * S, E) tensor per MoE layer).
         """
         if output_router_logits is None:
@@ -254,7 +253,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         return SoftMoECausalLMOutput(loss=loss, aux_loss=aux_loss, logits=out.logits,
-                                     router_logits=out.router_logits, routing_stats=out.routing, k_L=out.k_L,
+                                     router_logits=out.router_logits, routing_stats=out.routing,
                                      **{_OUTPUT_CACHE_FIELD: cache})
 
 

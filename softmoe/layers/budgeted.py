@@ -83,7 +83,7 @@ class RoutingResults:
         sums = torch.zeros(self.budget.num_layers, dtype=torch.float64)
         calls = torch.zeros(self.budget.num_layers, dtype=torch.float64)
         for index, result in self.layers:
-            sums[index] += result.stats.tensors["active_experts_mean"].detach().double().cpu()
+            sums[index] += result.stats["active_experts_mean"].detach().double().cpu()
             calls[index] += 1
         return sums / calls.clamp(min=1)
 

@@ -175,7 +175,7 @@ class MoEOutput(NamedTuple):
         output: (..., D) the layer's output, x's shape.
         aux_loss: 0-d float32, differentiable: the router's configured weighted aux terms (load balance,
             z-loss, router-specific ones). Add it to the training loss.
-        stats: LayerStats, detached (k, active_experts_mean, active_experts_hist, expert_load,
+        stats: LayerStats, a dict of detached tensors (k, active_experts_mean, active_experts_hist, expert_load,
             load_balance_loss, z_loss, and router-specific entries).
         router_logits: (T, E) float32 router scores of the flattened tokens (padding rows 0), as
             transformers' MoE models return them under `output_router_logits`.

@@ -27,7 +27,7 @@ class Block(nn.Module):
             # Coarse (num_experts, d_expert, k): the layer applies `granularity` itself (layers.moe.fine_grained).
             self.ffn = MoELayer(config.d_model, config.d_expert, config.num_experts, router=config.router,
                                 k=float(config.k), num_shared_experts=config.num_shared_experts,
-                                granularity=config.granularity, **config.router_options)
+                                granularity=config.granularity, **config.router_options.values())
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 

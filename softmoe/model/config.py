@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from softmoe.common.checks import check_choice, check_float, check_int
 from softmoe.layers.moe import fine_grained
-from softmoe.routing import ROUTERS, router_class, router_config
+from softmoe.routing import ROUTERS, RouterConfig, RouterOptions, router_class, router_options
+from softmoe.routing.budget import BudgetOptions, budget_options
 
 __all__ = ["ModelConfig", "FFN_KINDS"]
 
@@ -33,8 +34,11 @@ class ModelConfig:
     router: str = "softmoe"  # a registered router: softmoe (LapSum soft top-k, learned k_l) | topk | topp | null ...
     k: float = 2.0  # softmoe: global budget K = mean over MoE layers of k_l (soft mass; realized count with
     # budget_options.realized); other routers: their config's k
-    router_options: dict = field(default_factory=dict)  # passed to MoELayer as **router_options
-    budget_options: dict = field(default_factory=dict)  # passed to Budget (softmoe only): mode, realized, ...
+    # The router's options (typed: `router_class(router).options_class`, e.g. SoftKOptions) and the budget's
+    # (BudgetOptions; softmoe only: mode, realized, ...). A dict (a parsed YAML section, a saved config) is built
+    # into them once, here; to_dict / dataclasses.asdict write them back as dicts with every default.
+    router_options: RouterOptions | dict = field(default_factory=dict)
+    budget_options: BudgetOptions | dict = field(default_factory=dict)
     num_shared_experts: int = 0  # always-on experts per MoE layer, each as wide as a routed expert (DeepSeekMoE)
     granularity: int = 1  # split each expert into g of width d_expert/g: E*g routed experts, budget k*g
     rope_theta: float = 10000.0  # RoPE base
@@ -59,11 +63,27 @@ class ModelConfig:
             raise ValueError(f"router={self.router!r} must be one of the registered routers {sorted(ROUTERS)}")
         for name in ("rope_theta", "init_std", "norm_eps"):
             check_float(name, getattr(self, name), 0.0, open_low=True)
-        for name in ("router_options", "budget_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        object.__setattr__(self, "router_options", self._typed_router_options())
+        object.__setattr__(self, "budget_options", self._typed_budget_options())
         if self.ffn == "moe":
             self._check_moe()
+
+    def _typed_router_options(self) -> RouterOptions:
+        options = self.router_options
+        if isinstance(options, dict):
+            return router_options(self.router, **options)
+        if type(options) is not router_class(self.router).options_class:
+            raise TypeError(f"router_options must be a dict or {router_class(self.router).options_class.__name__} "
+                            f"for router={self.router!r}, got {type(options).__name__}")
+        return options
+
+    def _typed_budget_options(self) -> BudgetOptions:
+        options = self.budget_options
+        if isinstance(options, dict):
+            return budget_options(**options)
+        if not isinstance(options, BudgetOptions):
+            raise TypeError(f"budget_options must be a dict or BudgetOptions, got {type(options).__name__}")
+        return options
 
     def _check_moe(self) -> None:
         if self.moe_every > self.n_layers:
@@ -76,7 +96,7 @@ class ModelConfig:
                              f"for router={self.router!r}")
         fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)  # d_expert % granularity
         rule = self.routed_router_config()  # router-specific checks
-        if self.budget_options.get("realized") is True and getattr(rule, "truncation", None) != "relative":
+        if self.budget_options.realized and getattr(rule, "truncation", None) != "relative":
             raise ValueError("model.budget_options.realized=true steers the paper's relative threshold of each layer; "
                              f"it needs router=softmoe with router_options.truncation=relative (got router="
                              f"{self.router!r}, truncation={getattr(rule, 'truncation', None)!r})")
@@ -88,9 +108,8 @@ class ModelConfig:
         "k=2 of 8", "soft mass K=1.5 of 16, learned k_l" (the paper's rule: K is the soft top-k mass),
         "realized count K=1.5 of 16, learned k_l" (`budget_options: {realized: true}`), or "fixed soft mass
         k=1.5 of 16" for a budget that does not learn its k_l (`budget_options: {learnable: false}`)."""
-        learned = self.budget_options.get("learnable", True)  # Budget's default
-        realized = self.budget_options.get("realized", False) is True
-        return router_class(self.router).describe(self.k, self.num_experts, learned=learned, realized=realized)
+        return router_class(self.router).describe(self.k, self.num_experts, learned=self.budget_options.learnable,
+                                                  realized=self.budget_options.realized)
 
     @property
     def uses_budget(self) -> bool:
@@ -129,9 +148,9 @@ class ModelConfig:
         """The router's k (and the Budget's K): k * granularity."""
         return float(fine_grained(self.num_experts, self.d_expert, self.k, self.granularity)[2])
 
-    def routed_router_config(self):
+    def routed_router_config(self) -> RouterConfig:
         """The checked config of the MoE blocks' router (routed experts and k, `router_options`)."""
-        return router_config(self.router, self.routed_experts, self.routed_k, **self.router_options)
+        return self.router_options.config(self.routed_experts, self.routed_k)
 
     def nominal_active_experts(self) -> float:
         """NOMINAL routed experts per token of one MoE block, in routed (fine) experts, shared excluded.

@@ -40,9 +40,9 @@ class DecoderOutput:
             called with return_logits=False (the loss is then computed chunk by chunk, model/loss.py).
         loss: mean cross-entropy over targets != -100, or None without targets.
         aux_loss: scalar, sum of the MoE layers' aux losses plus the budget penalty (0 for dense).
-        routing: block index -> that MoE layer's detached stats (MoEOutput.stats), in block order.
-        k_L: (L,) detached per-layer k_l of the budget (softmoe: the soft top-k mass; the realized count is
-            routing[i]["active_experts_mean"]), else None.
+        routing: block index -> that MoE layer's detached stats (MoEOutput.stats: name -> tensor), in block
+            order. Its "k" is the layer's k, the budget's k_l for softmoe (the soft top-k mass; the realized count
+            is routing[i]["active_experts_mean"]): the one report of the per-layer k.
         router_logits: with output_router_logits=True, one (B * S, E) float32 tensor per MoE layer, in
             block order (transformers' MoE convention); else None.
     """
@@ -51,7 +51,6 @@ class DecoderOutput:
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     routing: dict[int, Mapping] = field(default_factory=dict)
-    k_L: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -109,7 +108,7 @@ class GPT(nn.Module):
         if config.uses_budget:
             # Over routed experts: with granularity g the k_l are in fine experts (K = k * g of E * g).
             self.budget = Budget(len(config.moe_layers), config.routed_experts, config.routed_k,
-                                 **config.budget_options)
+                                 options=config.budget_options)
         cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -211,7 +210,6 @@ class GPT(nn.Module):
         aux_loss = self._aux_loss([r.aux_loss for r in routed.values()])
         return DecoderOutput(logits=logits, loss=loss, aux_loss=aux_loss,
                              routing={i: r.stats for i, r in routed.items()},
-                             k_L=None if k_L is None else k_L.detach(),
                              router_logits=tuple(r.router_logits for r in routed.values())
                              if output_router_logits else None)
 

@@ -8,6 +8,7 @@ from softmoe.routing.base import (
     ROUTERS,
     LayerStats,
     RouterConfig,
+    RouterOptions,
     RouterOutput,
     Rule,
     GateRouter,
@@ -16,6 +17,7 @@ from softmoe.routing.base import (
     register_router,
     router_class,
     router_config,
+    router_options,
 )
 from softmoe.routing.budget import Budget
 from softmoe.routing.record import DispatchOverflow, Routing, routing_from_mask, select_experts, truncate
@@ -38,6 +40,7 @@ __all__ = [
     "ROUTERS",
     "LayerStats",
     "RouterConfig",
+    "RouterOptions",
     "RouterOutput",
     "Rule",
     "GateRouter",
@@ -46,6 +49,7 @@ __all__ = [
     "router_class",
     "register_router",
     "router_config",
+    "router_options",
     "SoftKConfig",
     "SoftKRouter",
     "TopKConfig",

@@ -81,7 +81,7 @@ class ExpertBias(nn.Module):
             self.bias_E.copy_(bias_update(self.bias_E, load_E.to(self.bias_E.device), self.rate))
 
     def stats(self) -> dict[str, torch.Tensor]:
-        """Detached copies for LayerStats (a later controller step must not change a reported value)."""
+        """Copies for the layer's stats (a later controller step must not change a reported value)."""
         return {"expert_bias": self.bias_E.clone(), "expert_bias_absmax": self.bias_E.abs().max()}
 
 

@@ -23,21 +23,21 @@ Code outside this package never tests a router's name: it asks the class (`route
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from softmoe.common.checks import check_float, check_int
+from softmoe.common.checks import check_float, check_int, check_known
 from softmoe.ops.checks import value_checks_enabled
 from softmoe.routing import diagnostics, losses
 from softmoe.routing.record import Routing, routing_from_mask
 
 __all__ = [
     "RouterConfig",
+    "RouterOptions",
     "RouterOutput",
     "LayerStats",
     "Rule",
@@ -48,6 +48,7 @@ __all__ = [
     "router_class",
     "build_router",
     "router_config",
+    "router_options",
     "router_logits",
     "finish_routing",
     "real_tokens",
@@ -104,43 +105,58 @@ class RouterConfig:
         return float(self.k)
 
 
+@dataclass(frozen=True)
+class RouterOptions:
+    """One router's options: its config's fields less `num_experts` and `k` (the model supplies those), typed, with
+    the config's defaults. `register_router` derives one subclass per router (`router_cls.options_class`, e.g.
+    `SoftKOptions`); `router_options(name, **values)` builds one. `ModelConfig.router_options` holds it, built once
+    when the config is parsed; the values are checked when `config(E, k)` builds the router's config. Values are
+    already Python numbers: YAML is read (and its numbers coerced) at the config edge, never here.
+    """
+
+    router = ""  # the registered router's name (a class attribute of each derived class, not a field)
+
+    def values(self) -> dict:
+        """Option name -> value, every option (defaults included)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def changed(self) -> dict:
+        """Option name -> value of the options that differ from the router's defaults (for listings)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+    def config(self, num_experts: int, k: float) -> RouterConfig:
+        """The router's checked config with these options (ValueError / TypeError naming a bad value)."""
+        return router_class(self.router).config_class(num_experts=num_experts, k=k, **self.values())
+
+    def __reduce__(self):
+        # derived classes are made at registration, so pickle by router name and values
+        return _options_from_values, (self.router, self.values())
+
+
+def _options_from_values(router: str, values: dict) -> RouterOptions:
+    return router_class(router).options_class(**values)
+
+
+def _options_class(name: str, config_cls: type[RouterConfig]) -> type[RouterOptions]:
+    """The options dataclass of router `name`: `config_cls`'s fields less num_experts and k, same types and defaults."""
+    specs = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+             for f in fields(config_cls) if f.name not in ("num_experts", "k")]
+    cls = make_dataclass(config_cls.__name__.removesuffix("Config") + "Options", specs, bases=(RouterOptions,),
+                         frozen=True, namespace={"router": name})
+    cls.__module__ = config_cls.__module__
+    return cls
+
+
 # --------------------------------------------------------------------------------------------
 # Output and statistics
 # --------------------------------------------------------------------------------------------
 
 
-class LayerStats(Mapping):
-    """Detached per-forward statistics of one layer, read as a mapping or as attributes.
-
-    Values are stored as detached tensors (no host sync in forward). Reading one converts 0-d
-    entries to Python floats; vector entries (`active_experts_hist`, `expert_load`) stay tensors.
-    `tensors` gives the raw dict for callers that want to stay asynchronous.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        object.__setattr__(self, "tensors", {name: t.detach() for name, t in tensors.items()})
-
-    @staticmethod
-    def _read(t: torch.Tensor):
-        return float(t) if t.dim() == 0 else t
-
-    def __getitem__(self, name: str):
-        return self._read(self.tensors[name])
-
-    def __getattr__(self, name: str):
-        tensors = self.__dict__.get("tensors", {})
-        if name not in tensors:
-            raise AttributeError(f"LayerStats has no entry {name!r}; entries: {sorted(tensors)}")
-        return self._read(tensors[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __repr__(self) -> str:
-        return f"LayerStats({ {name: self[name] for name in self} })"
+# One layer's routing statistics of one forward: name -> detached tensor (0-d, or a vector such as
+# `active_experts_hist` (E + 1,) and `expert_load` (E,)). Built once, by `finish_routing`; carried unchanged
+# through MoEOutput.stats and DecoderOutput.routing to the trainer; only the metrics writer turns it into floats
+# (no host sync in forward). Its "k" is the layer's k (the budget's k_l for a budget router): the one report of k.
+LayerStats = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,7 @@ class RouterOutput:
         routing: the expert-sorted ragged routing to dispatch (padding tokens are not routed).
         logits_TE: (T, E) float32 router scores (for losses and inspection).
         aux_loss: 0-d float32, the configured weighted sum of auxiliary losses (differentiable).
-        stats: detached statistics of this forward.
+        stats: this forward's detached statistics (`LayerStats`: name -> tensor).
     """
 
     routing: Routing
@@ -237,7 +253,8 @@ def finish_routing(
         "z_loss": z,
     }
     stats.update(extra_stats or {})
-    return RouterOutput(routing=routing, logits_TE=logits_TE, aux_loss=aux, stats=LayerStats(stats))
+    return RouterOutput(routing=routing, logits_TE=logits_TE, aux_loss=aux,
+                        stats={name: value.detach() for name, value in stats.items()})
 
 
 def _weight_per_token(routing: Routing, mask_T: torch.Tensor) -> torch.Tensor:
@@ -254,7 +271,7 @@ class Rule:
     Attributes:
         routing: the expert-sorted ragged routing to dispatch (padding tokens not routed).
         loss: optional 0-d router-specific loss, already weighted, added to aux_loss.
-        stats: router-specific 0-d/vector statistics (detached by LayerStats).
+        stats: router-specific 0-d/vector statistics (`finish_routing` detaches them).
         balance_loss: optional 0-d balance loss replacing the Switch loss (weighted by lb_coef), for a rule
             whose balance is not the Switch loss over E experts (null experts).
     """
@@ -294,6 +311,7 @@ class GateRouter(torch.nn.Module):
 
     name: str
     config_class: type
+    options_class: type  # its RouterOptions subclass (set by `register_router`)
     label: str = ""
     uses_budget = False
     has_threshold = False  # truncates by a relative `threshold` buffer that count controllers steer (SoftMoE)
@@ -436,6 +454,7 @@ def register_router(name: str, config_cls: type[RouterConfig]) -> Callable[[type
             raise ValueError(f"router {name!r} is already registered")
         ROUTERS[name] = (config_cls, router_cls)
         router_cls.name, router_cls.config_class = name, config_cls
+        router_cls.options_class = _options_class(name, config_cls)
         router_cls.label = router_cls.__dict__.get("label") or name
         return router_cls
 
@@ -453,31 +472,24 @@ def router_class(name: str) -> type[GateRouter]:
     return ROUTERS[name][1]
 
 
+def router_options(name: str, **values) -> RouterOptions:
+    """The typed options of the registered router `name` (`router_class(name).options_class(**values)`).
+
+    Raises:
+        ValueError: unknown router name, or an option the router does not have (naming it and its value).
+    """
+    options_cls = router_class(name).options_class
+    check_known(f"router={name!r}", values, [f.name for f in fields(options_cls)])
+    return options_cls(**values)
+
+
 def router_config(name: str, num_experts: int, k: float, **options) -> RouterConfig:
     """The checked config `config_cls(num_experts, k, **options)` of the registered router `name`.
 
     Raises:
         ValueError: unknown router name, an option the router does not have, or an invalid value.
     """
-    config_cls = router_class(name).config_class
-    valid = {f.name for f in fields(config_cls)} - {"num_experts", "k"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for router={name!r}; valid options: {sorted(valid)}")
-    types = {f.name: f.type for f in fields(config_cls)}
-    options = {name: _number_from_yaml(name, value, types[name]) for name, value in options.items()}
-    return config_cls(num_experts=num_experts, k=k, **options)
-
-
-def _number_from_yaml(name: str, value, kind) -> object:
-    """YAML 1.1 reads `1e-3` as the string '1e-3': read such a string as the float a float field declares."""
-    if kind in ("float", float, "float | None") and isinstance(value, str) and _EXPONENT_FLOAT.match(value):
-        return float(value)
-    return value
-
-
-# What YAML 1.1 leaves as a string although it is a float: a mantissa without a dot and an exponent (1e-3).
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+    return router_options(name, **options).config(num_experts, k)
 
 
 def build_router(name: str, d_model: int, num_experts: int, k: float, **options) -> GateRouter:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from softmoe.common.checks import check_bool, check_choice, check_float, check_int
+from softmoe.common.checks import check_bool, check_choice, check_float, check_int, check_known
 
-__all__ = ["Budget", "BUDGET_MODES", "exact_allocation", "steer_threshold"]
+__all__ = ["Budget", "BudgetOptions", "BUDGET_MODES", "budget_options", "exact_allocation", "steer_threshold"]
 
 BUDGET_MODES = ("exact", "penalty")
 
@@ -89,13 +90,12 @@ def steer_threshold(threshold: torch.Tensor, active: torch.Tensor, target: torch
     return moved.clamp(0.0, high).to(threshold.dtype)
 
 
-class Budget(nn.Module):
-    """Per-layer soft top-k mass k_l under a global budget K = mean_l k_l.
+@dataclass(frozen=True)
+class BudgetOptions:
+    """The budget's settings (`ModelConfig.budget_options`), typed and checked when built; the number of experts
+    bounds k_min and margin, checked by `Budget`.
 
-    Args:
-        num_layers: L, the number of SoftMoE layers.
-        num_experts: E per layer.
-        budget: K = mean_l k_l (soft mass; realized count with `realized`), in [k_min, E - margin].
+    Attributes:
         k_min: lower bound of every k_l (> 0).
         margin: k_l <= E - margin (> 0; soft top-k needs k < E).
         mode: "exact" (default, mean k_l == K always) or "penalty".
@@ -106,39 +106,61 @@ class Budget(nn.Module):
         realized_rate: that controller's step, threshold units per expert of error (> 0).
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_experts: int,
-        budget: float,
-        k_min: float = 1.0,
-        margin: float = 0.5,
-        mode: str = "exact",
-        learnable: bool = True,
-        penalty_coef: float = 1.0,
-        realized: bool = False,
-        realized_rate: float = 0.1,
-    ):
+    k_min: float = 1.0
+    margin: float = 0.5
+    mode: str = "exact"
+    learnable: bool = True
+    penalty_coef: float = 1.0
+    realized: bool = False
+    realized_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, BUDGET_MODES)
+        check_bool("learnable", self.learnable)
+        check_float("margin", self.margin, 0.0, open_low=True)
+        check_float("k_min", self.k_min, 0.0, open_low=True)
+        check_float("penalty_coef", self.penalty_coef, 0.0)
+        check_bool("realized", self.realized)
+        check_float("realized_rate", self.realized_rate, 0.0, open_low=True)
+
+
+def budget_options(**values) -> BudgetOptions:
+    """`BudgetOptions(**values)`; ValueError naming an option the budget does not have, and its value."""
+    check_known("model.budget_options", values, [f.name for f in fields(BudgetOptions)])
+    return BudgetOptions(**values)
+
+
+class Budget(nn.Module):
+    """Per-layer soft top-k mass k_l under a global budget K = mean_l k_l.
+
+    Args:
+        num_layers: L, the number of SoftMoE layers.
+        num_experts: E per layer.
+        budget: K = mean_l k_l (soft mass; realized count with `realized`), in [k_min, E - margin].
+        options: the settings (`BudgetOptions`); or give them as keywords (`Budget(L, E, K, mode="penalty")`).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, budget: float, options: BudgetOptions | None = None,
+                 **values):
         super().__init__()
+        if options is not None and values:
+            raise ValueError(f"give the budget's options as `options` or as keywords, not both (got {sorted(values)})")
+        options = budget_options(**values) if options is None else options
         for name, value in (("num_layers", num_layers), ("num_experts", num_experts)):
             check_int(name, value, 1)
-        check_choice("mode", mode, BUDGET_MODES)
-        check_bool("learnable", learnable)
-        check_float("margin", margin, 0.0, num_experts, open_low=True)
-        check_float("k_min", k_min, 0.0, num_experts - margin, open_low=True)
-        check_float("penalty_coef", penalty_coef, 0.0)
-        check_bool("realized", realized)
-        check_float("realized_rate", realized_rate, 0.0, open_low=True)
-        self.realized, self.realized_rate = realized, float(realized_rate)
-        self.num_layers, self.num_experts, self.mode = num_layers, num_experts, mode
-        self.k_min, self.k_max = float(k_min), float(num_experts - margin)
-        self.penalty_coef = float(penalty_coef)
+        check_float("margin", options.margin, 0.0, num_experts, open_low=True)
+        check_float("k_min", options.k_min, 0.0, num_experts - options.margin, open_low=True)
+        self.options = options
+        self.realized, self.realized_rate = options.realized, float(options.realized_rate)
+        self.num_layers, self.num_experts, self.mode = num_layers, num_experts, options.mode
+        self.k_min, self.k_max = float(options.k_min), float(num_experts - options.margin)
+        self.penalty_coef = float(options.penalty_coef)
         self._check_budget(budget)
         self.register_buffer("budget", torch.tensor(float(budget)))
         # Pinned per-layer values from set_budget(K, per_layer=...); `pinned` says whether they apply.
         self.register_buffer("pinned", torch.tensor(False))
         self.register_buffer("pinned_k_L", torch.zeros(num_layers))
-        self.theta = nn.Parameter(self._initial_theta(budget), requires_grad=learnable)
+        self.theta = nn.Parameter(self._initial_theta(budget), requires_grad=options.learnable)
         self._pinned_read: tuple[tuple[int, int], bool] | None = None  # ((id, version) of `pinned`, its value)
 
     @property

@@ -64,7 +64,7 @@ class RoutingCounts:
     """Per MoE layer, the routed pairs per expert and the real tokens, summed over forwards (float64 device tensors;
     no host sync).
 
-    `add(routing)` takes one forward's per-layer stats (layer index -> LayerStats or dict holding `expert_counts`
+    `add(routing)` takes one forward's per-layer stats (layer index -> LayerStats, the name -> tensor dict holding `expert_counts`
     (E,) and `real_tokens`), in layer order; `layers` lists each layer's sums in that order, `active_L()` its realized
     active experts per token (pairs / real tokens), `summary()` its `expert_load` (fractions summing to 1) and
     `load_diagnostics`. `reset()` starts again; `state_dict()` / `load_state_dict()` carry open sums across a
@@ -75,10 +75,9 @@ class RoutingCounts:
         self.counts: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, routing: Mapping[int, Mapping]) -> None:
-        """Add one forward's counts. `routing`: layer (block) index -> its stats mapping (LayerStats or dict)."""
+        """Add one forward's counts. `routing`: layer (block) index -> its stats (LayerStats: name -> tensor)."""
         for layer, stats in routing.items():
-            tensors = getattr(stats, "tensors", stats)
-            new = {key: tensors[key].detach().double() for key in COUNT_KEYS}
+            new = {key: stats[key].detach().double() for key in COUNT_KEYS}
             old = self.counts.get(layer)
             self.counts[layer] = new if old is None else {key: old[key] + new[key] for key in COUNT_KEYS}
 

@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train = f"{result.train_ae:.2f}" if result.train_ae is not None else "n/a"
         active = f", AE (realized experts per token) train {train} / infer {result.mean_active_experts:.2f}"
         if config.model.uses_budget:  # what K holds: the paper's rule makes it a soft mass, not a count
-            held = "realized count" if config.model.budget_options.get("realized") is True else "soft mass"
+            held = "realized count" if config.model.budget_options.realized else "soft mass"
             active += f" at K={config.model.k:g} ({held})"
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")

@@ -27,6 +27,8 @@ from softmoe.common.precision import PRECISIONS, check_device_name
 from softmoe.train.controllers import AE_LEVERS
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
+from softmoe.routing import ROUTERS, router_class
+from softmoe.routing.budget import BudgetOptions
 from softmoe.presets import find_config
 
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides",
@@ -171,15 +173,36 @@ class RunConfig:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
 
 
-def _coerce(cls, key: str, value: Any, where: str) -> Any:
-    """YAML 1.1 reads `3e-4` as a string and `1` as an int: coerce to the field's declared number type."""
-    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
-    if kind in ("float", float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    """YAML 1.1 reads `3e-4` as a string and `1` as an int: `value` as the number a float field (`kind`) declares."""
+    if kind in ("float", float, "float | None") and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError:
             raise ValueError(f"{where}={value!r} must be a number") from None
     return value
+
+
+def _coerced(cls, values: dict, where: str) -> dict:
+    """`values` (a YAML mapping onto dataclass `cls`) with each number read as its field declares; names `cls`
+    lacks are left for `cls` (or its builder) to refuse."""
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    return {key: _coerce(kinds[key], value, f"{where}.{key}") if key in kinds else value
+            for key, value in values.items()}
+
+
+def _model_options(values: dict) -> dict:
+    """The model section with its `router_options` / `budget_options` numbers coerced against the typed options
+    (the one place YAML numbers are read: routing/ only ever sees Python numbers)."""
+    values = dict(values)
+    router = values.get("router", ModelConfig.router)
+    nested = {"budget_options": BudgetOptions}
+    if isinstance(router, str) and router in ROUTERS:
+        nested["router_options"] = router_class(router).options_class
+    for name, cls in nested.items():
+        if isinstance(values.get(name), dict):
+            values[name] = _coerced(cls, values[name], f"model.{name}")
+    return values
 
 
 def _section(cls, values: Any, section: str):
@@ -191,7 +214,9 @@ def _section(cls, values: Any, section: str):
             hint = difflib.get_close_matches(str(key), names, n=1)
             raise ValueError(f"unknown config key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)"
                                                                        if hint else f"; valid keys: {names}"))
-    return cls(**{k: _coerce(cls, k, v, f"{section}.{k}") for k, v in values.items()})
+    if cls is ModelConfig:
+        values = _model_options(values)
+    return cls(**_coerced(cls, values, section))
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:

@@ -125,7 +125,7 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         n = int((targets_BT != -100).sum())
         total, count = total + out.loss.item() * n, count + n
         window.add(out.routing)
-    layers = [] if out is None else with_load_window(routing_summary(out.routing, out.k_L), window)
+    layers = [] if out is None else with_load_window(routing_summary(out.routing), window)
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: the batches contain no scored targets")
@@ -207,7 +207,7 @@ class Trainer:
         except NonFiniteLogits as err:  # diverged weights (lr far too high): the CPU routers' check saw them first
             return self._skip_uncomputable(step, lr, str(err).split(":")[0])
         loss_sum, aux_sum = sums.tolist()
-        layers = with_load_window(routing_summary(out.routing, out.k_L), self.load_window) if summarize else []
+        layers = with_load_window(routing_summary(out.routing), self.load_window) if summarize else []
         loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = self._clip_grad_norm(max_norm)

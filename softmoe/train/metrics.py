@@ -47,16 +47,13 @@ def _plain(value):
 _RAW_COUNTS = COUNT_KEYS  # what the controllers and RoutingCounts read; records carry fractions
 
 
-def routing_summary(routing: Mapping[int, Mapping], k_L: torch.Tensor | None) -> list[dict]:
-    """One JSON-friendly dict per MoE layer, with its "block" index and the budget's k_l as "k" (softmoe).
+def routing_summary(routing: Mapping[int, Mapping[str, torch.Tensor]]) -> list[dict]:
+    """One JSON-friendly dict per MoE layer: its "block" index and its stats as floats / lists (the one place
+    routing stats become numbers). "k" is the layer's own report (softmoe: the budget's k_l).
 
     The raw counts (`expert_counts`, `real_tokens`) are left out (the load fractions and `RoutingCounts` carry them)."""
-    layers = [{"block": block, **{key: _plain(value) for key, value in stats.items() if key not in _RAW_COUNTS}}
-              for block, stats in routing.items()]
-    if k_L is not None:
-        for layer, k in zip(layers, k_L.tolist()):
-            layer["k"] = k
-    return layers
+    return [{"block": block, **{key: _plain(value) for key, value in stats.items() if key not in _RAW_COUNTS}}
+            for block, stats in routing.items()]
 
 
 def with_load_window(layers: list[dict], window) -> list[dict]:

@@ -17,7 +17,6 @@ A run directory `<out_dir>/<name>/` belongs to the config recorded in its `confi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -28,7 +27,6 @@ from typing import Callable
 import yaml
 
 from softmoe.common.checks import check_choice
-from softmoe.routing.budget import Budget
 from softmoe.train.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, read_meta
 from softmoe.train.config import RunConfig, apply_overrides, run_config_from_dict
 
@@ -60,19 +58,12 @@ class RunDirError(ValueError):
 
 
 def resolved_dict(config: RunConfig | dict) -> dict:
-    """`config` as a plain dict with every default resolved: `model.router_options` lists all the router's
-    options and `model.budget_options` all the Budget's (SoftMoE), not only those set, so a saved
-    config.yaml states what was used."""
+    """`config` as a plain dict with every default resolved (`to_dict` writes the typed `model.router_options`
+    and `model.budget_options` with all their fields, not only those set), so a saved config.yaml states what
+    was used."""
     if isinstance(config, dict):
         config = run_config_from_dict(config)
     raw = config.to_dict()
-    if config.model.ffn == "moe":
-        options = dataclasses.asdict(config.model.routed_router_config())
-        raw["model"]["router_options"] = {k: v for k, v in options.items() if k not in ("num_experts", "k")}
-    if config.model.uses_budget:  # the Budget's keyword defaults
-        params = inspect.signature(Budget.__init__).parameters.values()
-        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        raw["model"]["budget_options"] = {**defaults, **config.model.budget_options}
     raw["train"]["schedule_steps"] = config.train.schedule_end  # kept by `--resume train.steps=N`
     return raw
 

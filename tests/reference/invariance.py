@@ -26,6 +26,6 @@ def assert_padding_ignored(layer, d_model: int, stat_names: tuple[str, ...]) -> 
     torch.testing.assert_close(y_pad[:, :5], y, rtol=0, atol=1e-6)
     assert torch.equal(y_pad[:, 5:], torch.zeros(2, 3, d_model))
     for name in stat_names:
-        assert stats_pad[name] == pytest.approx(stats[name], abs=1e-6), name
+        assert stats_pad[name] == pytest.approx(float(stats[name]), abs=1e-6), name
     torch.testing.assert_close(stats_pad["active_experts_hist"], stats["active_experts_hist"])
     torch.testing.assert_close(aux_pad.detach(), aux.detach(), rtol=0, atol=1e-6)

@@ -190,7 +190,7 @@ def test_gradients_reach_k_l_alpha_and_the_gate(original):
     # Each block reports its realized routing to the collect() scope, in call order.
     assert [index for index, _ in routing.layers] == [0, 1]
     stats = routing.stats[0]
-    assert stats.k == pytest.approx(K) and stats.active_experts_mean >= 1.0
+    assert stats["k"] == pytest.approx(K) and stats["active_experts_mean"] >= 1.0
     assert routing.aux_loss.dim() == 0  # lb_coef = z_coef = 0 by default: the retrofit adds no aux loss
 
 

@@ -43,7 +43,7 @@ class BigramStub(nn.Module):
     def forward(self, idx_BS: torch.Tensor):
         assert idx_BS.shape[1] <= self.config.max_seq_len
         self.longest = max(self.longest, idx_BS.shape[1])
-        return SimpleNamespace(logits=self.table[idx_BS], routing={}, k_L=None)
+        return SimpleNamespace(logits=self.table[idx_BS], routing={})
 
 
 def mc(context: str, answers: list[str], gold: int) -> Item:

@@ -67,7 +67,7 @@ def test_train_mode_count_with_the_noise_off_is_the_eval_count_and_the_noise_mov
         eval_L = [0.0, 0.0]
         for idx, _ in batches:
             out = model(idx)
-            eval_L = [a + float(s.active_experts_mean) / 3 for a, s in zip(eval_L, out.routing.values())]
+            eval_L = [a + float(s["active_experts_mean"]) / 3 for a, s in zip(eval_L, out.routing.values())]
     assert off == pytest.approx(eval_L, abs=1e-6)
     assert sum(on) > sum(off)  # noise of std 1 on flat logits spreads them: more experts pass the threshold
     assert model.training is False and all(r.config.gate_noise == 1.0 for r in

@@ -41,10 +41,10 @@ def test_small_study_lists_the_issue_variants_with_three_seeds():
     assert [models[f"softmoe-K{k}"].k for k in ("1.0", "1.5", "2.0")] == [1.0, 1.5, 2.0]
     assert models["topp-p0.4"].router == "topp" and models["null-k4-n8"].router == "null"
     assert models["remoe-k2"].router == "remoe" and models["remoe-k2"].k == 2
-    assert models["softmoe-K2.0-combine-p"].router_options["combine"] == "p"
-    assert models["softmoe-K2.0-fixed-k"].budget_options["learnable"] is False
+    assert models["softmoe-K2.0-combine-p"].router_options.combine == "p"
+    assert models["softmoe-K2.0-fixed-k"].budget_options.learnable is False
     assert models["softmoe-K2.0-budget-lr10"].k == 2.0 and runs[-2].config.train.budget_lr_mult == 10.0
-    assert {models[n].router_options["alpha"] for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
+    assert {models[n].router_options.alpha for n in ("softmoe-K2.0-alpha0.03", "softmoe-K2.0-alpha0.3")} == \
         {0.03, 0.3}
     assert len({run.tokens for run in runs}) == 1 and runs[0].tokens == 120 * 16 * 256
     names = [run.config.train.name for run in runs]

@@ -67,8 +67,8 @@ def test_padding_is_not_routed(model, rows):
     torch.testing.assert_close(padded.aux_loss, alone.aux_loss, atol=1e-6, rtol=1e-5)
     assert padded.routing.keys() == alone.routing.keys()
     for block, stats in alone.routing.items():
-        for name, want in stats.tensors.items():
-            torch.testing.assert_close(padded.routing[block].tensors[name], want, atol=1e-5, rtol=1e-5,
+        for name, want in stats.items():
+            torch.testing.assert_close(padded.routing[block][name], want, atol=1e-5, rtol=1e-5,
                                        msg=f"block {block} {name}")
 
 

@@ -85,7 +85,7 @@ def test_standalone_learned_k_gets_gradient_and_penalty():
     out = layer(torch.randn(2, 5, D))
     out.output.square().mean().backward()
     assert layer.router.own_k.theta.grad.abs() > 0
-    assert out.stats.k == pytest.approx(2.0, abs=1e-5)
+    assert out.stats["k"] == pytest.approx(2.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["padded", "grouped"])
@@ -108,7 +108,7 @@ def test_single_expert_equals_dense_swiglu(router, k):
     x = torch.randn(2, 5, D)
     out = layer(x)
     torch.testing.assert_close(out.output, dense(x), rtol=0, atol=1e-6)
-    assert out.stats.active_experts_mean == 1.0
+    assert out.stats["active_experts_mean"] == 1.0
 
 
 @pytest.mark.parametrize("router,k", [("topk", 2.0), ("softmoe", 2.0)])
@@ -126,13 +126,15 @@ def test_stats_are_detached_and_consistent():
     layer, _ = make_layer("softmoe_mask_softmax")
     _, aux, stats, logits = layer(torch.randn(3, 4, D))
     assert logits.shape == (12, E) and logits.dtype == torch.float32
-    assert isinstance(stats.active_experts_mean, float) and isinstance(stats["k"], float)
+    # a plain mapping of detached tensors (no attribute reads, no host sync): only the metrics writer makes floats
+    assert type(stats) is dict and all(isinstance(t, torch.Tensor) for t in stats.values())
+    assert stats["active_experts_mean"].dim() == 0 and stats["k"].dim() == 0
     hist = stats["active_experts_hist"]
     assert hist.shape == (E + 1,) and hist.sum() == 12 and hist[0] == 0
     mean_from_hist = float((hist * torch.arange(E + 1)).sum() / hist.sum())
-    assert stats.active_experts_mean == pytest.approx(mean_from_hist)
+    assert stats["active_experts_mean"] == pytest.approx(mean_from_hist)
     assert float(stats["expert_load"].sum()) == pytest.approx(1.0)
-    assert all(not t.requires_grad for t in stats.tensors.values())
+    assert all(not t.requires_grad for t in stats.values())
     assert aux.dim() == 0 and aux.requires_grad
     assert not hasattr(layer, "aux_loss") and not hasattr(layer, "stats")  # results are return values only
 

@@ -59,8 +59,10 @@ def test_model_owns_one_budget_and_its_k_reaches_the_layers():
     assert make_model("topk").budget is None and make_model("dense").budget is None
     softmoe = make_model("softmoe").train()
     out = softmoe(torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10)))
-    assert out.k_L.shape == (3,)
-    assert out.k_L.mean().item() == pytest.approx(2.0, abs=1e-5)
+    k_L = torch.stack([stats["k"] for stats in out.routing.values()])  # the one report of each layer's k
+    assert k_L.shape == (3,) and torch.equal(k_L, softmoe.budget().detach())
+    assert k_L.mean().item() == pytest.approx(2.0, abs=1e-5)
+    assert not hasattr(out, "k_L")
     out.objective.backward()
     assert softmoe.budget.theta.grad is not None and torch.isfinite(softmoe.budget.theta.grad).all()
 
@@ -106,7 +108,8 @@ def test_bf16_autocast_keeps_budget_and_loss_in_fp32():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(idx, idx)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
-    assert out.k_L.dtype == torch.float32 and torch.equal(out.k_L, reference.k_L)
+    for block, stats in out.routing.items():
+        assert stats["k"].dtype == torch.float32 and torch.equal(stats["k"], reference.routing[block]["k"])
     assert abs(out.loss.item() - reference.loss.item()) < 0.05
     out.objective.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -157,7 +157,7 @@ def test_allocation_moves_to_the_layer_that_needs_more_experts(one_thread):
     k_a, k_b = budget.k().tolist()
     check_exact(budget.k(), budget)
     assert k_a > 2.5 and k_b < 1.5, (k_a, k_b)
-    assert out_a.stats.active_experts_mean > out_b.stats.active_experts_mean
+    assert out_a.stats["active_experts_mean"] > out_b.stats["active_experts_mean"]
 
 
 def test_steer_moves_each_layer_threshold_towards_its_own_k():

@@ -70,13 +70,13 @@ def test_every_layer_returns_the_diagnostics(router, options):
     out = layer(x, attention_mask=mask)
     stats = out.stats
     for key in ("logit_spread", "weight_sum_mean", "load_max_over_mean", "load_cv", "dead_fraction"):
-        assert isinstance(stats[key], float), key
+        assert isinstance(stats[key], torch.Tensor) and stats[key].dim() == 0, key
     real = out.router_logits.detach()[mask.reshape(-1)]
-    assert stats.logit_spread == pytest.approx(float(real.std(dim=-1, correction=0).mean()), rel=1e-5)
-    assert stats.tensors["expert_counts"].sum() == pytest.approx(stats.active_experts_mean * int(mask.sum()))
+    assert stats["logit_spread"] == pytest.approx(float(real.std(dim=-1, correction=0).mean()), rel=1e-5)
+    assert stats["expert_counts"].sum() == pytest.approx(float(stats["active_experts_mean"]) * int(mask.sum()))
     # the summed combine weight per token: the dense weights of the real tokens, summed and averaged
     dense = out_dense_weights(layer, x, mask)
-    assert stats.weight_sum_mean == pytest.approx(float(dense.sum() / mask.sum()), rel=1e-5)
+    assert stats["weight_sum_mean"] == pytest.approx(float(dense.sum() / mask.sum()), rel=1e-5)
 
 
 def out_dense_weights(layer: MoELayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,13 @@ from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metri
 
 
 def test_routing_summary_is_json_friendly():
-    routing = {1: {"active_experts_mean": torch.tensor(2.5), "expert_load": torch.tensor([0.5, 0.5])},
-               3: {"active_experts_mean": 1.5, "expert_load": torch.tensor([1.0, 0.0])}}
-    layers = routing_summary(routing, torch.tensor([2.25, 1.75]))
-    assert layers == [{"block": 1, "active_experts_mean": 2.5, "expert_load": [0.5, 0.5], "k": 2.25},
-                      {"block": 3, "active_experts_mean": 1.5, "expert_load": [1.0, 0.0], "k": 1.75}]
+    routing = {1: {"k": torch.tensor(2.25), "active_experts_mean": torch.tensor(2.5),
+                   "expert_load": torch.tensor([0.5, 0.5]), "expert_counts": torch.tensor([3.0, 3.0])},
+               3: {"k": torch.tensor(1.75), "active_experts_mean": torch.tensor(1.5),
+                   "expert_load": torch.tensor([1.0, 0.0]), "real_tokens": torch.tensor(4.0)}}
+    layers = routing_summary(routing)  # k is each layer's own report; the raw counts stay out
+    assert layers == [{"block": 1, "k": 2.25, "active_experts_mean": 2.5, "expert_load": [0.5, 0.5]},
+                      {"block": 3, "k": 1.75, "active_experts_mean": 1.5, "expert_load": [1.0, 0.0]}]
     json.dumps(layers)
     assert mean_active_experts(layers) == 2.0
     assert mean_active_experts([]) is None

@@ -26,8 +26,27 @@ def test_yaml_sections_and_overrides(tmp_path):
     cfg = load_run_config(path, ["train.lr=1e-3", "model.n_layers=2", "model.router_options.alpha=0.3"])
     assert cfg.model.d_model == 64 and cfg.model.n_layers == 2
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
-    assert cfg.model.router_options == {"alpha": 0.3}
+    assert cfg.model.router_options.changed() == {"alpha": 0.3}  # typed, built once at parse time
     assert cfg.train.steps == 10
+
+
+def test_yaml_numbers_in_the_options_are_read_once_at_the_config_edge(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string: the loader reads it as the float the option declares, so the typed
+    options (and routing/) only ever hold numbers; dotted overrides of both option sets keep working."""
+    path = write(tmp_path, "model: {router: remoe, k: 1, router_options: {lambda_init: 1e-3}}\n")
+    cfg = load_run_config(path, ["model.router_options.gate_noise=1e-2", "model.budget_options.realized_rate=5e-2"])
+    assert cfg.model.router_options.lambda_init == 1e-3 and cfg.model.router_options.gate_noise == 1e-2
+    assert type(cfg.model.router_options).__name__ == "ReMoEOptions"
+    assert cfg.model.budget_options.realized_rate == 0.05
+    soft = load_run_config(write(tmp_path, "model: {router: softmoe}\n"),
+                           ["model.router_options.gate_noise=0.1", "model.budget_options.realized=true"])
+    assert soft.model.router_options.gate_noise == 0.1 and soft.model.budget_options.realized is True
+    with pytest.raises(ValueError, match=r"model\.router_options\.alpha='soft' must be a number"):
+        load_run_config(None, ["model.router_options.alpha=soft"])
+    # the saved form is a plain dict with every option, and it loads back to the same typed options
+    raw = soft.to_dict()
+    assert raw["model"]["router_options"]["gate_noise"] == 0.1 and raw["model"]["budget_options"]["realized"] is True
+    assert run_config_from_dict(raw) == soft
 
 
 @pytest.mark.parametrize(
@@ -44,6 +63,8 @@ def test_yaml_sections_and_overrides(tmp_path):
         ("", ["train.steps=0"], r"train\.steps=0"),
         ("", ["data.seq_len=512", "model.max_seq_len=256"], "data.seq_len=512 exceeds"),
         ("model: [1, 2]\n", [], "must be a mapping"),
+        ("", ["model.router_options.temperature=0.5"], r"unknown option\(s\) \['temperature'\] .*temperature=0\.5"),
+        ("", ["model.budget_options.mood=exact"], r"unknown option\(s\) \['mood'\] for model\.budget_options"),
     ],
 )
 def test_bad_configs_raise_value_error(tmp_path, text, overrides, match):
