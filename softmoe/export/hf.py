@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from softmoe.common import migrations
 from softmoe.common.checks import check_bool, check_float
 from softmoe.export.manifest import is_model_file, verify_export, write_manifest
 from softmoe.model.attention import rope_tables
@@ -157,11 +158,10 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)
             module.rope_cos.data = cos.to(module.rope_cos.device)
             module.rope_sin.data = sin.to(module.rope_sin.device)
-        # A folder exported before SoftKRouter had its `threshold` buffer lacks it; from_pretrained leaves a missing
-        # buffer uninitialised, so it gets the config's threshold (a loaded one is marked and kept).
-        if isinstance(module, SoftKRouter) and not getattr(module.threshold, "_is_hf_initialized", False):
-            with torch.no_grad():
-                module.threshold.fill_(module.config.threshold)
+        # A folder exported before SoftKRouter had its `threshold` buffer lacks it (a loaded one is marked).
+        if isinstance(module, SoftKRouter):
+            migrations.exported_threshold(module.threshold, getattr(module.threshold, "_is_hf_initialized", False),
+                                          module.config.threshold)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:

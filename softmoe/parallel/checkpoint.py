@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from softmoe.common import migrations
 from softmoe.model import GPT
 from softmoe.parallel.expert import ExpertParallelBank
 from softmoe.train.checkpoint import (
@@ -50,9 +51,6 @@ from softmoe.train.rundir import resolved_dict
 __all__ = ["save", "restore", "is_sharded", "to_single_file", "main"]
 
 DCP_METADATA = ".metadata"
-# Model state added after sharded checkpoints were first written: an older checkpoint lacks it, and the model
-# being loaded keeps the value it was built with (SoftKRouter.threshold: the config's threshold).
-ADDED_STATE_SUFFIXES = (".router.threshold",)
 
 
 def is_sharded(path: Path) -> bool:
@@ -64,13 +62,6 @@ def _expert_slices(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Parameter name -> (first expert, count) for every expert-parallel parameter of `model`."""
     return {f"{name}.{p}": (m.first, m.w_gate.shape[0]) for name, m in model.named_modules()
             if isinstance(m, ExpertParallelBank) for p, _ in m.named_parameters(recurse=False)}
-
-
-def _without_added_state(model_dcp: dict, saved: set[str]) -> dict:
-    """`model_dcp` (DCP names under "model.") without the entries that `saved` (the checkpoint's keys) lacks
-    and that only newer code writes (ADDED_STATE_SUFFIXES); DCP's strict load would refuse them."""
-    return {name: value for name, value in model_dcp.items()
-            if f"model.{name}" in saved or not name.endswith(ADDED_STATE_SUFFIXES)}
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -136,7 +127,7 @@ def restore(trainer, path: Path) -> Path:
         trainer.report(f"warning: {path} was written by {meta.get('world_size')} processes, resuming with "
                        f"{trainer.world.size}: not an exact continuation")
     model_state, optim_state, state = _dcp_state(trainer.model, trainer.optimizer)
-    state["model"] = _without_added_state(state["model"], _saved_keys(path))
+    state["model"] = migrations.sharded_model_state(state["model"], _saved_keys(path))
     dcp.load(state, checkpoint_id=path)  # in place: the per-expert views write through
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     trainer._resume_position(train_state, path)
@@ -187,7 +178,7 @@ def to_single_file(sharded: Path, out_root: Path) -> Path:
     experts = {name: (0, t.shape[0]) for name, t in model_state.items() if f"model.{name}.expert0" in saved}
     with warnings.catch_warnings():  # one process reading on purpose: DCP's "assuming a single process" is noise
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load({"model": _without_added_state(_per_expert(model_state, experts), saved)}, checkpoint_id=sharded,
+        dcp.load({"model": migrations.sharded_model_state(_per_expert(model_state, experts), saved)}, checkpoint_id=sharded,
                  no_dist=True)
     train_state = torch.load(sharded / "train_state.pt", weights_only=True)
     train_state = {key: train_state[key] for key in ("step", "rng_torch", "data_position", "skipped_total")}

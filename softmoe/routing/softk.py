@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from softmoe.common import migrations
 from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.ops.lapsum import soft_topk
 from softmoe.routing.balance import BiasBalanceConfig, expert_bias
@@ -144,7 +145,7 @@ def combine_weights(
 
 def _default_threshold(module: "SoftKRouter", state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: a state dict from before the `threshold` buffer gets the config's value."""
-    state_dict.setdefault(prefix + "threshold", torch.tensor(module.config.threshold, dtype=torch.float32))
+    migrations.router_state(state_dict, prefix, module.config.threshold)
 
 
 @register_router("softmoe", SoftKConfig)

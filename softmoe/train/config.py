@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from softmoe.common import migrations
 from softmoe.common.checks import check_bool, check_choice, check_float, check_int
 from softmoe.common.precision import PRECISIONS, check_device_name
 from softmoe.train.controllers import AE_LEVERS
@@ -99,10 +100,6 @@ class TrainConfig:
             raise ValueError(f"train.ae_lever={self.ae_lever!r} must be one of {AE_LEVERS} with train.ae_target="
                              f"{self.ae_target} (runs configured before 2026-12-02 moved K: train.ae_lever=budget)")
         check_choice("train.ae_lever", self.ae_lever, ("", *AE_LEVERS))
-        if not self.ae_target:
-            # without a target no lever moves: resolved as "" so run configs of 2026-12-01/02, which carry the
-            # then-default "threshold", compare equal to today's
-            object.__setattr__(self, "ae_lever", "")
         if self.ae_k_max and self.ae_lever != "budget":
             raise ValueError(f"train.ae_k_max={self.ae_k_max} bounds the budget K: it needs train.ae_lever=budget "
                              f"(got {self.ae_lever!r})")
@@ -227,6 +224,7 @@ def run_config_from_dict(raw: dict) -> RunConfig:
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {list(_SECTIONS)}")
+    raw = migrations.run_config(raw)  # older saved configs -> today's layout
     return RunConfig(**{name: _section(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()})
 
 

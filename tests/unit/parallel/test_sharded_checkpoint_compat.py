@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from softmoe.model import GPT
 from softmoe.model.config import ModelConfig
-from softmoe.parallel.checkpoint import _saved_keys, _without_added_state
+from softmoe.common.migrations import sharded_model_state as _without_added_state
+from softmoe.parallel.checkpoint import _saved_keys
 
 
 def _model(seed: int) -> GPT:
