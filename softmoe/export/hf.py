@@ -98,9 +98,10 @@ class SoftMoEConfig(PretrainedConfig):
                      "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
 
     def __init__(self, **kwargs):
-        defaults = ModelConfig()
+        defaults = dataclasses.asdict(ModelConfig())  # plain values: config.json holds the typed options as dicts
         for name in _FIELDS:
-            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+            value = kwargs.pop(name, defaults[name])
+            setattr(self, name, dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
         self.output_router_logits = kwargs.pop("output_router_logits", False)
         self.router_aux_loss_coef = kwargs.pop("router_aux_loss_coef", 1.0)
         check_bool("output_router_logits", self.output_router_logits)

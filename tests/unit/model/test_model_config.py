@@ -60,3 +60,23 @@ def test_moe_layout_and_active_params():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().d_model = 3
+
+
+def test_the_options_are_typed_and_built_once_at_construction():
+    from softmoe.routing import router_options
+    from softmoe.routing.budget import BudgetOptions
+
+    config = ModelConfig(router="softmoe", router_options={"alpha": 0.5}, budget_options={"realized": True})
+    assert type(config.router_options).__name__ == "SoftKOptions" and config.router_options.alpha == 0.5
+    assert config.budget_options == BudgetOptions(realized=True)
+    # a dict and the typed options build the same config; unchanged options read as their defaults
+    assert config == ModelConfig(router="softmoe", router_options=router_options("softmoe", alpha=0.5),
+                                 budget_options=BudgetOptions(realized=True))
+    assert ModelConfig(router_options={}) == ModelConfig(router_options={"alpha": 1.0})
+    assert config.routed_router_config().alpha == 0.5
+    with pytest.raises(TypeError, match="router_options must be a dict or TopKOptions for router='topk'"):
+        ModelConfig(router="topk", router_options=config.router_options)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['mood'\] for model\.budget_options \(mood='x'\)"):
+        ModelConfig(budget_options={"mood": "x"})
+    with pytest.raises(ValueError, match=r"mode='fast'"):
+        ModelConfig(budget_options={"mode": "fast"})

@@ -83,3 +83,29 @@ def test_the_router_core_never_reads_yaml_strings():
         with pytest.raises(TypeError, match="lambda_init must be a float, got str"):
             router_config("remoe", 8, 2.0, lambda_init=value)
     assert router_config("remoe", 8, 2.0, lambda_init=1e-3).lambda_init == 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_has_typed_options_derived_from_its_config(name):
+    """`router_cls.options_class`: the config's fields less num_experts and k, same defaults; frozen, hashable,
+    picklable (derived at registration, so pickled by router name); `config(E, k)` builds the checked config."""
+    import copy
+    import pickle
+    from dataclasses import FrozenInstanceError, fields
+
+    from softmoe.routing import RouterOptions, router_class, router_options
+
+    config_cls, router_cls = ROUTERS[name]
+    options = router_options(name)
+    assert isinstance(options, RouterOptions) and type(options) is router_cls.options_class
+    want = {f.name: f.default for f in fields(config_cls) if f.name not in ("num_experts", "k")}
+    assert options.values() == want and options.changed() == {}
+    assert pickle.loads(pickle.dumps(options)) == options == copy.deepcopy(options) and hash(options) is not None
+    with pytest.raises(FrozenInstanceError):
+        options.gate_noise = 1.0
+    k = 1.0 if router_class(name).uses_budget else 2.0
+    assert options.config(8, k) == config_cls(num_experts=8, k=k)
+    noisy = router_options(name, gate_noise=0.5)
+    assert noisy.changed() == {"gate_noise": 0.5} and noisy.config(8, k).gate_noise == 0.5
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) \['nope'\] for router='{name}' \(nope=3\)"):
+        router_options(name, nope=3)
