@@ -54,6 +54,7 @@ from softmoe.eval.report import pyplot, save_figure, style_axes
 from softmoe.eval.study_report import CLAIM_ROLES, write_study_report
 from softmoe.eval.summaries import (build_summary, check_revisions, check_summary, load_summary, record_of,
                                     summary_path, write_summary)
+from softmoe.eval.verdicts import write_verdicts
 from softmoe.routing import ROUTERS, router_class
 from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
@@ -813,4 +814,7 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict], mix
     if study.summaries is not None:
         report = write_study_report(study, records, study.summaries, planned=len(runs))
         print(f"study report written: {_shown(report)}", flush=True)
+        verdicts = write_verdicts(study, records, study.summaries, planned=len(runs))
+        if verdicts is not None:
+            print(f"registered verdicts written: {_shown(verdicts)}", flush=True)
     return out / "results.md"

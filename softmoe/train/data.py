@@ -12,10 +12,16 @@ from softmoe.data import WindowLoader, dataset_dir_for, load_split
 from softmoe.data.config import DataConfig
 from softmoe.data.verify import verify_dataset
 
-__all__ = ["TrainData", "open_data", "VAL_SEED_OFFSET"]
+__all__ = ["TrainData", "open_data", "VAL_SEED_OFFSET", "val_seed"]
 
 # The validation windows use their own seed so they never coincide with a training step's windows.
 VAL_SEED_OFFSET = 1_000_003
+
+
+def val_seed(seed: int) -> int:
+    """The validation loader's seed for data.seed = `seed`: offset, wrapped into [0, 2**63) so every valid
+    data.seed (up to 2**63 - 1) has one."""
+    return (seed + VAL_SEED_OFFSET) % 2**63
 
 
 @dataclass
@@ -52,6 +58,6 @@ def open_data(config: DataConfig) -> TrainData:
     meta = verify_dataset(dataset_dir)  # sha256 of the splits and the tokenizer, token ids < vocab (cached)
     train = WindowLoader(load_split(dataset_dir, "train"), config.seq_len, config.batch_size, config.seed)
     val = WindowLoader(load_split(dataset_dir, "val"), config.seq_len, config.batch_size,
-                       config.seed + VAL_SEED_OFFSET)
+                       val_seed(config.seed))
     return TrainData(dataset_dir=dataset_dir, vocab_size=int(meta["vocab_size"]), train=train, val=val,
                      tokens_per_batch=config.seq_len * config.batch_size)

@@ -135,3 +135,15 @@ def test_same_config_fills_defaults_of_fields_added_since_a_run_was_saved():
     assert same_config(saved, load_run_config(TINY, ["train.lr=0.5"]), sections=("model",))
     assert not same_config(saved, load_run_config(TINY, ["train.lr=0.5"]))
     assert not same_config({"model": {"no_such_field": 1}}, config)  # unreadable: never the same
+
+
+def test_the_largest_data_seed_has_a_validation_seed():
+    """data.seed accepts up to 2**63 - 1; the validation loader's derived seed once overflowed that range there
+    (an error naming a seed the user never gave)."""
+    from softmoe.data.loader import window_offsets
+    from softmoe.train.data import VAL_SEED_OFFSET, val_seed
+
+    assert val_seed(0) == VAL_SEED_OFFSET
+    largest = 2**63 - 1
+    assert 0 <= val_seed(largest) < 2**63 and val_seed(largest) != largest
+    assert len(window_offsets(val_seed(largest), 0, 4, 100)) == 4  # the loader takes it

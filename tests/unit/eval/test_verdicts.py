@@ -1,0 +1,219 @@
+"""Registered verdicts (softmoe/eval/verdicts.py): each kind on hand-made records whose intervals are worked out
+here by hand, and paper32's transcription checked against its registered text (every variant and number of a
+check appears in the rule it transcribes, so the transcription cannot drift from the registration)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from softmoe.eval.verdicts import (KINDS, analysis_path, evaluate_rules, interpolate, load_analysis, loss_claim,
+                                   verdicts_markdown)
+
+ROOT = Path(__file__).resolve().parents[3]
+STUDY = ROOT / "configs" / "studies" / "paper32.yaml"
+T2 = 4.303  # t_{0.975, 2}: three seeds
+
+
+def _rec(variant: str, seed: int, **fields) -> dict:
+    return {"variant": variant, "seed": seed, **fields}
+
+
+def _check(kind: str, records: list[dict], margin: float = 0.02, **check):
+    return KINDS[kind]("rule", {"kind": kind, **check}, records, margin)
+
+
+def _losses(variant: str, values: list[float], **extra) -> list[dict]:
+    return [_rec(variant, s, loss=v, **extra) for s, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------------------------------------- the kinds
+
+
+@pytest.mark.parametrize("diffs, expected", [
+    ([0.010, 0.012, 0.008], "comparable"),    # mean 0.010, half-width T2 * 0.002 / sqrt(3) = 0.005: [0.005, 0.015]
+    ([-0.030, -0.020, -0.025], "better"),     # [-0.037, -0.013]
+    ([0.050, 0.060, 0.055], "worse"),         # [0.043, 0.067], above +0.02
+    ([0.000, 0.040, 0.020], "not resolved"),  # half-width 4.303 * 0.02 / 1.732 = 0.050: spans the margin
+])
+def test_paired_loss_follows_the_registered_rule(diffs, expected):
+    records = _losses("ref", [3.0, 3.1, 3.2]) + _losses("v", [3.0 + diffs[0], 3.1 + diffs[1], 3.2 + diffs[2]])
+    (verdict,) = _check("paired_loss", records, variant="v", reference="ref", seeds=[0, 1, 2])
+    assert verdict.verdict == expected and verdict.seeds == 3 and not verdict.provisional
+
+
+def test_one_seed_is_not_resolved_and_missing_runs_not_measured():
+    records = _losses("ref", [3.0]) + _losses("v", [2.9])
+    (one,) = _check("paired_loss", records, variant="v", reference="ref", seeds=[0, 1, 2, 3, 4, 5])
+    assert one.verdict == "not resolved (one seed)" and one.provisional
+    (none,) = _check("paired_loss", records, variant="absent", reference="ref", seeds=[0, 1, 2])
+    assert none.verdict == "not yet measured" and not none.provisional
+
+
+def test_loss_claim_edges():
+    assert loss_claim({"mean": 0.0, "low": -0.01, "high": 0.0199, "n": 3}, 0.02) == "comparable"
+    assert loss_claim({"mean": 0.01, "low": -0.01, "high": 0.02, "n": 3}, 0.02) == "not resolved"
+
+
+def test_fewer_and_inside():
+    ae = [1.80, 1.85, 1.90]  # mean 1.85, sd 0.05, half 4.303 * 0.05 / 1.732 = 0.124: [1.726, 1.974]
+    records = [_rec("v", s, active_experts_mean=a, train_ae=a) for s, a in enumerate(ae)]
+    (below,) = _check("below", records, variant="v", metric="infer_ae", value=2, seeds=[0, 1, 2])
+    assert below.verdict == "fewer"
+    (inside,) = _check("inside", records, variant="v", metric="train_ae", range=[1.5, 2.0], seeds=[0, 1, 2])
+    assert inside.verdict == "as the paper"
+    (over,) = _check("inside", records, variant="v", metric="train_ae", range=[1.4, 1.7], seeds=[0, 1, 2])
+    assert over.verdict == "above"
+    (overlap,) = _check("inside", records, variant="v", metric="train_ae", range=[1.4, 1.8], seeds=[0, 1, 2])
+    assert overlap.verdict == "overlapping"
+    high = [_rec("v", s, active_experts_mean=a) for s, a in enumerate([2.4, 2.5, 2.6])]
+    assert _check("below", high, variant="v", metric="infer_ae", value=2)[0].verdict == "not fewer"
+
+
+def test_scale_and_same_claim():
+    records = (_losses("soft", [3.00, 3.10, 3.20]) + _losses("norm", [2.95, 3.04, 3.16])     # d = -0.05, -0.06, -0.04
+               + _losses("top2", [3.00, 3.10, 3.20]))
+    (scale,) = _check("scale", records, variant="norm", reference="soft", seeds=[0, 1, 2])
+    assert scale.verdict == "output scale matters"   # [-0.075, -0.025] excludes 0
+    (same,) = _check("same_claim", records, variant="norm", like="soft", reference="top2", seeds=[0, 1, 2])
+    # norm - top2 is "better", soft - top2 is exactly 0 (sd 0: the interval is [0, 0], "comparable")
+    assert "better" in same.check and "comparable" in same.check and same.verdict == "about output scale"
+
+
+def test_gap_noise():
+    # gaps 0.10, 0.12, 0.08 (excludes 0); noise effects -0.10, -0.11, -0.09: gap + noise 0, 0.01, -0.01 (contains 0)
+    records = [_rec("v", s, active_experts_mean=2.0 + g, train_ae_last=2.0, train_mode_ae_noise_on=2.0 + n,
+                    train_mode_ae_noise_off=2.0)
+               for s, (g, n) in enumerate([(0.10, -0.10), (0.12, -0.11), (0.08, -0.09)])]
+    (explained,) = _check("gap_noise", records, variants=["v"])
+    assert explained.verdict == "the noise explains the gap" and "paper's direction" in explained.measured
+    for r in records:
+        r["train_mode_ae_noise_on"] = 2.0  # no noise effect: the gap stays
+    assert _check("gap_noise", records, variants=["v"])[0].verdict == "not the noise"
+    flat = [_rec("v", s, active_experts_mean=2.0 + g, train_ae_last=2.0) for s, g in enumerate([0.01, -0.01, 0.0])]
+    assert _check("gap_noise", flat, variants=["v"])[0].verdict == "no gap"
+
+
+@pytest.mark.parametrize("late, expected", [
+    ([4.0, 4.0, 4.0], "as the paper"),             # share 12 / 22 = 0.545 every seed
+    ([2.0, 2.0, 2.0], "uniform"),                  # 6 / 16 = 0.375 exactly, zero width: contains 0.375
+    ([1.0, 1.0, 1.0], "early"),                    # 3 / 13 = 0.231
+    ([2.4, 2.5, 2.3], "later, less than the paper"),  # shares 0.419, 0.429, 0.408: mean 0.419 < 0.4375, low > 0.375
+])
+def test_late_share(late, expected):
+    records = [_rec("v", s, k_L=[2.0] * 5 + [v] * 3) for s, v in enumerate(late)]
+    (verdict,) = _check("late_share", records, variant="v", of="k_L", last=3, uniform=0.375, paper_halfway=0.4375)
+    assert verdict.verdict == expected
+
+
+def test_held():
+    ok = [_rec("v", s, k_L=[1.0, 2.0], train_ae_per_layer=[1.05, 1.97], train_ae=1.51) for s in range(3)]
+    assert _check("held", ok, variant="v", layer_tol=0.1, mean_tol=0.05, budget=1.5, seeds=[0, 1, 2])[0].verdict \
+        == "held"
+    ok[1]["train_ae_per_layer"] = [1.2, 1.97]  # one layer of one seed 0.2 off its k_l
+    assert _check("held", ok, variant="v", layer_tol=0.1, mean_tol=0.05, budget=1.5)[0].verdict == "not held"
+
+
+def test_frontier_per_seed():
+    assert interpolate([(1, 3.0), (2, 2.9), (3, 2.85)], 1.5) == (pytest.approx(2.95), False)
+    assert interpolate([(1, 3.0), (2, 2.9), (3, 2.85)], 4.0) == (pytest.approx(2.80), True)
+    records = []
+    for s in range(3):
+        records += [_rec("k1", s, loss=3.0 + 0.01 * s), _rec("k2", s, loss=2.9 + 0.01 * s),
+                    _rec("k3", s, loss=2.85 + 0.01 * s)]
+        records.append(_rec("v", s, loss=2.90 + 0.01 * s + [0.0, 0.002, -0.002][s], active_experts_mean=1.5))
+    (verdict,) = _check("frontier", records, topk={"k1": 1, "k2": 2, "k3": 3}, variants=["v"], seeds=[0, 1, 2])
+    assert verdict.verdict == "below the frontier"  # -0.05 +- 0.005 under 2.95 (+ 0.01 s)
+
+
+def test_divergence():
+    steady = _rec("v", 0, skipped_steps=0, curves={"train": {"step": [25, 50, 125, 150], "loss": [8, 6, 5, 5.9]}})
+    (ok,) = _check("divergence", [steady], variants=["v"], seed=0, after_step=100, ratio=1.2)
+    assert ok.verdict == "not diverged" and "1.180" in ok.measured
+    steady["curves"]["train"]["loss"][3] = 6.1   # 6.1 / 5 = 1.22 after step 100
+    assert _check("divergence", [steady], variants=["v"], seed=0, after_step=100, ratio=1.2)[0].verdict.startswith(
+        "diverged")
+    early = _rec("v", 0, skipped_steps=0, curves={"train": {"step": [25, 50], "loss": [5, 8]}})  # before step 100
+    assert _check("divergence", [early], variants=["v"], seed=0, after_step=100, ratio=1.2)[0].verdict \
+        == "not diverged"
+    assert _check("divergence", [{**early, "skipped_steps": 1}], variants=["v"], seed=0, after_step=100,
+                  ratio=1.2)[0].verdict.startswith("diverged")
+
+
+# ------------------------------------------------------------------------------- paper32's transcription
+
+
+def _registration() -> dict:
+    return yaml.safe_load(STUDY.read_text())["preregistration"]
+
+
+def _texts(rule: str, registration: dict) -> str:
+    text = registration["divergence"] if rule == "divergence" else registration["verdicts"][rule]
+    return " ".join(str(text).split())
+
+
+def _numbers(check: dict) -> list[float]:
+    out = []
+    for key, value in check.items():
+        if key in ("seeds", "seed", "kind", "topk"):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.append(float(v))
+    return out
+
+
+def _appears(number: float, text: str) -> bool:
+    found = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", text)]
+    return any(math.isclose(number, x) for x in found)
+
+
+def test_paper32_transcription_restates_the_registered_rules():
+    from softmoe.eval.compare import load_study
+
+    study = load_study(STUDY)
+    analysis = load_analysis(analysis_path(STUDY))
+    registration = _registration()
+    assert set(analysis["rules"]) == set(registration["verdicts"])  # every registered rule, nothing more
+    soft = [v.name for v in study.variants if not v.exploratory and 'model.router="topk"' not in v.overrides]
+    checks = [("divergence", c) for c in analysis["divergence"]]
+    checks += [(rule, c) for rule, cs in analysis["rules"].items() for c in cs]
+    for rule, check in checks:
+        text = _texts(rule, registration)
+        allocation = " ".join(registration["metrics"]["allocation"].split())
+        for number in _numbers(check):
+            assert _appears(number, text + " " + allocation), (rule, check, number)
+        for key in ("variant", "reference", "like"):
+            if key in check:
+                assert check[key] in text, (rule, key, check[key])
+        if "variants" in check and check["kind"] != "divergence":  # "each SoftMoE variant" / "per SoftMoE variant"
+            assert sorted(check["variants"]) == sorted(soft), (rule, check["variants"])
+        if "topk" in check:
+            assert all(name in text for name in check["topk"]) and list(check["topk"].values()) == [1, 2, 3]
+        if "seeds" in check:
+            planned = {v.name: v.seeds or study.seeds for v in study.variants}
+            names = [check[k] for k in ("variant", "reference", "like") if k in check] + check.get("variants", [])
+            if "seeds 0-2" in text:
+                assert check["seeds"] == [0, 1, 2], (rule, check)
+            else:  # the variant's registered seeds, all of them
+                assert all(tuple(check["seeds"]) == tuple(planned[n]) for n in names), (rule, check)
+
+
+def test_paper32_verdicts_page_from_the_committed_summaries():
+    from softmoe.eval.compare import load_study
+    from softmoe.eval.summaries import record_of
+
+    study = load_study(STUDY)
+    summaries = sorted((ROOT / "docs" / "results" / "paper32" / "runs").glob("*.json"))
+    records = [record_of(yaml.safe_load(p.read_text())) for p in summaries]
+    text = verdicts_markdown(study, load_analysis(analysis_path(STUDY)), records, planned=30)
+    assert text.count("\n## ") == len(_registration()["verdicts"]) + 1  # + divergence
+    for rule in _registration()["verdicts"]:
+        assert f"\n## {rule}\n\n> " in text
+    verdicts = evaluate_rules(load_analysis(analysis_path(STUDY)), records, margin=0.02)
+    divergence = [v for v in verdicts if v.rule == "divergence"]
+    assert len(divergence) == 2 and all(v.verdict in ("not diverged", "not yet measured") for v in divergence)
