@@ -68,8 +68,9 @@ def _cpu_only(site: tuple[str, str]) -> bool:
 
 
 @torch.no_grad()
-def count_decode_step(model, prompt_BS: torch.Tensor) -> OpCounter:
-    """The operators of one decode step (one new token per row) after `prompt_BS` filled the cache."""
+def count_decode_step(model, prompt_BS: torch.Tensor, measure: bool = False) -> OpCounter:
+    """The operators of one decode step (one new token per row) after `prompt_BS` filled the cache, as
+    `generate` runs it (measure=False: no aux losses or routing statistics) or measured (measure=True)."""
     cache = model.new_cache(prompt_BS.shape[0], prompt_BS.shape[1] + 1)
     model(prompt_BS, cache=cache, last_only=True)
     counter = OpCounter()
@@ -82,7 +83,7 @@ def count_decode_step(model, prompt_BS: torch.Tensor) -> OpCounter:
     torch.Tensor.tolist = counted_tolist
     try:
         with counter:
-            model(prompt_BS[:, -1:], cache=cache, last_only=True)
+            model(prompt_BS[:, -1:], cache=cache, last_only=True, measure=measure)
     finally:
         torch.Tensor.tolist = tolist
     return counter
@@ -98,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(config, gate_std=1.0, topk=(1, 2))
     prompt = torch.randint(0, config.vocab_size, (args.batch, 8), generator=torch.Generator().manual_seed(0))
     counts = {name: count_decode_step(model, prompt) for name, model in models.items()}
+    measured = {name: count_decode_step(model, prompt, measure=True) for name, model in models.items()}
     moe_layers = sum(b.is_moe for b in models["softmoe"].blocks)
     dense = counts["dense"].total
     print(f"{config.n_layers} blocks ({moe_layers} MoE, {config.num_experts} experts), batch {args.batch}, "
-          f"one decode step")
-    print("| variant | operators | per MoE layer over dense | host syncs (on CUDA too) | host syncs (CPU-only) |")
-    print("|---|---|---|---|---|")
+          f"one decode step as `generate` runs it (measure=False); 'measured': the same step with the routers'"
+          f" aux losses and statistics (measure=True)")
+    print("| variant | operators | per MoE layer over dense | measured: operators | host syncs (on CUDA too) "
+          "| host syncs (CPU-only) |")
+    print("|---|---|---|---|---|---|")
     for name, c in counts.items():
         extra = "-" if name == "dense" else f"{(c.total - dense) / moe_layers:.0f}"
-        print(f"| {name} | {c.total} | {extra} | {c.syncs['cuda']} | {c.syncs['cpu-only']} |")
+        print(f"| {name} | {c.total} | {extra} | {measured[name].total} | {c.syncs['cuda']} | "
+              f"{c.syncs['cpu-only']} |")
     for name in ("top2", "softmoe"):
         print(f"\n{name}: operators by site (file, function), all layers")
         for (path, func), n in counts[name].by_site.most_common(args.sites):

@@ -193,6 +193,14 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             verify_export(folder, select=is_model_file)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """transformers' inputs for one generation step, routed without statistics (`measure=False`): decoding
+        needs none, and they are about half of each router's operators."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if not kwargs.get("output_router_logits"):
+            inputs["measure"] = False
+        return inputs
+
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
 
@@ -202,7 +210,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> SoftMoECausalLMOutput:
+                past_key_values: Cache | None = None, measure: bool = True, **kwargs) -> SoftMoECausalLMOutput:
         """Logits (and HF-style shifted loss) for input_ids (B, S).
 
         Args:
@@ -217,6 +225,8 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             logits_to_keep: 1 = last position only (what generate asks for); 0 = all.
             output_router_logits: return `aux_loss` and `router_logits` and, with labels, add
                 config.router_aux_loss_coef * aux_loss to `loss` (Mixtral's convention); None = the config's.
+            measure: False skips the routers' aux losses and statistics (GPT.forward's `measure`; inference
+                only). `generate` passes False (prepare_inputs_for_generation); a direct call measures.
             **kwargs: ignored (transformers passes e.g. return_dict), except `position_ids`, which must be
                 None: positions come from attention_mask. It is kept out of the signature on purpose, since
                 generate builds position_ids only for models whose forward names it.
@@ -247,7 +257,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         last_only = logits_to_keep == 1 and labels is None
         out = self.model(input_ids, targets=targets, cache=view, last_only=last_only, attention_mask=pad_mask,
-                         output_router_logits=output_router_logits)
+                         output_router_logits=output_router_logits, measure=measure)
         loss, aux_loss = out.loss, None
         if output_router_logits:
             aux_loss = out.aux_loss

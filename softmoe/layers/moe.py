@@ -254,7 +254,7 @@ class MoELayer(nn.Module):
         return self.router.causal
 
     def forward(self, x: torch.Tensor, mean_k: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> MoEOutput:
+                attention_mask: torch.Tensor | None = None, measure: bool = True) -> MoEOutput:
         """(B, S, D) -> MoEOutput with a (B, S, D) output; any leading shape works.
 
         Args:
@@ -262,10 +262,11 @@ class MoELayer(nn.Module):
             mean_k: optional 0-d tensor, this layer's k_l from the model's Budget (soft routers).
             attention_mask: optional (...) bool or 0/1, True/1 = real token (transformers' convention);
                 padding outputs are 0 and excluded from aux losses and statistics.
+            measure: False (inference only) skips the aux losses and statistics (GateRouter.forward).
         """
         x_TD = self._flatten(x)
         mask_T = self._flatten_mask(attention_mask, x)
-        out = self.router(x_TD, mask_T=mask_T, k=mean_k)
+        out = self.router(x_TD, mask_T=mask_T, k=mean_k, measure=measure)
         slots_TK = token_table(out.routing)
         x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
         y_TD = combine(self.experts(x_ND, out.routing.counts_E), out.routing, slots_TK)

@@ -33,17 +33,17 @@ class Block(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor,
                 mean_k: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0,
-                mask_B1SL: torch.Tensor | None = None, real_BS: torch.Tensor | None = None
+                mask_B1SL: torch.Tensor | None = None, real_BS: torch.Tensor | None = None, measure: bool = True
                 ) -> tuple[torch.Tensor, MoEOutput | None]:
         """(B, S, D) -> ((B, S, D), the MoE layer's MoEOutput or None for a dense block).
 
         `mean_k` is this block's k_l (budget routers only). With padding, `mask_B1SL` is the attention mask
         (CausalSelfAttention) and `real_BS` (True = real token) keeps padding tokens out of the MoE layer's
-        routing, outputs and statistics.
+        routing, outputs and statistics. `measure` False (inference only): no aux loss or statistics.
         """
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_Sf, sin_Sf, cache, layer, mask_B1SL)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            routed = self.ffn(h_BSD, mean_k=mean_k, attention_mask=real_BS)
+            routed = self.ffn(h_BSD, mean_k=mean_k, attention_mask=real_BS, measure=measure)
             return x_BSD + routed.output, routed
         return x_BSD + self.ffn(h_BSD), None

@@ -72,9 +72,13 @@ class ModelConfig:
         options = self.router_options
         if isinstance(options, dict):
             return router_options(self.router, **options)
-        if type(options) is not router_class(self.router).options_class:
+        if not isinstance(options, RouterOptions):
             raise TypeError(f"router_options must be a dict or {router_class(self.router).options_class.__name__} "
                             f"for router={self.router!r}, got {type(options).__name__}")
+        if type(options) is not router_class(self.router).options_class:
+            # another router's options (dataclasses.replace(config, router=...)): what they set carries over, and
+            # a setting the new router does not have is an error naming it
+            return router_options(self.router, **options.changed())
         return options
 
     def _typed_budget_options(self) -> BudgetOptions:

@@ -152,7 +152,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 attention_mask: torch.Tensor | None = None, return_logits: bool = True,
-                output_router_logits: bool = False) -> DecoderOutput:
+                output_router_logits: bool = False, measure: bool = True) -> DecoderOutput:
         """Next-token logits (and loss) for token ids.
 
         Args:
@@ -172,6 +172,9 @@ class GPT(nn.Module):
                 the fused chunked head + cross-entropy (model/loss.py) and `logits` is None. The training
                 loop and evaluation use this; the values equal the unfused path's up to float rounding.
             output_router_logits: also return every MoE layer's (B * S, E) router logits.
+            measure: False routes without the aux losses and routing statistics (aux_loss 0, `routing` of
+                empty mappings): about half the routers' operators, which bound decoding on a GPU
+                (benchmarks/decode_ops.py). Inference only: refused where gradients are on. `generate` uses it.
         Returns:
             DecoderOutput.
         """
@@ -192,7 +195,7 @@ class GPT(nn.Module):
         cos, sin, padding = self._positions(idx_BS.shape[0], start, S, pad_mask_BL)
         k_L = self._budget_k()
 
-        x_BSD, routed = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding)
+        x_BSD, routed = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding, measure)
         if cache is not None:
             cache.length += S
 
@@ -228,7 +231,7 @@ class GPT(nn.Module):
         return self.rope_cos[pos_BS].unsqueeze(1), self.rope_sin[pos_BS].unsqueeze(1), padding
 
     def _run_blocks(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_L: torch.Tensor | None,
-                    cache: KVCache | None, padding: Mapping[str, torch.Tensor]
+                    cache: KVCache | None, padding: Mapping[str, torch.Tensor], measure: bool = True
                     ) -> tuple[torch.Tensor, dict[int, MoEOutput]]:
         """All blocks in order; MoE block l gets k_L[l] and returns its MoEOutput (block index -> it).
 
@@ -246,7 +249,8 @@ class GPT(nn.Module):
                 x_BSD, moe = checkpoint(block, x_BSD, cos, sin, mean_k=mean_k, layer=i, use_reentrant=False,
                                         **padding)
             else:
-                x_BSD, moe = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i, **padding)
+                x_BSD, moe = block(x_BSD, cos, sin, mean_k=mean_k, cache=cache, layer=i, measure=measure,
+                                   **padding)
             if moe is not None:
                 routed[i] = moe
         return x_BSD, routed

@@ -384,7 +384,7 @@ class GateRouter(torch.nn.Module):
         return torch.tensor(float(self.config.k), device=device)
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
-                k: torch.Tensor | None = None) -> RouterOutput:
+                k: torch.Tensor | None = None, measure: bool = True) -> RouterOutput:
         """Route T tokens: every router is called this way.
 
         Args:
@@ -392,7 +392,13 @@ class GateRouter(torch.nn.Module):
             mask_T: optional (T,) bool, True = real token; padding is not routed.
             k: optional 0-d tensor, this layer's k_l from the model's budget (differentiable); only routers that
                 take a budget (`uses_budget`) accept it. None: the router's own k (`standalone_k`).
+            measure: False routes only (decoding): no aux loss (0) and no statistics, about half the router's
+                operators (each one a kernel launch on a GPU); refused where gradients are on (training needs
+                the aux losses).
         """
+        if not measure and torch.is_grad_enabled():
+            raise ValueError("measure=False skips the aux losses: it is for inference (under torch.no_grad or "
+                             "torch.inference_mode), not for a forward that will be backpropagated")
         if k is None:
             k, k_loss = self.standalone_k(x_TD.device)
         elif not self.uses_budget:
@@ -401,14 +407,14 @@ class GateRouter(torch.nn.Module):
             raise ValueError(f"k must be a 0-d tensor (this layer's k_l), got {k!r}")
         else:
             k, k_loss = k.float(), None
-        return self.route(x_TD, mask_T, k, k_loss)
+        return self.route(x_TD, mask_T, k, k_loss, measure)
 
     def standalone_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k, its weighted loss or None) without a budget: the config's fixed k."""
         return self.fixed_k(device), None
 
     def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, k: torch.Tensor,
-              k_loss: torch.Tensor | None = None) -> RouterOutput:
+              k_loss: torch.Tensor | None = None, measure: bool = True) -> RouterOutput:
         """The template: mask -> fp32 logits -> `rule` -> balance record -> losses and statistics.
 
         Args:
@@ -416,10 +422,14 @@ class GateRouter(torch.nn.Module):
             mask_T: optional (T,) bool, True = real token.
             k: 0-d float32 layer k.
             k_loss: optional 0-d weighted loss of k itself (a standalone learned k's penalty).
+            measure: False stops after the rule: aux_loss 0, stats empty (see `forward`).
         """
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
         logits_TE = router_logits(x_TD, self.gate.weight, real_T)
         ruled = self.rule(self.noised(logits_TE, real_T), real_T, k)
+        if not measure:
+            return RouterOutput(routing=ruled.routing, logits_TE=logits_TE, aux_loss=logits_TE.new_zeros(()),
+                                stats={})
         stats = dict(ruled.stats)
         if self.balance is not None:
             stats.update(self.balance.stats())

@@ -84,8 +84,8 @@ def check_class_contract(case: Case) -> None:
     assert f"={case.k:g} of {E}" in cls.describe(case.k, E)
     assert ("fixed soft mass k" in cls.describe(case.k, E, learned=False)) == cls.uses_budget
     cls.config_class.check_k(case.k, E)  # the model config's coarse check accepts the case's k
-    # One call signature for every router: router(x_TD, mask_T=None, k=None), no override of forward.
-    assert list(inspect.signature(cls.forward).parameters) == ["self", "x_TD", "mask_T", "k"]
+    # One call signature for every router: router(x_TD, mask_T=None, k=None, measure=True), no override.
+    assert list(inspect.signature(cls.forward).parameters) == ["self", "x_TD", "mask_T", "k", "measure"]
     assert cls.forward is GateRouter.forward
 
 
@@ -309,8 +309,26 @@ def check_forward_stores_nothing(case: Case) -> None:
             assert value is attrs[name][key] or key in ("_parameters", "_buffers", "_modules"), f"{name}.{key}"
 
 
+def check_unmeasured_routing_is_the_same(case: Case) -> None:
+    """measure=False (what `generate` uses) routes exactly as a measured forward and returns the same output,
+    with aux_loss 0 and no statistics; where gradients are on it is refused (training needs the aux losses)."""
+    layer = make_layer(case).eval()
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        measured = layer(x, **budget_kwargs(case))
+        bare = layer(x, measure=False, **budget_kwargs(case))
+        routed = layer.router(x.reshape(-1, D), measure=False, **router_kwargs(case)).routing
+        reference = layer.router(x.reshape(-1, D), **router_kwargs(case)).routing
+    assert torch.equal(bare.output, measured.output)
+    assert float(bare.aux_loss) == 0.0 and dict(bare.stats) == {}
+    assert torch.equal(routed.token_N, reference.token_N) and torch.equal(routed.weight_N, reference.weight_N)
+    with pytest.raises(ValueError, match="measure=False"):
+        layer(x, measure=False, **budget_kwargs(case))
+
+
 CHECKS = (
     check_class_contract,
+    check_unmeasured_routing_is_the_same,
     check_forward_stores_nothing,
     check_routing_record_and_stats,
     check_dense_reference,
