@@ -69,16 +69,17 @@ class ModelConfig:
             self._check_moe()
 
     def _typed_router_options(self) -> RouterOptions:
+        """`router_options` as this router's options: a dict is built into them; another router's options (a
+        `dataclasses.replace` that changes `router`) carry the options they changed from that router's defaults,
+        as a dict of those options would."""
         options = self.router_options
+        if isinstance(options, RouterOptions) and type(options) is not router_class(self.router).options_class:
+            options = options.changed()
         if isinstance(options, dict):
             return router_options(self.router, **options)
         if not isinstance(options, RouterOptions):
             raise TypeError(f"router_options must be a dict or {router_class(self.router).options_class.__name__} "
                             f"for router={self.router!r}, got {type(options).__name__}")
-        if type(options) is not router_class(self.router).options_class:
-            # another router's options (dataclasses.replace(config, router=...)): what they set carries over, and
-            # a setting the new router does not have is an error naming it
-            return router_options(self.router, **options.changed())
         return options
 
     def _typed_budget_options(self) -> BudgetOptions:

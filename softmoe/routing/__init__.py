@@ -19,7 +19,7 @@ from softmoe.routing.base import (
     router_config,
     router_options,
 )
-from softmoe.routing.budget import Budget
+from softmoe.routing.budget import Budget, BudgetOptions
 from softmoe.routing.record import DispatchOverflow, Routing, routing_from_mask, select_experts, truncate
 from softmoe.routing.softk import SoftKConfig, SoftKRouter, relative_keep
 from softmoe.routing.topk import TopKConfig, TopKRouter
@@ -37,6 +37,7 @@ __all__ = [
     "select_experts",
     "truncate",
     "Budget",
+    "BudgetOptions",
     "ROUTERS",
     "LayerStats",
     "RouterConfig",

@@ -74,11 +74,13 @@ def test_the_options_are_typed_and_built_once_at_construction():
                                  budget_options=BudgetOptions(realized=True))
     assert ModelConfig(router_options={}) == ModelConfig(router_options={"alpha": 1.0})
     assert config.routed_router_config().alpha == 0.5
-    # another router's options carry over what they set; a setting the new router lacks is named
-    with pytest.raises(ValueError, match="alpha"):
+    # another router's options carry what they changed (as a dict of them would): a replace() that changes router
+    topk = dataclasses.replace(ModelConfig(router="softmoe", router_options={"gate_noise": 0.1}), router="topk")
+    assert type(topk.router_options).__name__ == "TopKOptions" and topk.router_options.changed() == {"gate_noise": 0.1}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpha'\] for router='topk'"):
         ModelConfig(router="topk", router_options=config.router_options)
-    with pytest.raises(TypeError, match="router_options must be a dict or TopKOptions for router='topk'"):
-        ModelConfig(router="topk", router_options=[("alpha", 0.5)])
+    with pytest.raises(TypeError, match="router_options must be a dict or TopKOptions for router='topk', got list"):
+        ModelConfig(router="topk", router_options=[])
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['mood'\] for model\.budget_options \(mood='x'\)"):
         ModelConfig(budget_options={"mood": "x"})
     with pytest.raises(ValueError, match=r"mode='fast'"):
