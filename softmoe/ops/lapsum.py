@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 
@@ -54,31 +55,41 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 
-def _side_sums(x_Rn: torch.Tensor, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At threshold x = 0: the count below, log L = log sum_{x<0} e^x and log U = log sum_{x>=0} e^-x.
+def _exact_side_sums(x_Rn, count, log_below, log_above, unsafe, sync_free: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain side sums of `_plain_side_sums` (count, log L, log U: (R, 1) each) made exact for every row.
 
-    Returns three (R, 1) tensors; log L or log U is -inf only when its side is empty. The plain sums of
-    e^{-|x|} are exact while each side has a score within ~80 (float32) of the threshold; a side whose
-    sum is subnormal or 0 (every score far away) would lose its digits, so such rows take log-sum-exp
-    (all rows when `sync_free`, else only those, found with a host sync).
+    log L or log U is -inf only when its side is empty. The plain sums of e^{-|x|} are exact while each side
+    has a score within ~80 (float32) of the threshold; a side whose sum is subnormal or 0 (every score far
+    away) would lose its digits, so such rows take log-sum-exp (all rows when `sync_free`, else only those,
+    found with a host sync).
     """
-    count, log_below, log_above, unsafe = _plain_side_sums(x_Rn)
     if sync_free:
         exact_below, exact_above = _log_side_sums(x_Rn, x_Rn < 0)
         return count, torch.where(unsafe, exact_below, log_below), torch.where(unsafe, exact_above, log_above)
     return _exact_where_unsafe(x_Rn, count, log_below, log_above, unsafe)
 
 
-def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor) -> torch.Tensor:
-    """(R, 1) a first threshold on the root's safe side, exact when every p < 1/2 or every p > 1/2.
+def _start_pass(r_Rn, k_R1, w_R1, alpha, may_sync: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, x0, all_finite): s = (r - max r) / alpha (R, n), x0 = s - t0 at the first threshold t0 (R, n), on the
+    root's safe side and exact when every p < 1/2 or every p > 1/2, and whether every s is finite (0-d bool).
 
     All scores below t: p = e^{s-t}/2, so t = log sum e^s - log 2k (>= the root, since F(x) <= e^x/2;
     s <= 0 with max 0, so the sum is in [1, n]). All above: 1 - p = e^{t-s}/2, so
-    t = log 2(n-k) - logsumexp(-s) (<= the root); taken where k > n / 2.
+    t = log 2(n-k) - logsumexp(-s) (<= the root); taken where k > n / 2. `may_sync`: skip that second
+    log-sum-exp when no row needs it (a host sync; off when compiled).
     """
+    s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
+    return s, s - _initial_threshold(s, k_R1, w_R1, may_sync), torch.isfinite(s).all()
+
+
+def _initial_threshold(s_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, may_sync: bool = True
+                       ) -> torch.Tensor:
+    """(R, 1) the first threshold t0 of `_start_pass` from s (R, n), k and w = n - k (R, 1)."""
     from_above = s_Rn.exp().sum(-1, keepdim=True).log_() - (k_R1.log() + _LOG2)
     use_below = k_R1 > w_R1
-    if not bool(use_below.any()):  # a host sync: only the early-exit (CPU) solver starts here
+    if may_sync and not bool(use_below.any()):
         return from_above
     from_below = (w_R1.log() + _LOG2) - torch.logsumexp(-s_Rn, -1, keepdim=True)
     return torch.where(use_below, from_below, from_above)
@@ -95,10 +106,13 @@ def _recentred(r_Rn: torch.Tensor, x_Rn: torch.Tensor, alpha: torch.Tensor) -> t
     return torch.sub(r_Rn, r_Rn.gather(-1, anchor)).div_(alpha).add_(x_Rn.gather(-1, anchor))
 
 
-def _side_pass(r_Rn: torch.Tensor, x_Rn: torch.Tensor, shift_R1: torch.Tensor, alpha: torch.Tensor, recentre: bool):
-    """One pass over the rows (one fused loop under torch.compile): x - shift, re-centred, and its plain side
-    sums; returns (x, count, log L, log U, unsafe) as `_plain_side_sums`."""
-    x_Rn = x_Rn - shift_R1
+def _side_pass(r_Rn: torch.Tensor, x_Rn: torch.Tensor, shift_R1: torch.Tensor | None, alpha: torch.Tensor,
+               recentre: bool):
+    """One pass over the rows (R, n) (one fused loop under torch.compile): x - shift (the previous step; None:
+    no step yet), re-centred, and its plain side sums; returns (x, count, log L, log U, unsafe) as
+    `_plain_side_sums`."""
+    if shift_R1 is not None:
+        x_Rn = x_Rn - shift_R1
     if recentre:
         x_Rn = _recentred(r_Rn, x_Rn, alpha)
     return (x_Rn, *_plain_side_sums(x_Rn))
@@ -106,32 +120,20 @@ def _side_pass(r_Rn: torch.Tensor, x_Rn: torch.Tensor, shift_R1: torch.Tensor, a
 
 @functools.cache
 def _compiled(name: str):
-    """torch.compile of the pure pass `name` of this module (SOFTMOE_LAPSUM=compile), built on first use."""
+    """torch.compile of the pure pass `name` of this module (the compiled backend), built on first use."""
     return torch.compile(globals()[name], dynamic=True)
 
 
-def _refine_compiled(r_Rn, x_Rn, w_R1, alpha, max_steps: int, recentre_first: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_refine` with early exit, each step's O(n) work one compiled pass (`_side_pass`); the (R, 1) step
-    and the rare log-sum-exp rows stay eager. The same steps as `_refine`, so the same results to rounding."""
-    tolerance = math.sqrt(torch.finfo(x_Rn.dtype).eps)
-    side_pass = _compiled("_side_pass")
-    shift = torch.zeros_like(w_R1)
-    converged = torch.zeros_like(w_R1, dtype=torch.bool)
-    for step_index in range(max_steps):
-        x_Rn, *sums = side_pass(r_Rn, x_Rn, shift, alpha, step_index > 0 or recentre_first)
-        step = _interval_step(*_exact_where_unsafe(x_Rn, *sums), w_R1)
-        finite = torch.isfinite(step)
-        shift = torch.where(finite, step, 0.0)
-        converged = finite & (step.abs() <= tolerance)
-        if bool(converged.all()):
-            break
-    return x_Rn - shift, converged.squeeze(-1)
+def _passes(compiled: bool) -> tuple[Callable, Callable]:
+    """The row passes of the solve (`_start_pass`, `_side_pass`) for a backend: as written, or compiled."""
+    if compiled:
+        return _compiled("_start_pass"), _compiled("_side_pass")
+    return _start_pass, _side_pass
 
 
 def _refine(
     r_Rn: torch.Tensor, x_Rn: torch.Tensor, w_R1: torch.Tensor, alpha: torch.Tensor, max_steps: int,
-    early_exit: bool, recentre_first: bool = True,
+    early_exit: bool, recentre_first: bool = True, side_pass: Callable = _side_pass,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact piecewise steps of each row's threshold (x becomes x - u), re-centred before each step.
 
@@ -142,20 +144,27 @@ def _refine(
     leaves an error of order step^2 = eps). With `early_exit` the loop stops once every row has
     converged (a host sync per step: only where syncs are free); without it, it runs `max_steps`.
 
+    The one refine loop of every backend but Triton: each step's O(n) work is one `side_pass` (the previous
+    step applied, the re-centring and the plain side sums: `_side_pass`, or its compiled copy from
+    `_passes(compiled=True)`); the (R, 1) step and the rare log-sum-exp rows stay eager.
+
     Returns:
         x_Rn at the refined thresholds, converged_R (R,) bool (all False without early_exit).
     """
     tolerance = math.sqrt(torch.finfo(x_Rn.dtype).eps)
     converged = torch.zeros_like(w_R1, dtype=torch.bool)
+    shift = None  # the step not yet applied to x
     for step_index in range(max_steps):
-        if step_index > 0 or recentre_first:  # the step that converges is taken in a re-centred frame
-            x_Rn = _recentred(r_Rn, x_Rn, alpha)
-        step = _interval_step(*_side_sums(x_Rn, sync_free=not early_exit), w_R1)
+        # The step that converges is taken in a re-centred frame.
+        x_Rn, *sums = side_pass(r_Rn, x_Rn, shift, alpha, step_index > 0 or recentre_first)
+        step = _interval_step(*_exact_side_sums(x_Rn, *sums, sync_free=not early_exit), w_R1)
         finite = torch.isfinite(step)  # never expected; such a row is left for the closed form
         converged = finite & (step.abs() <= tolerance)
-        x_Rn = x_Rn - torch.where(finite, step, 0.0)
+        shift = torch.where(finite, step, 0.0)
         if early_exit and bool(converged.all()):
             break
+    if shift is not None:
+        x_Rn = x_Rn - shift
     return x_Rn, converged.squeeze(-1) & early_exit
 
 
@@ -193,36 +202,25 @@ def _threshold_closed_form(s_Rn: torch.Tensor, w_R1: torch.Tensor) -> torch.Tens
 def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8, compiled: bool = False) -> torch.Tensor:
     """(R, n) x = (r - b) / alpha at the exact LapSum threshold b of each row (see module docstring).
 
-    `compiled` (early-exit solver only): each step is one torch.compile'd pass (`_refine_compiled`).
+    `compiled` (the early-exit solver only): the same solve with its row passes compiled (`_passes`).
     """
-    if compiled:  # the centring, the finiteness flag and the first threshold in one compiled pass
-        s, x0, all_finite = _compiled("_start_pass")(r_Rn, k_R1, w_R1, alpha)
-        _check_centred(bool(all_finite), s, alpha)
-        x, converged = _refine_compiled(r_Rn, x0, w_R1, alpha, max_steps, recentre_first=False)
-        return _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps)
-    s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
     if sync_free:
+        s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True)).div_(alpha)
         s = s.clamp(min=torch.finfo(s.dtype).min)  # unchecked overflow: finite (ties at the floor), never NaN
         # Fixed work, no host sync: 6 steps (the 10,000-case fuzz needed 5 where ties sit far apart).
         return _refine(r_Rn, s - _threshold_closed_form(s, w_R1), w_R1, alpha, 6, early_exit=False)[0]
-    _check_centred(bool(torch.isfinite(s).all()), s, alpha)
+    start_pass, side_pass = _passes(compiled)
+    s, x0, all_finite = start_pass(r_Rn, k_R1, w_R1, alpha, not compiled)
+    _check_centred(bool(all_finite), s, alpha)
     # s itself is a frame centred on the row max: the first step needs no re-centring.
-    x, converged = _refine(r_Rn, s - _initial_threshold(s, k_R1, w_R1), w_R1, alpha, max_steps,
-                           early_exit=True, recentre_first=False)
+    x, converged = _refine(r_Rn, x0, w_R1, alpha, max_steps, early_exit=True, recentre_first=False,
+                           side_pass=side_pass)
     return _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps)
 
 
 def _solve_x_general(r_Rn, k_R1, w_R1, alpha) -> torch.Tensor:
     """`_solve_x` with host syncs allowed (the early-exit solver): what `lapsum_fast` hands its hard rows to."""
     return _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free=False)
-
-
-def _start_pass(r_Rn, k_R1, w_R1, alpha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(s centred on the row max, s minus `_initial_threshold` computed without a sync, all s finite)."""
-    s = (r_Rn - r_Rn.amax(dim=-1, keepdim=True)) / alpha
-    from_above = s.exp().sum(-1, keepdim=True).log() - (k_R1.log() + _LOG2)
-    from_below = (w_R1.log() + _LOG2) - torch.logsumexp(-s, -1, keepdim=True)
-    return s, s - torch.where(k_R1 > w_R1, from_below, from_above), torch.isfinite(s).all()
 
 
 def _finish_unconverged(x, converged, r_Rn, s, w_R1, alpha, max_steps: int) -> torch.Tensor:
@@ -497,11 +495,25 @@ def _below_smallest_k(value: float, n: int, dtype: torch.dtype, k_min: float) ->
             f"for a smaller k")
 
 
-def _fast_path(scores_Rn: torch.Tensor, log: bool, checks: bool, compiled: bool) -> bool:
-    """Whether `lapsum_fast` solves these rows: float32 on CPU, p (not log p), value checks on (its rare rows
-    that need the general solver are found with host syncs), not SOFTMOE_LAPSUM=compile."""
-    return (scores_Rn.dtype == torch.float32 and scores_Rn.device.type == "cpu" and not log and checks
-            and not compiled)
+def _backend(scores_Rn: torch.Tensor, log: bool, checks: bool) -> str:
+    """Which backend solves the rows (R, n): "triton", "fast", "compiled" or "eager".
+
+    SOFTMOE_LAPSUM (softmoe/ops/lapsum_triton.py) picks a backend, never a copy of the algorithm:
+        triton    the fused kernels (CUDA float32 rows, n <= 512, by default; `use_triton`);
+        compiled  SOFTMOE_LAPSUM=compile with value checks on: the eager solve with its row passes compiled
+                  (`_passes`; with checks off the fixed-work solver runs, which torch.compile fuses when the
+                  caller compiles the model);
+        fast      `lapsum_fast`: float32 on CPU, p (not log p), value checks on (its rare rows that need the
+                  general solver are found with host syncs);
+        eager     the general solver, any dtype.
+    """
+    if use_triton(scores_Rn):
+        return "triton"
+    if checks and lapsum_mode() == "compile" and not torch.compiler.is_compiling():
+        return "compiled"
+    if scores_Rn.dtype == torch.float32 and scores_Rn.device.type == "cpu" and not log and checks:
+        return "fast"
+    return "eager"
 
 
 def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Tensor:
@@ -513,16 +525,14 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     k_b, w_b = _check_k(k, batch_shape, n, dtype, scores.device, checks)
     alpha_t = _check_alpha(alpha, dtype, scores.device, checks)
     scores_Rn = rows_last.to(dtype).reshape(-1, n)
-    if use_triton(scores_Rn):  # fused kernels on CUDA (SOFTMOE_LAPSUM, softmoe/ops/lapsum_triton.py)
-        out_Rn = lapsum_triton(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, checks)
+    k_R, w_R = k_b.reshape(-1), w_b.reshape(-1)
+    backend = _backend(scores_Rn, log, checks)
+    if backend == "triton":
+        out_Rn = lapsum_triton(scores_Rn, k_R, w_R, alpha_t, log, checks)
+    elif backend == "fast":
+        out_Rn = _LapSumFastTopK.apply(scores_Rn, k_R, w_R, alpha_t)
     else:
-        # SOFTMOE_LAPSUM=compile: the early-exit solver's passes compiled (with checks on; checks off keeps the
-        # fixed-work solver, whose passes torch.compile fuses when the caller compiles the model).
-        compiled = checks and lapsum_mode() == "compile" and not torch.compiler.is_compiling()
-        if _fast_path(scores_Rn, log, checks, compiled):
-            out_Rn = _LapSumFastTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t)
-        else:
-            out_Rn = _LapSumTopK.apply(scores_Rn, k_b.reshape(-1), w_b.reshape(-1), alpha_t, log, not checks, compiled)
+        out_Rn = _LapSumTopK.apply(scores_Rn, k_R, w_R, alpha_t, log, not checks, backend == "compiled")
     return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
 
 

@@ -6,7 +6,8 @@
     expert.py      expert parallelism over the ragged routing: counts exchange, uneven all-to-all, local experts
     wrap.py        parallelize a GPT: DDP or FSDP2 fully_shard, expert-parallel MoE layers
     checkpoint.py  torch.distributed.checkpoint (sharded, atomic) and conversion to the single-file checkpoint
-    trainer.py     DistributedTrainer: the Trainer with the distributed forward, statistics and checkpoints
+    trainer.py     the Trainer's parallelize and reduce functions for a rank, and DistributedTrainer (sharded
+                   checkpoints, rank 0 owns the run directory)
 
 A single-process run imports none of this. Enable it with the `parallel` config section
 (`parallel.data=ddp|fsdp`, `parallel.expert=N`) under `torchrun`; see docs/training.md.

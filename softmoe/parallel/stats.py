@@ -1,7 +1,7 @@
 """What must be global, not per rank: count sums for routing, means of logged metrics.
 
 The routers' balance statistics read their counts through `softmoe.routing.losses.global_sum`, which
-`counts_summed_over(group)` makes an all-reduce (see DistributedTrainer._forward); the controllers get
+`counts_summed_over(group)` makes an all-reduce (see parallel/trainer.py `_forward_fn`); the controllers get
 (their layers return global counts, which the controllers read). Logged values are averaged here, so every
 rank logs the global batch's numbers (ranks hold equal token counts).
 """

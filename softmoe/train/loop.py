@@ -55,7 +55,8 @@ from softmoe.train.rundir import (
 )
 from softmoe.train.schedule import lr_at
 
-__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "evaluate", "read_revisions", "REVISIONS"]
+__all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "Parallelized", "one_process", "this_process",
+           "evaluate", "read_revisions", "REVISIONS"]
 
 
 class TrainingAborted(RuntimeError):
@@ -102,6 +103,45 @@ class TrainResult:
     load_cv_per_layer: list | None = None
 
 
+@dataclass(frozen=True)
+class Parallelized:
+    """The model as this process trains it: what a Trainer's `parallelize` function makes of the GPT.
+
+    forward(idx_BT, targets_BT, last_micro) -> DecoderOutput: one micro-batch (B, T) (`last_micro`: the last of the
+        step, where a data-parallel wrapper reduces the gradients);
+    clip_grad_norm(max_norm) -> the total gradient norm before clipping (over every rank's shard);
+    num_params: parameters of the whole model (the tied head counted once; experts held by other ranks too).
+    `one_process` is the single-process one; softmoe/parallel/trainer.py makes the DDP / FSDP2 / expert-parallel one.
+    """
+
+    forward: Callable[[torch.Tensor, torch.Tensor, bool], DecoderOutput]
+    clip_grad_norm: Callable[[float], float]
+    num_params: int
+
+
+def one_process(model: GPT, compile: bool = False) -> Parallelized:
+    """`Parallelized` for one process: the model's forward (torch.compile'd with `compile`; the compiled forward
+    shares the model's parameters and state_dict keys, so checkpoints are unchanged), no (B, S, V) logits (the
+    loss comes from the fused chunked head + cross-entropy, model/loss.py), plain gradient clipping."""
+    forward_fn = compile_model(model, fullgraph=False) if compile else model
+
+    def forward(idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
+        return forward_fn(idx_BT, targets_BT, return_logits=False)
+
+    def clip_grad_norm(max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+
+    return Parallelized(forward=forward, clip_grad_norm=clip_grad_norm, num_params=model.num_params())
+
+
+Reduce = Callable[[list[float], list[dict]], tuple[list[float], list[dict]]]
+
+
+def this_process(values: list[float], layers: list[dict]) -> tuple[list[float], list[dict]]:
+    """The `reduce` of one process: the step's logged sums and routing summary as they are."""
+    return values, layers
+
+
 @torch.no_grad()
 def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              precision: str = "fp32") -> tuple[float, list[dict]]:
@@ -135,13 +175,22 @@ def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 class Trainer:
     """Builds model, optimizer and data from a RunConfig; `fit` trains, evaluates and checkpoints.
 
-    The methods marked "hook" are the single-process behaviour that softmoe.parallel.DistributedTrainer
-    overrides for a multi-process run (wrapped forward, global statistics, sharded checkpoints).
+    Args:
+        config: the run config.
+        report: message sink (default: printed above the progress bar).
+        parallelize: model -> `Parallelized` (default `one_process`): wraps the model for this process (DDP, FSDP2,
+            expert parallel: softmoe/parallel/trainer.py). Called once, before the optimizer is built (FSDP2
+            replaces the parameters by sharded DTensors).
+        reduce: ([loss sum, aux sum], routing summary) -> the same over every rank (default `this_process`).
+    The methods marked "hook" are the single-process behaviour of the run directory and checkpoints that
+    softmoe.parallel.DistributedTrainer overrides for a multi-process run (rank 0 owns the run directory,
+    sharded checkpoints).
     """
 
     writes_run_files = True  # False on the non-zero ranks of a distributed run: rank 0 alone writes the run dir
 
-    def __init__(self, config: RunConfig, report: Callable[[str], None] | None = None):
+    def __init__(self, config: RunConfig, report: Callable[[str], None] | None = None,
+                 parallelize: Callable[[GPT], Parallelized] | None = None, reduce: Reduce = this_process):
         self.config = config
         self.run_dir = config.train.run_dir
         self.report = report or _tqdm_write
@@ -157,10 +206,10 @@ class Trainer:
         _check_eval_batches(t.eval_batches, self.data)
         self.device = resolve_device(t.device, "train.device")
         self.model = GPT(config.model, activation_checkpointing=t.activation_checkpointing).to(self.device)
-        # The compiled forward shares the model's parameters (and state_dict keys): checkpoints are unchanged.
-        self.forward_fn = compile_model(self.model, fullgraph=False) if t.compile else self.model
         self.ae_target = _ae_target(t, self.model)
         self.load_window = RoutingCounts()  # routed pairs per expert since the last train record (diagnostics)
+        self.parallelized = parallelize(self.model) if parallelize else one_process(self.model, t.compile)
+        self.reduce = reduce
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.budget_lr_mult)
         self.step = 0
@@ -199,7 +248,7 @@ class Trainer:
                 idx_BT, targets_BT = self.data.train_batch(step * t.grad_accum + micro)
                 idx_BT, targets_BT = to_device(idx_BT, self.device), to_device(targets_BT, self.device)
                 with autocast_context(t.precision, self.device):
-                    out = self._forward(idx_BT, targets_BT, last_micro=micro == t.grad_accum - 1)
+                    out = self.parallelized.forward(idx_BT, targets_BT, micro == t.grad_accum - 1)
                 (out.objective / t.grad_accum).backward()
                 sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
                 counts.add(out.routing)  # what the controllers read after the step: return values, no module state
@@ -208,9 +257,9 @@ class Trainer:
             return self._skip_uncomputable(step, lr, str(err).split(":")[0])
         loss_sum, aux_sum = sums.tolist()
         layers = with_load_window(routing_summary(out.routing), self.load_window) if summarize else []
-        loss_sum, aux_sum, layers = self._global_values(loss_sum, aux_sum, layers)
+        (loss_sum, aux_sum), layers = self.reduce([loss_sum, aux_sum], layers)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = self._clip_grad_norm(max_norm)
+        grad_norm = self.parallelized.clip_grad_norm(max_norm)
         finite = math.isfinite(loss_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -231,23 +280,9 @@ class Trainer:
         nan = math.nan
         return StepStats(loss=nan, aux_loss=nan, grad_norm=nan, lr=lr, skipped=True, reason=reason)
 
-    def _forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor, last_micro: bool) -> DecoderOutput:
-        """Hook: one micro-batch's forward (`last_micro`: the last of the step, where gradients are reduced).
-        No (B, S, V) logits: the loss comes from the fused chunked head + cross-entropy (model/loss.py)."""
-        return self.forward_fn(idx_BT, targets_BT, return_logits=False)
-
-    def _global_values(self, loss_sum: float, aux_sum: float, layers: list[dict]
-                       ) -> tuple[float, float, list[dict]]:
-        """Hook: the step's loss sums and routing summary over every process (here: this one's)."""
-        return loss_sum, aux_sum, layers
-
-    def _clip_grad_norm(self, max_norm: float) -> float:
-        """Hook: clip the gradients to `max_norm`; returns the total norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-
     def num_params(self) -> int:
-        """Hook: parameters of the whole model (the tied head counted once)."""
-        return self.model.num_params()
+        """Parameters of the whole model (the tied head counted once; every rank's experts)."""
+        return self.parallelized.num_params
 
     def _guard(self, stats: StepStats, step: int) -> None:
         if not stats.skipped:
