@@ -27,7 +27,7 @@ from softmoe.common.precision import PRECISIONS, check_device_name
 from softmoe.train.controllers import AE_LEVERS
 from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
-from softmoe.presets import find_config
+from softmoe.common.presets import find_config
 
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides",
            "same_config"]

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from softmoe.eval.compare import load_study, plan_runs
-from softmoe.eval.study_report import claims_rows, paired, study_report_markdown, t_interval, write_study_report
+from softmoe.studies.compare import load_study, plan_runs
+from softmoe.studies.study_report import claims_rows, paired, study_report_markdown, t_interval, write_study_report
 
 STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
 
@@ -123,7 +123,7 @@ def _trajectory(early: list[float], late: list[float], end_move: float = 0.0) ->
 
 
 def test_allocation_movement_reads_the_trajectory_and_says_whether_k_settled():
-    from softmoe.eval.study_report import SETTLE_TOL, allocation_movement
+    from softmoe.studies.study_report import SETTLE_TOL, allocation_movement
 
     uniform, late = [1.5] * 4, [1.0, 1.0, 1.0, 3.0]  # last ceil(1.2) = 2 of 4 layers: share 0.5 -> 4 / 6
     records = [dict(rec("soft", s, 3.0, k_L=late), k_trajectory=_trajectory(uniform, late)) for s in range(2)]
@@ -159,7 +159,7 @@ def test_report_lists_movement_and_stability():
 
 
 def test_the_controllers_threshold_is_drawn_only_where_it_moved():
-    from softmoe.eval.study_report import _moved_threshold
+    from softmoe.studies.study_report import _moved_threshold
 
     moved = [{"step": [1, 2, 3], "threshold": [1.8, 1.7, 1.6]}, {"step": [1, 2, 3], "threshold": [1.8, 1.6, 1.5]}]
     assert _moved_threshold(moved, [1, 3]).tolist() == pytest.approx([1.8, 1.55])

@@ -10,7 +10,7 @@ A study file:
     reference: topk-k2                # optional: a variant every other is compared with, paired by seed
     references: [topk-k2, topk-k3]    # optional instead: several, each gets a paired-difference column
     summaries: docs/results/small     # optional: committable per-run summaries (<dir>/runs/<run>.json) and
-                                      # the study report (<dir>/report.md); see softmoe/eval/summaries.py
+                                      # the study report (<dir>/report.md); see softmoe/studies/summaries.py
     claims: {top2: topk-k2, learned: softmoe-K1.5}  # optional: roles for the paper-claims table (study_report.py)
     eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no budgets)
     # eval may name zero-shot tasks (and a per-task limit): tasks: [piqa, arc_easy], limit: 500
@@ -50,9 +50,9 @@ from softmoe.common.atomic import atomic_write_json, atomic_write_text
 from softmoe.common.checks import check_int
 from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
-from softmoe.eval.report import pyplot, save_figure, style_axes
-from softmoe.eval.study_report import CLAIM_ROLES, write_study_report
-from softmoe.eval.summaries import (build_summary, check_revisions, check_summary, load_summary, record_of,
+from softmoe.eval.plots import pyplot, save_figure, style_axes
+from softmoe.studies.study_report import CLAIM_ROLES, write_study_report
+from softmoe.studies.summaries import (build_summary, check_revisions, check_summary, load_summary, record_of,
                                     summary_path, write_summary)
 from softmoe.routing import ROUTERS, router_class
 from softmoe.train.checkpoint import latest_good_checkpoint

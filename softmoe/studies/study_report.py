@@ -1,7 +1,7 @@
 """The study report of issue 18: the paper's claims against a study's runs, with seed intervals.
 
 `write_study_report(study, records, out_dir)` writes `report.md` and its plots from compare records (the
-committed run summaries of softmoe/eval/summaries.py, or fresh runs). Nothing in it is typed in: every
+committed run summaries of softmoe/studies/summaries.py, or fresh runs). Nothing in it is typed in: every
 number comes from the records, every "holds?" from a stated rule.
 
 Intervals: over seeds, the 95% Student-t interval of the mean (mean ± t_{0.975, n-1} s / sqrt(n)); with
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from softmoe.data.io import atomic_write_text
-from softmoe.eval.report import pyplot, save_figure, style_axes
+from softmoe.eval.plots import pyplot, save_figure, style_axes
 
 __all__ = ["CLAIM_ROLES", "MARGIN", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
            "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
