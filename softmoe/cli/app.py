@@ -1,4 +1,4 @@
-"""The `softmoe` command line: one subcommand per stage (each stage's commands in its module of softmoe/cli/)."""
+"""The `softmoe` command line: one subcommand per stage."""
 
 from __future__ import annotations
 

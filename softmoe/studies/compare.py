@@ -12,6 +12,8 @@ A study file:
     summaries: docs/results/small     # optional: committable per-run summaries (<dir>/runs/<run>.json) and
                                       # the study report (<dir>/report.md); see softmoe/studies/summaries.py
     claims: {top2: topk-k2, learned: softmoe-K1.5}  # optional: roles for the paper-claims table (study_report.py)
+    paper: {margin: 0.02, best_margin: 0.0, accuracy_margin: 0.01, late_share: 0.5, numbers: {...}}
+                                      # with claims: the paper's numbers and the verdict margins (PaperClaims)
     eval: {splits: [val], max_batches: null}      # optional EvalSettings fields (no budgets)
     # eval may name zero-shot tasks (and a per-task limit): tasks: [piqa, arc_easy], limit: 500
     variants:
@@ -51,7 +53,7 @@ from softmoe.common.checks import check_int
 from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.eval.plots import pyplot, save_figure, style_axes
-from softmoe.studies.study_report import CLAIM_ROLES, write_study_report
+from softmoe.studies.study_report import CLAIM_ROLES, PaperClaims, write_study_report
 from softmoe.studies.summaries import (build_summary, check_revisions, check_summary, load_summary, record_of,
                                     summary_path, write_summary)
 from softmoe.routing import ROUTERS, router_class
@@ -65,7 +67,7 @@ __all__ = ["PlannedRun", "Study", "load_study", "plan_runs", "run_one", "run_stu
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference",
-               "references", "summaries", "claims", "preregistration", "pinned_revision"}
+               "references", "summaries", "claims", "paper", "preregistration", "pinned_revision"}
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "train_ae", "expert_flops_per_token",
            "tokens_per_sec")
 TASK_METRICS = ("n", "acc", "acc_norm", "perplexity", "active_experts_mean")  # per zero-shot task and run
@@ -97,6 +99,7 @@ class Study:
     references: tuple[str, ...] = ()  # every paired-difference reference (the first is `reference`)
     summaries: Path | None = None  # committable per-run summaries and the study report
     claims: tuple[tuple[str, str], ...] = ()  # (role, variant) pairs for the paper-claims table
+    paper: PaperClaims | None = None  # the paper's numbers and the verdict margins the claims table reads
     # The pre-registered protocol (metrics, margins, verdict rules, the paper's reference numbers), as written in
     # the study file before its first run; the report reads it, code holds none of it.
     preregistration: dict | None = None
@@ -215,6 +218,9 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
     claims = raw.get("claims") or {}
     if not isinstance(claims, dict) or any(v not in names for v in claims.values()) or set(claims) - CLAIM_ROLES:
         raise ValueError(f"claims={claims!r} must map roles from {sorted(CLAIM_ROLES)} to variant names from {names}")
+    if claims and raw.get("paper") is None:
+        raise ValueError("claims: need the paper's numbers and the verdict margins in a `paper:` block")
+    paper = None if raw.get("paper") is None else PaperClaims.from_mapping(raw["paper"])
     summaries = raw.get("summaries") if summaries is None else str(summaries)
     preregistration = raw.get("preregistration")
     if preregistration is not None and not isinstance(preregistration, dict):
@@ -224,7 +230,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
     return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
                  variants=variants, path=path, reference=references[0] if references else None,
-                 references=tuple(references), claims=tuple(claims.items()),
+                 references=tuple(references), claims=tuple(claims.items()), paper=paper,
                  summaries=None if summaries is None else _resolve(summaries, "summaries"),
                  preregistration=preregistration, pinned_revision=raw.get("pinned_revision", False))
 
