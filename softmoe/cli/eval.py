@@ -78,7 +78,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from softmoe.studies.compare import describe_plan, load_study, plan_runs, run_study
+    from softmoe.studies.plan import describe_plan, load_study, plan_runs
+    from softmoe.studies.run import run_study
 
     for flag, value, low in (("--jobs", args.jobs, 1), ("--next", args.next, 0)):
         if value is not None and value < low:  # checked before --dry-run too, which would ignore them

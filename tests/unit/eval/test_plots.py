@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from softmoe.studies.compare import seed_mean, variant_colors  # noqa: E402
+from softmoe.studies.results import seed_mean, variant_colors  # noqa: E402
 from softmoe.studies.report import compute_title, k_range  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from softmoe.studies.compare import load_study, plan_runs
+from softmoe.studies.plan import load_study, plan_runs
 from softmoe.studies.study_report import (PaperClaims, claims_rows, paired, study_report_markdown, t_interval,
                                           write_study_report)
 
