@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from softmoe.cli.errors import fail
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run lm-eval's CLI on `argv` (default: sys.argv[1:]); returns its exit status."""
@@ -21,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
-        print(f"softmoe lm-eval: lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'", file=sys.stderr)
-        return 2
+        return fail("lm-eval", f"lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'")
     from softmoe.export.hf import register
 
     register()  # "softmoe" for AutoConfig / AutoModelForCausalLM, in this process
