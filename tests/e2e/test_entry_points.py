@@ -53,3 +53,17 @@ def test_module_entry_points_print_their_help(argv, usage):
 def test_a_users_mistake_is_one_line_and_exit_2(argv, line):
     result = _run(*argv)
     assert result.returncode == 2 and result.stderr.strip() == line and result.stdout == ""
+
+
+def test_every_documented_module_entry_point_exists():
+    import importlib.util
+    import re
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    named = {m for doc in docs for m in re.findall(r"-m (softmoe(?:\.\w+)*)", doc.read_text())}
+    assert "softmoe.train" in named
+    for module in sorted(named):
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, f"the docs run `python -m {module}`, which does not exist"
+        if spec.submodule_search_locations:  # a package runs its __main__
+            assert importlib.util.find_spec(f"{module}.__main__") is not None, module
