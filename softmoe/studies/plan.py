@@ -51,7 +51,7 @@ from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.runs import is_finished
 
-__all__ = ["PlannedRun", "Study", "Variant", "describe_plan", "load_study", "plan_runs"]
+__all__ = ["PlannedRun", "Study", "Variant", "describe_plan", "load_study", "plan_runs", "repo_relative"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -288,3 +288,9 @@ def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
                if _status(run, study.summaries) not in ("summarised", "finished (reused)"))
     lines.append(f"tokens: {runs[0].tokens:,} per run, {total:,} in total ({todo:,} not yet trained, upper bound)")
     return "\n".join(lines)
+
+
+def repo_relative(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (stable across checkouts)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)

@@ -11,7 +11,8 @@ the evaluation's bootstrap interval over items instead.
 
 The claims table reads the study's `claims:` roles (CLAIM_ROLES): which variant is top-2, the learned
 SoftMoE, ... A claim whose variants are missing (a study in progress) says so. The paper's numbers it is read
-against and the verdict rules' margins are the study's `paper:` block (PaperClaims), not code.
+against and the verdict rules' margins are the study's `paper:` block (PaperClaims), not code; a study
+without one has no claims table.
 """
 
 from __future__ import annotations
@@ -474,13 +475,8 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     label = {v.name: v.label for v in study.variants}
     lines = [f"# Study `{study.name}`: report", "",
              f"{len(records)} of {planned} planned runs summarised. Intervals: 95% Student-t over seeds "
-             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", "",
-             "## Paper's claims", "",
-             f"Rule: \"comparable\" = the 95% interval of the paired loss difference lies below +{study.paper.margin} nats; "
-             "\"lower\" = below 0; \"not resolved\" = the interval spans the margin or there is one seed.", "",
-             "| paper's claim | paper's number | ours | holds? |", "|---|---|---|---|"]
-    for row in claims_rows(records, dict(study.claims), study.paper):
-        lines.append("| " + " | ".join(row) + " |")
+             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", ""]
+    lines += _claims_lines(records, dict(study.claims), study.paper) if study.paper is not None else []
     head = "| variant | val loss | Train AE | Infer AE |" + "".join(f" Δ vs {label[r]} (lower in) |" for r in refs)
     lines += ["", "## Loss, active experts and paired differences", "", head,
               "|---|---|---|---|" + "---|" * len(refs)]
@@ -499,6 +495,15 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     for caption, path in plots:
         lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _claims_lines(records: list[dict], roles: dict[str, str], paper: PaperClaims) -> list[str]:
+    """The paper's claims section (a study with the paper's numbers: its `paper:` block)."""
+    return ["## Paper's claims", "",
+            f"Rule: \"comparable\" = the 95% interval of the paired loss difference lies below +{paper.margin} nats; "
+            "\"lower\" = below 0; \"not resolved\" = the interval spans the margin or there is one seed.", "",
+            "| paper's claim | paper's number | ours | holds? |", "|---|---|---|---|",
+            *("| " + " | ".join(row) + " |" for row in claims_rows(records, roles, paper))]
 
 
 def _allocation_lines(records: list[dict], variants) -> list[str]:

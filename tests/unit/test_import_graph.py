@@ -26,8 +26,9 @@ The stages, bottom to top (a module may import its own stage and the stages belo
     cli        the command line, softmoe/cli/: every command, above everything it may launch (`softmoe train`
                starts the parallel launcher, `softmoe compare` a study)
 
-A module's stage is its folder under softmoe/. Two modules sit outside the folder of their stage, each named
-in PLACED with the reason; nothing may import them (checked):
+A module's stage is its folder under softmoe/ (no module sits directly under softmoe/, and no file name is
+exempt). Two modules sit outside the folder of their stage, each named in PLACED with the reason; nothing imports
+softmoe.train.__main__, and only the cli stage imports the facade (checked):
 
     softmoe              the package facade: it names (lazily) every stage's main classes, so it sits on top
     softmoe.train.__main__   `python -m softmoe.train` (what torchrun launches) must live in softmoe/train/; it

@@ -210,6 +210,9 @@ def test_the_paper_numbers_and_margins_come_from_the_study_file(tmp_path):
     assert claims_rows(records, {"top2": "top2", "learned": "soft"}, strict)[-1][1] == "-"  # no number given
     with pytest.raises(ValueError, match="margin"):
         PaperClaims.from_mapping({"margin": 0.02})
+    study = SimpleNamespace(name="fake", variants=(SimpleNamespace(name="top2", label="top-2"),), references=(),
+                            claims=(), paper=None)
+    assert "## Paper's claims" not in study_report_markdown(study, records, [], planned=6)  # no paper: no claims
     raw = yaml.safe_load((STUDIES / "paper8.yaml").read_text())
     del raw["paper"]  # claims without the paper's numbers
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
