@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from softmoe.cli.errors import UserError, fail, user_errors
+from softmoe.cli.errors import UserError, user_errors
 
 __all__ = ["add_train_parser", "add_generate_parser"]
 
@@ -21,9 +21,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.train.rundir import RunDirError, resume_config
 
     if args.resume and args.overwrite:
-        return fail("train", "--resume and --overwrite exclude each other")
+        raise UserError("--resume and --overwrite exclude each other")
     if args.stop_after is not None and args.stop_after < 1:
-        return fail("train", f"--stop-after={args.stop_after} must be >= 1")
+        raise UserError(f"--stop-after={args.stop_after} must be >= 1")
     flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
         ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
     args.overrides = [*args.overrides, *flags, *(["train.progress=false"] if args.quiet else [])]
@@ -32,17 +32,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
             config = resume_config(config, args.overrides)
     except (ValueError, TypeError) as err:
-        return fail("train", f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}")
+        raise UserError(f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}") from err
     if args.stop_after is not None and args.stop_after > config.train.steps:
-        return fail("train", f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run ends "
-                     f"anyway")
+        raise UserError(f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run "
+                        f"ends anyway")
     bad_path = _unusable_paths(config)
     if bad_path:
-        return fail("train", bad_path)
-    try:
+        raise UserError(bad_path)
+    with user_errors(FetchError, OSError, ValueError):  # data not prepared or damaged, vocab mismatch, ...
         trainer = build_trainer(config)  # one process, or one rank of a torchrun launch (parallel.data)
-    except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
-        return fail("train", str(err))
     variant = f"{config.model.router} ({config.model.describe_routing()})" if config.model.ffn == "moe" else "dense"
     if trainer.writes_run_files:
         print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
@@ -50,8 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, DispatchOverflow, OSError) as err:
-        # an error every rank of a distributed run raised from rank 0 is reported by rank 0 alone
-        return fail("train", str(err), every_rank=getattr(err, "every_rank", False))
+        # a rank's own error; one every rank of a distributed run raised from rank 0 is reported by rank 0 alone
+        raise UserError(str(err), every_rank=getattr(err, "every_rank", False)) from err
     finally:
         finish(trainer)  # a distributed run leaves its process group
     if not trainer.writes_run_files:  # the non-zero ranks of a distributed run: rank 0 reports
