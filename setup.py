@@ -1,4 +1,4 @@
-"""Build hook: ship the YAML presets (configs/) inside the package as softmoe/configs/ (see softmoe/presets.py).
+"""Build hook: ship the YAML presets (configs/) inside the package as softmoe/configs/ (see softmoe/common/presets.py).
 
 Everything else is in pyproject.toml. The presets stay at the repository root for users of a clone.
 """

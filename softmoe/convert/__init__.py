@@ -2,7 +2,7 @@
 
 from softmoe.common.lazy import lazy_exports
 
-# Loaded on first use, so that `softmoe --help` (which imports this package's cli module) imports no torch.
+# Loaded on first use, so that importing this package imports no torch.
 _WHERE = {name: "softmoe.convert.retrofit"
           for name in ("from_hf", "from_pretrained", "RetrofitConfig", "soft_blocks", "CONFIG_KEY", "STATE_PREFIX")}
 

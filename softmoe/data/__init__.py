@@ -15,7 +15,7 @@ from softmoe.common.lazy import lazy_exports
 from softmoe.data.config import CORPORA, DataConfig
 from softmoe.data.prepare import dataset_dir_for, load_split, prepare, read_meta
 
-# The loader imports torch: loaded on first use, so `softmoe --help` (which imports softmoe.data.cli) stays fast.
+# The loader imports torch: loaded on first use, so importing softmoe.data (data.io, data.fetch) stays fast.
 _WHERE = {"IGNORE_INDEX": "softmoe.data.loader", "WindowLoader": "softmoe.data.loader",
           "eval_batches": "softmoe.data.loader"}
 

@@ -146,7 +146,7 @@ def prepare(
 
 
 def _build(final: Path, recipe: dict, kind: str, vocab: int | None, offline: bool, progress: bool = False) -> None:
-    from softmoe.progress import progress_bar
+    from softmoe.common.progress import progress_bar
 
     corpus, root, split = recipe["corpus"], final.parent, recipe["split"]
     bar = progress_bar(4, f"{corpus}: download", progress, unit="phase")

@@ -1,8 +1,9 @@
-"""Evaluation: perplexity and routing statistics over whole splits, zero-shot tasks, and the comparison report."""
+"""Evaluation, measurement only: perplexity and routing statistics over whole splits, zero-shot tasks, FLOPs, the
+budget dial, the gate-noise test and plot helpers (studies and their reports are in softmoe/studies/)."""
 
 from softmoe.common.lazy import lazy_exports
 
-# Loaded on first use, so that `softmoe --help` (which imports this package's cli module) imports no torch.
+# Loaded on first use, so that `softmoe --help` imports no torch.
 _WHERE = {
     "TASKS": "softmoe.eval.downstream",
     "TaskResult": "softmoe.eval.downstream",

@@ -32,7 +32,7 @@ from softmoe.common.precision import autocast_context, module_device
 from softmoe.data import eval_batches
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import bits_per_byte, evaluate_split
-from softmoe.eval.report import pyplot, save_figure, style_axes
+from softmoe.eval.plots import pyplot, save_figure, style_axes
 from softmoe.model import GPT
 from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.train.controllers import realized_budget

@@ -35,7 +35,7 @@ from softmoe.eval import budget as budget_dial
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import LayerRouting, SplitEval, accumulate_routing, bits_per_byte, evaluate_split
 from softmoe.model import GPT
-from softmoe.progress import progress_bar
+from softmoe.common.progress import progress_bar
 from softmoe.train.config import PRECISIONS, RunConfig
 from softmoe.train.restore import load_model
 

@@ -23,7 +23,7 @@ from softmoe.common.precision import autocast_context, module_device
 from softmoe.data import IGNORE_INDEX, eval_batches
 from softmoe.data.loader import num_eval_batches
 from softmoe.model import GPT
-from softmoe.progress import progress_bar
+from softmoe.common.progress import progress_bar
 from softmoe.routing.diagnostics import load_diagnostics
 
 __all__ = ["LayerRouting", "SplitEval", "accumulate_routing", "bits_per_byte", "evaluate_split"]

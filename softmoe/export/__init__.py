@@ -4,9 +4,9 @@ name used from it."""
 
 from softmoe.common.lazy import lazy_exports
 
-__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "hf_tokenizer", "export_checkpoint", "cmd_export"]
+__all__ = ["SoftMoEConfig", "SoftMoEForCausalLM", "register", "hf_tokenizer", "export_checkpoint"]
 
 _WHERE = {**{name: "softmoe.export.hf" for name in ("SoftMoEConfig", "SoftMoEForCausalLM", "register")},
-          **{name: "softmoe.export.checkpoint" for name in ("hf_tokenizer", "export_checkpoint", "cmd_export")}}
+          **{name: "softmoe.export.checkpoint" for name in ("hf_tokenizer", "export_checkpoint")}}
 
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

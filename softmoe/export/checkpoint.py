@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from softmoe.data.io import make_temp_dir
 from softmoe.data.tokenizer import EOT
 from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 from softmoe.export.manifest import write_manifest
-from softmoe.train.checkpoint import CheckpointError
 from softmoe.train.restore import load_for_inference
 
-__all__ = ["hf_tokenizer", "export_checkpoint", "cmd_export"]
+__all__ = ["hf_tokenizer", "export_checkpoint"]
 
 
 def hf_tokenizer(tokenizer_file: str | Path, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
@@ -71,17 +69,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path,
         raise
     report(f"exported {path} -> {out}")
     return out
-
-
-def cmd_export(args) -> int:
-    """`softmoe export --checkpoint DIR --out HF_DIR` (its parser is in softmoe/cli.py)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"softmoe export: --out {str(out)!r} is an existing file, not a folder", file=sys.stderr)
-        return 2
-    try:
-        export_checkpoint(args.checkpoint, out)
-    except (CheckpointError, ValueError, OSError) as err:
-        print(f"softmoe export: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0

@@ -104,7 +104,7 @@ class DistributedTrainer(Trainer):
                 claim = [err, []]
         dist.broadcast_object_list(claim, src=0)
         if claim[0] is not None:  # rank 0's error, raised on every rank so that all leave together
-            claim[0].every_rank = True  # rank 0 alone reports it (softmoe/train/cli.py)
+            claim[0].every_rank = True  # rank 0 alone reports it (softmoe/cli/train.py)
             raise claim[0]
         paths = claim[1]
         return None if not paths else self._resume(paths[0], iter(paths[1:]))
@@ -189,7 +189,7 @@ def _raise_on_every_rank(error: Exception | None) -> None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        box[0].every_rank = True  # rank 0 alone reports it (softmoe/train/cli.py)
+        box[0].every_rank = True  # rank 0 alone reports it (softmoe/cli/train.py)
         raise box[0]
 
 

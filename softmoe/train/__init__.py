@@ -1,4 +1,4 @@
-"""Training: config and presets, optimizer, schedule, the loop, checkpoints, metrics, and the CLI.
+"""Training: config and presets, optimizer, schedule, the loop, checkpoints and metrics.
 
     config.py      TrainConfig, RunConfig (model + data + train), YAML loader with key=value overrides
     optim.py       AdamW parameter groups (decay on matrices only; budget/alpha at their own lr)
@@ -9,8 +9,7 @@
     checkpoint.py  atomic safetensors checkpoints with a sha256 manifest; fallback to the last good one
     metrics.py     metrics.jsonl + TensorBoard, routing summaries
     restore.py     rebuild a trained model (and tokenizer) from a checkpoint
-    cli.py         `softmoe train` and `softmoe generate`
-    __main__.py    `python -m softmoe.train` (= `softmoe train`), what torchrun launches; see softmoe/parallel
+    __main__.py    `python -m softmoe.train` (= `softmoe train`, softmoe/cli/train.py), what torchrun launches
 
 Nothing is imported here, so `softmoe --help` stays fast; import the submodules directly.
 """

@@ -30,7 +30,7 @@ from softmoe.data.config import DataConfig
 from softmoe.model.config import ModelConfig
 from softmoe.routing import ROUTERS, router_class
 from softmoe.routing.budget import BudgetOptions
-from softmoe.presets import find_config
+from softmoe.common.presets import find_config
 
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "run_config_from_dict", "apply_overrides",
            "same_config"]

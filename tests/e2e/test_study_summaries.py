@@ -23,6 +23,7 @@ def write_study(tmp_path: Path) -> Path:
         "overrides": {"train.steps": 6, "train.log_every": 2, "train.eval_every": 0, "train.ckpt_every": 0,
                       "train.progress": False, "train.tensorboard": False},
         "eval": {"splits": ["val"]}, "references": ["topk"], "claims": {"top2": "topk", "learned": "softmoe"},
+        "paper": {"margin": 0.02, "best_margin": 0.0, "accuracy_margin": 0.01, "late_share": 0.5},
         "variants": [{"name": "softmoe", "label": "SoftMoE K=2", "overrides": {"model.k": 2.0}, "dial": [1.5, 3]},
                      {"name": "topk", "label": "top-k k=2", "overrides": {"model.router": "topk", "model.k": 2}}]}
     path = tmp_path / "tinysum.yaml"

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from softmoe.cli import main
-from softmoe.extras import MissingExtra, require
+from softmoe.common.extras import MissingExtra, require
 from softmoe.train.metrics import MetricsWriter
 
 
@@ -22,7 +22,7 @@ def test_require_names_the_extra(monkeypatch):
 
 
 def test_report_plot_without_matplotlib(monkeypatch, tmp_path):
-    from softmoe.eval.report import plot_losses
+    from softmoe.studies.report import plot_losses
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtra, match=r"softmoe\[viz\]"):

@@ -12,7 +12,7 @@ import pytest
 
 from softmoe.data import eval_batches
 from softmoe.data.loader import num_eval_batches
-from softmoe.progress import progress_bar
+from softmoe.common.progress import progress_bar
 
 
 @pytest.mark.parametrize("n, seq_len, batch_size", [(100, 8, 3), (97, 8, 4), (9, 8, 1), (1000, 32, 16), (33, 32, 2)])

@@ -248,7 +248,7 @@ def test_cli_convert_on_a_saved_tiny_model(tmp_path, capsys):
 
 def test_cli_defaults_are_the_retrofit_defaults():
     """The parser spells RetrofitConfig's defaults out (building it must not import torch): they must agree."""
-    from softmoe.convert.cli import DEFAULTS
+    from softmoe.cli.convert import DEFAULTS
     from softmoe.convert.retrofit import RetrofitConfig
 
     assert DEFAULTS == {name: getattr(RetrofitConfig, name) for name in DEFAULTS}

@@ -83,7 +83,7 @@ def test_prepare_rejects_bad_arguments(tmp_path):
 def test_cli_data_fetch_prints_summary(tmp_path, fake_ptb, capsys):
     import argparse
 
-    from softmoe.data.cli import add_data_parser
+    from softmoe.cli.data import add_data_parser
 
     parser = argparse.ArgumentParser()
     add_data_parser(parser.add_subparsers(dest="command", required=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from softmoe.eval.compare import _aggregate, _x, results_markdown
+from softmoe.studies.results import _aggregate, _x, results_markdown
 
 METRICS = ("loss", "perplexity", "bits_per_byte", "active_experts_mean", "expert_flops_per_token", "tokens_per_sec",
            "expert_equivalents")

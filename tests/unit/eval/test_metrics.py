@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from softmoe.eval.cli import parse_budgets, parse_list, parse_tasks
+from softmoe.cli.eval import parse_budgets, parse_list, parse_tasks
 from softmoe.eval.evaluate import EvalSettings, ptb_lines
 from softmoe.eval.flops import compute_cost
 from softmoe.eval.perplexity import LayerRouting, bits_per_byte, evaluate_split

@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from softmoe.eval.compare import seed_mean, variant_colors  # noqa: E402
-from softmoe.eval.report import compute_title, k_range  # noqa: E402
+from softmoe.studies.results import seed_mean, variant_colors  # noqa: E402
+from softmoe.studies.report import compute_title, k_range  # noqa: E402
 
 
 def _hue(rgb) -> float:

@@ -12,7 +12,7 @@ import torch
 
 from softmoe.common.revision import code_revision
 from softmoe.eval.noise import train_mode_active
-from softmoe.eval.summaries import check_revisions
+from softmoe.studies.summaries import check_revisions
 from softmoe.model import GPT, ModelConfig
 from softmoe.train.loop import Trainer, read_revisions
 from tests.e2e.test_smoke import quiet, tiny

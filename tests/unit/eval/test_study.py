@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softmoe.eval.compare import describe_plan, load_study, plan_runs, run_study
+from softmoe.studies.plan import describe_plan, load_study, plan_runs
+from softmoe.studies.run import run_study
 
 STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
 
@@ -119,7 +120,7 @@ def _record(variant: str, seed: int, piqa_acc: float, arc_acc: float, lambada_pp
 
 
 def test_zero_shot_tasks_are_aggregated_over_seeds_and_tabulated(tmp_path):
-    from softmoe.eval.compare import _aggregate, results_markdown
+    from softmoe.studies.results import _aggregate, results_markdown
 
     study = load_study(write_study(tmp_path, eval={"splits": ["val"], "tasks": ["piqa", "arc_easy", "lambada"],
                                                    "limit": 10}))
@@ -143,7 +144,7 @@ def test_zero_shot_tasks_are_aggregated_over_seeds_and_tabulated(tmp_path):
 
 
 def test_without_tasks_there_is_no_zero_shot_section(tmp_path):
-    from softmoe.eval.compare import _aggregate, results_markdown
+    from softmoe.studies.results import _aggregate, results_markdown
 
     study = load_study(write_study(tmp_path))
     records = [{**_record("topk", 0, 0.5, 0.3, 50.0), "tasks": {}}]
@@ -152,7 +153,7 @@ def test_without_tasks_there_is_no_zero_shot_section(tmp_path):
 
 
 def test_a_reference_variant_gives_paired_loss_differences(tmp_path):
-    from softmoe.eval.compare import _aggregate, results_markdown
+    from softmoe.studies.results import _aggregate, results_markdown
 
     study = load_study(write_study(tmp_path, reference="topk"))
     assert study.reference == "topk"

@@ -9,11 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from softmoe.eval.compare import load_study, plan_runs
-from softmoe.eval.study_report import claims_rows, paired, study_report_markdown, t_interval, write_study_report
+from softmoe.studies.plan import load_study, plan_runs
+from softmoe.studies.study_report import (PaperClaims, claims_rows, paired, study_report_markdown, t_interval,
+                                          write_study_report)
 
 STUDIES = Path(__file__).resolve().parents[3] / "configs" / "studies"
+PAPER = load_study(STUDIES / "paper8.yaml").paper  # the paper's numbers and the verdict margins
 
 
 def rec(variant: str, seed: int, loss: float, train_ae: float = 2.0, infer_ae: float = 2.0, k_L=None,
@@ -44,7 +47,7 @@ class _Claims:
     """claims_rows by the start of the claim's text."""
 
     def __init__(self, records):
-        self.rows = claims_rows(records, {"top2": "top2", "learned": "soft"})
+        self.rows = claims_rows(records, {"top2": "top2", "learned": "soft"}, PAPER)
 
     def __getitem__(self, start: str):
         return next(row for row in self.rows if row[0].startswith(start))
@@ -93,7 +96,7 @@ def test_claims_rows_follow_the_stated_rules():
 def test_report_markdown_and_plots_from_fake_records(tmp_path):
     variants = (SimpleNamespace(name="top2", label="top-k k=2"), SimpleNamespace(name="soft", label="SoftMoE"))
     study = SimpleNamespace(name="fake", variants=variants, references=("top2",),
-                            claims=(("top2", "top2"), ("learned", "soft")))
+                            claims=(("top2", "top2"), ("learned", "soft")), paper=PAPER)
     records = [rec("top2", s, 3.0 + 0.1 * s, router="topk", acc=0.6) for s in range(2)] + \
               [dict(rec("soft", s, 2.9 + 0.1 * s, k_L=[1.0, 1.5, 2.0, 1.5], acc=0.62),
                     dial=[{"budget": b, "loss": 3.0 - 0.1 * b, "active_experts_mean": b} for b in (1.0, 2.0)])
@@ -123,7 +126,7 @@ def _trajectory(early: list[float], late: list[float], end_move: float = 0.0) ->
 
 
 def test_allocation_movement_reads_the_trajectory_and_says_whether_k_settled():
-    from softmoe.eval.study_report import SETTLE_TOL, allocation_movement
+    from softmoe.studies.study_report import SETTLE_TOL, allocation_movement
 
     uniform, late = [1.5] * 4, [1.0, 1.0, 1.0, 3.0]  # last ceil(1.2) = 2 of 4 layers: share 0.5 -> 4 / 6
     records = [dict(rec("soft", s, 3.0, k_L=late), k_trajectory=_trajectory(uniform, late)) for s in range(2)]
@@ -147,7 +150,7 @@ def test_allocation_movement_reads_the_trajectory_and_says_whether_k_settled():
 def test_report_lists_movement_and_stability():
     variants = (SimpleNamespace(name="top2", label="top-k k=2"), SimpleNamespace(name="soft", label="SoftMoE"))
     study = SimpleNamespace(name="fake", variants=variants, references=("top2",),
-                            claims=(("top2", "top2"), ("learned", "soft")))
+                            claims=(("top2", "top2"), ("learned", "soft")), paper=PAPER)
     curves = {"train": {"step": [25, 50, 75], "loss": [8.0, 7.0, 7.3]}}
     records = [dict(rec("top2", 0, 3.0, router="topk"), curves=curves, skipped_steps=0),
                dict(rec("soft", 0, 2.9, k_L=[1.0, 3.0]), k_trajectory=_trajectory([2.0, 2.0], [1.0, 3.0], 0.5),
@@ -159,7 +162,7 @@ def test_report_lists_movement_and_stability():
 
 
 def test_the_controllers_threshold_is_drawn_only_where_it_moved():
-    from softmoe.eval.study_report import _moved_threshold
+    from softmoe.studies.study_report import _moved_threshold
 
     moved = [{"step": [1, 2, 3], "threshold": [1.8, 1.7, 1.6]}, {"step": [1, 2, 3], "threshold": [1.8, 1.6, 1.5]}]
     assert _moved_threshold(moved, [1, 3]).tolist() == pytest.approx([1.8, 1.55])
@@ -192,3 +195,26 @@ def test_paper8_study_has_the_issue_variants_seeds_and_scale():
     assert len({(r.seed, r.config.data) for r in runs}) == 4
     assert by_name[("softmoe-K1.5-blr30", 0)].train.budget_lr_mult == 3 * first.train.budget_lr_mult
     assert study.summaries.parts[-2:] == ("results", "paper8") and study.references == ("topk-k2", "topk-k3")
+
+
+def test_the_paper_numbers_and_margins_come_from_the_study_file(tmp_path):
+    assert PAPER.margin == 0.02 and PAPER.number("infer_vs_train") == "OWT: 1.63 train vs 1.96 infer"
+    records = [rec("top2", s, 3.0 + 0.1 * s, router="topk") for s in range(3)] + \
+              [rec("soft", s, 3.015 + 0.1 * s + 0.001 * s, train_ae=1.6, infer_ae=1.9, k_L=[1.5] * 4) for s in range(3)]
+    row = _claims(records)["LM loss comparable"]
+    assert row[1] == PAPER.number("loss_vs_top2") and row[3].startswith("yes (comparable: interval below +0.02)")
+    strict = PaperClaims.from_mapping({"margin": 0.01, "best_margin": 0, "accuracy_margin": 0.01, "late_share": 0.5,
+                                       "numbers": {"loss_vs_top2": "made up"}})
+    row = claims_rows(records, {"top2": "top2", "learned": "soft"}, strict)[0]
+    assert row[1] == "made up" and row[3] == "no (higher loss)"  # the same runs, the stricter margin
+    assert claims_rows(records, {"top2": "top2", "learned": "soft"}, strict)[-1][1] == "-"  # no number given
+    with pytest.raises(ValueError, match="margin"):
+        PaperClaims.from_mapping({"margin": 0.02})
+    study = SimpleNamespace(name="fake", variants=(SimpleNamespace(name="top2", label="top-2"),), references=(),
+                            claims=(), paper=None)
+    assert "## Paper's claims" not in study_report_markdown(study, records, [], planned=6)  # no paper: no claims
+    raw = yaml.safe_load((STUDIES / "paper8.yaml").read_text())
+    del raw["paper"]  # claims without the paper's numbers
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="`paper:` block"):
+        load_study(tmp_path / "s.yaml")

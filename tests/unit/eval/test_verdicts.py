@@ -1,4 +1,4 @@
-"""Registered verdicts (softmoe/eval/verdicts.py): each kind on hand-made records whose intervals are worked out
+"""Registered verdicts (softmoe/studies/verdicts.py): each kind on hand-made records whose intervals are worked out
 here by hand, and paper32's transcription checked against its registered text (every variant and number of a
 check appears in the rule it transcribes, so the transcription cannot drift from the registration)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softmoe.eval.verdicts import (KINDS, analysis_path, evaluate_rules, interpolate, load_analysis, loss_claim,
+from softmoe.studies.verdicts import (KINDS, analysis_path, evaluate_rules, interpolate, load_analysis, loss_claim,
                                    verdicts_markdown)
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -173,7 +173,7 @@ def _appears(number: float, text: str) -> bool:
 
 
 def test_paper32_transcription_restates_the_registered_rules():
-    from softmoe.eval.compare import load_study
+    from softmoe.studies.plan import load_study
 
     study = load_study(STUDY)
     analysis = load_analysis(analysis_path(STUDY))
@@ -204,8 +204,8 @@ def test_paper32_transcription_restates_the_registered_rules():
 
 
 def test_paper32_verdicts_page_from_the_committed_summaries():
-    from softmoe.eval.compare import load_study
-    from softmoe.eval.summaries import record_of
+    from softmoe.studies.plan import load_study
+    from softmoe.studies.summaries import record_of
 
     study = load_study(STUDY)
     summaries = sorted((ROOT / "docs" / "results" / "paper32" / "runs").glob("*.json"))

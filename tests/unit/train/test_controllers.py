@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from softmoe.eval.summaries import trajectories
+from softmoe.studies.summaries import trajectories
 from softmoe.layers import MoELayer
 from softmoe.model import GPT
 from softmoe.model.config import ModelConfig

@@ -1,10 +1,11 @@
-"""The `softmoe eval` and `softmoe compare` subcommands (registered by softmoe/cli.py)."""
+"""The `softmoe eval` and `softmoe compare` subcommands (registered by softmoe/cli/app.py)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from softmoe.cli.errors import UserError, check_out_dir, user_errors
 
 __all__ = ["add_compare_parser", "add_eval_parser", "parse_budgets", "parse_list", "parse_tasks"]
 
@@ -47,32 +48,24 @@ def _fmt3(value: float | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out_dir("--out", args.out)
     from softmoe.data.fetch import FetchError
     from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, run_dir_of, write_eval
     from softmoe.train.checkpoint import CheckpointError
 
-    from softmoe.data.io import unusable_dir
-
-    why = unusable_dir(args.out, create=False) if args.out is not None else None
-    if why:
-        print(f"softmoe eval: --out {str(args.out)!r} {why}", file=sys.stderr)
-        return 2
-    try:
+    with user_errors(CheckpointError, FetchError, FileNotFoundError, ValueError):
         settings = EvalSettings(
             splits=parse_list(args.splits, "--splits"), corpora=parse_list(args.corpora, "--corpora"),
             tasks=parse_tasks(args.tasks), limit=args.limit, budgets=parse_budgets(args.budget),
             precision=args.precision, batch_size=args.batch_size, max_batches=args.max_batches,
             data_dir=args.data_dir, seed=args.seed, device=args.device)
         payload, points = evaluate_checkpoint(args.checkpoint, settings, progress=not args.quiet)
-    except (CheckpointError, FetchError, FileNotFoundError, ValueError) as err:
-        print(f"softmoe eval: {err}", file=sys.stderr)
-        return 2
     out = args.out if args.out is not None else run_dir_of(Path(payload["model"]["checkpoint"])) / "eval"
     try:
         json_path, md_path = write_eval(payload, points, out)
     except OSError as err:
-        print(f"softmoe eval: --out {str(out)!r}: cannot write ({err.strerror or err})", file=sys.stderr)
-        return 2
+        raise UserError(f"--out {str(out)!r}: cannot write ({err.strerror or err})") from err
     for e in payload["language_modelling"]:
         bpb = "-" if e["bits_per_byte"] is None else f"{e['bits_per_byte']:.4f}"
         print(f"{e['corpus']}/{e['split']}: loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
@@ -85,41 +78,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from softmoe.eval.compare import describe_plan, load_study, plan_runs, run_study
+    from softmoe.studies.plan import describe_plan, load_study, plan_runs
+    from softmoe.studies.run import run_study
 
     for flag, value, low in (("--jobs", args.jobs, 1), ("--next", args.next, 0)):
         if value is not None and value < low:  # checked before --dry-run too, which would ignore them
-            print(f"softmoe compare: {flag}={value} must be >= {low}", file=sys.stderr)
-            return 2
-    try:
+            raise UserError(f"{flag}={value} must be >= {low}")
+    with user_errors(ValueError, TypeError):
         study = load_study(args.study, args.out, summaries=args.summaries)
         if args.quiet:
             args.overrides = [*args.overrides, "train.progress=false"]
         runs = plan_runs(study, tuple(args.overrides))
-    except (ValueError, TypeError) as err:
-        print(f"softmoe compare: {err}", file=sys.stderr)
-        return 2
     print(describe_plan(study, runs), flush=True)
     if args.dry_run:
         return 0
-    from softmoe.data.io import unusable_dir
-
-    why = unusable_dir(study.out_dir)
-    if why:
-        print(f"softmoe compare: output directory {str(study.out_dir)!r} {why}", file=sys.stderr)
-        return 2
+    check_out_dir("output directory", study.out_dir, create=True)
     from softmoe.data.fetch import FetchError
     from softmoe.train.checkpoint import CheckpointError
 
-    try:
+    with user_errors(ValueError, TypeError, FetchError, CheckpointError):  # a run dir of another config, data, ...
         report = run_study(study, tuple(args.overrides), progress=not args.quiet, next_runs=args.next,
                            force=args.force, jobs=args.jobs, mixed_revisions=args.mixed_revisions)
-    except (ValueError, TypeError, FetchError, CheckpointError) as err:  # a run dir of another config, data, ...
-        print(f"softmoe compare: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("softmoe compare: interrupted; run it again to continue where it stopped", file=sys.stderr)
-        return 130
     print(f"results written: {report} (and results.json, plots) ")
     return 0
 
@@ -168,4 +147,4 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the results even when the runs were trained by different code revisions")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides applied to every run after the study's (e.g. train.steps=50)")
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, resumable=True)

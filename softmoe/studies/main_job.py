@@ -19,8 +19,8 @@ import torch
 from softmoe.data import load_split, read_meta
 from softmoe.data.io import unusable_dir
 from softmoe.eval.perplexity import evaluate_split
-from softmoe.eval.report import RunResult, compute_title, write_report
-from softmoe.presets import presets_dir
+from softmoe.studies.report import RunResult, compute_title, write_report
+from softmoe.common.presets import presets_dir
 from softmoe.routing import router_class
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.restore import load_model

@@ -8,7 +8,6 @@ active experts). Everything in the report is read from those files; nothing is t
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,12 @@ import numpy as np
 import yaml
 
 from softmoe.eval.perplexity import SplitEval
-from softmoe.extras import MissingExtra, require
+from softmoe.common.extras import MissingExtra
+from softmoe.eval.plots import pyplot, save_figure, style_axes
 from softmoe.routing import router_class
 from softmoe.train.metrics import read_metrics
 
-__all__ = ["RunResult", "compute_title", "k_range", "pyplot", "save_figure", "write_report"]
+__all__ = ["RunResult", "compute_title", "k_range", "write_report"]
 
 
 @dataclass
@@ -37,34 +37,9 @@ class RunResult:
         return json.loads((self.run_dir / "summary.json").read_text())
 
 
-def style_axes(ax, xlabel: str, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8,
-               legend_cols: int = 1, legend_outside: bool = False) -> None:
-    """The labels, grid and legend every plot of the project uses (legend_size 0: no legend).
-
-    legend_outside puts the legend right of the axes, for plots with many series."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis=grid_axis)
-    if legend_size:
-        where = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if legend_outside else {}
-        ax.legend(fontsize=legend_size, ncol=legend_cols, **where)
-
-
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [p[0] for p in points], [p[1] for p in points]
-
-
-def pyplot():
-    """matplotlib.pyplot, imported on the first plot (the `viz` extra): on the file-only Agg backend unless the
-    process already imported pyplot (then its backend is left alone: switching would close its figures)."""
-    matplotlib = require("matplotlib", "viz", "plotting")
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_losses(runs: list[RunResult], path: Path) -> Path:
@@ -165,17 +140,6 @@ def plot_active_histogram(runs: list[RunResult], path: Path) -> Path:
         grid_axis="y",
     )
     return save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> Path:
-    plt = pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # keeps a legend placed outside the axes
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def results_table(runs: list[RunResult]) -> str:

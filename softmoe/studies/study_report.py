@@ -1,7 +1,7 @@
-"""The study report of issue 18: the paper's claims against a study's runs, with seed intervals.
+"""The study report: the paper's claims against a study's runs, with seed intervals.
 
 `write_study_report(study, records, out_dir)` writes `report.md` and its plots from compare records (the
-committed run summaries of softmoe/eval/summaries.py, or fresh runs). Nothing in it is typed in: every
+committed run summaries of softmoe/studies/summaries.py, or fresh runs). Nothing in it is typed in: every
 number comes from the records, every "holds?" from a stated rule.
 
 Intervals: over seeds, the 95% Student-t interval of the mean (mean ± t_{0.975, n-1} s / sqrt(n)); with
@@ -10,27 +10,30 @@ same batches), so the batch-order part of the seed noise cancels. Zero-shot accu
 the evaluation's bootstrap interval over items instead.
 
 The claims table reads the study's `claims:` roles (CLAIM_ROLES): which variant is top-2, the learned
-SoftMoE, ... A claim whose variants are missing (a study in progress) says so.
+SoftMoE, ... A claim whose variants are missing (a study in progress) says so. The paper's numbers it is read
+against and the verdict rules' margins are the study's `paper:` block (PaperClaims), not code; a study
+without one has no claims table.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from softmoe.data.io import atomic_write_text
-from softmoe.eval.report import pyplot, save_figure, style_axes
+from softmoe.eval.plots import pyplot, save_figure, style_axes
 
-__all__ = ["CLAIM_ROLES", "MARGIN", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
+__all__ = ["CLAIM_ROLES", "CLAIMS", "PaperClaims", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
            "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
            "plot_dial", "plot_spread", "plot_load_heatmap"]
 
 CLAIM_ROLES = frozenset({"top2", "top3", "top4", "learned", "learned_K2", "fixed", "compute_matched", "larger_c"})
-# "comparable": a paired loss difference whose 95% interval lies below +MARGIN nats. The paper's own
-# differences between SoftMoE and top-k are 0.01-0.03 nats; a margin much larger would call anything comparable.
-MARGIN = 0.02
+# The claims of the table, each with the key of its paper's number in the study's `paper.numbers`.
+CLAIMS = ("loss_vs_top2", "fixed_vs_top2", "compute_matched", "larger_c", "downstream", "depth", "infer_vs_train")
 # Chance accuracy of the multiple-choice tasks (uniform guessing over the choices).
 CHANCE = {"piqa": 0.5, "copa": 0.5, "winogrande": 0.5, "boolq": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
           "sciq": 0.25, "hellaswag": 0.25, "openbookqa": 0.25}
@@ -39,6 +42,46 @@ SETTLE_TOL = 0.05
 # Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class PaperClaims:
+    """The study's `paper:` block: what the claims table reads the runs against.
+
+    margin: nats; "comparable" = the paired loss difference's 95% interval lies below +margin.
+    best_margin: nats; the larger cap's margin against top-4 ("gives the best loss": 0 means lower).
+    accuracy_margin: downstream "comparable" = the paired mean accuracy difference's interval lies above
+        -accuracy_margin.
+    late_share: the paper's share of the budget in the last 30% of the layers; the depth verdict is "yes" when
+        the measured share is at least halfway from uniform to it.
+    numbers: the paper's number of each claim (CLAIMS), as the table prints it; a claim without one prints "-".
+    """
+
+    margin: float
+    best_margin: float
+    accuracy_margin: float
+    late_share: float
+    numbers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, raw, where: str = "paper") -> PaperClaims:
+        """Parse and check the study's `paper:` block."""
+        rules = ("margin", "best_margin", "accuracy_margin", "late_share")
+        if not isinstance(raw, dict) or set(raw) - {*rules, "numbers"} or set(rules) - set(raw):
+            raise ValueError(f"{where}={raw!r} must be a mapping with {', '.join(rules)} and optional numbers")
+        values = {}
+        for key in rules:
+            if isinstance(raw[key], bool) or not isinstance(raw[key], (int, float)):
+                raise ValueError(f"{where}.{key}={raw[key]!r} must be a number")
+            values[key] = float(raw[key])
+        numbers = raw.get("numbers") or {}
+        if not isinstance(numbers, dict) or set(numbers) - set(CLAIMS) or not all(isinstance(v, str)
+                                                                                 for v in numbers.values()):
+            raise ValueError(f"{where}.numbers={numbers!r} must map claims from {list(CLAIMS)} to text")
+        return cls(**values, numbers=dict(numbers))
+
+    def number(self, claim: str) -> str:
+        return self.numbers.get(claim, "-")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +183,7 @@ def _largest_rise(record: dict) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _verdict_loss(delta: dict | None, margin: float = MARGIN) -> str:
+def _verdict_loss(delta: dict | None, margin: float) -> str:
     if delta is None or delta["mean"] is None:
         return "not yet measured"
     if delta["low"] is None:
@@ -154,7 +197,7 @@ def _verdict_loss(delta: dict | None, margin: float = MARGIN) -> str:
     return "not resolved (interval spans the margin)"
 
 
-def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, str, str, str]]:
+def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) -> list[tuple[str, str, str, str]]:
     """(claim, paper's number, ours, holds?) for every claim the roles allow (see the module docstring)."""
     rows = []
     top2, learned = roles.get("top2"), roles.get("learned")
@@ -166,44 +209,43 @@ def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, s
 
     # (1) LM loss vs top-2 with fewer active experts
     claim = "LM loss comparable to or better than top-2 while activating fewer experts (learned SoftMoE, K = 1.5)"
-    paper = "OWT: 2.76 vs top-2 2.79 (Δ -0.03) at Train AE 1.63 / Infer AE 1.96; C4: 2.22 vs 2.24 at AE 1.96"
+    number = paper.number("loss_vs_top2")
     gap = missing(top2, learned)
     if gap:
-        rows.append((claim, paper, "-", gap))
+        rows.append((claim, number, "-", gap))
     else:
         delta = paired(records, learned, top2)
         train, infer = _stat(records, learned, lambda r: r.get("train_ae")), _stat(records, learned,
                                                                                    lambda r: r["active_experts_mean"])
         fewer = infer["mean"] is not None and train["mean"] is not None and max(infer["mean"], train["mean"]) < 2
-        verdict = _verdict_loss(delta)
+        verdict = _verdict_loss(delta, paper.margin)
         if verdict.startswith("yes") and not fewer:
             verdict = "no (not fewer experts than top-2)"
-        rows.append((claim, paper, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}, "
+        rows.append((claim, number, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}, "
                                    f"Infer AE {_fmt(infer, '.2f')}", verdict))
     # (1b) the fixed-k SoftMoE*, (1c) at equal realized expert FLOPs, (1d) a larger cap
-    for claim, paper, variant, reference, ae_key, margin in (
-            ("SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts",
-             "OWT: 2.78 vs 2.79 at Train AE 1.53 / Infer AE 1.73", roles.get("fixed"), top2, "active_experts_mean",
-             MARGIN),
+    for claim, number, variant, reference, ae_key, margin in (
+            ("SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts", paper.number("fixed_vs_top2"),
+             roles.get("fixed"), top2, "active_experts_mean", paper.margin),
             ("At equal realized expert FLOPs (SoftMoE held at AE = 2 by the controller) vs top-2",
-             "not reported (the paper compares at nominal k)", roles.get("compute_matched"), top2, "train_ae", MARGIN),
-            ("A larger cap (SoftMoE* k = 1, c = 4) gives the best loss, below top-4",
-             "C4: 2.19 at AE 3.6 vs top-4 2.20", roles.get("larger_c"), roles.get("top4"), "active_experts_mean", 0.0)):
+             paper.number("compute_matched"), roles.get("compute_matched"), top2, "train_ae", paper.margin),
+            ("A larger cap (SoftMoE* k = 1, c = 4) gives the best loss, below top-4", paper.number("larger_c"),
+             roles.get("larger_c"), roles.get("top4"), "active_experts_mean", paper.best_margin)):
         gap = missing(reference, variant)
         if gap:
-            rows.append((claim, paper, "-", gap))
+            rows.append((claim, number, "-", gap))
             continue
         delta = paired(records, variant, reference)
         ae = _stat(records, variant, lambda r: r.get(ae_key))
         ae_name = "Train AE" if ae_key == "train_ae" else "Infer AE"
-        rows.append((claim, paper, f"Δ loss vs {reference} {_fmt(delta, '.4f', True)}; {ae_name} {_fmt(ae, '.2f')}",
+        rows.append((claim, number, f"Δ loss vs {reference} {_fmt(delta, '.4f', True)}; {ae_name} {_fmt(ae, '.2f')}",
                      _verdict_loss(delta, margin)))
     # (2) downstream
     claim = "Downstream zero-shot accuracy comparable or better than top-2 (learned SoftMoE)"
-    paper = "HellaSwag OWT 32.12 vs 31.50; C4 46.79 vs 45.41"
+    number = paper.number("downstream")
     gap = missing(top2, learned)
     if gap or not any(r.get("tasks") for r in _of(records, top2)):
-        rows.append((claim, paper, "-", gap or "not measured (no zero-shot tasks in the study)"))
+        rows.append((claim, number, "-", gap or "not measured (no zero-shot tasks in the study)"))
     else:
         delta = paired(records, learned, top2, key=_mean_choice_acc)
         above = _above_chance(records, top2)
@@ -213,14 +255,15 @@ def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, s
         elif delta is None or delta["low"] is None:
             verdict = "not resolved (one seed)"
         else:
-            verdict = ("yes" if delta["low"] > -0.01 else "no" if delta["high"] < -0.01 else "not resolved")
-        rows.append((claim, paper, ours, verdict))
+            low = -paper.accuracy_margin
+            verdict = ("yes" if delta["low"] > low else "no" if delta["high"] < low else "not resolved")
+        rows.append((claim, number, ours, verdict))
     # (3) allocation by depth
     claim = "The learned allocation is non-uniform: later layers take more (last 30% of layers)"
-    paper = "last 3 of 10 blocks ~half the budget (early ~1-2 experts, late ~3-4)"
+    number = paper.number("depth")
     learned_names = [n for n in (learned, roles.get("learned_K2")) if n in have]
     if not learned_names:
-        rows.append((claim, paper, "-", missing(learned) or "-"))
+        rows.append((claim, number, "-", missing(learned) or "-"))
     else:
         parts, verdicts = [], []
         for name in learned_names:
@@ -231,37 +274,37 @@ def claims_rows(records: list[dict], roles: dict[str, str]) -> list[tuple[str, s
             realized = _stat(records, name, lambda r: _late_share(r.get("train_ae_per_layer")))
             parts.append(f"{name}, last {last} of {n_layers} layers (uniform {uniform:.3f}): share of Σk_l "
                          f"{_fmt(budget, '.3f')}, share of the realized Train AE {_fmt(realized, '.3f')}")
-            verdict = f"{name}: k_l {_depth_verdict(budget, uniform)}"
+            verdict = f"{name}: k_l {_depth_verdict(budget, uniform, paper.late_share)}"
             movement = allocation_movement(records, name)
             if movement is not None and not movement["settled"]:
                 moving = movement["late_share"][1.0] - movement["late_share"][0.5]
                 verdict += (f" at the end of training, k_l not settled (late share {moving:+.3f} over the second "
                             "half)")
-            verdicts.append(f"{verdict}; realized AE {_depth_verdict(realized, uniform)}")
-        rows.append((claim, paper, "; ".join(parts), "; ".join(verdicts)))
+            verdicts.append(f"{verdict}; realized AE {_depth_verdict(realized, uniform, paper.late_share)}")
+        rows.append((claim, number, "; ".join(parts), "; ".join(verdicts)))
     # (4) Train AE vs Infer AE
     claim = "Infer AE exceeds Train AE (learned SoftMoE)"
-    paper = "OWT: 1.63 train vs 1.96 infer"
+    number = paper.number("infer_vs_train")
     gap = missing(learned)
     if gap:
-        rows.append((claim, paper, "-", gap))
+        rows.append((claim, number, "-", gap))
     else:
         gap_stat = _stat(records, learned, lambda r: None if r.get("train_ae") is None
                          else r["active_experts_mean"] - r["train_ae"])
         verdict = ("not resolved (one seed)" if gap_stat["low"] is None else "yes" if gap_stat["low"] > 0
                    else "no (Infer AE below Train AE)" if gap_stat["high"] < 0 else "not resolved")
-        rows.append((claim, paper, f"Infer AE - Train AE {_fmt(gap_stat, '.3f', True)}", verdict))
+        rows.append((claim, number, f"Infer AE - Train AE {_fmt(gap_stat, '.3f', True)}", verdict))
     return rows
 
 
-def _depth_verdict(share: dict, uniform: float) -> str:
+def _depth_verdict(share: dict, uniform: float, paper_share: float) -> str:
     """Whether the last 30% of the layers take more than their uniform share: "yes" when the interval lies above
-    uniform and the mean is at least halfway from uniform to the paper's ~half (0.4375 for 8 layers), "direction
-    only" when it lies above uniform but short of that."""
+    uniform and the mean is at least halfway from uniform to the paper's share (0.4375 for 8 layers and the
+    paper's ~half), "direction only" when it lies above uniform but short of that."""
     if share["low"] is None:
         return "not resolved (one seed)"
     if share["low"] > uniform:
-        return ("yes" if share["mean"] >= (uniform + 0.5) / 2
+        return ("yes" if share["mean"] >= (uniform + paper_share) / 2
                 else "direction only (later layers take more, less than the paper's ~half)")
     if share["high"] < uniform:
         return "no (earlier layers take more)"
@@ -432,13 +475,8 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     label = {v.name: v.label for v in study.variants}
     lines = [f"# Study `{study.name}`: report", "",
              f"{len(records)} of {planned} planned runs summarised. Intervals: 95% Student-t over seeds "
-             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", "",
-             "## Paper's claims", "",
-             f"Rule: \"comparable\" = the 95% interval of the paired loss difference lies below +{MARGIN} nats; "
-             "\"lower\" = below 0; \"not resolved\" = the interval spans the margin or there is one seed.", "",
-             "| paper's claim | paper's number | ours | holds? |", "|---|---|---|---|"]
-    for row in claims_rows(records, dict(study.claims)):
-        lines.append("| " + " | ".join(row) + " |")
+             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", ""]
+    lines += _claims_lines(records, dict(study.claims), study.paper) if study.paper is not None else []
     head = "| variant | val loss | Train AE | Infer AE |" + "".join(f" Δ vs {label[r]} (lower in) |" for r in refs)
     lines += ["", "## Loss, active experts and paired differences", "", head,
               "|---|---|---|---|" + "---|" * len(refs)]
@@ -457,6 +495,15 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     for caption, path in plots:
         lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _claims_lines(records: list[dict], roles: dict[str, str], paper: PaperClaims) -> list[str]:
+    """The paper's claims section (a study with the paper's numbers: its `paper:` block)."""
+    return ["## Paper's claims", "",
+            f"Rule: \"comparable\" = the 95% interval of the paired loss difference lies below +{paper.margin} nats; "
+            "\"lower\" = below 0; \"not resolved\" = the interval spans the margin or there is one seed.", "",
+            "| paper's claim | paper's number | ours | holds? |", "|---|---|---|---|",
+            *("| " + " | ".join(row) + " |" for row in claims_rows(records, roles, paper))]
 
 
 def _allocation_lines(records: list[dict], variants) -> list[str]:

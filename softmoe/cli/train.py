@@ -1,13 +1,12 @@
-"""The `softmoe train` and `softmoe generate` subcommands (registered by softmoe/cli.py)."""
+"""The `softmoe train` and `softmoe generate` subcommands (registered by softmoe/cli/app.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
+
+from softmoe.cli.errors import UserError, user_errors
 
 __all__ = ["add_train_parser", "add_generate_parser"]
 
@@ -22,9 +21,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from softmoe.train.rundir import RunDirError, resume_config
 
     if args.resume and args.overwrite:
-        return _fail("--resume and --overwrite exclude each other")
+        raise UserError("--resume and --overwrite exclude each other")
     if args.stop_after is not None and args.stop_after < 1:
-        return _fail(f"--stop-after={args.stop_after} must be >= 1")
+        raise UserError(f"--stop-after={args.stop_after} must be >= 1")
     flags = ([f"train.out_dir={args.out}"] if args.out is not None else []) + \
         ([f"data.data_dir={args.data_dir}"] if args.data_dir is not None else [])
     args.overrides = [*args.overrides, *flags, *(["train.progress=false"] if args.quiet else [])]
@@ -33,17 +32,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:  # the run's own config.yaml; the preset only locates the run directory
             config = resume_config(config, args.overrides)
     except (ValueError, TypeError) as err:
-        return _fail(f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}")
+        raise UserError(f"{'' if isinstance(err, RunDirError) else 'invalid config: '}{err}") from err
     if args.stop_after is not None and args.stop_after > config.train.steps:
-        return _fail(f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run ends "
-                     f"anyway")
+        raise UserError(f"--stop-after={args.stop_after} is beyond train.steps={config.train.steps}, where the run "
+                        f"ends anyway")
     bad_path = _unusable_paths(config)
     if bad_path:
-        return _fail(bad_path)
-    try:
+        raise UserError(bad_path)
+    with user_errors(FetchError, OSError, ValueError):  # data not prepared or damaged, vocab mismatch, ...
         trainer = build_trainer(config)  # one process, or one rank of a torchrun launch (parallel.data)
-    except (FetchError, OSError, ValueError) as err:  # data not prepared or damaged, vocab mismatch, ...
-        return _fail(str(err))
     variant = f"{config.model.router} ({config.model.describe_routing()})" if config.model.ffn == "moe" else "dense"
     if trainer.writes_run_files:
         print(f"run {config.train.run_dir}: {variant}, {trainer.num_params():,} parameters, "
@@ -51,8 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (RunDirError, CheckpointError, TrainingAborted, DispatchOverflow, OSError) as err:
-        # an error every rank of a distributed run raised from rank 0 is reported by rank 0 alone
-        return _fail(str(err), every_rank=getattr(err, "every_rank", False))
+        # a rank's own error; one every rank of a distributed run raised from rank 0 is reported by rank 0 alone
+        raise UserError(str(err), every_rank=getattr(err, "every_rank", False)) from err
     finally:
         finish(trainer)  # a distributed run leaves its process group
     if not trainer.writes_run_files:  # the non-zero ranks of a distributed run: rank 0 reports
@@ -73,33 +70,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
           f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0
-
-
-def _fail(message: str, every_rank: bool = True) -> int:
-    """Report a `softmoe train` error in one line; returns the exit status (2).
-
-    Under torchrun the line goes to the rank's error file (TORCHELASTIC_ERROR_FILE), which torchrun prints as the
-    failure's "traceback" in the summary that ends its own output, so it is said once, last, instead of before
-    torchrun's ~40 lines. An error that every rank meets alike (`every_rank`: the command line, the config, the
-    data, or rank 0's error raised on every rank) is reported by rank 0; the other ranks exit 0, so torchrun
-    does not stop rank 0 before it has written it.
-    """
-    line = f"softmoe train: {' '.join(message.split())}"
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    rank = int(os.environ.get("RANK", "0"))
-    if error_file is None:  # not under torchrun
-        print(line, file=sys.stderr)
-        return 2
-    if every_rank and rank != 0:
-        return 0
-    line += f" (rank {rank})" if rank else ""
-    if error_file:
-        # the layout torch.distributed.elastic's own @record writes; its summary prints "py_callstack"
-        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
-        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
-    else:  # torchrun without a log directory
-        print(line, file=sys.stderr)
-    return 2
 
 
 def _unusable_paths(config) -> str | None:
@@ -123,54 +93,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from softmoe.train.restore import load_for_inference
 
     if not 0 <= args.seed < 2**64:
-        print(f"softmoe generate: --seed={args.seed} must be in [0, 2**64)", file=sys.stderr)
-        return 2
+        raise UserError(f"--seed={args.seed} must be in [0, 2**64)")
     if args.threads < 1:
-        print(f"softmoe generate: --threads={args.threads} must be >= 1", file=sys.stderr)
-        return 2
+        raise UserError(f"--threads={args.threads} must be >= 1")
     if args.max_new_tokens < 0:
-        print(f"softmoe generate: --max-new-tokens={args.max_new_tokens} must be >= 0", file=sys.stderr)
-        return 2
-    try:  # before loading anything (and before the note on --max-new-tokens below)
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    with user_errors(ValueError):  # before loading anything (and before the note on --max-new-tokens below)
         check_float("temperature", args.temperature, 0)
         check_float("top_p", args.top_p, 0, 1, open_low=True)
-    except ValueError as err:
-        print(f"softmoe generate: {err}", file=sys.stderr)
-        return 2
     # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
     torch.set_num_threads(args.threads)
-    try:
+    with user_errors(CheckpointError, ValueError):
         model, tokenizer, path = load_for_inference(args.checkpoint, device=args.device)
-    except (CheckpointError, ValueError) as err:
-        print(f"softmoe generate: {err}", file=sys.stderr)
-        return 2
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
-        print("softmoe generate: --prompt is not valid UTF-8 text", file=sys.stderr)
-        return 2
+        raise UserError("--prompt is not valid UTF-8 text") from None
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
-        print("softmoe generate: the prompt encodes to zero tokens", file=sys.stderr)
-        return 2
+        raise UserError("the prompt encodes to zero tokens")
     context = model.config.max_seq_len
     room = context - len(ids)
     if room < 1:
-        print(f"softmoe generate: the prompt is {len(ids)} tokens, which fills the model's context of {context} "
-              f"tokens (model.max_seq_len): shorten --prompt", file=sys.stderr)
-        return 2
+        raise UserError(f"the prompt is {len(ids)} tokens, which fills the model's context of {context} tokens "
+                        f"(model.max_seq_len): shorten --prompt")
     max_new_tokens = min(args.max_new_tokens, room)
     if max_new_tokens < args.max_new_tokens:  # a note, not an error: generate what fits
         print(f"softmoe generate: --max-new-tokens {args.max_new_tokens} cut to {room}: the prompt's {len(ids)} "
               f"tokens and {room} new ones fill the model's context of {context} tokens", file=sys.stderr)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    try:
+    with user_errors(ValueError, TypeError):
         out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, generator=generator)
-    except (ValueError, TypeError) as err:
-        print(f"softmoe generate: {err}", file=sys.stderr)
-        return 2
     print(tokenizer.decode(out[0].tolist()))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from softmoe.extras import require
+from softmoe.common.extras import require
 from softmoe.ops import soft_topk
 from softmoe.routing import relative_keep, routing_from_mask
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from softmoe.data.io import atomic_write_text
-from softmoe.eval.study_report import paired, t_interval
+from softmoe.common.atomic import atomic_write_text
+from softmoe.studies.study_report import paired, t_interval
 
 __all__ = ["Verdict", "load_analysis", "analysis_path", "evaluate_rules", "verdicts_markdown", "write_verdicts",
            "KINDS"]
@@ -309,7 +309,7 @@ def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) 
     lines = [f"# Study `{study.name}`: registered verdicts", "",
              f"{len(records)} of {planned} planned runs summarised. Each rule below is quoted from "
              f"`{study.path.name}` (registered {registration.get('registered', '?')}); its checks are computed by "
-             f"`softmoe/eval/verdicts.py` from the transcription `{analysis_path(study.path).name}`. Intervals: 95% "
+             f"`softmoe/studies/verdicts.py` from the transcription `{analysis_path(study.path).name}`. Intervals: 95% "
              f"Student-t over seeds; margin {margin} nats. A verdict on fewer seeds than registered is marked "
              "*provisional*: it can still change.", ""]
     if exploratory:

@@ -1,7 +1,7 @@
 """lm-evaluation-harness's own command line, with the "softmoe" model type registered first.
 
     softmoe lm-eval --model hf --model_args pretrained=HF_DIR,backend=causal --tasks arc_easy ...
-    python -m softmoe.lm_eval --model hf --model_args pretrained=HF_DIR,backend=causal --tasks arc_easy ...
+    python -m softmoe.cli.lm_eval --model hf --model_args pretrained=HF_DIR,backend=causal --tasks arc_easy ...
 
 Every argument goes to lm-eval unchanged (`softmoe lm-eval --help` prints lm-eval's help). The plain
 `lm_eval` command cannot load an exported folder because it never imports softmoe, so transformers does not
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from softmoe.cli.errors import fail
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run lm-eval's CLI on `argv` (default: sys.argv[1:]); returns its exit status."""
@@ -21,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
-        print(f"softmoe lm-eval: lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'", file=sys.stderr)
-        return 2
+        return fail("lm-eval", f"lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'")
     from softmoe.export.hf import register
 
     register()  # "softmoe" for AutoConfig / AutoModelForCausalLM, in this process

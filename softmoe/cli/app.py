@@ -6,50 +6,49 @@ import argparse
 import sys
 from pathlib import Path
 
+from softmoe.cli.convert import add_convert_parser
+from softmoe.cli.data import add_data_parser
+from softmoe.cli.errors import UserError, check_out_dir, fail, run_command, user_errors
+from softmoe.cli.eval import add_compare_parser, add_eval_parser
+from softmoe.cli.train import add_generate_parser, add_train_parser
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < 2**63:
-        print(f"softmoe demo: --seed={args.seed} must be in [0, 2**63)", file=sys.stderr)
-        return 2
-    from softmoe.demo import run_demo
+        raise UserError(f"--seed={args.seed} must be in [0, 2**63)")
+    from softmoe.cli.demo import run_demo
 
     run_demo(seed=args.seed)
     return 0
 
 
 def _cmd_main(args: argparse.Namespace) -> int:
-    from softmoe.data.io import unusable_dir
-    from softmoe.main_job import run_main_job
-
-    why = unusable_dir(args.out, create=False)  # created once the preset and overrides are known to be good
-    if why:
-        print(f"softmoe main: --out {str(args.out)!r} {why}", file=sys.stderr)
-        return 2
-
+    check_out_dir("--out", args.out)  # created once the preset and overrides are known to be good
     from softmoe.data.fetch import FetchError
+    from softmoe.studies.main_job import run_main_job
     from softmoe.train.checkpoint import CheckpointError
 
     overrides = (*args.overrides, "train.progress=false") if args.quiet else tuple(args.overrides)
-    try:
+    with user_errors(ValueError, TypeError, FetchError, CheckpointError):  # bad preset/override, run dir, data
         report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
                               args.eval_max_batches, overrides, progress=not args.quiet)
-    except (ValueError, TypeError, FetchError, CheckpointError) as err:  # bad preset/override, run dir, data
-        print(f"softmoe main: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("softmoe main: interrupted; run it again to continue where it stopped", file=sys.stderr)
-        return 130
     print(f"report written: {report}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from softmoe.extras import require
+    from softmoe.common.extras import require
 
     require("transformers", "hf", "softmoe export")
-    from softmoe.export.checkpoint import cmd_export  # imports transformers: only when exporting
+    from softmoe.export.checkpoint import export_checkpoint  # imports transformers: only when exporting
+    from softmoe.train.checkpoint import CheckpointError
 
-    return cmd_export(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is an existing file, not a folder")
+    with user_errors(CheckpointError, ValueError, OSError):
+        export_checkpoint(args.checkpoint, out)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cap validation batches of the final evaluation (default: whole split)")
     main.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")
     main.add_argument("overrides", nargs="*", help="section.key=value settings for every variant (e.g. train.steps=50)")
-    main.set_defaults(func=_cmd_main)
+    main.set_defaults(func=_cmd_main, resumable=True)
 
     export = sub.add_parser("export", help="convert a training checkpoint to a transformers folder")
     export.add_argument("--checkpoint", required=True, help="a checkpoint or run directory (newest good)")
@@ -82,21 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness's CLI with the softmoe model type registered (all arguments go to lm-eval)")
 
-    from softmoe.convert.cli import add_convert_parser
-
     add_convert_parser(sub)
-
-    from softmoe.data.cli import add_data_parser
-
     add_data_parser(sub)
-
-    from softmoe.train.cli import add_generate_parser, add_train_parser
-
     add_train_parser(sub)
     add_generate_parser(sub)
-
-    from softmoe.eval.cli import add_compare_parser, add_eval_parser
-
     add_eval_parser(sub)
     add_compare_parser(sub)
     for command in sub.choices.values():  # every verb's help shows its defaults
@@ -138,7 +126,7 @@ def _given_twice(overrides: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # a passthrough: lm-eval's own options must not meet our parser
-        from softmoe.lm_eval import main as lm_eval_main
+        from softmoe.cli.lm_eval import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
     parser = build_parser()
@@ -151,16 +139,5 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     twice = _given_twice(getattr(args, "overrides", None) or [])
     if twice:
-        print(f"softmoe {args.command}: {twice}", file=sys.stderr)
-        return 2
-    from softmoe.extras import MissingExtra
-
-    try:
-        return args.func(args)
-    except MissingExtra as err:  # an optional dependency the command needs: say which extra installs it
-        print(f"softmoe {args.command}: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return fail(args.command, twice)
+    return run_command(args)

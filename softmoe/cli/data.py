@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+from softmoe.cli.errors import fail
 
 __all__ = ["add_data_parser", "format_summary"]
 
@@ -38,8 +39,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
             dataset_dir = prepare(corpus, args.data_dir, offline=args.offline, vocab_size=args.vocab_size,
                                   progress=not args.quiet)
         except (FetchError, ValueError, OSError) as err:  # --offline with nothing cached, bad --data-dir, ...
-            print(f"softmoe data fetch: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
+            return fail("data fetch", str(err))
         print(format_summary(read_meta(dataset_dir), dataset_dir, time.perf_counter() - start))
     return 0
 

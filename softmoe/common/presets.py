@@ -14,10 +14,11 @@ __all__ = ["presets_dir", "find_config"]
 
 def presets_dir() -> Path:
     """The directory holding `<size>/<variant>.yaml` and `studies/`."""
-    packaged = Path(__file__).resolve().parent / "configs"
+    package = Path(__file__).resolve().parents[1]  # softmoe/
+    packaged = package / "configs"
     if packaged.is_dir():  # an installed wheel
         return packaged
-    return Path(__file__).resolve().parent.parent / "configs"  # a source checkout
+    return package.parent / "configs"  # a source checkout
 
 
 def find_config(path: str | Path) -> Path:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 from pathlib import Path
 
-# Files that travel with the weights but are not written by save_pretrained.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+from softmoe.cli.errors import user_errors
+
 # RetrofitConfig's defaults, written out so that building the parser (`softmoe --help`) imports no torch;
 # tests/unit/convert/test_from_hf.py checks they equal the dataclass's.
 DEFAULTS = {"alpha": 1e-3, "truncation": "relative", "threshold": 1.8, "min_weight": 0.05}
@@ -31,29 +28,8 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def convert_folder(model_dir: Path, out: Path, report=print, **options) -> Path:
-    """Load `model_dir`, convert it with from_hf(**options), save to `out` with its tokenizer files."""
-    from transformers import AutoModelForCausalLM
-
-    from softmoe.convert.retrofit import from_hf, soft_blocks
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"--checkpoint {str(model_dir)!r} is not a transformers folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    from_hf(model, **options)
-    out = Path(out)
-    model.save_pretrained(out)
-    for name in _TOKENIZER_FILES:
-        if (Path(model_dir) / name).is_file() and not (out / name).exists():
-            shutil.copy2(Path(model_dir) / name, out / name)
-    k_L = model.softmoe_retrofit.budget().tolist()
-    report(f"converted {len(soft_blocks(model))} {type(model).__name__} MoE blocks (k_l = {k_L}, "
-           f"combine={model.config.softmoe_retrofit['combine']}) -> {out}")
-    return out
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    from softmoe.extras import require
+    from softmoe.common.extras import require
 
     require("transformers", "hf", "softmoe convert")
     options = {"alpha": args.alpha, "truncation": args.truncation, "threshold": args.threshold,
@@ -61,9 +37,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                "learn_alpha": args.learn_alpha}
     if args.budget is not None:
         options["budget"] = args.budget
-    try:
+    from softmoe.convert.folder import convert_folder
+
+    with user_errors(ValueError, TypeError, OSError):
         convert_folder(args.model, args.out, **options)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"softmoe convert: {err}", file=sys.stderr)
-        return 2
     return 0
