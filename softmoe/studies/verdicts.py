@@ -41,7 +41,7 @@ from softmoe.studies.study_report import paired, t_interval
 __all__ = ["Verdict", "load_analysis", "analysis_path", "evaluate_rules", "verdicts_markdown", "write_verdicts",
            "KINDS"]
 
-# Record fields each metric name reads (records: softmoe.eval.summaries.record_of).
+# Record fields each metric name reads (records: softmoe.studies.summaries.record_of).
 METRICS = {"loss": "loss", "infer_ae": "active_experts_mean", "train_ae": "train_ae", "train_ae_last": "train_ae_last"}
 
 
