@@ -299,6 +299,33 @@ def evaluate_rules(analysis: dict, records: list[dict], margin: float) -> list[V
     return out
 
 
+def _ours(records: list[dict], variant: str, read, spec: str) -> str:
+    return _interval_text(t_interval([read(r) for r in _runs(records, variant)]), spec)
+
+
+def _hellaswag(record: dict) -> float | None:
+    acc = record.get("tasks", {}).get("hellaswag", {}).get("acc_norm")
+    return None if acc is None else 100.0 * acc
+
+
+def paper_lines(paper: dict, rows: dict[str, str], records: list[dict]) -> list[str]:
+    """The paper's numbers (`preregistration.paper`) beside ours for the variants `rows` maps them to."""
+    columns = (("train_ae", "Train AE", lambda r: r.get("train_ae"), ".3f"),
+               ("infer_ae", "Infer AE", lambda r: r.get("active_experts_mean"), ".3f"),
+               ("val_loss", "val loss", lambda r: r.get("loss"), ".4f"),
+               ("hellaswag", "HellaSwag acc_norm %", _hellaswag, ".1f"))
+    lines = ["## The paper's numbers beside ours", "",
+             "The paper's (OWT, `preregistration.paper`) and ours (mean [95% interval] (n seeds)). Losses and "
+             "accuracies are on other data at another scale: compare differences between rows, not values.", "",
+             "| paper's row | variant | " + " | ".join(f"{name}: paper / ours" for _, name, _, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for key, variant in rows.items():
+        cells = [f"{paper[key].get(field, '-')} / {_ours(records, variant, read, spec)}"
+                 for field, _, read, spec in columns]
+        lines.append(f"| {key} | {variant} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) -> str:
     """The registered verdicts page: each rule's registered text, then its checks (measured, verdict)."""
     registration = study.preregistration or {}
@@ -314,6 +341,8 @@ def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) 
              "*provisional*: it can still change.", ""]
     if exploratory:
         lines += [f"Exploratory variants (not part of any verdict): {', '.join(exploratory)}.", ""]
+    if analysis.get("paper_rows"):
+        lines += paper_lines(registration.get("paper", {}), analysis["paper_rows"], records)
     for rule in dict.fromkeys(v.rule for v in verdicts):
         lines += [f"## {rule}", "", "> " + " ".join(str(registered.get(rule, "(not in the registration)")).split()),
                   "", "| check | measured | verdict |", "|---|---|---|"]

@@ -179,6 +179,8 @@ def test_paper32_transcription_restates_the_registered_rules():
     analysis = load_analysis(analysis_path(STUDY))
     registration = _registration()
     assert set(analysis["rules"]) == set(registration["verdicts"])  # every registered rule, nothing more
+    names = {v.name for v in study.variants}
+    assert set(analysis["paper_rows"]) <= set(registration["paper"]) and set(analysis["paper_rows"].values()) <= names
     soft = [v.name for v in study.variants if not v.exploratory and 'model.router="topk"' not in v.overrides]
     checks = [("divergence", c) for c in analysis["divergence"]]
     checks += [(rule, c) for rule, cs in analysis["rules"].items() for c in cs]
@@ -211,7 +213,8 @@ def test_paper32_verdicts_page_from_the_committed_summaries():
     summaries = sorted((ROOT / "docs" / "results" / "paper32" / "runs").glob("*.json"))
     records = [record_of(yaml.safe_load(p.read_text())) for p in summaries]
     text = verdicts_markdown(study, load_analysis(analysis_path(STUDY)), records, planned=30)
-    assert text.count("\n## ") == len(_registration()["verdicts"]) + 1  # + divergence
+    assert text.count("\n## ") == len(_registration()["verdicts"]) + 2  # + divergence, + the paper's numbers
+    assert "| softmoe_learned_k1.5 | softmoe-K1.5 | 1.63 / " in text and "| top2 | topk-k2 | 2 / 2.000" in text
     for rule in _registration()["verdicts"]:
         assert f"\n## {rule}\n\n> " in text
     verdicts = evaluate_rules(load_analysis(analysis_path(STUDY)), records, margin=0.02)
