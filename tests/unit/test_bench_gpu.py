@@ -42,7 +42,8 @@ def test_gpu_check_script_is_valid_bash():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for path in ("tests/gpu", "tests/unit/ops/test_lapsum_triton.py", "benchmarks/bench_gpu.py"):
+    for path in ("tests/gpu", "tests/unit/ops/test_lapsum_triton.py", "benchmarks/bench_gpu.py",
+                 "benchmarks/bench_infer.py"):
         assert path in text and (ROOT / path).exists(), path
 
 
