@@ -476,6 +476,9 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     lines = [f"# Study `{study.name}`: report", "",
              f"{len(records)} of {planned} planned runs summarised. Intervals: 95% Student-t over seeds "
              f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", ""]
+    if getattr(study, "preregistration", None):
+        lines += ["Pre-registered: the registered verdicts, each rule with its checks, are in "
+                  "[verdicts.md](verdicts.md).", ""]
     lines += _claims_lines(records, dict(study.claims), study.paper) if study.paper is not None else []
     head = "| variant | val loss | Train AE | Infer AE |" + "".join(f" Δ vs {label[r]} (lower in) |" for r in refs)
     lines += ["", "## Loss, active experts and paired differences", "", head,

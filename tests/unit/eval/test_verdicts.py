@@ -220,3 +220,10 @@ def test_paper32_verdicts_page_from_the_committed_summaries():
     verdicts = evaluate_rules(load_analysis(analysis_path(STUDY)), records, margin=0.02)
     divergence = [v for v in verdicts if v.rule == "divergence"]
     assert len(divergence) == 2 and all(v.verdict in ("not diverged", "not yet measured") for v in divergence)
+
+
+def test_the_study_report_points_to_the_verdicts():
+    from softmoe.studies.plan import load_study
+    from softmoe.studies.study_report import study_report_markdown
+
+    assert "[verdicts.md](verdicts.md)" in study_report_markdown(load_study(STUDY), [], [], planned=30)
