@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_layer import calibrate_mean_k, hf_mixtral_block  # noqa: E402
 from benchmarks.bench_ops import hard_topk_routing  # noqa: E402
-from benchmarks.timing import machine_info, time_interleaved, timing_dict  # noqa: E402
+from benchmarks.timing import machine_info, sync, time_interleaved, timing_dict  # noqa: E402
 from softmoe.common.precision import resolve_device  # noqa: E402
 
 FULL = {"tokens": (65536, 262144, 1048576), "experts": (8, 32, 64, 256), "op_repeats": 10,
@@ -173,17 +173,12 @@ def matmul_rate(device: torch.device, size: int, calls: int = 10) -> float:
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     tic = time.perf_counter()
     for _ in range(calls):
         a @ b
-    _sync(device)
+    sync(device)
     return 2.0 * size ** 3 * calls / (time.perf_counter() - tic)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_config(preset: str, spec: dict, device: torch.device, compile_model: bool):
@@ -211,13 +206,13 @@ def bench_train(preset: str, spec: dict, device: torch.device, peak: float, comp
     compile_tic = time.perf_counter()
     for step in range(warmup):
         trainer.train_step(step, summarize=False)
-    _sync(device)
+    sync(device)
     warmup_s = time.perf_counter() - compile_tic
     times, active = [], []
     for step in range(warmup, warmup + steps):
         tic = time.perf_counter()
         stats = trainer.train_step(step, summarize=step == warmup + steps - 1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - tic)
         if stats.layers:
             active = [layer["active_experts_mean"] for layer in stats.layers if "active_experts_mean" in layer]

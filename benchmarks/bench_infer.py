@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.timing import write_json  # noqa: E402
+from benchmarks.timing import sync, write_json  # noqa: E402
 from softmoe.common.precision import resolve_device  # noqa: E402
 from softmoe.model import GPT, ModelConfig  # noqa: E402
 from softmoe.model.generate import generate  # noqa: E402
@@ -172,22 +172,18 @@ def _hf(model: GPT):
     return hf.to(next(model.parameters()).device).eval()
 
 
-def synchronizer(device: torch.device):
-    """What waits for the device's queued work: CUDA's synchronize there, nothing on the CPU."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def _timed(fn, sync) -> float:
-    sync()
+def _timed(fn, device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
     fn()
-    sync()
+    sync(device)
     return time.perf_counter() - start
 
 
-def decode_time(gen_fn, prompt: torch.Tensor, new_tokens: int, sync) -> float:
+def decode_time(gen_fn, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds per decoded step: (t(N + 1 new tokens) - t(1)) / N (the prompt's prefill cancels)."""
-    return (_timed(lambda: gen_fn(prompt, new_tokens + 1), sync) - _timed(lambda: gen_fn(prompt, 1), sync)) / new_tokens
+    return (_timed(lambda: gen_fn(prompt, new_tokens + 1), prompt.device)
+            - _timed(lambda: gen_fn(prompt, 1), prompt.device)) / new_tokens
 
 
 def native_generate(model: GPT):
@@ -220,17 +216,16 @@ def measure(models: dict, prompts: dict, args) -> dict[str, dict[str, list[float
     if not args.no_hf:
         paths["hf"] = (hf_prefill, hf_generate)
     hf_models = {name: _hf(m) for name, m in models.items()} if not args.no_hf else {}
-    sync = synchronizer(args.device)
     jobs = {}
     for name, model in models.items():
         for path, (prefill, gen) in paths.items():
             target = model if path == "native" else hf_models[name]
             jobs[(name, f"{path}/prefill")] = (
-                lambda p=prefill(target), x=prompts["prefill"]: _timed(lambda: p(x), sync) / x.numel())
+                lambda p=prefill(target), x=prompts["prefill"]: _timed(lambda: p(x), x.device) / x.numel())
             for batch in args.decode_batches:
                 jobs[(name, f"{path}/decode_b{batch}")] = (
                     lambda g=gen(target), x=prompts[f"decode_b{batch}"], n=args.new_tokens[batch]:
-                    decode_time(g, x, n, sync) / x.shape[0])
+                    decode_time(g, x, n) / x.shape[0])
     samples: dict[str, dict[str, list[float]]] = {}
     for job in jobs.values():  # warmup: every kernel shape once
         job()

@@ -39,6 +39,12 @@ def _quartiles(samples: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
+def sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work (CUDA's synchronize; nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3) -> dict[str, Timing]:
     """Time several zero-argument callables, alternating between them on every repeat.
 
