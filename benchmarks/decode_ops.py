@@ -4,8 +4,8 @@ On an H100 (docs/benchmarks.md, "On an H100") a decode step of bench_infer's mod
 whatever the active experts: at batch 1 the GPU waits on kernel launches, one per operator, and on host syncs.
 This script counts both, exactly and without a GPU: every aten operator one decode step dispatches (a
 TorchDispatchMode), attributed to the softmoe file that issued it, and the operators that read a value back to
-the host (`_local_scalar_dense`: .item(), int(), bool() of a tensor; `nonzero`, whose output size needs one;
-`Tensor.tolist`, which dispatches no operator and is counted by a wrapper).
+the host, as tests/reference/sync_counter.py counts them for the suite's sync budgets (`_local_scalar_dense`:
+.item(), int(), bool() of a tensor; `nonzero`, `bincount` and others whose output size needs one; `Tensor.tolist`).
 Counts, not times: they are the same on any machine, and each operator is at least one kernel launch on CUDA.
 
 The CPU runs paths a GPU does not (the float32 soft top-k solver `ops/lapsum_fast.py`, the finite-value checks,
@@ -25,6 +25,7 @@ import argparse
 import collections
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,35 +33,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_infer import base_config, build_models  # noqa: E402
+from tests.reference.sync_counter import SyncCounter  # noqa: E402
 
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero")
 # Code that a CUDA run does not take (see the module docstring): (file suffix, function name or None for all).
 # The value checks (SOFTMOE_CHECKS, softmoe/ops/checks.py) are on by default on the CPU and off on GPUs.
 CPU_ONLY = (("ops/lapsum_fast.py", None), ("ops/lapsum.py", "_check_scores"), ("ops/lapsum.py", "_check_alpha"),
             ("ops/lapsum.py", "_check_k"), ("layers/moe.py", "token_slots"), ("routing/base.py", "router_logits"))
 
 
+def _softmoe_sites(stack) -> list[tuple[str, str]]:
+    """(file under softmoe/, function) of the softmoe frames of a stack, outermost first."""
+    return [(f.filename.split("softmoe/")[-1], f.name) for f in stack if "/softmoe/" in f.filename]
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts every aten operator dispatched inside it, by (softmoe file, function) and by operator."""
+    """Counts every aten operator dispatched inside it, by (softmoe file, function)."""
 
     def __init__(self):
         super().__init__()
         self.by_site: collections.Counter = collections.Counter()
-        self.syncs: collections.Counter = collections.Counter()
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.total += 1
-        frames = [f for f in traceback.extract_stack() if "/softmoe/" in f.filename]
-        site = (frames[-1].filename.split("softmoe/")[-1], frames[-1].name) if frames else ("(other)", "")
-        self.by_site[site] += 1
-        if str(func.overloadpacket) in SYNC_OPS:
-            self.count_sync(frames)
+        sites = _softmoe_sites(traceback.extract_stack())
+        self.by_site[sites[-1] if sites else ("(other)", "")] += 1
         return func(*args, **(kwargs or {}))
 
-    def count_sync(self, frames) -> None:
-        sites = [(f.filename.split("softmoe/")[-1], f.name) for f in frames]
-        self.syncs["cpu-only" if any(_cpu_only(s) for s in sites) else "cuda"] += 1
+
+@dataclass(frozen=True)
+class StepCount:
+    ops: OpCounter
+    syncs: collections.Counter  # "cuda" (code a GPU run takes too) / "cpu-only" -> host syncs
 
 
 def _cpu_only(site: tuple[str, str]) -> bool:
@@ -68,25 +72,17 @@ def _cpu_only(site: tuple[str, str]) -> bool:
 
 
 @torch.no_grad()
-def count_decode_step(model, prompt_BS: torch.Tensor, measure: bool = False) -> OpCounter:
-    """The operators of one decode step (one new token per row) after `prompt_BS` filled the cache, as
-    `generate` runs it (measure=False: no aux losses or routing statistics) or measured (measure=True)."""
+def count_decode_step(model, prompt_BS: torch.Tensor, measure: bool = False) -> StepCount:
+    """The operators and host syncs (tests/reference/sync_counter.py) of one decode step (one new token per row)
+    after `prompt_BS` filled the cache, as `generate` runs it (measure=False: no aux losses or routing
+    statistics) or measured (measure=True)."""
     cache = model.new_cache(prompt_BS.shape[0], prompt_BS.shape[1] + 1)
     model(prompt_BS, cache=cache, last_only=True)
-    counter = OpCounter()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(tensor):  # a host read that dispatches no aten operator
-        counter.count_sync([f for f in traceback.extract_stack() if "/softmoe/" in f.filename])
-        return tolist(tensor)
-
-    torch.Tensor.tolist = counted_tolist
-    try:
-        with counter:
-            model(prompt_BS[:, -1:], cache=cache, last_only=True, measure=measure)
-    finally:
-        torch.Tensor.tolist = tolist
-    return counter
+    with SyncCounter(stacks=True) as syncs, OpCounter() as ops:
+        model(prompt_BS[:, -1:], cache=cache, last_only=True, measure=measure)
+    where = collections.Counter("cpu-only" if any(_cpu_only(s) for s in _softmoe_sites(stack)) else "cuda"
+                                for stack in syncs.stacks)
+    return StepCount(ops, where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {name: count_decode_step(model, prompt) for name, model in models.items()}
     measured = {name: count_decode_step(model, prompt, measure=True) for name, model in models.items()}
     moe_layers = sum(b.is_moe for b in models["softmoe"].blocks)
-    dense = counts["dense"].total
+    dense = counts["dense"].ops.total
     print(f"{config.n_layers} blocks ({moe_layers} MoE, {config.num_experts} experts), batch {args.batch}, "
           f"one decode step as `generate` runs it (measure=False); 'measured': the same step with the routers'"
           f" aux losses and statistics (measure=True)")
@@ -109,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
           "| host syncs (CPU-only) |")
     print("|---|---|---|---|---|---|")
     for name, c in counts.items():
-        extra = "-" if name == "dense" else f"{(c.total - dense) / moe_layers:.0f}"
-        print(f"| {name} | {c.total} | {extra} | {measured[name].total} | {c.syncs['cuda']} | "
+        extra = "-" if name == "dense" else f"{(c.ops.total - dense) / moe_layers:.0f}"
+        print(f"| {name} | {c.ops.total} | {extra} | {measured[name].ops.total} | {c.syncs['cuda']} | "
               f"{c.syncs['cpu-only']} |")
     for name in ("top2", "softmoe"):
         print(f"\n{name}: operators by site (file, function), all layers")
-        for (path, func), n in counts[name].by_site.most_common(args.sites):
+        for (path, func), n in counts[name].ops.by_site.most_common(args.sites):
             print(f"  {n:5d}  {path} {func}")
     return 0
 

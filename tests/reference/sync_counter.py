@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,24 +16,32 @@ SYNCING_METHODS = ("tolist",)
 
 
 class _MethodCounter(TorchFunctionMode):
-    def __init__(self, ops: list[str]):
+    def __init__(self, record):
         super().__init__()
-        self.ops = ops
+        self.record = record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SYNCING_METHODS:
-            self.ops.append(name)
+            self.record(name)
         return func(*args, **(kwargs or {}))
 
 
 class SyncCounter(TorchDispatchMode):
-    """with SyncCounter() as c: ...; c.count, c.ops: the syncing ops seen (by aten name, or `tolist`)."""
+    """with SyncCounter() as c: ...; c.count, c.ops: the syncing ops seen (by aten name, or `tolist`). With
+    `stacks=True`, c.stacks[i] is the Python stack (traceback.FrameSummary list) that made c.ops[i]."""
 
-    def __init__(self):
+    def __init__(self, stacks: bool = False):
         super().__init__()
         self.ops: list[str] = []
-        self._methods = _MethodCounter(self.ops)
+        self.stacks: list[list[traceback.FrameSummary]] = []
+        self._keep_stacks = stacks
+        self._methods = _MethodCounter(self._record)
+
+    def _record(self, name: str) -> None:
+        self.ops.append(name)
+        if self._keep_stacks:
+            self.stacks.append(traceback.extract_stack())
 
     @property
     def count(self) -> int:
@@ -52,5 +62,5 @@ class SyncCounter(TorchDispatchMode):
         # repeat_interleave syncs only to size its output; given output_size it does not.
         sized = name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
         if name in SYNCING_OPS and not sized:
-            self.ops.append(name)
+            self._record(name)
         return func(*args, **(kwargs or {}))

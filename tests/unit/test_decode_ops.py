@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def test_counter_sees_operators_and_host_reads():
+def test_counters_see_operators_and_host_reads():
     from benchmarks.decode_ops import OpCounter
+    from tests.reference.sync_counter import SyncCounter
 
-    counter = OpCounter()
-    tolist = torch.Tensor.tolist
-    with counter:
+    with SyncCounter(stacks=True) as syncs, OpCounter() as ops:
         x = torch.ones(3) + 1          # one operator
         bool(x.sum() > 0)              # sum, gt, and a host read (_local_scalar_dense)
         torch.nonzero(x)               # a host read (its size)
-    assert counter.total >= 5 and counter.syncs["cuda"] == 2 and torch.Tensor.tolist is tolist
+        x.tolist()                     # a host read without an operator
+    assert ops.total >= 5 and syncs.ops == ["_local_scalar_dense", "nonzero", "tolist"]
+    assert len(syncs.stacks) == 3 and all(any(f.filename == __file__ for f in s) for s in syncs.stacks)
 
 
 def test_quick_run_prints_every_variant(capsys):
