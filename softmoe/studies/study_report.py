@@ -27,7 +27,7 @@ import numpy as np
 from softmoe.data.io import atomic_write_text
 from softmoe.eval.plots import pyplot, save_figure, style_axes
 
-__all__ = ["CLAIM_ROLES", "CLAIMS", "PaperClaims", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
+__all__ = ["CLAIM_ROLES", "fmt_interval", "CLAIMS", "PaperClaims", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
            "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
            "plot_dial", "plot_spread", "plot_load_heatmap"]
 
@@ -122,7 +122,7 @@ def _stat(records: list[dict], variant: str, key) -> dict:
     return t_interval([key(r) for r in _of(records, variant)])
 
 
-def _fmt(stat: dict | None, spec: str = ".3f", signed: bool = False) -> str:
+def fmt_interval(stat: dict | None, spec: str = ".3f", signed: bool = False) -> str:
     """mean [low, high] (n), or mean (n=1), or "-"."""
     if stat is None or stat["mean"] is None:
         return "-"
@@ -221,8 +221,8 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
         verdict = _verdict_loss(delta, paper.margin)
         if verdict.startswith("yes") and not fewer:
             verdict = "no (not fewer experts than top-2)"
-        rows.append((claim, number, f"Δ loss {_fmt(delta, '.4f', True)}; Train AE {_fmt(train, '.2f')}, "
-                                   f"Infer AE {_fmt(infer, '.2f')}", verdict))
+        rows.append((claim, number, f"Δ loss {fmt_interval(delta, '.4f', True)}; Train AE {fmt_interval(train, '.2f')}, "
+                                   f"Infer AE {fmt_interval(infer, '.2f')}", verdict))
     # (1b) the fixed-k SoftMoE*, (1c) at equal realized expert FLOPs, (1d) a larger cap
     for claim, number, variant, reference, ae_key, margin in (
             ("SoftMoE* (fixed uniform k = 1.5) comparable to top-2 at fewer experts", paper.number("fixed_vs_top2"),
@@ -238,7 +238,7 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
         delta = paired(records, variant, reference)
         ae = _stat(records, variant, lambda r: r.get(ae_key))
         ae_name = "Train AE" if ae_key == "train_ae" else "Infer AE"
-        rows.append((claim, number, f"Δ loss vs {reference} {_fmt(delta, '.4f', True)}; {ae_name} {_fmt(ae, '.2f')}",
+        rows.append((claim, number, f"Δ loss vs {reference} {fmt_interval(delta, '.4f', True)}; {ae_name} {fmt_interval(ae, '.2f')}",
                      _verdict_loss(delta, margin)))
     # (2) downstream
     claim = "Downstream zero-shot accuracy comparable or better than top-2 (learned SoftMoE)"
@@ -249,7 +249,7 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
     else:
         delta = paired(records, learned, top2, key=_mean_choice_acc)
         above = _above_chance(records, top2)
-        ours = f"Δ mean acc {_fmt(delta, '.4f', True)}; top-2 above chance on: {', '.join(above) or 'no task'}"
+        ours = f"Δ mean acc {fmt_interval(delta, '.4f', True)}; top-2 above chance on: {', '.join(above) or 'no task'}"
         if not above:
             verdict = "untestable here (top-2 at chance on every task)"
         elif delta is None or delta["low"] is None:
@@ -273,7 +273,7 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
             budget = _stat(records, name, lambda r: _late_share(r.get("k_L")))
             realized = _stat(records, name, lambda r: _late_share(r.get("train_ae_per_layer")))
             parts.append(f"{name}, last {last} of {n_layers} layers (uniform {uniform:.3f}): share of Σk_l "
-                         f"{_fmt(budget, '.3f')}, share of the realized Train AE {_fmt(realized, '.3f')}")
+                         f"{fmt_interval(budget, '.3f')}, share of the realized Train AE {fmt_interval(realized, '.3f')}")
             verdict = f"{name}: k_l {_depth_verdict(budget, uniform, paper.late_share)}"
             movement = allocation_movement(records, name)
             if movement is not None and not movement["settled"]:
@@ -293,7 +293,7 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
                          else r["active_experts_mean"] - r["train_ae"])
         verdict = ("not resolved (one seed)" if gap_stat["low"] is None else "yes" if gap_stat["low"] > 0
                    else "no (Infer AE below Train AE)" if gap_stat["high"] < 0 else "not resolved")
-        rows.append((claim, number, f"Infer AE - Train AE {_fmt(gap_stat, '.3f', True)}", verdict))
+        rows.append((claim, number, f"Infer AE - Train AE {fmt_interval(gap_stat, '.3f', True)}", verdict))
     return rows
 
 
@@ -484,13 +484,13 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     lines += ["", "## Loss, active experts and paired differences", "", head,
               "|---|---|---|---|" + "---|" * len(refs)]
     for v in variants:
-        cells = [_fmt(_stat(records, v.name, lambda r: r["loss"]), ".4f"),
-                 _fmt(_stat(records, v.name, lambda r: r.get("train_ae")), ".3f"),
-                 _fmt(_stat(records, v.name, lambda r: r["active_experts_mean"]), ".3f")]
+        cells = [fmt_interval(_stat(records, v.name, lambda r: r["loss"]), ".4f"),
+                 fmt_interval(_stat(records, v.name, lambda r: r.get("train_ae")), ".3f"),
+                 fmt_interval(_stat(records, v.name, lambda r: r["active_experts_mean"]), ".3f")]
         for ref in refs:
             d = None if ref == v.name else paired(records, v.name, ref)
             cells.append("(reference)" if ref == v.name else "-" if d is None else
-                         f"{_fmt(d, '.4f', True)} ({d['lower']}/{d['n']})")
+                         f"{fmt_interval(d, '.4f', True)} ({d['lower']}/{d['n']})")
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
     lines += _allocation_lines(records, variants) + _movement_lines(records, variants)
     lines += _dial_lines(records, variants, study.references[:1], label) + _stability_lines(records, variants)
@@ -568,8 +568,8 @@ def _dial_lines(records: list[dict], variants, reference: tuple[str, ...], label
         for p in _dial_points(records, v.name):
             deltas = [q["loss"] - ref[q["seed"]] for q in p["points"] if q["seed"] in ref]
             d = t_interval(deltas) if deltas else None
-            rows.append(f"| {v.label} | {p['budget']:g} | {_fmt(p['loss'], '.4f')} | {_fmt(p['active'], '.3f')} | "
-                        f"{_fmt(d, '.4f', True)} |")
+            rows.append(f"| {v.label} | {p['budget']:g} | {fmt_interval(p['loss'], '.4f')} | {fmt_interval(p['active'], '.3f')} | "
+                        f"{fmt_interval(d, '.4f', True)} |")
     if not rows:
         return []
     return ["", "## Budget dial (trained models evaluated at K' without retraining)", "",
@@ -662,7 +662,7 @@ def _task_lines(records: list[dict], variants) -> list[str]:
                 ci = mine[0].get("task_ci", {}).get(t, {}).get("acc")
                 cells.append(f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}] (items)" if ci else ""))
             else:
-                cells.append(_fmt(stat, ".3f"))
+                cells.append(fmt_interval(stat, ".3f"))
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from softmoe.common.atomic import atomic_write_text
-from softmoe.studies.study_report import paired, t_interval
+from softmoe.studies.study_report import fmt_interval, paired, t_interval
 
 __all__ = ["Verdict", "load_analysis", "analysis_path", "evaluate_rules", "verdicts_markdown", "write_verdicts",
            "KINDS"]
@@ -81,24 +81,11 @@ def load_analysis(path: Path) -> dict:
 
 
 def _runs(records: list[dict], variant: str, seeds=None) -> list[dict]:
-    return [r for r in records if r["variant"] == variant and (seeds is None or r["seed"] in seeds)]
+    return [r for r in _seeded(records, seeds) if r["variant"] == variant]
 
 
 def _seeded(records: list[dict], seeds) -> list[dict]:
     return [r for r in records if seeds is None or r["seed"] in seeds]
-
-
-def _num(x: float | None, spec: str = ".4f", signed: bool = False) -> str:
-    return "-" if x is None else format(x, ("+" if signed else "") + spec)
-
-
-def _interval_text(stat: dict, spec: str = ".4f", signed: bool = False) -> str:
-    if stat["mean"] is None:
-        return "-"
-    if stat["low"] is None:
-        return f"{_num(stat['mean'], spec, signed)} (n=1)"
-    return (f"{_num(stat['mean'], spec, signed)} [{_num(stat['low'], spec, signed)}, "
-            f"{_num(stat['high'], spec, signed)}] (n={stat['n']})")
 
 
 def _unresolved(stat: dict | None) -> str | None:
@@ -149,7 +136,7 @@ def _paired_loss(rule, c, records, margin):
     seeds = c.get("seeds")
     d = paired(_seeded(records, seeds), c["variant"], c["reference"])
     stat = d or t_interval([])
-    return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", _interval_text(stat, signed=True),
+    return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
                     loss_claim(d, margin), stat["n"], len(seeds or []))]
 
 
@@ -157,7 +144,7 @@ def _below(rule, c, records, margin):
     stat = t_interval([r.get(METRICS[c["metric"]]) for r in _runs(records, c["variant"], c.get("seeds"))])
     verdict = _unresolved(stat) or ("fewer" if stat["high"] < c["value"] else
                                     "not fewer" if stat["low"] >= c["value"] else "not resolved")
-    return [Verdict(rule, f"{c['variant']} {c['metric']} vs {c['value']}", _interval_text(stat, ".3f"), verdict,
+    return [Verdict(rule, f"{c['variant']} {c['metric']} vs {c['value']}", fmt_interval(stat, ".3f"), verdict,
                     stat["n"], len(c.get("seeds") or []))]
 
 
@@ -166,7 +153,7 @@ def _inside(rule, c, records, margin):
     stat = t_interval([r.get(METRICS[c["metric"]]) for r in _runs(records, c["variant"], c.get("seeds"))])
     verdict = _unresolved(stat) or ("as the paper" if lo <= stat["low"] and stat["high"] <= hi else
                                     "below" if stat["high"] < lo else "above" if stat["low"] > hi else "overlapping")
-    return [Verdict(rule, f"{c['variant']} {c['metric']} in [{lo}, {hi}]", _interval_text(stat, ".3f"), verdict,
+    return [Verdict(rule, f"{c['variant']} {c['metric']} in [{lo}, {hi}]", fmt_interval(stat, ".3f"), verdict,
                     stat["n"], len(c.get("seeds") or []))]
 
 
@@ -176,7 +163,7 @@ def _scale(rule, c, records, margin):
     stat = d or t_interval([])
     verdict = _unresolved(d) or ("output scale matters" if stat["low"] > 0 or stat["high"] < 0
                                  else "output scale does not matter (interval contains 0)")
-    return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", _interval_text(stat, signed=True),
+    return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
                     verdict, stat["n"], len(seeds or []))]
 
 
@@ -189,8 +176,8 @@ def _same_claim(rule, c, records, margin):
     verdict = unresolved[0] if unresolved else "about routing" if a == b else "about output scale"
     n = min((d or {"n": 0})["n"] for d in (mine, like))
     return [Verdict(rule, f"{c['variant']} vs {c['reference']} ({a}) against {c['like']} vs {c['reference']} ({b})",
-                    f"{_interval_text(mine or t_interval([]), signed=True)}; "
-                    f"{_interval_text(like or t_interval([]), signed=True)}", verdict, n, len(seeds or []))]
+                    f"{fmt_interval(mine, '.4f', True)}; "
+                    f"{fmt_interval(like, '.4f', True)}", verdict, n, len(seeds or []))]
 
 
 def _gap_noise(rule, c, records, margin):
@@ -210,8 +197,8 @@ def _gap_noise(rule, c, records, margin):
         direction = "" if gap["mean"] is None else (" (Infer > Train, the paper's direction)" if gap["mean"] > 0
                                                     else " (Infer < Train)")
         out.append(Verdict(rule, f"{variant}: gap Infer AE - Train AE (last), and gap + noise effect",
-                           f"gap {_interval_text(gap, '.3f', True)}{direction}; gap + noise "
-                           f"{_interval_text(both, '.3f', True)}", verdict, gap["n"], len(c.get("seeds") or [])))
+                           f"gap {fmt_interval(gap, '.3f', True)}{direction}; gap + noise "
+                           f"{fmt_interval(both, '.3f', True)}", verdict, gap["n"], len(c.get("seeds") or [])))
     return out
 
 
@@ -224,7 +211,7 @@ def _late_share(rule, c, records, margin):
         "uniform" if stat["low"] <= uniform <= stat["high"] else
         "early" if stat["high"] < uniform else "later, less than the paper")
     return [Verdict(rule, f"{c['variant']}: share of {field} in the last {last} layers (uniform {uniform})",
-                    _interval_text(stat, ".3f"), verdict, stat["n"], len(c.get("seeds") or []))]
+                    fmt_interval(stat, ".3f"), verdict, stat["n"], len(c.get("seeds") or []))]
 
 
 def _held(rule, c, records, margin):
@@ -257,7 +244,7 @@ def _frontier(rule, c, records, margin):
                                         "on the frontier" if stat["high"] < margin else "above the frontier")
         note = " (AE outside the top-k range: frontier extended)" if extrapolated else ""
         out.append(Verdict(rule, f"{variant} - top-k frontier at its Infer AE, val loss",
-                           _interval_text(stat, signed=True) + note, verdict, stat["n"], len(seeds or [])))
+                           fmt_interval(stat, ".4f", True) + note, verdict, stat["n"], len(seeds or [])))
     return out
 
 
@@ -300,7 +287,7 @@ def evaluate_rules(analysis: dict, records: list[dict], margin: float) -> list[V
 
 
 def _ours(records: list[dict], variant: str, read, spec: str) -> str:
-    return _interval_text(t_interval([read(r) for r in _runs(records, variant)]), spec)
+    return fmt_interval(t_interval([read(r) for r in _runs(records, variant)]), spec)
 
 
 def _hellaswag(record: dict) -> float | None:
