@@ -78,8 +78,9 @@ def count_decode_step(model, prompt_BS: torch.Tensor, measure: bool = False) -> 
     statistics) or measured (measure=True)."""
     cache = model.new_cache(prompt_BS.shape[0], prompt_BS.shape[1] + 1)
     model(prompt_BS, cache=cache, last_only=True)
+    layer_k = None if measure else model.layer_k()  # generate computes the budget's k_l once, before its steps
     with SyncCounter(stacks=True) as syncs, OpCounter() as ops:
-        model(prompt_BS[:, -1:], cache=cache, last_only=True, measure=measure)
+        model(prompt_BS[:, -1:], cache=cache, last_only=True, measure=measure, layer_k=layer_k)
     where = collections.Counter("cpu-only" if any(_cpu_only(s) for s in _softmoe_sites(stack)) else "cuda"
                                 for stack in syncs.stacks)
     return StepCount(ops, where)

@@ -132,6 +132,14 @@ class _CacheView:
         return self.cache.update(k_BHSd, v_BHSd, layer)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayerK:
+    """The budget's (L,) k_l, handed by `generate` to every step's forward. Not a torch.Tensor, so transformers'
+    generate passes it on as it is instead of repeating it along the batch (num_beams, num_return_sequences)."""
+
+    k_L: torch.Tensor
+
+
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM for transformers: forward(input_ids, attention_mask, cache, labels) over one GPT.
 
@@ -193,6 +201,16 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             verify_export(folder, select=is_model_file)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, with the budget's per-layer k_l computed once for all its steps (GPT.forward's
+        `layer_k`): they depend on the weights only, and recomputing them costs ~60 operators per step."""
+        if isinstance(kwargs.get("layer_k"), torch.Tensor):  # given: wrapped, so no beam repeats it
+            kwargs["layer_k"] = _LayerK(kwargs["layer_k"])
+        elif self.model.budget is not None and kwargs.get("layer_k") is None:
+            with torch.no_grad():
+                kwargs["layer_k"] = _LayerK(self.model.layer_k())
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """transformers' inputs for one generation step, routed without statistics (`measure=False`): decoding
         needs none, and they are about half of each router's operators."""
@@ -210,7 +228,8 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
-                past_key_values: Cache | None = None, measure: bool = True, **kwargs) -> SoftMoECausalLMOutput:
+                past_key_values: Cache | None = None, measure: bool = True,
+                layer_k: torch.Tensor | _LayerK | None = None, **kwargs) -> SoftMoECausalLMOutput:
         """Logits (and HF-style shifted loss) for input_ids (B, S).
 
         Args:
@@ -227,6 +246,8 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 config.router_aux_loss_coef * aux_loss to `loss` (Mixtral's convention); None = the config's.
             measure: False skips the routers' aux losses and statistics (GPT.forward's `measure`; inference
                 only). `generate` passes False (prepare_inputs_for_generation); a direct call measures.
+            layer_k: optional (L,) budget k_l precomputed for inference (GPT.forward's `layer_k`); `generate`
+                passes them, computed once.
             **kwargs: ignored (transformers passes e.g. return_dict), except `position_ids`, which must be
                 None: positions come from attention_mask. It is kept out of the signature on purpose, since
                 generate builds position_ids only for models whose forward names it.
@@ -257,7 +278,8 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         last_only = logits_to_keep == 1 and labels is None
         out = self.model(input_ids, targets=targets, cache=view, last_only=last_only, attention_mask=pad_mask,
-                         output_router_logits=output_router_logits, measure=measure)
+                         output_router_logits=output_router_logits, measure=measure,
+                         layer_k=layer_k.k_L if isinstance(layer_k, _LayerK) else layer_k)
         loss, aux_loss = out.loss, None
         if output_router_logits:
             aux_loss = out.aux_loss

@@ -152,7 +152,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 attention_mask: torch.Tensor | None = None, return_logits: bool = True,
-                output_router_logits: bool = False, measure: bool = True) -> DecoderOutput:
+                output_router_logits: bool = False, measure: bool = True,
+                layer_k: torch.Tensor | None = None) -> DecoderOutput:
         """Next-token logits (and loss) for token ids.
 
         Args:
@@ -175,6 +176,10 @@ class GPT(nn.Module):
             measure: False routes without the aux losses and routing statistics (aux_loss 0, `routing` of
                 empty mappings): about half the routers' operators, which bound decoding on a GPU
                 (benchmarks/decode_ops.py). Inference only: refused where gradients are on. `generate` uses it.
+            layer_k: optional (L,) float32 per-layer k_l, `self.layer_k()` computed once by a caller that runs
+                many inference forwards with the same weights (`generate`: the budget's ~60 operators once, not
+                every step). Inference only (refused where gradients are on: training differentiates the
+                budget); None computes it, as every training forward does.
         Returns:
             DecoderOutput.
         """
@@ -193,7 +198,7 @@ class GPT(nn.Module):
         if start + S > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin, padding = self._positions(idx_BS.shape[0], start, S, pad_mask_BL)
-        k_L = self._budget_k()
+        k_L = self.layer_k() if layer_k is None else self._given_layer_k(layer_k)
 
         x_BSD, routed = self._run_blocks(self.embed(idx_BS), cos, sin, k_L, cache, padding, measure)
         if cache is not None:
@@ -255,12 +260,26 @@ class GPT(nn.Module):
                 routed[i] = moe
         return x_BSD, routed
 
-    def _budget_k(self) -> torch.Tensor | None:
-        """(L,) float32 per-layer k_l from the budget; kept out of bf16 autocast (routing runs in fp32)."""
+    def layer_k(self) -> torch.Tensor | None:
+        """(L,) float32 per-layer k_l from the budget (None without one), out of bf16 autocast (routing runs in
+        fp32). Every forward computes it, unless given as `forward(layer_k=...)`."""
         if self.budget is None:
             return None
         with torch.autocast(device_type=self.embed.weight.device.type, enabled=False):
             return self.budget.k().float()
+
+    def _given_layer_k(self, layer_k: torch.Tensor) -> torch.Tensor:
+        """`forward`'s layer_k, checked: a (L,) tensor for a model with a budget, and no gradients on."""
+        if self.budget is None:
+            raise ValueError(f"layer_k is given but router={self.config.router!r} takes no budget; pass None")
+        if torch.is_grad_enabled():
+            raise ValueError("layer_k precomputes the budget for inference (under torch.no_grad or "
+                             "torch.inference_mode); a forward that will be backpropagated computes it")
+        shape = (self.budget.num_layers,)
+        if not isinstance(layer_k, torch.Tensor) or tuple(layer_k.shape) != shape:
+            got = tuple(layer_k.shape) if isinstance(layer_k, torch.Tensor) else type(layer_k).__name__
+            raise ValueError(f"layer_k must be a {shape} tensor (model.layer_k()), got {got}")
+        return layer_k.float()
 
     def _aux_loss(self, layer_losses: list[torch.Tensor]) -> torch.Tensor:
         total = self.embed.weight.new_zeros((), dtype=torch.float32)

@@ -67,8 +67,9 @@ def generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperatu
     cache = model.new_cache(idx_BS.shape[0], max_len=total)
     out, step_input = idx_BS, idx_BS  # prefill the whole prompt, then one token at a time
     done = torch.zeros(idx_BS.shape[0], dtype=torch.bool, device=idx_BS.device)
+    layer_k = model.layer_k()  # the budget's k_l depend on the weights only: once, not every step
     for _ in range(max_new_tokens):
-        logits_BV = model(step_input, cache=cache, last_only=True, measure=False).logits[:, -1]
+        logits_BV = model(step_input, cache=cache, last_only=True, measure=False, layer_k=layer_k).logits[:, -1]
         step_input = sample_next(logits_BV, temperature, top_p, generator)
         out = torch.cat([out, step_input], dim=1)
         if eos_id is not None:

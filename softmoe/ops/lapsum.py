@@ -335,6 +335,20 @@ class _LapSumTopK(torch.autograd.Function):
         return grad_scores, grad_k, None, grad_alpha, None, None, None
 
 
+def _fast_solve(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R, n) x, f = F'(x) and p by `lapsum_fast`, a block of rows at a time (one block: no row slicing)."""
+    x, f, p = torch.empty_like(scores_Rn), torch.empty_like(scores_Rn), torch.empty_like(scores_Rn)
+    blocks = _row_blocks(*scores_Rn.shape)
+    if len(blocks) == 1:
+        lapsum_fast.solve(scores_Rn, k_R.unsqueeze(-1), w_R.unsqueeze(-1), alpha, x, f, p, _solve_x_general)
+        return x, f, p
+    for rows in blocks:
+        lapsum_fast.solve(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, x[rows], f[rows], p[rows],
+                          _solve_x_general)
+    return x, f, p
+
+
 class _LapSumFastTopK(torch.autograd.Function):
     """p = F((r - b) / alpha) for float32 rows (R, n) by `lapsum_fast` (CPU, value checks on); p only, not log p.
 
@@ -343,10 +357,7 @@ class _LapSumFastTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores_Rn, k_R, w_R, alpha):
-        x, f, p = torch.empty_like(scores_Rn), torch.empty_like(scores_Rn), torch.empty_like(scores_Rn)
-        for rows in _row_blocks(*scores_Rn.shape):
-            lapsum_fast.solve(scores_Rn[rows], k_R[rows, None], w_R[rows, None], alpha, x[rows], f[rows], p[rows],
-                              _solve_x_general)
+        x, f, p = _fast_solve(scores_Rn, k_R, w_R, alpha)
         ctx.save_for_backward(x, f, alpha)
         return p
 
@@ -401,7 +412,7 @@ def _check_scores(scores: torch.Tensor, dim, checks: bool) -> int:
         )
     # A finite sum proves every entry finite in one cheap reduction; only then is the exact check needed
     # (the sum can also overflow on finite inputs).
-    if checks and scores.numel() and not bool(torch.isfinite(scores.sum())) and not bool(
+    if checks and scores.numel() and not math.isfinite(scores.sum().item()) and not bool(
         torch.isfinite(scores).all()
     ):
         bad = scores[~torch.isfinite(scores)].flatten()[0].item()
@@ -455,13 +466,17 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
         wide = torch.promote_types(k_own.dtype, dtype)
         try:
             k_b = k.to(device=device, dtype=dtype).expand(batch_shape)
-            w_b = (n - k_own.to(device=device, dtype=wide)).to(dtype).expand(batch_shape)
+            w_b = torch.rsub(k_own.to(device=device, dtype=wide), n).to(dtype).expand(batch_shape)  # n - k
         except RuntimeError:
             raise ValueError(
                 f"k of shape {tuple(k.shape)} does not broadcast to the scores' shape without dim, "
                 f"{tuple(batch_shape)}"
             ) from None
-        if checks:
+        if checks and k_own.numel() == 1:
+            # One k for every row (a router's k_l): one host read and the checks on the number, instead of
+            # ~20 tensor operators over the rows (each an operator call, which is what a decode step pays for).
+            _check_k_value(k_own.item(), n, dtype, k_min)
+        elif checks:
             bad = ~(torch.isfinite(k_own) & (k_own > 0) & (k_own < n))
             if bool(bad.any()):
                 raise ValueError(f"k={k_own[bad].flatten()[0].item()} must satisfy 0 < k < n={n}")
@@ -479,14 +494,24 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise TypeError(f"k must be a float or a tensor, got {type(k).__name__}")
     value = float(k)
+    _check_k_value(value, n, dtype, k_min)
+    return (torch.full(batch_shape, value, device=device, dtype=dtype),
+            torch.full(batch_shape, n - value, device=device, dtype=dtype))
+
+
+def _check_k_value(value: float, n: int, dtype: torch.dtype, k_min: float) -> None:
+    """The checks of one k read as a Python number: 0 < k < n, k >= k_min, n - k a normal `dtype` number.
+
+    A float32 or float64 k compares here as it does in its own dtype: k_min = 2^9 n eps is a `dtype` number,
+    and n - k is exact near n (Sterbenz), the only place where it can fall below the smallest normal.
+    """
+    tiny = torch.finfo(dtype).tiny
     if not (math.isfinite(value) and 0 < value < n):
         raise ValueError(f"k={value} must satisfy 0 < k < n={n}")
     if value < k_min:
         raise ValueError(_below_smallest_k(value, n, dtype, k_min))
     if n - value < tiny:
         raise ValueError(f"k={value} is within {tiny:.3g} of 0 or n={n}, beyond {dtype} precision")
-    return (torch.full(batch_shape, value, device=device, dtype=dtype),
-            torch.full(batch_shape, n - value, device=device, dtype=dtype))
 
 
 def _below_smallest_k(value: float, n: int, dtype: torch.dtype, k_min: float) -> str:
@@ -520,7 +545,7 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     checks = isinstance(scores, torch.Tensor) and value_checks_enabled(scores)
     n = _check_scores(scores, dim, checks)
     dtype = _compute_dtype(scores.dtype)
-    rows_last = scores.movedim(dim, -1)
+    rows_last = scores if dim in (-1, scores.dim() - 1) else scores.movedim(dim, -1)
     batch_shape = rows_last.shape[:-1]
     k_b, w_b = _check_k(k, batch_shape, n, dtype, scores.device, checks)
     alpha_t = _check_alpha(alpha, dtype, scores.device, checks)
@@ -529,11 +554,14 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     backend = _backend(scores_Rn, log, checks)
     if backend == "triton":
         out_Rn = lapsum_triton(scores_Rn, k_R, w_R, alpha_t, log, checks)
+    elif backend == "fast" and not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
+        out_Rn = _fast_solve(scores_Rn, k_R, w_R, alpha_t)[2]
     elif backend == "fast":
         out_Rn = _LapSumFastTopK.apply(scores_Rn, k_R, w_R, alpha_t)
     else:
         out_Rn = _LapSumTopK.apply(scores_Rn, k_R, w_R, alpha_t, log, not checks, backend == "compiled")
-    return out_Rn.reshape(rows_last.shape).movedim(-1, dim).to(scores.dtype)
+    out = out_Rn.reshape(rows_last.shape)
+    return (out if rows_last is scores else out.movedim(-1, dim)).to(scores.dtype)
 
 
 def soft_topk(scores: torch.Tensor, k, alpha=1.0, dim: int = -1) -> torch.Tensor:

@@ -136,20 +136,22 @@ def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: tor
     s = torch.sub(r_Rn, r_Rn.amax(dim=-1, keepdim=True), out=x_Rn)
     if float(alpha) != 1.0:  # a host read, free on CPU: saves a pass at the paper's alpha
         s.div_(alpha)
-    if not bool(torch.isfinite(s.sum())):  # one reduction proves every entry finite
+    if not math.isfinite(s.sum().item()):  # one reduction (and a host read) proves every entry finite
         _check_centred(bool(torch.isfinite(s).all()), s, alpha)
     # All p < 1/2 (every score below the threshold): t = log sum e^s - log 2k exactly, p = e^s / (2 e^t);
     # otherwise t is above the root, on its safe side, and the row takes exact steps from there.
     e_s = torch.exp(s, out=f_Rn)
     sum_e = e_s.sum(dim=-1, keepdim=True)
     t = sum_e.log().sub_(k_R1.log() + _LOG2)
-    general = (k_R1 > w_R1).squeeze(-1)
-    stepped = ((t < 0).squeeze(-1) & ~general).nonzero().squeeze(-1)
-    if not stepped.numel() and not bool(general.any()):
+    # Every row done (t >= 0, and k <= w: no row for the general solver)? Two reductions and two host reads:
+    # the common case costs few operators (each one a call, which is what a decode step of one row pays for).
+    if not t.numel() or (t.amin().item() >= 0 and (k_R1 - w_R1).amax().item() <= 0):
         x = s.sub_(t)
         e_s.mul_(k_R1 / sum_e)  # = e^x / 2 = p = f
         p_Rn.copy_(e_s)
         return
+    general = (k_R1 > w_R1).squeeze(-1)
+    stepped = ((t < 0).squeeze(-1) & ~general).nonzero().squeeze(-1)
     if 2 * stepped.numel() > s.shape[0]:
         # Most rows step: all do (no row copies). A row already at its root settles in one step (u ~ 0).
         x, ok = _steps(r_Rn, s, t, w_R1, _band(k_R1), alpha, _MAX_STEPS)

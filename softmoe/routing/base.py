@@ -23,6 +23,7 @@ Code outside this package never tests a router's name: it asks the class (`route
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Callable
@@ -180,18 +181,24 @@ class NonFiniteLogits(ValueError):
     """Router scores hold NaN/inf (in training: diverged weights; the trainer skips such a step)."""
 
 
-def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Tensor) -> torch.Tensor:
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Tensor | None) -> torch.Tensor:
     """(T, E) float32 router scores W x, computed in fp32 even under autocast (gate stability).
 
     Padding rows (real_T False) are zeroed before the gate, so their logits are 0 and whatever they held
-    (even NaN) reaches neither the routing weights, the aux losses nor the gate's weight gradient.
+    (even NaN) reaches neither the routing weights, the aux losses nor the gate's weight gradient. real_T None:
+    no padding (every token real).
     """
-    x_TD = torch.where(real_T.unsqueeze(-1), x_TD.float(), 0.0)
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+    x_TD = x_TD.float() if real_T is None else torch.where(real_T.unsqueeze(-1), x_TD.float(), 0.0)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD, weight_ED.float())
+    else:  # no autocast to turn off (entering the context costs as much as a few operators)
         logits_TE = F.linear(x_TD, weight_ED.float())
     # One host sync (SOFTMOE_CHECKS, on by default on CPU): never route on NaN/inf scores. Off on GPUs, where
     # the training loop's non-finite guard catches them.
-    if value_checks_enabled(logits_TE) and not bool(torch.isfinite(logits_TE).all()):
+    # A finite sum proves every score finite in one reduction; only then is the exact check needed.
+    if value_checks_enabled(logits_TE) and not math.isfinite(logits_TE.sum().item()) and not bool(
+            torch.isfinite(logits_TE).all()):
         raise NonFiniteLogits("router logits are not finite: the input holds NaN/inf in a real (non-padding) token "
                          f"(x of shape {tuple(x_TD.shape)})")
     return logits_TE
@@ -425,7 +432,7 @@ class GateRouter(torch.nn.Module):
             measure: False stops after the rule: aux_loss 0, stats empty (see `forward`).
         """
         real_T = real_tokens(mask_T, x_TD.shape[0], x_TD.device)
-        logits_TE = router_logits(x_TD, self.gate.weight, real_T)
+        logits_TE = router_logits(x_TD, self.gate.weight, None if mask_T is None else real_T)
         ruled = self.rule(self.noised(logits_TE, real_T), real_T, k)
         if not measure:
             return RouterOutput(routing=ruled.routing, logits_TE=logits_TE, aux_loss=logits_TE.new_zeros(()),

@@ -59,6 +59,48 @@ def test_transformers_generation_steps_are_unmeasured():
     assert torch.equal(out, _greedy_measured(hf.model, ids, 6))
 
 
+def test_a_precomputed_layer_k_routes_as_the_budget_does():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.budget.theta.copy_(torch.tensor([0.7, -0.7]))  # unequal k_l, so a wrong layer would show
+        ids = torch.randint(0, 50, (2, 7))
+        given = model(ids, layer_k=model.layer_k(), measure=False).logits
+        assert torch.equal(given, model(ids).logits)
+        swapped = model(ids, layer_k=model.layer_k().flip(0), measure=False).logits
+        assert not torch.equal(swapped, given)  # the argument is what routes
+
+
+def test_a_precomputed_layer_k_is_refused_where_it_cannot_serve():
+    ids = torch.randint(0, 50, (1, 4))
+    model = GPT(TINY)
+    with pytest.raises(ValueError, match="layer_k precomputes the budget for inference"):
+        model(ids, layer_k=model.layer_k().detach())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"layer_k must be a \(2,\) tensor"):
+            model(ids, layer_k=torch.ones(3))
+        with pytest.raises(ValueError, match="takes no budget"):
+            GPT(dataclasses.replace(TINY, router="topk"))(ids, layer_k=torch.ones(2))
+
+
+def test_transformers_beam_search_and_several_sequences_with_a_budget():
+    # generate hands the precomputed k_l to every step without repeating them along the batch.
+    from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
+
+    torch.manual_seed(0)
+    hf = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(TINY)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    beams = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=3,
+                        num_return_sequences=2, do_sample=False, pad_token_id=0)
+    assert beams.shape[0] == 4 and torch.equal(beams[:, :5], ids.repeat_interleave(2, dim=0))
+    given = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=3,
+                        num_return_sequences=2, do_sample=False, pad_token_id=0, layer_k=hf.model.layer_k().detach())
+    assert torch.equal(given, beams)
+    greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, generate(hf.model, ids, 4, temperature=0.0))
+
+
 def test_replacing_the_router_keeps_the_options_set():
     noisy = dataclasses.replace(TINY, router_options={"gate_noise": 0.1})
     topk = dataclasses.replace(noisy, router="topk", k=2.0)

@@ -238,6 +238,33 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
         soft_topk(_scores(4, 8, 1.0), **kwargs)
 
 
+@pytest.mark.parametrize("k", [0.0, -1.0, 8.0, 9.5, float("nan"), float("inf"), 1e-14])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64])
+def test_one_k_as_a_tensor_is_refused_as_the_number_is(k, dtype, scores_dtype):
+    # A single-element k is checked as a Python number (one host read): the same refusals, the same message.
+    if dtype == torch.int64 and not math.isfinite(k):
+        return
+    tensor_k = torch.tensor(k).to(dtype)
+    scores = _scores(4, 8, 1.0, dtype=scores_dtype)
+    with pytest.raises(ValueError) as as_number:
+        soft_topk(scores, float(tensor_k))
+    for shaped in (tensor_k, tensor_k.reshape(1)):
+        with pytest.raises(ValueError) as as_tensor:
+            soft_topk(scores, shaped)
+        assert str(as_tensor.value) == str(as_number.value)
+
+
+def test_inference_gives_the_training_forward_bitwise():
+    # Without gradients the float32 CPU path solves without an autograd node: the same p, bit for bit.
+    scores = torch.randn(300, 32) * torch.logspace(-2, 2, 300).unsqueeze(-1)
+    k = torch.full((300,), 1.5)
+    trained = soft_topk(scores.clone().requires_grad_(), k, 1.0).detach()
+    with torch.no_grad():
+        assert torch.equal(soft_topk(scores, k, 1.0), trained)
+        assert torch.equal(soft_topk(scores.T, k, 1.0, dim=0), trained.T)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_scores_rejected(bad):
     scores = _scores(4, 8, 1.0)
