@@ -67,6 +67,8 @@ def token_slots(routing: Routing) -> torch.Tensor:
     token_N = routing.token_N[:num_real]
     if num_real == 0:
         return token_N.new_empty(num_tokens, 0)
+    if num_tokens == 1:  # one token (a batch-1 decode step) owns every real pair, in order: no sort or count
+        return torch.arange(num_real, device=token_N.device).view(1, num_real)
     order_N = torch.argsort(token_N, stable=True)
     counts_T = torch.bincount(token_N, minlength=num_tokens)
     width = int(counts_T.max())  # one host sync: the table's width

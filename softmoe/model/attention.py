@@ -29,7 +29,9 @@ def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Te
 def apply_rope(x_BHSd: torch.Tensor, cos_Sf: torch.Tensor, sin_Sf: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head vector by position-dependent angles (GPT-NeoX layout).
 
-    cos_Sf, sin_Sf are (S, f) when every row shares positions, or (B, 1, S, f) for per-row positions.
+    x_BHSd is (B, H, S, Dh), or any (..., B, H, S, Dh) stack of such (the attention rotates q and k as one
+    (2, B, H, S, Dh) tensor). cos_Sf, sin_Sf are (S, f) when every row shares positions, or (B, 1, S, f) for
+    per-row positions.
     """
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos_Sf - x2 * sin_Sf, x1 * sin_Sf + x2 * cos_Sf], dim=-1)
@@ -110,8 +112,9 @@ class CausalSelfAttention(nn.Module):
             (B, S, D) attention output.
         """
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos_Sf, sin_Sf), apply_rope(k, cos_Sf, sin_Sf)
+        qkv = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos_Sf, sin_Sf).unbind(0)  # q and k in one call: half the operators
+        v = qkv[2]
         start = 0
         if cache is not None:
             start = cache.length

@@ -34,6 +34,15 @@ def test_token_slots_lists_each_tokens_pairs_in_order():
     assert (slots[0] == n).all()
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_token_slots_of_one_token_list_its_pairs(static):
+    # One token (a batch-1 decode step) takes a shortcut: its pairs 0..n-1 in order, padding pairs left out.
+    keep = torch.tensor([[True, False, True, True, False]])
+    routing = routing_from_mask(torch.rand(1, 5), keep, max_pairs=5 if static else None)
+    assert token_slots(routing).tolist() == [[0, 1, 2]]
+    assert token_slots(routing_from_mask(torch.rand(1, 5), torch.zeros(1, 5, dtype=torch.bool))).shape == (1, 0)
+
+
 def test_token_slots_of_a_static_routing_leave_its_padding_out():
     """The padding pairs of a static-size routing (all on token 0) are not in the table: same width and same
     entries as the exact routing's, the empty-slot marker being the static routing's N."""
