@@ -26,7 +26,8 @@ reach. With t = a + b AE, (a + 2b) / (a + 1.4b) >= 1.25 needs b >= a: one expert
 the step (attention, head, per-operator overhead); `--d-expert` widens the experts.
 
 Run:
-    .venv/bin/python benchmarks/bench_infer.py --json            # the documented run (~15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_infer.py --json            # the documented run (5 repeats, ~15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_infer.py --json --d-expert 4096 --name bench_infer_wide   # experts that dominate
     .venv/bin/python benchmarks/bench_infer.py --quick           # tiny sizes, seconds (the suite's smoke test)
 """
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="bench_infer")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.repeats = args.repeats or (1 if quick else 3)
+    args.repeats = args.repeats or (1 if quick else 5)
     fixed = args.new_tokens
     args.new_tokens = {b: fixed or (2 if quick else 32 if b == 1 else 8) for b in args.decode_batches}
     args.prefill = args.prefill or ([2, 8] if quick else [4, 128])
