@@ -135,9 +135,19 @@ class _CacheView:
 @dataclasses.dataclass(frozen=True)
 class _LayerK:
     """The budget's (L,) k_l, handed by `generate` to every step's forward. Not a torch.Tensor, so transformers'
-    generate passes it on as it is instead of repeating it along the batch (num_beams, num_return_sequences)."""
+    generate passes it on as it is instead of repeating it along the batch (num_beams, num_return_sequences).
+    `owner` is id() of the GPT they belong to: any other model that receives them (an assistant model, which
+    transformers gives a copy of the main model's kwargs) computes its own."""
 
     k_L: torch.Tensor
+    owner: int
+
+
+def _own_layer_k(layer_k: torch.Tensor | _LayerK | None, model: GPT) -> torch.Tensor | None:
+    """forward's `layer_k` as GPT.forward takes it: a `_LayerK` of another model is dropped (None: computed)."""
+    if isinstance(layer_k, _LayerK):
+        return layer_k.k_L if layer_k.owner == id(model) else None
+    return layer_k
 
 
 class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
@@ -204,11 +214,13 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' `generate`, with the budget's per-layer k_l computed once for all its steps (GPT.forward's
         `layer_k`): they depend on the weights only, and recomputing them costs ~60 operators per step."""
-        if isinstance(kwargs.get("layer_k"), torch.Tensor):  # given: wrapped, so no beam repeats it
-            kwargs["layer_k"] = _LayerK(kwargs["layer_k"])
-        elif self.model.budget is not None and kwargs.get("layer_k") is None:
+        given = kwargs.get("layer_k")
+        if isinstance(given, torch.Tensor):  # given: wrapped, so no beam repeats it
+            kwargs["layer_k"] = _LayerK(given, id(self.model))
+        elif given is None and self.model.budget is not None and kwargs.get("assistant_model") is None:
+            # (not with an assistant model: transformers would hand it this kwarg, which it may not take)
             with torch.no_grad():
-                kwargs["layer_k"] = _LayerK(self.model.layer_k())
+                kwargs["layer_k"] = _LayerK(self.model.layer_k(), id(self.model))
         return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
@@ -279,7 +291,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
         last_only = logits_to_keep == 1 and labels is None
         out = self.model(input_ids, targets=targets, cache=view, last_only=last_only, attention_mask=pad_mask,
                          output_router_logits=output_router_logits, measure=measure,
-                         layer_k=layer_k.k_L if isinstance(layer_k, _LayerK) else layer_k)
+                         layer_k=_own_layer_k(layer_k, self.model))
         loss, aux_loss = out.loss, None
         if output_router_logits:
             aux_loss = out.aux_loss

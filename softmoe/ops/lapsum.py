@@ -472,9 +472,11 @@ def _check_k(k, batch_shape: torch.Size, n: int, dtype: torch.dtype, device: tor
                 f"k of shape {tuple(k.shape)} does not broadcast to the scores' shape without dim, "
                 f"{tuple(batch_shape)}"
             ) from None
-        if checks and k_own.numel() == 1:
+        if checks and k_own.numel() == 1 and k_own.dtype in (torch.float32, torch.float64):
             # One k for every row (a router's k_l): one host read and the checks on the number, instead of
             # ~20 tensor operators over the rows (each an operator call, which is what a decode step pays for).
+            # float32 / float64 only: there a Python float compares as k's own dtype does (half types may round
+            # n or k_min). Unlike the tensor checks below, this one runs with no rows too, as for a float k.
             _check_k_value(k_own.item(), n, dtype, k_min)
         elif checks:
             bad = ~(torch.isfinite(k_own) & (k_own > 0) & (k_own < n))

@@ -101,6 +101,26 @@ def test_transformers_beam_search_and_several_sequences_with_a_budget():
     assert torch.equal(greedy, generate(hf.model, ids, 4, temperature=0.0))
 
 
+@pytest.mark.parametrize("assistant", ["softmoe-1-layer", "softmoe-2-layers", "topk"])
+def test_transformers_assisted_decoding_with_a_budget(assistant):
+    # An assistant model gets its own k_l (or none): transformers hands it a copy of the main model's kwargs.
+    from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
+
+    torch.manual_seed(0)
+    main = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(TINY)).eval()
+    with torch.no_grad():
+        main.model.budget.theta.copy_(torch.tensor([0.7, -0.7]))
+    small = {"softmoe-1-layer": dataclasses.replace(TINY, n_layers=1), "softmoe-2-layers": TINY,
+             "topk": dataclasses.replace(TINY, router="topk")}[assistant]
+    helper = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(small)).eval()
+    ids = torch.randint(0, 50, (1, 5))
+    greedy = generate(main.model, ids, 6, temperature=0.0)
+    for given in ({}, {"layer_k": main.model.layer_k().detach()}):  # computed by generate, or given
+        out = main.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                            do_sample=False, pad_token_id=0, assistant_model=helper, **given)
+        assert torch.equal(out, greedy)  # greedy: assisting changes nothing
+
+
 def test_replacing_the_router_keeps_the_options_set():
     noisy = dataclasses.replace(TINY, router_options={"gate_noise": 0.1})
     topk = dataclasses.replace(noisy, router="topk", k=2.0)

@@ -239,10 +239,11 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 
 
 @pytest.mark.parametrize("k", [0.0, -1.0, 8.0, 9.5, float("nan"), float("inf"), 1e-14])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64])
 def test_one_k_as_a_tensor_is_refused_as_the_number_is(k, dtype, scores_dtype):
-    # A single-element k is checked as a Python number (one host read): the same refusals, the same message.
+    # A single-element float32/float64/int k is checked as a Python number (one host read), a half one in its own
+    # dtype, as every k tensor is: the same refusals, the same message.
     if dtype == torch.int64 and not math.isfinite(k):
         return
     tensor_k = torch.tensor(k).to(dtype)
@@ -253,6 +254,20 @@ def test_one_k_as_a_tensor_is_refused_as_the_number_is(k, dtype, scores_dtype):
         with pytest.raises(ValueError) as as_tensor:
             soft_topk(scores, shaped)
         assert str(as_tensor.value) == str(as_number.value)
+
+
+def test_half_k_is_compared_in_its_own_dtype():
+    # n = 2049 is 2048 in float16: a float16 k = 2048 is not below it there, so it is refused (as a (R,) k is).
+    scores = torch.randn(3, 2049)
+    for k in (torch.tensor(2048.0, dtype=torch.float16), torch.full((3,), 2048.0, dtype=torch.float16)):
+        with pytest.raises(ValueError, match=r"k=2048\.0 must satisfy 0 < k < n=2049"):
+            soft_topk(scores, k)
+
+
+def test_one_k_is_checked_with_no_rows_as_a_float_k_is():
+    for k in (0.24975, torch.tensor(0.24975, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="is below"):
+            soft_topk(torch.randn(0, 4096), k)
 
 
 def test_inference_gives_the_training_forward_bitwise():
