@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from softmoe.convert import from_hf
-from tests.unit.convert.test_from_hf import FAMILIES, K, ids, margins, tiny
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's tests/
+from softmoe.convert import from_hf  # noqa: E402
+from tests.unit.convert.test_from_hf import FAMILIES, K, ids, margins, tiny  # noqa: E402
 
 ALPHAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-from softmoe.ops import soft_topk
-from tests.reference.lapsum_reference import soft_topk_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's tests/
+from softmoe.ops import soft_topk  # noqa: E402
+from tests.reference.lapsum_reference import soft_topk_reference  # noqa: E402
 
 
 def fuzz_cases(cases: int, dtype: torch.dtype, seed: int = 0):
