@@ -13,11 +13,12 @@ Under torch.compile tracing value checks are off: a traced graph cannot raise on
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-__all__ = ["CHECK_MODES", "value_checks_enabled"]
+__all__ = ["CHECK_MODES", "all_finite", "value_checks_enabled"]
 
 CHECK_MODES = ("auto", "on", "off")
 
@@ -32,3 +33,10 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
     if mode == "auto":
         return tensor.device.type == "cpu"
     return mode == "on"
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of `tensor` is finite (a value check: one host read). A finite sum proves every entry
+    finite in one reduction; only a non-finite sum (a NaN/inf entry, or finite entries whose sum overflows) takes
+    the exact, entrywise check."""
+    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())

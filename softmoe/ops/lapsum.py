@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from softmoe.ops import lapsum_fast
-from softmoe.ops.checks import value_checks_enabled
+from softmoe.ops.checks import all_finite, value_checks_enabled
 from softmoe.ops.lapsum_steps import (  # noqa: F401 (the shared steps, imported here by name)
     _check_centred, _exact_where_unsafe, _interval_step, _log_side_sums, _plain_side_sums)
 from softmoe.ops.lapsum_triton import lapsum_mode, lapsum_triton, use_triton
@@ -410,11 +410,7 @@ def _check_scores(scores: torch.Tensor, dim, checks: bool) -> int:
             f"scores.shape[dim={dim}]={n}: soft top-k needs at least 2 entries along dim "
             f"(k must satisfy 0 < k < n), scores has shape {tuple(scores.shape)}"
         )
-    # A finite sum proves every entry finite in one cheap reduction; only then is the exact check needed
-    # (the sum can also overflow on finite inputs).
-    if checks and scores.numel() and not math.isfinite(scores.sum().item()) and not bool(
-        torch.isfinite(scores).all()
-    ):
+    if checks and not all_finite(scores):
         bad = scores[~torch.isfinite(scores)].flatten()[0].item()
         raise ValueError(f"scores must be finite, found {bad} in scores of shape {tuple(scores.shape)}")
     return n

@@ -23,7 +23,7 @@ Code outside this package never tests a router's name: it asks the class (`route
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Callable
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from softmoe.common.checks import check_float, check_int, check_known
-from softmoe.ops.checks import value_checks_enabled
+from softmoe.ops.checks import all_finite, value_checks_enabled
 from softmoe.routing import diagnostics, losses
 from softmoe.routing.record import Routing, routing_from_mask
 
@@ -189,16 +189,14 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Ten
     no padding (every token real).
     """
     x_TD = x_TD.float() if real_T is None else torch.where(real_T.unsqueeze(-1), x_TD.float(), 0.0)
-    if torch.is_autocast_enabled(x_TD.device.type):
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD, weight_ED.float())
-    else:  # no autocast to turn off (entering the context costs as much as a few operators)
+    # Autocast is turned off only where it is on: entering its context costs as much as a few operators.
+    no_autocast = (torch.autocast(device_type=x_TD.device.type, enabled=False)
+                   if torch.is_autocast_enabled(x_TD.device.type) else contextlib.nullcontext())
+    with no_autocast:
         logits_TE = F.linear(x_TD, weight_ED.float())
     # One host sync (SOFTMOE_CHECKS, on by default on CPU): never route on NaN/inf scores. Off on GPUs, where
     # the training loop's non-finite guard catches them.
-    # A finite sum proves every score finite in one reduction; only then is the exact check needed.
-    if value_checks_enabled(logits_TE) and not math.isfinite(logits_TE.sum().item()) and not bool(
-            torch.isfinite(logits_TE).all()):
+    if value_checks_enabled(logits_TE) and not all_finite(logits_TE):
         raise NonFiniteLogits("router logits are not finite: the input holds NaN/inf in a real (non-padding) token "
                          f"(x of shape {tuple(x_TD.shape)})")
     return logits_TE
