@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from softmoe.ops import lapsum_fast
+from softmoe.ops import lapsum_fast, lapsum_native
 from softmoe.ops.checks import all_finite, value_checks_enabled
 from softmoe.ops.lapsum_steps import (  # noqa: F401 (the shared steps, imported here by name)
     _check_centred, _exact_where_unsafe, _interval_step, _log_side_sums, _plain_side_sums)
@@ -335,9 +335,13 @@ class _LapSumTopK(torch.autograd.Function):
         return grad_scores, grad_k, None, grad_alpha, None, None, None
 
 
-def _fast_solve(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(R, n) x, f = F'(x) and p by `lapsum_fast`, a block of rows at a time (one block: no row slicing)."""
+def _fast_solve(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor,
+                x_rows: str = "all") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(R, n) x, f = F'(x) and p by the C loop of `lapsum_native` (x where `x_rows` asks, see its `solve`), or where
+    it cannot be built by `lapsum_fast`, a block of rows at a time (one block: no row slicing; x always)."""
+    native = lapsum_native.library()
+    if native is not None:  # the fused C loop: no row blocks needed (it keeps no (R, n) temporaries)
+        return lapsum_native.solve(native, scores_Rn, k_R, w_R, alpha, _solve_x_general, x_rows)
     x, f, p = torch.empty_like(scores_Rn), torch.empty_like(scores_Rn), torch.empty_like(scores_Rn)
     blocks = _row_blocks(*scores_Rn.shape)
     if len(blocks) == 1:
@@ -357,7 +361,8 @@ class _LapSumFastTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores_Rn, k_R, w_R, alpha):
-        x, f, p = _fast_solve(scores_Rn, k_R, w_R, alpha)
+        # The backward reads x only for a learned alpha's gradient and for rows whose sum f is subnormal.
+        x, f, p = _fast_solve(scores_Rn, k_R, w_R, alpha, "all" if ctx.needs_input_grad[3] else "backward")
         ctx.save_for_backward(x, f, alpha)
         return p
 
@@ -369,8 +374,13 @@ class _LapSumFastTopK(torch.autograd.Function):
         grad_k = x.new_empty(x.shape[0]) if need_k else None
         grad_alpha = x.new_zeros(()) if need_alpha else None
         grad_out = grad_out.contiguous()
-        for rows in _row_blocks(*x.shape):
-            g_k, unsafe = lapsum_fast.backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
+        native = lapsum_native.library()
+        # The C loop keeps no (R, n) temporaries: one block. The torch path goes a block of rows at a time.
+        for rows in ([slice(None)] if native is not None else _row_blocks(*x.shape)):
+            if native is not None:
+                g_k, unsafe = lapsum_native.backward(native, f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
+            else:
+                g_k, unsafe = lapsum_fast.backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
             if bool(unsafe.any()):  # every |x| of a row beyond ~80: q from the softmax form
                 redo = unsafe.nonzero().squeeze(-1)
                 exact, exact_k, _ = _lapsum_backward(x[rows][redo], grad_out[rows][redo], alpha, False, need_k, False)
@@ -553,7 +563,7 @@ def _soft_topk(scores: torch.Tensor, k, alpha, dim: int, log: bool) -> torch.Ten
     if backend == "triton":
         out_Rn = lapsum_triton(scores_Rn, k_R, w_R, alpha_t, log, checks)
     elif backend == "fast" and not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
-        out_Rn = _fast_solve(scores_Rn, k_R, w_R, alpha_t)[2]
+        out_Rn = _fast_solve(scores_Rn, k_R, w_R, alpha_t, "none")[2]
     elif backend == "fast":
         out_Rn = _LapSumFastTopK.apply(scores_Rn, k_R, w_R, alpha_t)
     else:

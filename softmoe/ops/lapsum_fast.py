@@ -167,9 +167,14 @@ def solve(r_Rn: torch.Tensor, k_R1: torch.Tensor, w_R1: torch.Tensor, alpha: tor
     if bool(general.any()):
         rows = general.nonzero().squeeze(-1)
         x[rows] = general_solver(r_Rn[rows], k_R1[rows], w_R1[rows], alpha)
-    e = torch.abs(x, out=f_Rn).neg_().exp_()
+    outputs_from_x(x, f_Rn, p_Rn)
+
+
+def outputs_from_x(x_Rn: torch.Tensor, f_Rn: torch.Tensor, p_Rn: torch.Tensor) -> None:
+    """f = F'(x) = e^{-|x|} / 2 and p = F(x) from x (R, n), written into f and p (float masks: no bool kernels)."""
+    e = torch.abs(x_Rn, out=f_Rn).neg_().exp_()
     # p = F(x) = e / 2 below 0, 1 - e / 2 at or above, as above (1 - e) + e / 2 with above a float 0/1.
-    above = torch.sign(x, out=p_Rn).clamp_(min=0.0)  # x = 0 takes e / 2 = 1/2 = F(0)
+    above = torch.sign(x_Rn, out=p_Rn).clamp_(min=0.0)  # x = 0 takes e / 2 = 1/2 = F(0)
     above.addcmul_(above, e, value=-1.0).add_(e.mul_(0.5))
 
 

@@ -1,4 +1,6 @@
-"""The float32 CPU path of the soft top-k (softmoe/ops/lapsum_fast.py) against the float64 bisection reference.
+"""The float32 CPU path of the soft top-k against the float64 bisection reference, both ways it runs: the C loop
+(softmoe/ops/lapsum_native.py, the default where a C compiler works) and the torch passes of
+softmoe/ops/lapsum_fast.py (where none does). Every test here runs on both (the `cpu_path` fixture).
 
 Extreme rows: sharp (alpha down to 1e-3), large offsets, ties, constant rows, outliers, k near 0 and near n,
 k > n / 2 (the general solver's rows), rows whose threshold lands far from the row max (re-anchored
@@ -14,10 +16,21 @@ import pytest
 import torch
 
 from softmoe.ops import lapsum as lapsum_module
-from softmoe.ops import lapsum_fast, soft_topk
+from softmoe.ops import lapsum_fast, lapsum_native, soft_topk
 from tests.reference.lapsum_reference import soft_topk_reference
+from tests.unit.ops.native import require_native
 
 EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_path(request, monkeypatch) -> str:
+    """Run the test on the C loop ("native") and on the torch passes ("torch": as if no compiler worked)."""
+    if request.param == "torch":
+        monkeypatch.setattr(lapsum_native, "library", lambda: None)
+    else:
+        require_native()
+    return request.param
 
 
 def _rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,10 +69,12 @@ def test_matches_reference_and_sums_to_k(kind, n, k, alpha):
     torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), k, alpha), atol=4e-6, rtol=0)
 
 
-def test_the_fast_path_solves_float32_cpu_rows(monkeypatch):
+def test_the_fast_path_solves_float32_cpu_rows(monkeypatch, cpu_path):
     calls = []
-    original = lapsum_fast.solve
-    monkeypatch.setattr(lapsum_fast, "solve", lambda *a: calls.append(a[0].shape) or original(*a))
+    module = lapsum_native if cpu_path == "native" else lapsum_fast
+    original = module.solve
+    monkeypatch.setattr(module, "solve", lambda *a: calls.append(a[0].shape if cpu_path == "torch" else a[1].shape)
+                        or original(*a))
     soft_topk(torch.randn(32, 8), 2.0)
     soft_topk(torch.randn(32, 8, dtype=torch.float64), 2.0)  # float64: the general solver
     assert calls == [(32, 8)]

@@ -1,0 +1,150 @@
+"""The fused C loop of the float32 CPU soft top-k (softmoe/ops/lapsum_cpu.c): built on first use, called through ctypes.
+
+The torch path of `lapsum_fast` costs a chain of memory-bound kernels per pass over the rows; the C loop solves
+each row in registers (the same exact threshold, in double), so the op costs about one pass whatever the rows'
+sharpness (docs/benchmarks.md, "Soft top-k op"). It is plain C with no Python or torch headers: `cc` builds it
+in about a second into a cache directory, once per source and compiler flags:
+
+    SOFTMOE_CACHE_DIR   where the built library goes (default: $XDG_CACHE_HOME/softmoe, else ~/.cache/softmoe)
+    CC                  the C compiler (default: cc)
+
+Where no compiler works, `library()` warns once and returns None, and the torch path of `lapsum_fast` runs
+(the same results, slower). Nothing is built or loaded at import.
+
+Shape legend: R rows, n entries per row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from softmoe.ops.lapsum_fast import outputs_from_x
+from softmoe.ops.lapsum_steps import _check_centred
+
+__all__ = ["library", "solve", "backward"]
+
+SOURCE = Path(__file__).with_name("lapsum_cpu.c")
+# -march=native: the vector width of this CPU (the library is cached per CPU model and flags, see `_cpu`);
+# -fopenmp-simd: the `omp simd` loops vectorize without OpenMP's runtime.
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
+_ROW_GENERAL, _ROW_OVERFLOW, _ROW_FLAT = 1, 2, 3
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("SOFTMOE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softmoe"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into `target` atomically (a temporary file renamed into place: concurrent builds are safe)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        for flags in (_FLAGS, tuple(flag for flag in _FLAGS if flag != "-march=native")):
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:  # a compiler that knows no -march=native builds the portable code
+                os.replace(built, target)
+                return
+        raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
+
+
+def _cpu() -> str:
+    """This CPU's model and feature flags (a cache shared by machines with other CPUs must not share -march=native
+    builds); the machine name where /proc/cpuinfo is missing."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded C library (built on first use, cached on disk), or None with a warning where it cannot be built."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, _FLAGS, _cpu())).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lapsum_cpu-{key}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"softmoe: the C loop of the CPU soft top-k could not be built or loaded ({error}); "
+                      f"the slower torch path runs instead (set CC to a working C compiler, or SOFTMOE_CACHE_DIR "
+                      f"to a writable directory)", RuntimeWarning, stacklevel=2)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.lapsum_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_double, pointer, pointer,
+                                   pointer, pointer, ctypes.c_int, ctypes.c_int]
+    lib.lapsum_forward.restype = size
+    lib.lapsum_backward.argtypes = [pointer, pointer, size, size, ctypes.c_double, pointer, pointer, pointer,
+                                    ctypes.c_int]
+    lib.lapsum_backward.restype = size
+    return lib
+
+
+def solve(lib: ctypes.CDLL, r_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, alpha: torch.Tensor,
+          general_solver: Callable, x_rows: str) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(x, f, p) of float32 CPU rows (R, n): f = F'(x) and p = F(x) with x = (r - b) / alpha at the exact threshold b.
+
+    `x_rows` says where x is needed: "all"; "backward", only the rows whose sum f may be subnormal (the rows
+    `backward` leaves to the caller, who redoes them from x; x elsewhere is left unwritten); "none" (x is None).
+    Writing x costs a third of the forward's stores, and only a learned alpha's gradient reads all of it.
+    Rows the C loop leaves (k > n / 2, far or degenerate rows; lapsum_cpu.c) go to
+    `general_solver(r, k, w, alpha) -> x` with (R', 1) k and w (`lapsum._solve_x_general`).
+    Raises ValueError where (max - min) / alpha of a row overflows float32.
+    """
+    if x_rows not in ("all", "backward", "none"):
+        raise ValueError(f"x_rows={x_rows!r} must be 'all', 'backward' or 'none'")
+    r_Rn = r_Rn.contiguous()
+    k_R, w_R = k_R.contiguous(), w_R.contiguous()
+    f, p = torch.empty_like(r_Rn), torch.empty_like(r_Rn)
+    x = torch.empty_like(r_Rn) if x_rows != "none" else None
+    status = torch.empty(r_Rn.shape[0], dtype=torch.uint8)
+    marked = lib.lapsum_forward(r_Rn.data_ptr(), k_R.data_ptr(), w_R.data_ptr(), r_Rn.shape[0], r_Rn.shape[1],
+                                float(alpha), x.data_ptr() if x_rows == "all" else None, f.data_ptr(), p.data_ptr(),
+                                status.data_ptr(), torch.get_num_threads(), x_rows == "backward")
+    if marked:
+        _check_centred(not bool((status == _ROW_OVERFLOW).any()), r_Rn, alpha)
+        rows = (status == _ROW_GENERAL).nonzero().squeeze(-1)
+        x_general = general_solver(r_Rn[rows], k_R[rows, None], w_R[rows, None], alpha)
+        f_rows, p_rows = torch.empty_like(x_general), torch.empty_like(x_general)
+        outputs_from_x(x_general, f_rows, p_rows)
+        f[rows], p[rows] = f_rows, p_rows
+        if x is not None:
+            x[rows] = x_general
+            flat = (status == _ROW_FLAT).nonzero().squeeze(-1)
+            if flat.numel():
+                x[flat] = general_solver(r_Rn[flat], k_R[flat, None], w_R[flat, None], alpha)
+    return x, f, p
+
+
+def backward(lib: ctypes.CDLL, f_Rn: torch.Tensor, grad_out_Rn: torch.Tensor, alpha: torch.Tensor, need_k: bool,
+             grad_Rn: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Implicit-function gradients from the saved f = F'(x) (R, n) into the contiguous `grad_Rn`, as
+    `lapsum_fast.backward`: returns (grad_k (R,) or None, unsafe (R,) bool), the rows whose sum f is subnormal in
+    float32, left for the caller to redo with the softmax form."""
+    f_Rn, grad_out_Rn = f_Rn.contiguous(), grad_out_Rn.contiguous()
+    grad_k = f_Rn.new_empty(f_Rn.shape[0])
+    status = torch.empty(f_Rn.shape[0], dtype=torch.uint8)
+    marked = lib.lapsum_backward(f_Rn.data_ptr(), grad_out_Rn.data_ptr(), f_Rn.shape[0], f_Rn.shape[1],
+                                 float(alpha), grad_Rn.data_ptr(), grad_k.data_ptr(), status.data_ptr(),
+                                 torch.get_num_threads())
+    unsafe = status.bool() if marked else torch.zeros(f_Rn.shape[0], dtype=torch.bool)
+    return (grad_k if need_k else None), unsafe

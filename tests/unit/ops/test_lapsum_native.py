@@ -1,0 +1,133 @@
+"""The C loop of the CPU soft top-k (softmoe/ops/lapsum_native.py, softmoe/ops/lapsum_cpu.c): its build, its
+fallback, the rows it hands back, and its threads. Its values are tested on both CPU paths in test_lapsum_fast.py
+and by the property tests.
+
+Run: .venv/bin/python -m pytest tests/unit/ops/test_lapsum_native.py -q
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from softmoe.ops import lapsum_native, soft_topk
+from softmoe.ops.lapsum import _solve_x_general
+from tests.reference.lapsum_reference import soft_topk_reference
+from tests.unit.ops.native import require_native
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """`library()` with its per-process cache cleared and the build going to tmp_path (restored afterwards)."""
+    monkeypatch.setenv("SOFTMOE_CACHE_DIR", str(tmp_path))
+    lapsum_native.library.cache_clear()
+    yield tmp_path
+    lapsum_native.library.cache_clear()
+
+
+def _solve(r, k, alpha, x_rows="all"):
+    lib = require_native()
+    R = r.shape[0]
+    return lapsum_native.solve(lib, r, torch.full((R,), k), torch.full((R,), r.shape[1] - k), torch.tensor(alpha),
+                               _solve_x_general, x_rows)
+
+
+def test_builds_once_into_the_cache_dir_and_loads(fresh_library):
+    require_native()
+    built = list(fresh_library.glob("lapsum_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    lapsum_native.library.cache_clear()
+    assert lapsum_native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    assert not [p for p in fresh_library.iterdir() if p.is_dir()]  # no scratch directory left behind
+
+
+def test_without_a_compiler_it_warns_once_and_the_torch_path_runs(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert lapsum_native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: no second warning, no second build attempt
+        assert lapsum_native.library() is None
+        r = torch.randn(16, 8)
+        p = soft_topk(r, 2.0, 0.5)
+    torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), 2.0, 0.5), atol=4e-6, rtol=0)
+
+
+def test_a_compiler_error_is_reported_with_its_message(fresh_library, monkeypatch):
+    fake = fresh_library / "failing-cc"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: no' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.warns(RuntimeWarning, match="exited with 3: fake compiler: no"):
+        assert lapsum_native.library() is None
+    assert not list(fresh_library.glob("*.so"))
+
+
+def test_x_is_written_where_asked():
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(64, 8, generator=gen)
+    x_all, f, p = _solve(r, 2.0, 0.3, "all")
+    x_none, f_none, p_none = _solve(r, 2.0, 0.3, "none")
+    assert x_none is None
+    assert torch.equal(f, f_none) and torch.equal(p, p_none)
+    # x = (r - b) / alpha: p = F(x) and f = F'(x) agree with it.
+    torch.testing.assert_close(p, torch.where(x_all < 0, 0.5 * x_all.exp(), 1 - 0.5 * (-x_all).exp()), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(f, 0.5 * (-x_all.abs()).exp(), atol=1e-6, rtol=0)
+
+
+def test_rows_whose_sum_f_underflows_get_x_for_the_backward():
+    # Row 0: two scores 400 above the rest, k = 2: every |x| ~ 200, sum f underflows in float32. Row 1 is ordinary.
+    r = torch.tensor([[400.0, 400.0, 0.0, 0.0, -1.0], [1.0, 0.5, 0.0, -0.5, -1.0]])
+    x_all = _solve(r, 2.0, 1.0, "all")[0]
+    x_backward = _solve(r, 2.0, 1.0, "backward")[0]
+    torch.testing.assert_close(x_backward[0], x_all[0], atol=1e-4, rtol=1e-6)  # the flat row: solved for x
+
+
+def test_rows_it_hands_back_are_solved_by_the_general_solver():
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(40, 16, generator=gen)
+    k = torch.full((40,), 2.0)
+    k[::4] = 12.5  # k > n / 2
+    r[1::4, 0] += 1e7  # a threshold far from the max frame in alpha units (alpha 1e-3 below)
+    p = soft_topk(r, k, 1e-3)
+    torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), k.double(), 1e-3), atol=4e-6, rtol=0)
+
+
+def test_overflowing_rows_raise_the_torch_paths_error():
+    r = torch.tensor([[3e38, -3e38, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        soft_topk(r, 2.0, 1.0)
+
+
+def test_threads_give_the_same_bits():
+    require_native()
+    gen = torch.Generator().manual_seed(2)
+    r = torch.randn(20000, 8, generator=gen).requires_grad_()
+    g = torch.randn(20000, 8, generator=gen)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            r.grad = None
+            p = soft_topk(r, 1.5, 0.2)
+            p.backward(g)
+            results.append((p.detach().clone(), r.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16, 32, 64, 100, 128, 257])
+def test_every_row_length_matches_the_reference(n):
+    # 8, 16, 32 and 64 run specialised copies of the row loop; the rest the generic one.
+    gen = torch.Generator().manual_seed(n)
+    r = torch.randn(50, n, generator=gen)
+    for alpha in (1.0, 0.05):
+        p = _solve(r, 1.0, alpha, "none")[2]
+        torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), 1.0, alpha), atol=4e-6, rtol=0)
