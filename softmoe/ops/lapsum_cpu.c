@@ -176,16 +176,18 @@ static inline __attribute__((always_inline)) void store_x(const double *s, int64
 
 /* One row: x (where `x_out` is not NULL), f and p, or the status that leaves the row to the caller. `s`, `e_s`
  * and `e_minus_s` are scratch rows of n doubles. */
-static inline __attribute__((always_inline)) uint8_t solve_row_impl(const float *r, int64_t n, double k, double w, double alpha, float *x_out, float *f_out,
-                         float *p_out, double *s, double *e_s, double *e_minus_s) {
+static inline __attribute__((always_inline)) uint8_t solve_row_impl(const float *r, int64_t n, double k, double w,
+                                                                    double alpha, float *x_out, float *f_out,
+                                                                    float *p_out, double *s, double *e_s,
+                                                                    double *e_minus_s) {
     float row_max = r[0];
 #pragma omp simd reduction(max : row_max)
     for (int64_t i = 0; i < n; ++i)
         row_max = r[i] > row_max ? r[i] : row_max;
-    double sum_e = 0.0, s_min = 0.0;
+    double sum_e = 0.0, s_min = 0.0, inv_alpha = 1.0 / alpha;
 #pragma omp simd reduction(+ : sum_e) reduction(min : s_min)
     for (int64_t i = 0; i < n; ++i) {
-        s[i] = ((double)r[i] - (double)row_max) / alpha;
+        s[i] = ((double)r[i] - (double)row_max) * inv_alpha; /* 1 / alpha: an ulp of double, and no division */
         s_min = s[i] < s_min ? s[i] : s_min;
         e_s[i] = exp_clamped(s[i]);
         sum_e += e_s[i];
