@@ -1,11 +1,12 @@
 """The fused C loop of the float32 CPU soft top-k (softmoe/ops/lapsum_cpu.c): built on first use, called through ctypes.
 
 The torch path of `lapsum_fast` costs a chain of memory-bound kernels per pass over the rows; the C loop solves
-each row in registers (the same exact threshold, in double), so the op costs about one pass whatever the rows'
-sharpness (docs/benchmarks.md, "Soft top-k op"). It is plain C with no Python or torch headers: `cc` builds it
-in about a second into a cache directory, once per source and compiler flags:
+each row in a few vectorised loops over its entries (the same exact threshold, in double), at 1.4-3.1 ns per entry
+at E = 256 (docs/benchmarks.md, "LapSum soft top-k op"). It is plain C with no Python or torch headers: `cc` builds
+it in about a second into a cache directory, once per source, compiler flags and CPU:
 
-    SOFTMOE_CACHE_DIR   where the built library goes (default: $XDG_CACHE_HOME/softmoe, else ~/.cache/softmoe)
+    SOFTMOE_CACHE_DIR   where the built library goes (default: $XDG_CACHE_HOME/softmoe, else ~/.cache/softmoe;
+                        where that cannot be written, softmoe-<uid> in the system's temporary directory)
     CC                  the C compiler (default: cc)
 
 Where no compiler works, `library()` warns once and returns None, and the torch path of `lapsum_fast` runs
@@ -49,18 +50,25 @@ def _cache_dir() -> Path:
     return Path(base) / "softmoe"
 
 
+class CompileError(OSError):
+    """The compiler ran and failed (another directory would not help)."""
+
+
 def _build(compiler: str, target: Path) -> None:
     """Compile SOURCE into `target` atomically (a temporary file renamed into place: concurrent builds are safe)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for flags in (_FLAGS, tuple(flag for flag in _FLAGS if flag != "-march=native")):
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True, timeout=120)
+            try:
+                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                        capture_output=True, text=True, timeout=120)
+            except (FileNotFoundError, PermissionError) as error:
+                raise CompileError(f"cannot run the C compiler {compiler!r}: {error}") from None
             if result.returncode == 0:  # a compiler that knows no -march=native builds the portable code
                 os.replace(built, target)
                 return
-        raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
+        raise CompileError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
 
 
 def _cpu() -> str:
@@ -74,16 +82,31 @@ def _cpu() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
+def _load(compiler: str, name: str) -> ctypes.CDLL:
+    """Load `name` from the cache directory, building it there first if needed; where that directory cannot be
+    written (a read-only home), from a per-user directory under the system's temporary directory."""
+    fallback = Path(tempfile.gettempdir()) / f"softmoe-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    problem = None
+    for directory in (_cache_dir(), fallback):
+        target = directory / name
+        try:
+            if not target.is_file():
+                _build(compiler, target)
+            return ctypes.CDLL(str(target))
+        except CompileError:
+            raise
+        except OSError as error:  # the directory cannot be made or written: try the next one
+            problem = error
+    raise OSError(f"neither {_cache_dir()} nor {fallback} can hold the build ({problem})")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded C library (built on first use, cached on disk), or None with a warning where it cannot be built."""
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, _FLAGS, _cpu())).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"lapsum_cpu-{key}.so"
     try:
-        if not target.is_file():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        lib = _load(compiler, f"lapsum_cpu-{key}.so")
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"softmoe: the C loop of the CPU soft top-k could not be built or loaded ({error}); "
                       f"the slower torch path runs instead (set CC to a working C compiler, or SOFTMOE_CACHE_DIR "

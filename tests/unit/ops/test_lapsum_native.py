@@ -47,7 +47,7 @@ def test_builds_once_into_the_cache_dir_and_loads(fresh_library):
 
 def test_without_a_compiler_it_warns_once_and_the_torch_path_runs(fresh_library, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
-    with pytest.warns(RuntimeWarning, match="could not be built"):
+    with pytest.warns(RuntimeWarning, match="could not be built.*cannot run the C compiler"):
         assert lapsum_native.library() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # cached: no second warning, no second build attempt
@@ -131,3 +131,25 @@ def test_every_row_length_matches_the_reference(n):
     for alpha in (1.0, 0.05):
         p = _solve(r, 1.0, alpha, "none")[2]
         torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), 1.0, alpha), atol=4e-6, rtol=0)
+
+
+def test_a_read_only_cache_dir_builds_under_the_temporary_directory(fresh_library, monkeypatch, tmp_path_factory):
+    require_native()
+    locked = fresh_library / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    scratch = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setenv("SOFTMOE_CACHE_DIR", str(locked / "cache"))
+    monkeypatch.setattr(lapsum_native.tempfile, "gettempdir", lambda: str(scratch))
+    lapsum_native.library.cache_clear()
+    try:
+        import os
+        if os.access(locked, os.W_OK):  # root ignores permission bits: make the directory a file instead
+            locked.chmod(0o700)
+            (locked / "cache").write_text("not a directory")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert lapsum_native.library() is not None
+    finally:
+        locked.chmod(0o700)
+    assert list(scratch.glob("softmoe-*/lapsum_cpu-*.so"))
