@@ -219,7 +219,8 @@ def _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free: bool, max_steps: int = 8, compi
 
 
 def _solve_x_general(r_Rn, k_R1, w_R1, alpha) -> torch.Tensor:
-    """`_solve_x` with host syncs allowed (the early-exit solver): what `lapsum_fast` hands its hard rows to."""
+    """`_solve_x` with host syncs allowed (the early-exit solver): what the float32 CPU path (`lapsum_native`,
+    `lapsum_fast`) hands its hard rows to."""
     return _solve_x(r_Rn, k_R1, w_R1, alpha, sync_free=False)
 
 
@@ -354,9 +355,11 @@ def _fast_solve(scores_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Tensor, a
 
 
 class _LapSumFastTopK(torch.autograd.Function):
-    """p = F((r - b) / alpha) for float32 rows (R, n) by `lapsum_fast` (CPU, value checks on); p only, not log p.
+    """p = F((r - b) / alpha) for float32 rows (R, n) by the float32 CPU path (`_fast_solve`: the C loop of
+    `lapsum_native`, or `lapsum_fast` without a compiler; CPU, value checks on); p only, not log p.
 
-    The same threshold and gradients as `_LapSumTopK`, in fewer and cheaper passes. Saves x and f = F'(x).
+    The same threshold and gradients as `_LapSumTopK`, in fewer and cheaper passes. Saves f = F'(x) and x (x only
+    where the backward reads it: every row for a learned alpha, else the rows whose sum f underflows).
     """
 
     @staticmethod
@@ -536,8 +539,9 @@ def _backend(scores_Rn: torch.Tensor, log: bool, checks: bool) -> str:
         compiled  SOFTMOE_LAPSUM=compile with value checks on: the eager solve with its row passes compiled
                   (`_passes`; with checks off the fixed-work solver runs, which torch.compile fuses when the
                   caller compiles the model);
-        fast      `lapsum_fast`: float32 on CPU, p (not log p), value checks on (its rare rows that need the
-                  general solver are found with host syncs);
+        fast      float32 on CPU, p (not log p), value checks on: the C loop of `lapsum_native`, or where no C
+                  compiler works the torch passes of `lapsum_fast` (their rare rows that need the general solver
+                  are found with host syncs);
         eager     the general solver, any dtype.
     """
     if use_triton(scores_Rn):

@@ -74,7 +74,7 @@ static inline double exp_clamped(double x) {
     e_y = e_y * y + 0.5;
     e_y = e_y * y + 1.0;
     e_y = e_y * y + 1.0;
-    int64_t scale_bits = (shifted_bits - 0x4338000000000000LL + 1023) << 52; /* 2^j */
+    uint64_t scale_bits = (uint64_t)(shifted_bits - 0x4338000000000000LL + 1023) << 52; /* 2^j (unsigned: no UB) */
     double scale;
     memcpy(&scale, &scale_bits, sizeof scale);
     return e_y * scale;
@@ -192,7 +192,8 @@ static inline __attribute__((always_inline)) uint8_t solve_row_impl(const float 
         e_s[i] = exp_clamped(s[i]);
         sum_e += e_s[i];
     }
-    if (s_min < -(double)FLT_MAX)
+    /* s overflows float32 (rounds to -inf there, as the torch path's s would): at or beyond FLT_MAX + ulp / 2 */
+    if (s_min <= -0x1.ffffffp+127)
         return ROW_OVERFLOW;
     if (k > w)
         return ROW_GENERAL;

@@ -21,7 +21,8 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
+import shlex
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -51,62 +52,80 @@ def _cache_dir() -> Path:
 
 
 class CompileError(OSError):
-    """The compiler ran and failed (another directory would not help)."""
+    """The compiler could not be run, or ran and failed (another directory would not help)."""
 
 
-def _build(compiler: str, target: Path) -> None:
+def _flag_sets(native: bool) -> tuple[tuple[str, ...], ...]:
+    """The flags to try, best first: with -march=native where this CPU is identified (see `_cpu`), then without."""
+    portable = tuple(flag for flag in _FLAGS if flag != "-march=native")
+    return (_FLAGS, portable) if native else (portable,)
+
+
+def _build(compiler: list[str], flag_sets: tuple[tuple[str, ...], ...], target: Path) -> None:
     """Compile SOURCE into `target` atomically (a temporary file renamed into place: concurrent builds are safe)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        for flags in (_FLAGS, tuple(flag for flag in _FLAGS if flag != "-march=native")):
+        for flags in flag_sets:
             try:
-                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                result = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
                                         capture_output=True, text=True, timeout=120)
-            except (FileNotFoundError, PermissionError) as error:
-                raise CompileError(f"cannot run the C compiler {compiler!r}: {error}") from None
+            except OSError as error:
+                raise CompileError(f"cannot run the C compiler {' '.join(compiler)!r}: {error}") from None
             if result.returncode == 0:  # a compiler that knows no -march=native builds the portable code
                 os.replace(built, target)
                 return
-        raise CompileError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
+        raise CompileError(f"{' '.join(compiler)} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
 
 
-def _cpu() -> str:
-    """This CPU's model and feature flags (a cache shared by machines with other CPUs must not share -march=native
-    builds); the machine name where /proc/cpuinfo is missing."""
+def _cpu() -> str | None:
+    """This CPU's model and feature flags from /proc/cpuinfo (a cache shared by machines with other CPUs must not
+    share -march=native builds), or None where it cannot be read (then the build is portable, no -march=native)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.machine()
+        return None
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
-def _load(compiler: str, name: str) -> ctypes.CDLL:
+def _private_dir(directory: Path) -> Path:
+    """`directory`, created with mode 0700 where missing, refused unless it is this user's and no one else can
+    write it (a library loaded from it runs as this user: a directory another user can write is a way in)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise PermissionError(f"{directory} is not private to this user (owner uid {info.st_uid}, mode "
+                              f"{stat.S_IMODE(info.st_mode):o}): refusing to build or load a library there")
+    return directory
+
+
+def _load(compiler: list[str], flag_sets: tuple[tuple[str, ...], ...], name: str) -> ctypes.CDLL:
     """Load `name` from the cache directory, building it there first if needed; where that directory cannot be
-    written (a read-only home), from a per-user directory under the system's temporary directory."""
+    used (a read-only home), from softmoe-<uid> in the system's temporary directory."""
     fallback = Path(tempfile.gettempdir()) / f"softmoe-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    problem = None
+    problems = []
     for directory in (_cache_dir(), fallback):
-        target = directory / name
         try:
+            target = _private_dir(directory) / name
             if not target.is_file():
-                _build(compiler, target)
+                _build(compiler, flag_sets, target)
             return ctypes.CDLL(str(target))
         except CompileError:
             raise
-        except OSError as error:  # the directory cannot be made or written: try the next one
-            problem = error
-    raise OSError(f"neither {_cache_dir()} nor {fallback} can hold the build ({problem})")
+        except OSError as error:  # the directory cannot be made, written or trusted: try the next one
+            problems.append(f"{directory}: {error}")
+    raise OSError("no directory can hold the build (" + "; ".join(problems) + ")")
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded C library (built on first use, cached on disk), or None with a warning where it cannot be built."""
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, _FLAGS, _cpu())).encode()).hexdigest()[:16]
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # e.g. CC="ccache gcc"
     try:
-        lib = _load(compiler, f"lapsum_cpu-{key}.so")
+        cpu = _cpu()
+        flag_sets = _flag_sets(native=cpu is not None)
+        key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, flag_sets, cpu)).encode()).hexdigest()[:16]
+        lib = _load(compiler, flag_sets, f"lapsum_cpu-{key}.so")
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"softmoe: the C loop of the CPU soft top-k could not be built or loaded ({error}); "
                       f"the slower torch path runs instead (set CC to a working C compiler, or SOFTMOE_CACHE_DIR "
@@ -146,15 +165,16 @@ def solve(lib: ctypes.CDLL, r_Rn: torch.Tensor, k_R: torch.Tensor, w_R: torch.Te
     if marked:
         _check_centred(not bool((status == _ROW_OVERFLOW).any()), r_Rn, alpha)
         rows = (status == _ROW_GENERAL).nonzero().squeeze(-1)
-        x_general = general_solver(r_Rn[rows], k_R[rows, None], w_R[rows, None], alpha)
-        f_rows, p_rows = torch.empty_like(x_general), torch.empty_like(x_general)
-        outputs_from_x(x_general, f_rows, p_rows)
-        f[rows], p[rows] = f_rows, p_rows
-        if x is not None:
-            x[rows] = x_general
-            flat = (status == _ROW_FLAT).nonzero().squeeze(-1)
-            if flat.numel():
-                x[flat] = general_solver(r_Rn[flat], k_R[flat, None], w_R[flat, None], alpha)
+        if rows.numel():
+            x_general = general_solver(r_Rn[rows], k_R[rows, None], w_R[rows, None], alpha)
+            f_rows, p_rows = torch.empty_like(x_general), torch.empty_like(x_general)
+            outputs_from_x(x_general, f_rows, p_rows)
+            f[rows], p[rows] = f_rows, p_rows
+            if x is not None:
+                x[rows] = x_general
+        flat = (status == _ROW_FLAT).nonzero().squeeze(-1)
+        if x is not None and flat.numel():
+            x[flat] = general_solver(r_Rn[flat], k_R[flat, None], w_R[flat, None], alpha)
     return x, f, p
 
 

@@ -7,11 +7,14 @@ Run: .venv/bin/python -m pytest tests/unit/ops/test_lapsum_native.py -q
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import pytest
 import torch
 
+from softmoe.ops import lapsum as lapsum_module
 from softmoe.ops import lapsum_native, soft_topk
 from softmoe.ops.lapsum import _solve_x_general
 from tests.reference.lapsum_reference import soft_topk_reference
@@ -88,14 +91,53 @@ def test_rows_whose_sum_f_underflows_get_x_for_the_backward():
     torch.testing.assert_close(x_backward[0], x_all[0], atol=1e-4, rtol=1e-6)  # the flat row: solved for x
 
 
-def test_rows_it_hands_back_are_solved_by_the_general_solver():
+def test_rows_it_hands_back_are_solved_by_the_general_solver(monkeypatch):
+    require_native()
+    handed = []
+    original = lapsum_module._solve_x_general
+    monkeypatch.setattr(lapsum_module, "_solve_x_general", lambda r, *a: handed.append(r.shape[0]) or original(r, *a))
     gen = torch.Generator().manual_seed(1)
     r = torch.randn(40, 16, generator=gen)
     k = torch.full((40,), 2.0)
-    k[::4] = 12.5  # k > n / 2
-    r[1::4, 0] += 1e7  # a threshold far from the max frame in alpha units (alpha 1e-3 below)
+    k[::4] = 12.5  # k > n / 2: 10 rows
+    with torch.no_grad():  # x not needed: only those rows go to the general solver
+        p = soft_topk(r, k, 0.5)
+    assert handed == [10]
+    torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), k.double(), 0.5), atol=4e-6, rtol=0)
+    handed.clear()
+    r[1::4, 0] += 1e7  # 10 rows whose threshold lies ~1e10 alpha units below their max (alpha 1e-3)
     p = soft_topk(r, k, 1e-3)
+    assert handed and sum(handed) >= 20
     torch.testing.assert_close(p.double(), soft_topk_reference(r.double(), k.double(), 1e-3), atol=4e-6, rtol=0)
+
+
+def test_a_missing_source_warns_instead_of_raising(fresh_library, monkeypatch):
+    monkeypatch.setattr(lapsum_native, "SOURCE", fresh_library / "missing.c")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert lapsum_native.library() is None
+
+
+def test_a_cache_dir_others_can_write_is_refused(fresh_library, monkeypatch, tmp_path_factory):
+    require_native()
+    shared = fresh_library / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable: a library planted there would run as this user
+    planted = shared / "not-a-library.so"
+    planted.write_text("")
+    scratch = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setenv("SOFTMOE_CACHE_DIR", str(shared))
+    monkeypatch.setattr(lapsum_native.tempfile, "gettempdir", lambda: str(scratch))
+    lapsum_native.library.cache_clear()
+    assert lapsum_native.library() is not None
+    assert not list(shared.glob("lapsum_cpu-*.so"))  # nothing built or loaded there
+    private = list(scratch.glob("softmoe-*"))
+    assert len(private) == 1 and stat.S_IMODE(private[0].stat().st_mode) == 0o700
+
+
+def test_a_compiler_command_with_arguments(fresh_library, monkeypatch):
+    require_native()
+    monkeypatch.setenv("CC", f"env {os.environ.get('CC', 'cc')}")  # as CC="ccache gcc" would be
+    assert lapsum_native.library() is not None
 
 
 def test_overflowing_rows_raise_the_torch_paths_error():
@@ -143,7 +185,6 @@ def test_a_read_only_cache_dir_builds_under_the_temporary_directory(fresh_librar
     monkeypatch.setattr(lapsum_native.tempfile, "gettempdir", lambda: str(scratch))
     lapsum_native.library.cache_clear()
     try:
-        import os
         if os.access(locked, os.W_OK):  # root ignores permission bits: make the directory a file instead
             locked.chmod(0o700)
             (locked / "cache").write_text("not a directory")
