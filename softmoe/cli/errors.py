@@ -8,7 +8,9 @@ Under torchrun (`python -m softmoe.train` on several ranks) the line goes to the
 (TORCHELASTIC_ERROR_FILE), which torchrun prints as the failure's "traceback" in the summary that ends its own
 output, so it is said once, last, instead of before torchrun's ~40 lines. An error that every rank meets alike
 (`every_rank`: the command line, the config, the data, or rank 0's error raised on every rank) is reported by
-rank 0; the other ranks exit 0, so torchrun does not stop rank 0 before it has written it.
+rank 0; the other ranks exit 0, so torchrun does not stop rank 0 before it has written it. Having reported,
+a rank under torchrun exits without Python's teardown (`exit_without_teardown`: torch's gloo teardown can
+deadlock after a failed start).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["UserError", "check_out_dir", "fail", "run_command", "user_errors"]
+__all__ = ["UserError", "check_out_dir", "exit_without_teardown", "fail", "run_command", "user_errors"]
 
 
 class UserError(Exception):
@@ -75,6 +77,20 @@ def fail(command: str, message: str, every_rank: bool = True) -> int:
     return 2
 
 
+def exit_without_teardown(status: int) -> None:
+    """Under torchrun, once the error is reported: flush and leave at once, without Python's teardown.
+
+    Tearing down a run that failed at its start can deadlock inside torch (gloo): the main thread, holding the GIL,
+    frees the DDP reducer, whose process group joins a gloo worker thread that is itself waiting for the GIL to
+    free the last broadcast's tensors. Seen on 2026-12-06 under load (test_torchrun_ddp_trains_and_converts hung
+    until its timeout, rank 0 stuck in ~ProcessGroupGloo after writing its error). Nothing is lost: the run lock
+    was released while the error unwound, and the error file is written.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command `args.func(args)`; a UserError becomes its one line and exit 2 (module docstring)."""
     from softmoe.common.extras import MissingExtra
@@ -82,7 +98,10 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        return fail(args.command, str(err), err.every_rank)
+        status = fail(args.command, str(err), err.every_rank)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            exit_without_teardown(status)
+        return status
     except MissingExtra as err:  # an optional dependency the command needs: say which extra installs it
         print(f"softmoe {args.command}: {err}", file=sys.stderr)
         return 1

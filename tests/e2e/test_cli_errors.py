@@ -292,3 +292,27 @@ def test_help_imports_no_torch():
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_under_torchrun_a_reported_error_exits_without_teardown(tmp_path, monkeypatch):
+    # torch's gloo teardown can deadlock after a failed distributed start (softmoe/cli/errors.py,
+    # exit_without_teardown): under torchrun a rank that has reported its error leaves at once, with its status.
+    import argparse
+
+    from softmoe.cli import errors
+
+    def command(args):
+        raise errors.UserError("the run directory already holds this run")
+
+    exits = []
+    monkeypatch.setattr(errors.os, "_exit", lambda status: exits.append(status))
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    for rank, status in (("0", 2), ("1", 0)):  # rank 0 reports; the others exit 0 (module docstring)
+        monkeypatch.setenv("RANK", rank)
+        errors.run_command(argparse.Namespace(func=command, command="train"))
+        assert exits[-1] == status
+    assert "already holds this run" in error_file.read_text()
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # not under torchrun: the status is returned, no exit
+    assert errors.run_command(argparse.Namespace(func=command, command="train")) == 2
+    assert len(exits) == 2
