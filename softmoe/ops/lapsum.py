@@ -379,11 +379,12 @@ class _LapSumFastTopK(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         native = lapsum_native.library()
         # The C loop keeps no (R, n) temporaries: one block. The torch path goes a block of rows at a time.
-        for rows in ([slice(None)] if native is not None else _row_blocks(*x.shape)):
-            if native is not None:
-                g_k, unsafe = lapsum_native.backward(native, f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
-            else:
-                g_k, unsafe = lapsum_fast.backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
+        if native is not None:
+            blocks, rows_backward = [slice(None)], functools.partial(lapsum_native.backward, native)
+        else:
+            blocks, rows_backward = _row_blocks(*x.shape), lapsum_fast.backward
+        for rows in blocks:
+            g_k, unsafe = rows_backward(f[rows], grad_out[rows], alpha, need_k, grad_scores[rows])
             if bool(unsafe.any()):  # every |x| of a row beyond ~80: q from the softmax form
                 redo = unsafe.nonzero().squeeze(-1)
                 exact, exact_k, _ = _lapsum_backward(x[rows][redo], grad_out[rows][redo], alpha, False, need_k, False)
