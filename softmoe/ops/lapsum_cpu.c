@@ -278,14 +278,27 @@ static uint8_t backward_row(const float *f, const float *g, int64_t n, double al
 }
 
 typedef struct {
-    int backward;
-    const float *a, *b, *c; /* forward: r, k, w; backward: f, g, unused */
+    const float *r, *k, *w; /* [R, n] centred scores, [R] k, [R] row weights */
+    float *x, *f, *p;       /* [R, n] outputs; x may be NULL (then only rows that need it are marked, see flag_flat) */
+    int flag_flat;          /* without x: mark rows whose sum f may be subnormal (ROW_FLAT) */
+} ForwardRows;
+
+typedef struct {
+    const float *f, *g; /* [R, n] the forward's f, the output's gradient */
+    float *grad, *grad_k; /* [R, n] gradient of the scores, [R] gradient of k */
+} BackwardRows;
+
+/* One thread's share of rows [begin, end) of a forward or a backward. */
+typedef struct {
+    int backward; /* which member of the union holds the rows */
+    union {
+        ForwardRows fwd;
+        BackwardRows bwd;
+    };
     int64_t begin, end, n;
     double alpha;
-    float *out0, *out1, *out2; /* forward: x (or NULL), f, p; backward: grad, grad_k, unused */
-    uint8_t *status;
-    int flag_flat; /* forward without x: mark rows whose sum f may be subnormal (ROW_FLAT) */
-    int64_t marked;
+    uint8_t *status; /* [R] per row: ROW_DONE, or why the caller must redo it */
+    int64_t marked;  /* out: rows of this block that are not ROW_DONE */
 } Block;
 
 /* Whether a row's sum f may be subnormal in float32 (backward_row's test, with a margin of 4: a superset of the
@@ -306,11 +319,13 @@ static void *run_block(void *arg) {
         int64_t at = row * n;
         uint8_t status;
         if (job->backward) {
-            status = backward_row(job->a + at, job->b + at, n, job->alpha, job->out0 + at, job->out1 + row);
+            const BackwardRows *rows = &job->bwd;
+            status = backward_row(rows->f + at, rows->g + at, n, job->alpha, rows->grad + at, rows->grad_k + row);
         } else if (scratch) {
-            status = solve_row(job->a + at, n, job->b[row], job->c[row], job->alpha, job->out0 ? job->out0 + at : 0,
-                               job->out1 + at, job->out2 + at, scratch, scratch + n, scratch + 2 * n);
-            if (status == ROW_DONE && job->flag_flat && flat(job->out1 + at, n))
+            const ForwardRows *rows = &job->fwd;
+            status = solve_row(rows->r + at, n, rows->k[row], rows->w[row], job->alpha, rows->x ? rows->x + at : 0,
+                               rows->f + at, rows->p + at, scratch, scratch + n, scratch + 2 * n);
+            if (status == ROW_DONE && rows->flag_flat && flat(rows->f + at, n))
                 status = ROW_FLAT;
         } else {
             status = ROW_GENERAL; /* no memory for the scratch rows: the caller's solver takes them */
@@ -357,12 +372,12 @@ static int64_t run_rows(Block job, int64_t R, int threads) {
  * backward will need). Returns how many rows are not ROW_DONE; `status` says why, per row. */
 int64_t lapsum_forward(const float *r, const float *k, const float *w, int64_t R, int64_t n, double alpha, float *x,
                        float *f, float *p, uint8_t *status, int threads, int flag_flat) {
-    Block job = {0, r, k, w, 0, 0, n, alpha, x, f, p, status, flag_flat, 0};
+    Block job = {.backward = 0, .fwd = {r, k, w, x, f, p, flag_flat}, .n = n, .alpha = alpha, .status = status};
     return run_rows(job, R, threads);
 }
 
 int64_t lapsum_backward(const float *f, const float *g, int64_t R, int64_t n, double alpha, float *grad,
                         float *grad_k, uint8_t *status, int threads) {
-    Block job = {1, f, g, 0, 0, 0, n, alpha, grad, grad_k, 0, status, 0, 0};
+    Block job = {.backward = 1, .bwd = {f, g, grad, grad_k}, .n = n, .alpha = alpha, .status = status};
     return run_rows(job, R, threads);
 }

@@ -3,7 +3,8 @@
 The torch path of `lapsum_fast` costs a chain of memory-bound kernels per pass over the rows; the C loop solves
 each row in a few vectorised loops over its entries (the same exact threshold, in double), at 1.4-3.1 ns per entry
 at E = 256 (docs/benchmarks.md, "LapSum soft top-k op"). It is plain C with no Python or torch headers: `cc` builds
-it in about a second into a cache directory, once per source, compiler flags and CPU:
+it in about a second into a cache directory, once per source, compiler flags and CPU (a new build removes the
+builds there that no process has loaded for 30 days):
 
     SOFTMOE_CACHE_DIR   where the built library goes (default: $XDG_CACHE_HOME/softmoe, else ~/.cache/softmoe;
                         where that cannot be written, softmoe-<uid> in the system's temporary directory)
@@ -25,6 +26,7 @@ import shlex
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -41,6 +43,7 @@ SOURCE = Path(__file__).with_name("lapsum_cpu.c")
 # -fopenmp-simd: the `omp simd` loops vectorize without OpenMP's runtime.
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 _ROW_GENERAL, _ROW_OVERFLOW, _ROW_FLAT = 1, 2, 3
+UNUSED_BUILD_DAYS = 30  # a build no process has loaded for this long is removed after the next build
 
 
 def _cache_dir() -> Path:
@@ -99,6 +102,27 @@ def _private_dir(directory: Path) -> Path:
     return directory
 
 
+def _mark_used(target: Path) -> None:
+    """Stamp `target`'s modification time with now, so that `_prune` sees it as in use (best effort)."""
+    try:
+        os.utime(target)
+    except OSError:
+        pass
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    """Remove the builds in `directory` that no process has loaded for UNUSED_BUILD_DAYS (older sources, other
+    flags or CPUs; a build still wanted is rebuilt in about a second), after a new build. Best effort: a build
+    loaded by a running process stays mapped in it after its file is removed."""
+    cutoff = time.time() - UNUSED_BUILD_DAYS * 86400
+    for old in directory.glob("lapsum_cpu-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+
+
 def _load(compiler: list[str], flag_sets: tuple[tuple[str, ...], ...], name: str) -> ctypes.CDLL:
     """Load `name` from the cache directory, building it there first if needed; where that directory cannot be
     used (a read-only home), from softmoe-<uid> in the system's temporary directory."""
@@ -109,7 +133,10 @@ def _load(compiler: list[str], flag_sets: tuple[tuple[str, ...], ...], name: str
             target = _private_dir(directory) / name
             if not target.is_file():
                 _build(compiler, flag_sets, target)
-            return ctypes.CDLL(str(target))
+                _prune(directory, keep=target)
+            library = ctypes.CDLL(str(target))
+            _mark_used(target)
+            return library
         except CompileError:
             raise
         except OSError as error:  # the directory cannot be made, written or trusted: try the next one

@@ -41,11 +41,38 @@ def test_builds_once_into_the_cache_dir_and_loads(fresh_library):
     require_native()
     built = list(fresh_library.glob("lapsum_cpu-*.so"))
     assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino
     lapsum_native.library.cache_clear()
     assert lapsum_native.library() is not None
-    assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    assert built[0].stat().st_ino == inode  # loaded from the cache, not rebuilt (a build is renamed into place)
     assert not [p for p in fresh_library.iterdir() if p.is_dir()]  # no scratch directory left behind
+
+
+def test_a_new_build_removes_the_builds_unused_for_a_month(fresh_library):
+    day = 86400
+    stale, recent, other = (fresh_library / f"lapsum_cpu-{name}.so" for name in ("stale", "recent", "other"))
+    for path in (stale, recent, other):
+        path.write_bytes(b"")
+    now = os.path.getmtime(stale)
+    os.utime(stale, (now, now - (lapsum_native.UNUSED_BUILD_DAYS + 1) * day))
+    os.utime(recent, (now, now - (lapsum_native.UNUSED_BUILD_DAYS - 1) * day))
+    unrelated = fresh_library / "notes.txt"
+    unrelated.write_text("kept")
+    os.utime(unrelated, (now, now - 365 * day))
+    require_native()  # builds into the directory
+    left = {p.name for p in fresh_library.iterdir()}
+    assert stale.name not in left and {recent.name, other.name, unrelated.name} <= left
+    assert len([name for name in left if name.startswith("lapsum_cpu-")]) == 3  # recent, other, the new build
+
+
+def test_loading_a_build_marks_it_used(fresh_library):
+    require_native()
+    (built,) = fresh_library.glob("lapsum_cpu-*.so")
+    long_ago = built.stat().st_mtime - 100 * 86400
+    os.utime(built, (long_ago, long_ago))
+    lapsum_native.library.cache_clear()
+    assert lapsum_native.library() is not None
+    assert built.stat().st_mtime > long_ago + 99 * 86400
 
 
 def test_without_a_compiler_it_warns_once_and_the_torch_path_runs(fresh_library, monkeypatch):
