@@ -4,8 +4,8 @@
 A study file:
 
     name: small                       # runs go to <out_dir>/<name>-<variant>-s<seed>/
-    base: configs/small/softmoe.yaml  # the preset every variant starts from (relative to the repo root)
-    out_dir: runs/studies/small
+    base: configs/small/softmoe.yaml  # the preset every variant starts from (a file, else the preset of that name)
+    out_dir: runs/studies/small       # out_dir and summaries: relative to the current directory
     seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
     overrides: {train.progress: false}            # optional, applied to every variant
     reference: topk-k2                # optional: a variant every other is compared with, paired by seed
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+from softmoe.common.presets import find_config
 from softmoe.eval.evaluate import EvalSettings
 from softmoe.studies.study_report import CLAIM_ROLES, PaperClaims
 from softmoe.studies.summaries import summary_path
@@ -52,9 +53,8 @@ from softmoe.train.checkpoint import latest_good_checkpoint
 from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.runs import is_finished
 
-__all__ = ["PlannedRun", "Study", "Variant", "describe_plan", "load_study", "plan_runs", "repo_relative"]
+__all__ = ["PlannedRun", "Study", "Variant", "describe_plan", "load_study", "plan_runs", "shown_path"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STUDY_KEYS = {"name", "base", "out_dir", "seeds", "overrides", "eval", "variants", "description", "reference",
                "references", "summaries", "claims", "paper", "preregistration", "pinned_revision"}
@@ -119,11 +119,11 @@ def _overrides(raw, where: str) -> tuple[str, ...]:
     return tuple(f"{key}={json.dumps(value)}" for key, value in raw.items())
 
 
-def _resolve(path: str, where: str) -> Path:
+def _path(path: str, where: str) -> Path:
+    """A path of the study file, relative to the current directory like `--out` and `train.out_dir`."""
     if not isinstance(path, str) or not path:
         raise ValueError(f"{where}={path!r} must be a path string")
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
+    return Path(path)
 
 
 def _check_seeds(seeds, where: str) -> tuple[int, ...]:
@@ -166,8 +166,9 @@ def _variants(raw, study_seeds: tuple[int, ...]) -> tuple[Variant, ...]:
 
 
 def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: str | Path | None = None) -> Study:
-    """Parse and check a study file; `out_dir` and `summaries` override the file's."""
-    path = Path(path)
+    """Parse and check a study file (a file, or a packaged study such as `studies/tiny.yaml`); `out_dir` and
+    `summaries` override the file's."""
+    path = find_config(path)
     if not path.is_file():
         raise ValueError(f"study={str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -189,7 +190,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
     except TypeError as err:
         raise ValueError(f"eval={eval_raw!r}: {err}") from None
     if out_dir is None:
-        out_dir = _resolve(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
+        out_dir = _path(raw.get("out_dir", f"runs/studies/{name}"), "out_dir")
     variants = _variants(raw.get("variants"), seeds)
     names = [v.name for v in variants]
     reference = raw.get("reference")
@@ -213,11 +214,11 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
         raise ValueError(f"preregistration={preregistration!r} must be a mapping (the study's registered protocol)")
     if not isinstance(raw.get("pinned_revision", False), bool):
         raise ValueError(f"pinned_revision={raw['pinned_revision']!r} must be true or false")
-    return Study(name=name, base=_resolve(raw.get("base"), "base"), out_dir=Path(out_dir),
+    return Study(name=name, base=find_config(_path(raw.get("base"), "base")), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
                  variants=variants, path=path, reference=references[0] if references else None,
                  references=tuple(references), claims=tuple(claims.items()), paper=paper,
-                 summaries=None if summaries is None else _resolve(summaries, "summaries"),
+                 summaries=None if summaries is None else _path(summaries, "summaries"),
                  preregistration=preregistration, pinned_revision=raw.get("pinned_revision", False))
 
 
@@ -290,7 +291,8 @@ def describe_plan(study: Study, runs: list[PlannedRun]) -> str:
     return "\n".join(lines)
 
 
-def repo_relative(path: Path) -> str:
-    """A path relative to the repository when it lies inside it (stable across checkouts)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+def shown_path(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory where it lies inside it (so a report
+    rebuilt from the repository root reads the same in every checkout), else absolute."""
+    path, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)

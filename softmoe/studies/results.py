@@ -14,7 +14,7 @@ import torch
 from softmoe.common.atomic import atomic_write_json, atomic_write_text
 from softmoe.eval.plots import pyplot, save_figure, style_axes
 from softmoe.routing import ROUTERS, router_class
-from softmoe.studies.plan import PlannedRun, Study, Variant, repo_relative
+from softmoe.studies.plan import PlannedRun, Study, Variant, shown_path
 from softmoe.studies.study_report import write_study_report
 from softmoe.studies.summaries import check_revisions
 from softmoe.studies.verdicts import write_verdicts
@@ -225,8 +225,8 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
     c, limit = runs[0].config, study.evaluation.max_batches
     ref = None if study.reference is None else next(v.label for v in study.variants if v.name == study.reference)
     head = [f"# Study `{study.name}`", "",
-            f"Study file `{repo_relative(study.path)}`; base preset `{repo_relative(study.base)}`. "
-            f"Command: `softmoe compare --study {repo_relative(study.path)}`.",
+            f"Study file `{shown_path(study.path)}`; base preset `{shown_path(study.base)}`. "
+            f"Command: `softmoe compare --study {shown_path(study.path)}`.",
             f"Each run trains on {runs[0].tokens:,} tokens ({c.train.steps} steps x {c.train.grad_accum} x "
             f"{c.data.batch_size} x {c.data.seq_len}) of corpus `{c.data.corpus}`; seeds {list(study.seeds)} set "
             f"the init and the batch order. Scored on the whole `{study.evaluation.splits[0]}` split"
@@ -325,8 +325,8 @@ def write_results(study: Study, runs: list[PlannedRun], records: list[dict], mix
     atomic_write_text(out / "results.md", results_markdown(study, runs, rows, plots))
     if study.summaries is not None:
         report = write_study_report(study, records, study.summaries, planned=len(runs))
-        print(f"study report written: {repo_relative(report)}", flush=True)
+        print(f"study report written: {shown_path(report)}", flush=True)
         verdicts = write_verdicts(study, records, study.summaries, planned=len(runs))
         if verdicts is not None:
-            print(f"registered verdicts written: {repo_relative(verdicts)}", flush=True)
+            print(f"registered verdicts written: {shown_path(verdicts)}", flush=True)
     return out / "results.md"

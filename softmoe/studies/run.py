@@ -16,7 +16,7 @@ from softmoe.common.checks import check_int
 from softmoe.data.io import read_json
 from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, write_eval
 from softmoe.routing import router_class
-from softmoe.studies.plan import PlannedRun, Study, Variant, plan_runs, repo_relative
+from softmoe.studies.plan import PlannedRun, Study, Variant, plan_runs, shown_path
 from softmoe.studies.results import TASK_METRICS, write_results
 from softmoe.studies.summaries import build_summary, check_summary, load_summary, record_of, summary_path, write_summary
 from softmoe.train.checkpoint import latest_good_checkpoint
@@ -116,7 +116,7 @@ def run_one(study: Study, run: PlannedRun, progress: bool = False) -> dict:
                             run.config, _run_record(run, run_dir, payload), payload, run_dir)
     if study.summaries is not None:
         path = write_summary(study.summaries, summary)
-        print(f"{run.config.train.name}: summary written to {repo_relative(path)}", flush=True)
+        print(f"{run.config.train.name}: summary written to {shown_path(path)}", flush=True)
     return {**record_of(summary), "run_dir": str(run_dir)}
 
 

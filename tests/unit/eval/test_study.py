@@ -89,6 +89,23 @@ def test_plan_sets_seeds_names_and_out_dir(tmp_path):
     assert "4 runs" in text and f"{3 * 8 * 32:,} per run" in text and text.count(" new") == 4
 
 
+def test_study_paths_are_relative_to_the_current_directory_with_presets_as_fallback(tmp_path, monkeypatch):
+    """Run from outside a clone (or from an installed wheel): the study and its base preset are found among the
+    presets, and its runs and summaries go under the current directory, as `--out` and train.out_dir do."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study("configs/studies/tiny.yaml")
+    assert study.path == STUDIES / "tiny.yaml" and study.base == STUDIES.parent / "tiny" / "softmoe.yaml"
+    assert study.out_dir == Path("runs/studies/tiny") and not study.out_dir.is_absolute()
+    assert load_study("studies/tiny.yaml").path == study.path  # a preset name, as `--config tiny/softmoe`
+    run = plan_runs(study)[0]
+    assert run.config.train.run_dir.resolve() == tmp_path / "runs" / "studies" / "tiny" / "tiny-softmoe-s0"
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)  # a base preset of the user's own shadows the packaged one
+    own = tmp_path / "configs" / "tiny" / "softmoe.yaml"
+    own.write_text((STUDIES.parent / "tiny" / "softmoe.yaml").read_text())
+    assert load_study("configs/studies/tiny.yaml").base == Path("configs/tiny/softmoe.yaml")
+    assert load_study(STUDIES / "paper32.yaml").summaries == Path("docs/results/paper32")
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"seeds": []}, "seeds=\\[\\]"),
     ({"seeds": [0, 0]}, "seeds=\\[0, 0\\]"),

@@ -92,12 +92,13 @@ def test_without_registration_transformers_does_not_know_the_type(exported):
     assert done.returncode != 0 and "trust_remote_code" in done.stderr
 
 
-def test_lm_eval_cli_on_an_exported_folder(tmp_path):
+@pytest.fixture
+def arc_folder(tmp_path):
+    """(exported folder with its tokenizer, the local ARC-Easy task name, the tasks dir, model, tokenizer, rows)."""
     pytest.importorskip("lm_eval", reason="lm-eval not installed (the dev extra)")
     from benchmarks.crosscheck_lm_eval import task_yaml
     from softmoe.data.tokenizer import train_bpe
-    from softmoe.eval.downstream import evaluate_items
-    from softmoe.eval.tasks import TASKS, load_rows, task_path
+    from softmoe.eval.tasks import load_rows, task_path
 
     try:
         rows = load_rows("arc_easy", 4)
@@ -115,13 +116,34 @@ def test_lm_eval_cli_on_an_exported_folder(tmp_path):
     name, text = task_yaml("arc_easy", data_file, cache_dir=tmp_path / "cache")
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / f"{name}.yaml").write_text(text)
+    return folder, name, tmp_path / "tasks", model, tok, rows
 
+
+def test_lm_eval_cli_on_an_exported_folder(arc_folder, tmp_path):
+    from softmoe.eval.downstream import evaluate_items
+    from softmoe.eval.tasks import TASKS
+
+    folder, name, tasks, model, tok, rows = arc_folder
     cli = ("import sys\nfrom softmoe.cli import main\nsys.exit(main(sys.argv[1:]))")
     done = run_python(cli, "lm-eval", "run", "--model", "hf", "--model_args",
                       f"pretrained={folder},backend=causal,dtype=float32", "--tasks", name,
-                      "--include_path", str(tmp_path / "tasks"), "--limit", "4", "--batch_size", "2",
+                      "--include_path", str(tasks), "--limit", "4", "--batch_size", "2",
                       "--output_path", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"][name]
     ours = evaluate_items(model.model, tok, "arc_easy", [TASKS["arc_easy"].build(r) for r in rows], batch_size=2)
     assert (results["acc,none"], results["acc_norm,none"]) == (ours.acc, ours.acc_norm)
+
+
+def test_the_docs_lm_eval_python_snippet_runs_in_a_fresh_interpreter(arc_folder):
+    """docs/evaluation.md's `HFLM` snippet, pasted, with the tiny folder in place of hf/demo-softmoe and 4 items."""
+    folder, name, tasks, *_ = arc_folder
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    snippet = next(block for block in text.split("```python\n")[1:] if "simple_evaluate" in block).split("```")[0]
+    for old, new in (('"hf/demo-softmoe"', repr(str(folder))), ('include_path="tasks"', f"include_path={str(tasks)!r}"),
+                     ("bootstrap_iters=0,", "bootstrap_iters=0, limit=4,")):
+        assert old in snippet, old
+        snippet = snippet.replace(old, new)
+    done = run_python(snippet)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "acc,none" in done.stdout
