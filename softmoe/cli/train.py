@@ -67,8 +67,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if config.model.uses_budget:  # what K holds: the paper's rule makes it a soft mass, not a count
             held = "realized count" if config.model.budget_options.realized else "soft mass"
             active += f" at K={config.model.k:g} ({held})"
+    skipped = ""
+    if result.skipped_steps:  # tolerated (train.max_bad_steps in a row), never silent
+        skipped = (f"; {result.skipped_steps} of {result.step} steps skipped as non-finite (weights unchanged on "
+                   f"them; see metrics.jsonl)")
     print(f"done at step {result.step}: train loss {train_loss}, val loss {val_loss}, "
-          f"{tok} tok/s{active}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
+          f"{tok} tok/s{active}{skipped}; checkpoint {result.checkpoint}; metrics {result.run_dir}/metrics.jsonl")
     return 0
 
 

@@ -60,7 +60,15 @@ __all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "Paralleliz
 
 
 class TrainingAborted(RuntimeError):
-    """Too many consecutive non-finite steps (e.g. a learning rate far too high)."""
+    """Too many consecutive non-finite steps, or a validation without a finite loss (diverged weights: e.g. a
+    learning rate far too high)."""
+
+
+def _non_finite(**values: float) -> str:
+    """'non-finite grad_norm=nan (loss=5.95, aux_loss=0.01)': the quantities that are not finite first."""
+    bad = [f"{name}={value:g}" for name, value in values.items() if not math.isfinite(value)]
+    good = [f"{name}={value:.4g}" for name, value in values.items() if math.isfinite(value)]
+    return f"non-finite {', '.join(bad)}" + (f" ({', '.join(good)})" if good else "")
 
 
 @dataclass
@@ -290,13 +298,12 @@ class Trainer:
             return
         self.bad_steps += 1
         self.skipped_total += 1
-        what = stats.reason or (f"non-finite loss={stats.loss} aux={stats.aux_loss} "
-                                f"grad_norm={stats.grad_norm}")
+        what = stats.reason or _non_finite(loss=stats.loss, aux_loss=stats.aux_loss, grad_norm=stats.grad_norm)
         self.report(f"step {step}: {what}; step skipped, weights unchanged ({self.bad_steps} in a row)")
         if self.bad_steps > self.config.train.max_bad_steps:
             t = self.config.train
             raise TrainingAborted(f"aborting at step {step}: {self.bad_steps} consecutive non-finite steps "
-                                  f"({what.split(' aux=')[0]}; train.max_bad_steps={t.max_bad_steps}): the weights "
+                                  f"({what}; train.max_bad_steps={t.max_bad_steps}): the weights "
                                   f"diverged, is train.lr={t.lr:g} far too high? Its earlier checkpoints are kept")
 
     # ---- checkpoints ----
@@ -566,8 +573,20 @@ class Trainer:
         return last_loss, tok_per_sec
 
     def _validate(self, writer: MetricsWriter) -> tuple[float, list[dict]]:
+        """Evaluate on the val split; TrainingAborted where the weights give no finite loss (a diverged run)."""
         t = self.config.train
-        val_loss, layers = evaluate(self.model, self.data.val_batches(t.eval_batches), t.precision)
+        why = None
+        try:
+            val_loss, layers = evaluate(self.model, self.data.val_batches(t.eval_batches), t.precision)
+        except NonFiniteLogits as err:  # weights finite but huge: the routers' check sees the logits first
+            why = str(err).split(":")[0]
+        else:
+            if not math.isfinite(val_loss):
+                why = f"val loss={val_loss:g}"
+        if why is not None:
+            raise TrainingAborted(f"aborting at step {self.step}: validation gave no finite loss ({why}): the "
+                                  f"weights diverged, is train.lr={t.lr:g} far too high? Its earlier checkpoints "
+                                  f"are kept")
         writer.write({"step": self.step, "split": "val", "loss": val_loss,
                       "active_experts_mean": mean_active_experts(layers), "layers": layers})
         self.report(f"step {self.step}: val loss {val_loss:.4f}")

@@ -163,6 +163,46 @@ def test_generate_cuts_max_new_tokens_to_the_context(trained, capsys, extra):
     assert captured.out.startswith("the cat")
 
 
+def test_a_run_that_skipped_steps_says_so_in_its_last_line(trained, tmp_path, capsys, monkeypatch):
+    """Skipped steps within train.max_bad_steps are tolerated (exit 0), never silent: the last line counts them,
+    and the step's line names what was not finite (here the gradient norm, with a finite loss)."""
+    import math
+
+    from softmoe.train import loop
+
+    def with_one_nan_gradient(model, *args, **kwargs):
+        calls = [0]
+        inner = real(model, *args, **kwargs)
+
+        def clip_grad_norm(max_norm):
+            calls[0] += 1
+            norm = inner.clip_grad_norm(max_norm)
+            return math.nan if calls[0] == 2 else norm
+        return loop.Parallelized(forward=inner.forward, clip_grad_norm=clip_grad_norm, num_params=inner.num_params)
+
+    real = loop.one_process
+    monkeypatch.setattr(loop, "one_process", with_one_nan_gradient)
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.steps=3")) == 0
+    out = capsys.readouterr().out
+    assert ": non-finite grad_norm=nan (loss=" in out and out.count("step skipped") == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("done at step 3") and "1 of 3 steps skipped as non-finite" in last, last
+
+
+def test_a_run_whose_weights_diverged_without_max_bad_steps_stops_at_its_validation(trained, tmp_path, capsys):
+    """train.lr=1e10 for 3 steps: one applied step leaves finite but huge weights, two are skipped; the final
+    validation finds no finite loss and the run stops with one line and exit 2 (it used to raise a traceback)."""
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(_train(f"data.data_dir={data_dir}", f"train.out_dir={tmp_path}", "train.lr=1e10",
+                       "train.steps=3", "train.max_bad_steps=5")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "validation gave no finite loss" in err and "train.lr=1e+10" in err, err
+    assert not (tmp_path / "tiny-softmoe" / "summary.json").exists()
+
+
 def test_diverged_run_stops_cleanly_and_keeps_only_finite_verified_checkpoints(trained, tmp_path, capsys):
     """train.lr=1e10 (issue 27, item 9): the router's non-finite check is a skipped step, not a traceback; after
     train.max_bad_steps the run stops with exit 2, and every checkpoint it wrote verifies and holds finite weights."""

@@ -67,3 +67,12 @@ def test_forward_clip_and_reduce_are_the_composed_functions(tmp_path):
     (loss_sum, aux_sum), = seen["reduce"]
     assert stats.loss == 2.0 * loss_sum / 2 and stats.aux_loss == 2.0 * aux_sum / 2
     assert trainer.num_params() == 123
+
+
+def test_a_skipped_step_names_what_was_not_finite():
+    """A finite loss with a NaN gradient norm is reported as the gradient's fault, not the loss's."""
+    from softmoe.train.loop import _non_finite
+
+    assert _non_finite(loss=5.951234, aux_loss=0.0125, grad_norm=math.nan) == \
+        "non-finite grad_norm=nan (loss=5.951, aux_loss=0.0125)"
+    assert _non_finite(loss=math.inf, aux_loss=math.nan) == "non-finite loss=inf, aux_loss=nan"
