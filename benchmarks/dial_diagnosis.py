@@ -1,10 +1,10 @@
 """Why the budget dial moves the loss but hardly the realized active experts, under the paper's rule.
 
 The paper's rule keeps p_i >= tau with tau = clamp(threshold * k / E, m-th largest p, largest p) and combines
-with the raw p (METHOD.md). LapSum's p_i = F(r_i / alpha - b) with F(x) = e^x / 2 for x < 0: while every p_i of a
-token is below 1/2, raising k only lowers b, so all p_i scale by the same factor k' / k, and so does the
-threshold. The kept set of such a token cannot change with k; only its combine weights (its output scale) do.
-A token's kept set can move with k only when one of its p reaches 1/2 or when the clamp's bounds bite.
+with the raw p (docs/method.md). LapSum's p_i = F(r_i / alpha - b) with F(x) = e^x / 2 for x < 0: while every
+p_i of a token is below 1/2, raising k only lowers b, so all p_i scale by the same factor k' / k, and so does
+the threshold. The kept set of such a token cannot change with k; only its combine weights (its output scale)
+do. A token's kept set can move with k only when one of its p reaches 1/2 or when the clamp's bounds bite.
 
 This script measures that on a trained SoftMoE checkpoint: the model is run on validation batches at each
 global budget K' (the learned allocation scaled, as `softmoe eval --budget` does), the router logits and k_l of

@@ -40,14 +40,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from softmoe.common.extras import require
 
     require("transformers", "hf", "softmoe export")
+    from softmoe.common.progress import transformers_bars_follow_the_terminal
     from softmoe.export.checkpoint import export_checkpoint  # imports transformers: only when exporting
     from softmoe.train.checkpoint import CheckpointError
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is an existing file, not a folder")
-    with user_errors(CheckpointError, ValueError, OSError):
-        export_checkpoint(args.checkpoint, out)
+    transformers_bars_follow_the_terminal()
+    with user_errors(CheckpointError, ValueError, OSError):  # --out a file or a folder in use, ...
+        export_checkpoint(args.checkpoint, Path(args.out))
     return 0
 
 
@@ -65,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     main = sub.add_parser("main", help="the main job: fetch prose, train SoftMoE and top-k, evaluate, write a report")
     main.add_argument("--preset", default="demo", help="folder under configs/ (default: demo)")
     main.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and report.md go")
-    main.add_argument("--data-dir", type=Path, default=None, help="data directory (default: $SOFTMOE_DATA_DIR or data/)")
+    main.add_argument("--data-dir", type=Path, default=None,
+                      help="data directory (default: $SOFTMOE_DATA_DIR, else data/ of the source checkout or ./data)")
     main.add_argument("--variants", default="softmoe,topk", help="comma-separated preset variants to train")
     main.add_argument("--max-batches", "--eval-max-batches", dest="eval_max_batches", type=int, default=None,
                       help="cap validation batches of the final evaluation (default: whole split)")

@@ -37,7 +37,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                "learn_alpha": args.learn_alpha}
     if args.budget is not None:
         options["budget"] = args.budget
+    from softmoe.common.progress import transformers_bars_follow_the_terminal
     from softmoe.convert.folder import convert_folder
+
+    transformers_bars_follow_the_terminal()
 
     with user_errors(ValueError, TypeError, OSError):
         convert_folder(args.model, args.out, **options)

@@ -30,9 +30,14 @@ def format_summary(meta: dict, dataset_dir: Path, seconds: float) -> str:
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from softmoe.data.fetch import FetchError
-    from softmoe.data.prepare import prepare, read_meta
+    from softmoe.data.prepare import prepare, read_meta, resolve_tokenizer
 
     corpora = ["prose", "ptb"] if args.corpus == "all" else [args.corpus]
+    for corpus in corpora:  # every corpus's request, before anything is fetched or built
+        try:
+            resolve_tokenizer(corpus, None, args.vocab_size)
+        except ValueError as err:
+            return fail("data fetch", f"--corpus {args.corpus}: {err}")
     for corpus in corpora:
         start = time.perf_counter()
         try:
@@ -54,7 +59,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     fetch.add_argument("--corpus", choices=["prose", "ptb", "all"], default="prose",
                        help="which corpus (default prose)")
     fetch.add_argument("--data-dir", type=Path, default=None,
-                       help="data directory (default $SOFTMOE_DATA_DIR, else <repo>/data)")
+                       help="data directory (default: $SOFTMOE_DATA_DIR, else data/ of the source checkout or ./data)")
     fetch.add_argument("--vocab-size", type=int, default=None,
                        help="BPE vocabulary (default 8192; ptb uses its word vocabulary)")
     fetch.add_argument("--offline", action="store_true",

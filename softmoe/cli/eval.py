@@ -119,7 +119,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: the training precision")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: the run's)")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per split (quick looks; no bpb)")
-    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, $SOFTMOE_DATA_DIR, data/)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, $SOFTMOE_DATA_DIR, else "
+                                                    "data/ of the source checkout or ./data)")
     p.add_argument("--seed", type=int, default=0, help="zero-shot scorer seed (bootstrap intervals)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:<index>")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when not a terminal)")

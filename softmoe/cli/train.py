@@ -142,11 +142,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=2")
     p.add_argument("--resume", action="store_true",
                    help="continue the run (train.out_dir/train.name) from its newest good checkpoint, with the "
-                        "run's own config.yaml; overrides may change only logging/eval/checkpoint cadence")
+                        "run's own config.yaml; overrides may change what leaves the trajectory alone (logging, "
+                        "evaluation and checkpoint cadence, threads, paths) and may raise train.steps to extend it")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="parent of the run directory (the same as train.out_dir=DIR; default: the preset's)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="data directory (the same as data.data_dir=DIR; default: the preset's, $SOFTMOE_DATA_DIR, data/)")
+                   help="data directory (the same as data.data_dir=DIR; default: the preset's, $SOFTMOE_DATA_DIR, "
+                        "else data/ of the source checkout or ./data)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (the same as train.progress=false; also off when not a terminal)")
     p.add_argument("--overwrite", action="store_true",

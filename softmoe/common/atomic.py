@@ -10,9 +10,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+import shutil
+from typing import Any, Callable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_new_folder", "write_new_folder"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -40,3 +41,37 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Pretty, key-sorted JSON (so identical content gives identical bytes), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def check_new_folder(out: Path, flag: str = "--out") -> None:
+    """ValueError naming `flag` unless `out` is missing or an empty folder (nothing of another folder is
+    overwritten). Cheap: call it before the slow work that fills the folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} is an existing file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{flag} {str(out)!r} is not empty ({len(list(out.iterdir()))} entries): write into a new "
+                         f"or empty folder")
+
+
+def write_new_folder(out: Path, fill: Callable[[Path], None], flag: str = "--out") -> Path:
+    """Write folder `out` whole: `fill(staging)` writes into a fresh folder next to it, which is then renamed onto
+    `out` (missing or empty, see `check_new_folder`), so `out` is complete or absent; on any error the staging
+    folder is removed. Returns `out`."""
+    out = Path(out)
+    check_new_folder(out, flag)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(staging, 0o755)  # mkdtemp creates 0700; the folder is meant to be shared
+    except OSError as err:
+        raise ValueError(f"{flag} {str(out)!r}: cannot create it ({err.strerror or err})") from None
+    try:
+        fill(staging)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); fails if something was written there meanwhile
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -31,7 +31,7 @@ from softmoe.convert.blocks import FAMILIES, RetrofitState, SoftRoutedBlock, che
 from softmoe.routing.budget import BUDGET_MODES
 from softmoe.routing.softk import COMBINE_MODES, SoftKConfig
 
-__all__ = ["RetrofitConfig", "from_hf", "from_pretrained", "STATE_PREFIX", "CONFIG_KEY", "soft_blocks"]
+__all__ = ["RetrofitConfig", "check_options", "from_hf", "from_pretrained", "STATE_PREFIX", "CONFIG_KEY", "soft_blocks"]
 
 STATE_PREFIX = "softmoe_retrofit."  # state dict prefix of the added tensors
 CONFIG_KEY = "softmoe_retrofit"  # config.json entry with the settings
@@ -105,22 +105,66 @@ def _uniform(found: list[tuple[str, nn.Module]]) -> tuple[int, int]:
     return first[1], first[2]
 
 
+def _resolve(settings: RetrofitConfig, num_layers: int, num_experts: int, top_k: int,
+             combine: str) -> tuple[RetrofitConfig, RetrofitState, SoftKConfig]:
+    """The settings with budget and combine resolved, the added state and the routing rule of E experts.
+
+    Budget (in RetrofitState) validates budget / k_min / margin; SoftKConfig validates the rule (k < E,
+    max_active) and carries the loss coefficients. Raises ValueError naming the out-of-range option."""
+    settings = dataclasses.replace(settings, combine=settings.combine or combine,
+                                   budget=float(top_k if settings.budget is None else settings.budget))
+    state = RetrofitState(num_layers, num_experts, settings.budget, settings.alpha, settings.learn_alpha,
+                          settings.learn_k, settings.k_min, settings.margin, settings.budget_mode)
+    rule = SoftKConfig(num_experts=num_experts, k=settings.budget, alpha=settings.alpha,
+                       truncation=settings.truncation, threshold=settings.threshold, cap_factor=settings.cap_factor,
+                       min_weight=settings.min_weight, max_active=settings.max_active, combine=settings.combine,
+                       lb_coef=settings.lb_coef, z_coef=settings.z_coef)
+    return settings, state, rule
+
+
+# Where each family's config.json keeps E (the top-k is num_experts_per_tok in all three).
+_NUM_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts"}
+
+
+def check_options(hf_config, alpha: float = RetrofitConfig.alpha, **options) -> None:
+    """Check a conversion's options against a transformers config before any weight is loaded (`softmoe convert`
+    on a large model): the same checks as `from_hf`, with E and the top-k read from the config.
+
+    Raises:
+        ValueError: a config of another model type (an exported softmoe model included), a folder saved after
+            conversion, an unknown option or an out-of-range value (named).
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in _NUM_EXPERTS_KEY:
+        what = ("an exported softmoe model (it routes with SoftMoE already)" if model_type == "softmoe"
+                else f"a {model_type!r} model")
+        raise ValueError(f"it is {what}: softmoe convert takes Mixtral, Qwen2-MoE or OLMoE folders "
+                         f"(model_type {sorted(_NUM_EXPERTS_KEY)})")
+    if getattr(hf_config, CONFIG_KEY, None) is not None:
+        raise ValueError("it was saved after conversion (config.json has a 'softmoe_retrofit' entry): load it "
+                         "with softmoe.convert.from_pretrained(path)")
+    settings = _settings(alpha, options)
+    num_experts = int(getattr(hf_config, _NUM_EXPERTS_KEY[model_type]))
+    family = next(family for family in FAMILIES if family.name == model_type)
+    _resolve(settings, 1, num_experts, int(hf_config.num_experts_per_tok),  # the checks do not depend on L
+             family.combine_mode(hf_config))
+
+
+def _settings(alpha: float, options: dict) -> RetrofitConfig:
+    valid = {f.name for f in dataclasses.fields(RetrofitConfig)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for from_hf; valid options: {sorted(valid)}")
+    return RetrofitConfig(alpha=alpha, **options)
+
+
 def _convert(model: nn.Module, settings: RetrofitConfig) -> RetrofitConfig:
     """Replace the blocks in place; returns the settings with budget and combine resolved."""
     found = _find_blocks(model)
     num_experts, top_k = _uniform(found)
     family = family_of(found[0][1])
-    combine = settings.combine or family.combine_mode(found[0][1].gate)
-    settings = dataclasses.replace(settings, combine=combine,
-                                   budget=float(top_k if settings.budget is None else settings.budget))
-    state = RetrofitState(len(found), num_experts, settings.budget, settings.alpha, settings.learn_alpha,
-                          settings.learn_k, settings.k_min, settings.margin, settings.budget_mode)
-    # Budget (in RetrofitState) validates budget / k_min / margin; SoftKConfig validates the rule
-    # (k < E, max_active) and carries the loss coefficients.
-    rule = SoftKConfig(num_experts=num_experts, k=settings.budget, alpha=settings.alpha,
-                       truncation=settings.truncation, threshold=settings.threshold, cap_factor=settings.cap_factor,
-                       min_weight=settings.min_weight, max_active=settings.max_active, combine=combine,
-                       lb_coef=settings.lb_coef, z_coef=settings.z_coef)
+    settings, state, rule = _resolve(settings, len(found), num_experts, top_k,
+                                     family.combine_mode(found[0][1].gate))
     state.to(found[0][1].gate.weight.device)
     for index, (name, block) in enumerate(found):
         parent_name, _, attr = name.rpartition(".")
@@ -156,11 +200,7 @@ def from_hf(model: nn.Module, alpha: float = RetrofitConfig.alpha, **options) ->
         raise ValueError(f"{type(model).__name__}.config has a {CONFIG_KEY!r} entry: it was saved after "
                          "conversion and loaded without its SoftMoE state (learned k_l and alpha); load it "
                          "with softmoe.convert.from_pretrained(path)")
-    valid = {f.name for f in dataclasses.fields(RetrofitConfig)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for from_hf; valid options: {sorted(valid)}")
-    settings = _convert(model, RetrofitConfig(alpha=alpha, **options))
+    settings = _convert(model, _settings(alpha, options))
     if config is not None:
         setattr(config, CONFIG_KEY, {"version": FORMAT_VERSION, **dataclasses.asdict(settings)})
     return model

@@ -38,7 +38,7 @@ from softmoe.data.layout import (
     write_dataset,
 )
 from softmoe.data.sources import artifacts_for
-from softmoe.data.tokenizer import EOS, EOT, build_word_level, train_bpe
+from softmoe.data.tokenizer import EOS, EOT, build_word_level, check_bpe_vocab, train_bpe
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,16 +49,18 @@ __all__ = [
     "load_split",
     "prepare",
     "read_meta",
+    "resolve_tokenizer",
     "write_dataset",
 ]
 
 DEFAULT_VOCAB = 8192
 
 
-def _resolve_tokenizer(
+def resolve_tokenizer(
     corpus: str, tokenizer: str | None, vocab_size: int | None
 ) -> tuple[str, int | None, str]:
-    """(kind, vocab_size or None for word level, dataset directory name)."""
+    """(kind, vocab_size or None for word level, dataset directory name); ValueError for a request that cannot
+    be built (checked before anything is fetched)."""
     if corpus not in ("prose", "ptb"):
         raise ValueError(f"corpus={corpus!r} must be 'prose' or 'ptb' ('tiny' is built by fixtures)")
     kind = tokenizer or ("word" if corpus == "ptb" else "bpe")
@@ -66,9 +68,11 @@ def _resolve_tokenizer(
         raise ValueError(f"tokenizer={tokenizer!r} is not valid for corpus={corpus!r}")
     if kind == "word":
         if vocab_size is not None:
-            raise ValueError(f"vocab_size={vocab_size} is fixed by PTB's word vocabulary; pass None")
+            raise ValueError(f"vocab_size={vocab_size} cannot be set for ptb: its vocabulary is the corpus's own "
+                             f"10k words (leave vocab_size unset, or drop --vocab-size)")
         return kind, None, corpus
     vocab = DEFAULT_VOCAB if vocab_size is None else vocab_size
+    check_bpe_vocab(vocab)
     default = tokenizer is None and vocab == DEFAULT_VOCAB
     return kind, vocab, corpus if default else f"{corpus}-bpe{vocab}"
 
@@ -128,7 +132,7 @@ def prepare(
     Returns:
         Path of the dataset directory `<data_dir>/<name>`.
     """
-    kind, vocab, name = _resolve_tokenizer(corpus, tokenizer, vocab_size)
+    kind, vocab, name = resolve_tokenizer(corpus, tokenizer, vocab_size)
     root = resolve_data_dir(data_dir)
     if corpus == "ptb":
         split = {"method": "mikolov"}

@@ -2,7 +2,7 @@
 
 Every artifact is fetched with its registry's ordinary client at an exact version and checked
 against the sha256 recorded here (computed by downloading each one on 2026-11-22). Nothing from an
-artifact is used unless its hash matches. See /work/shared/DATA.md for where each came from.
+artifact is used unless its hash matches. See docs/data.md for where each came from.
 """
 
 from __future__ import annotations

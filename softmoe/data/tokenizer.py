@@ -22,6 +22,7 @@ __all__ = [
     "EOS",
     "EOT",
     "build_word_level",
+    "check_bpe_vocab",
     "encode_documents",
     "load_tokenizer",
     "load_tokenizer_meta",
@@ -45,6 +46,13 @@ def text_sha256(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    """ValueError unless `vocab_size` is a byte-level BPE vocabulary `train_bpe` can build: [258, MAX_VOCAB]
+    (the 256 bytes, EOT, and at least one merge)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 258 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size!r} must be an int in [258, {MAX_VOCAB}]")
+
+
 def train_bpe(texts: Sequence[str], vocab_size: int = 8192) -> Tokenizer:
     """Train a byte-level BPE with EOT as special token 0; all 256 bytes are in the base alphabet.
 
@@ -52,8 +60,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 8192) -> Tokenizer:
         texts: training documents (the train split only).
         vocab_size: final vocabulary including the 256 byte tokens and EOT; in [258, 65536].
     """
-    if not isinstance(vocab_size, int) or not 258 <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an int in [258, {MAX_VOCAB}]")
+    check_bpe_vocab(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

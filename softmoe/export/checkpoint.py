@@ -6,14 +6,12 @@ The folder loads with `SoftMoEForCausalLM.from_pretrained(folder)`, or with the 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from softmoe.data.io import make_temp_dir
+from softmoe.common.atomic import check_new_folder, write_new_folder
 from softmoe.data.tokenizer import EOT
 from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
 from softmoe.export.manifest import write_manifest
@@ -47,25 +45,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path,
     is written next to it under a temporary name and renamed into place, so it is complete or absent.
     """
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {str(out)!r} is not empty ({len(list(out.iterdir()))} entries): export into a new "
-                         f"or empty folder")
+    check_new_folder(out)  # before loading the checkpoint
     gpt, _, path = load_for_inference(checkpoint, report)
     model = SoftMoEForCausalLM(SoftMoEConfig.from_model_config(gpt.config))
     model.model.load_state_dict(gpt.state_dict())
-    try:
-        tmp = make_temp_dir(out)
-    except OSError as err:
-        raise ValueError(f"--out {str(out)!r}: cannot create it ({err.strerror or err})") from None
-    try:
-        model.save_pretrained(tmp)
-        hf_tokenizer(path / "tokenizer.json", model_max_length=gpt.config.max_seq_len).save_pretrained(tmp)
-        write_manifest(tmp)  # last: it covers the tokenizer files too
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        hf_tokenizer(path / "tokenizer.json", model_max_length=gpt.config.max_seq_len).save_pretrained(folder)
+        write_manifest(folder)  # last: it covers the tokenizer files too
+
+    write_new_folder(out, fill)
     report(f"exported {path} -> {out}")
     return out

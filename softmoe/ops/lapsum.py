@@ -19,7 +19,7 @@ How the threshold is made exact for every finite input, in three stages:
        - `_refine` from `_initial_threshold`: sort-free exact piecewise steps, O(n) each, usually 1-3;
          rows that do not settle within the cap are finished by the closed form (finding them needs a
          host sync, which is free on CPU);
-       - `_threshold_closed_form`: the O(n log n) closed form of METHOD.md (sort + prefix sums), a
+       - `_threshold_closed_form`: the O(n log n) closed form of docs/method.md (sort + prefix sums), a
          fixed amount of work per row and no host sync (used when value checks are off, e.g. on GPUs).
        Partial sums are kept in log space, so nothing underflows into subnormals.
     3. Polish: re-centre every row on its score nearest the threshold, x = (r - r_a) / alpha + x_a
@@ -169,7 +169,7 @@ def _refine(
 
 
 def _threshold_closed_form(s_Rn: torch.Tensor, w_R1: torch.Tensor) -> torch.Tensor:
-    """(R, 1) exact threshold t per row in closed form (METHOD.md); fixed work, no host sync.
+    """(R, 1) exact threshold t per row in closed form (docs/method.md); fixed work, no host sync.
 
     Solves sum_j F(t - s_j) = w (= n - k): sort, two log-cum-sum-exps give the soft count at every
     knot, counting finds the bracketing knots, and the quadratic of `_interval_step` solves inside.

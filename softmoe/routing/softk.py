@@ -5,7 +5,8 @@ Shape legend:
     D   d_model
     E   experts
 
-The paper's rule (Zasada et al., ICML 2026; METHOD.md, "SoftMoE layer"), the default, per token:
+The paper's rule (Zasada et al., ICML 2026; docs/method.md, "The paper's routing rule"), the default, per
+token:
     1. r = W x in fp32 (no softmax before LapSum); in training, optionally r + gate_noise * N(0, 1) (the router
        template's `noised`, for every router).
     2. p = soft_topk(r, k_l, alpha) with alpha = 1: p_i in (0, 1), sum_i p_i = k_l. k_l comes from

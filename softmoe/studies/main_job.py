@@ -26,18 +26,36 @@ from softmoe.train.config import RunConfig, load_run_config
 from softmoe.train.restore import load_model
 from softmoe.train.runs import prepared_dataset_dir, train_or_reuse
 
-__all__ = ["run_main_job", "CONFIGS_DIR"]
+__all__ = ["run_main_job", "check_preset_variants", "CONFIGS_DIR"]
 
 CONFIGS_DIR = presets_dir()  # configs/ of a clone, or the presets packaged in the wheel
 DEFAULT_VARIANTS = ("softmoe", "topk")
 MAKE_RUN = "softmoe main --preset demo --out runs/demo"  # the Makefile's `make run`
 
 
+def check_preset_variants(preset: str, variants: tuple[str, ...]) -> None:
+    """ValueError naming --preset or --variants unless `preset` is a folder of CONFIGS_DIR holding every one of
+    `variants` (distinct, non-empty names)."""
+    presets = sorted(p.name for p in CONFIGS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
+                     and p.name != "studies")
+    if not preset or preset not in presets:
+        raise ValueError(f"--preset {preset!r} is not a preset: choose one of {presets} (folders of {CONFIGS_DIR})")
+    available = sorted(p.stem for p in (CONFIGS_DIR / preset).glob("*.yaml"))
+    listed = ",".join(variants)
+    if not variants or any(not v for v in variants):
+        raise ValueError(f"--variants {listed!r} must be comma-separated variant names of preset {preset!r}: "
+                         f"{available}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"--variants {listed!r} names a variant twice: each is trained once")
+    missing = [v for v in variants if v not in available]
+    if missing:
+        raise ValueError(f"--variants {listed!r}: preset {preset!r} has no variant {missing[0]!r}; its variants are "
+                         f"{available}")
+
+
 def _variant_config(preset: str, variant: str, out_dir: Path, data_dir: Path | None,
                     overrides: tuple[str, ...]) -> RunConfig:
     path = CONFIGS_DIR / preset / f"{variant}.yaml"
-    if not path.is_file():
-        raise ValueError(f"preset={preset!r} has no variant {variant!r}: {path} does not exist")
     placed = [f"train.out_dir={out_dir}"] + ([f"data.data_dir={data_dir}"] if data_dir is not None else [])
     return load_run_config(path, [*placed, *overrides])
 
@@ -60,12 +78,19 @@ def _context(preset: str, variants: tuple[str, ...], dataset_dir: Path, configs:
         f"Data: corpus `{c.data.corpus}` ({dataset_dir}), BPE vocabulary {meta.get('vocab_size')}; "
         f"each run trains on {tokens:,} tokens ({c.train.steps} steps of {c.data.batch_size} x {c.data.seq_len}); "
         f"the final models are scored on the whole validation split.",
-        f"Model: d_model {c.model.d_model}, {c.model.n_layers} layers, {c.model.num_experts} experts of width "
-        f"{c.model.d_expert}, precision {c.train.precision}.",
+        f"Model: d_model {c.model.d_model}, {c.model.n_layers} layers, {_ffns(configs)}, precision "
+        f"{c.train.precision}.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads in this process, "
         f"torch {torch.__version__}. Wall time of the whole job: {_duration(seconds)}.",
         f"Command: `{command}`" + (" (what `make run` does)." if command == MAKE_RUN else "."),
     ]
+
+
+def _ffns(configs: list[RunConfig]) -> str:
+    """The FFN of each variant, once per distinct one: '8 experts of width 32' / 'a dense FFN of width 128'."""
+    described = [f"a dense FFN of width {c.model.d_ff}" if c.model.ffn == "dense"
+                 else f"{c.model.num_experts} experts of width {c.model.d_expert}" for c in configs]
+    return " / ".join(dict.fromkeys(described))
 
 
 def _duration(seconds: float) -> str:
@@ -100,6 +125,7 @@ def run_main_job(preset: str = "demo", out_dir: Path = Path("runs/demo"), data_d
     """
     start = time.time()
     out_dir = Path(out_dir)
+    check_preset_variants(preset, variants)
     configs = [_variant_config(preset, variant, out_dir, data_dir, overrides) for variant in variants]
     why = unusable_dir(out_dir)
     if why:

@@ -226,7 +226,7 @@ def results_markdown(study: Study, runs: list[PlannedRun], rows: list[dict], plo
     ref = None if study.reference is None else next(v.label for v in study.variants if v.name == study.reference)
     head = [f"# Study `{study.name}`", "",
             f"Study file `{shown_path(study.path)}`; base preset `{shown_path(study.base)}`. "
-            f"Command: `softmoe compare --study {shown_path(study.path)}`.",
+            f"Command: `softmoe compare --config {shown_path(study.path)}`.",
             f"Each run trains on {runs[0].tokens:,} tokens ({c.train.steps} steps x {c.train.grad_accum} x "
             f"{c.data.batch_size} x {c.data.seq_len}) of corpus `{c.data.corpus}`; seeds {list(study.seeds)} set "
             f"the init and the batch order. Scored on the whole `{study.evaluation.splits[0]}` split"

@@ -159,7 +159,8 @@ def resume_config(requested: RunConfig, overrides: list[str]) -> RunConfig:
     """The config a `--resume` continues with: the run's own config.yaml plus the command line's overrides.
 
     The preset only locates the run directory (train.out_dir / train.name); overrides may change only
-    settings that do not alter the trajectory (logging, evaluation and checkpoint cadence, threads, paths).
+    settings that do not alter the trajectory (logging, evaluation and checkpoint cadence, threads, paths), and
+    train.steps may grow (an extension).
     """
     run_dir = requested.train.run_dir
     saved = read_saved_config(run_dir)

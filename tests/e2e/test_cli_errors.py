@@ -72,7 +72,14 @@ CASES = {
                                                        "--top-p", "1.5"], "top_p=1.5 must be a finite number in (0, 1]"),
     "a bool option given as 1": (lambda r, d, t: _train(f"data.data_dir={d}", f"train.out_dir={t}", "train.compile=1"),
                                  "train.compile must be a bool, got int (1)"),
-    "main unknown preset": (lambda r, d, t: ["main", "--preset", "nope", "--out", str(t / "m")], "preset='nope'"),
+    "main unknown preset": (lambda r, d, t: ["main", "--preset", "nope", "--out", str(t / "m")],
+                            "--preset 'nope' is not a preset: choose one of ["),
+    "main variant twice": (lambda r, d, t: ["main", "--preset", "tiny", "--variants", "dense,dense",
+                                            "--out", str(t / "m")], "names a variant twice"),
+    "main empty variant": (lambda r, d, t: ["main", "--preset", "tiny", "--variants", "softmoe,",
+                                            "--out", str(t / "m")], "--variants 'softmoe,' must be comma-separated"),
+    "main unknown variant": (lambda r, d, t: ["main", "--preset", "tiny", "--variants", "softmoe,nope",
+                                              "--out", str(t / "m")], "has no variant 'nope'; its variants are"),
     "main --out is a file": (lambda r, d, t: ["main", "--preset", "tiny", "--out", "/etc/hostname"],
                              "--out '/etc/hostname' is a file"),
     "eval --out is a file": (lambda r, d, t: ["eval", "--checkpoint", str(r), "--out", "/etc/hostname"],
@@ -106,6 +113,13 @@ CASES = {
                                     "--next=-1 must be >= 0"),
     "fetch offline, nothing cached": (lambda r, d, t: ["data", "fetch", "--offline", "--data-dir", str(t / "empty")],
                                       "softmoe data fetch:"),
+    # checked before anything is fetched (--offline with an empty cache would fail later with another message)
+    "fetch ptb --vocab-size": (lambda r, d, t: ["data", "fetch", "--offline", "--corpus", "ptb", "--vocab-size", "100",
+                                                "--data-dir", str(t / "empty")], "drop --vocab-size"),
+    "fetch all --vocab-size": (lambda r, d, t: ["data", "fetch", "--offline", "--corpus", "all", "--vocab-size",
+                                                "4096", "--data-dir", str(t / "empty")], "--corpus all: vocab_size=4096"),
+    "fetch --vocab-size 3": (lambda r, d, t: ["data", "fetch", "--offline", "--vocab-size", "3",
+                                              "--data-dir", str(t / "empty")], "vocab_size=3 must be an int in [258"),
 }
 
 

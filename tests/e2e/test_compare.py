@@ -34,7 +34,7 @@ def test_compare_tiny_study_end_to_end_and_resumable(tmp_path, capsys):
     assert rows["softmoe"]["loss"]["mean"] == sum(losses) / 2 and losses[0] != losses[1]  # seeds differ
     assert all(len(r["k_L"]) == 2 for r in results["runs"] if r["variant"] == "softmoe")
     md = (out / "results.md").read_text()
-    assert "| SoftMoE K=2 of 4 | 2 | " in md and " ± " in md
+    assert "| SoftMoE K=2 of 8 | 2 | " in md and " ± " in md
     for png in ("frontier.png", "allocation.png", "loss_curves.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
 

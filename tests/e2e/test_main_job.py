@@ -58,3 +58,14 @@ def test_main_job_without_matplotlib_writes_the_report_and_says_how_to_get_plots
     # the report names the command that reproduces it, and a tiny job's wall time in seconds, not "0.0 min"
     assert "Command: `softmoe main --preset tiny --out " in text and "--variants topk" in text
     assert re.search(r"Wall time of the whole job: \d+ s\.", text), text
+
+
+def test_the_report_describes_each_variants_ffn():
+    """A dense variant has no experts: the report's model line says what each variant's FFN is."""
+    from pathlib import Path
+
+    from softmoe.studies.main_job import _ffns, _variant_config
+
+    configs = [_variant_config("tiny", name, Path("runs"), None, ()) for name in ("dense", "softmoe", "topk")]
+    d_ff, experts = configs[0].model.d_ff, configs[1].model
+    assert _ffns(configs) == f"a dense FFN of width {d_ff} / {experts.num_experts} experts of width {experts.d_expert}"

@@ -1,4 +1,5 @@
-"""A slow per-token loop reference of the paper's SoftMoE routing rule, written from METHOD.md's text.
+"""A slow per-token loop reference of the paper's SoftMoE routing rule, written from the method notes' text
+(summarised in docs/method.md).
 
 It calls nothing from softmoe: the soft top-k is the float64 bisection of lapsum_reference.py.
 """

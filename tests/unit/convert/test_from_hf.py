@@ -246,6 +246,57 @@ def test_cli_convert_on_a_saved_tiny_model(tmp_path, capsys):
     assert "alpha=0.0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "-1"], "alpha=-1.0"),
+    (["--budget", "9"], "9"),
+    (["--threshold", "-1"], "threshold=-1.0"),
+    (["--max-active", "0"], "max_active=0"),
+    (["--min-weight", "2"], "min_weight=2.0"),
+])
+def test_cli_convert_checks_its_options_before_loading_the_weights(tmp_path, capsys, monkeypatch, flags, message):
+    """A large model takes minutes to load: a bad flag must be refused first, and nothing written."""
+    src = tmp_path / "hf"
+    tiny("olmoe").save_pretrained(src)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the options were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    capsys.readouterr()
+    assert main(["convert", "--checkpoint", str(src), "--out", str(tmp_path / "soft"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "--checkpoint" in err, err
+    assert not (tmp_path / "soft").exists()
+
+
+def test_cli_convert_refuses_other_models_and_a_used_out_folder(tmp_path, capsys):
+    from softmoe.export.hf import SoftMoEConfig, SoftMoEForCausalLM
+    from softmoe.model import ModelConfig
+
+    exported, llama = tmp_path / "exported", tmp_path / "llama"
+    SoftMoEForCausalLM(SoftMoEConfig.from_model_config(ModelConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, num_experts=4, d_expert=16, k=2.0,
+        max_seq_len=16))).save_pretrained(exported)
+    LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)).save_pretrained(llama)
+    assert main(["convert", "--checkpoint", str(exported), "--out", str(tmp_path / "a")]) == 2
+    assert "an exported softmoe model" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(llama), "--out", str(tmp_path / "b")]) == 2
+    assert "a 'llama' model" in capsys.readouterr().err
+    src, used = tmp_path / "hf", tmp_path / "used"
+    tiny("mixtral").save_pretrained(src)
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert main(["convert", "--checkpoint", str(src), "--out", str(used)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (used / "notes.txt").read_text() == "mine"
+    (used / "notes.txt").unlink()  # an empty folder is fine
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: the CLI turns transformers' bars off off a terminal
+    assert main(["convert", "--checkpoint", str(src), "--out", str(used)]) == 0
+    assert "shards" not in capsys.readouterr().err
+    assert (used / "config.json").is_file() and not list(tmp_path.glob(".used.*"))  # no staging left behind
+
+
 def test_cli_defaults_are_the_retrofit_defaults():
     """The parser spells RetrofitConfig's defaults out (building it must not import torch): they must agree."""
     from softmoe.cli.convert import DEFAULTS

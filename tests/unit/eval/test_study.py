@@ -155,9 +155,9 @@ def test_zero_shot_tasks_are_aggregated_over_seeds_and_tabulated(tmp_path):
     md = results_markdown(study, plan_runs(study), list(rows.values()), [])
     assert "## Zero-shot tasks" in md and "(at most 10 each, the first of the split)" in md
     assert "| variant | arc_easy | lambada | piqa | mean acc (arc_easy, piqa) |" in md
-    assert "| SoftMoE K=2 of 4 | 0.300 ± 0.141 / 0.500 ± 0.000 | 0.100 ± 0.000 / ppl 200 ± 141 | " \
+    assert "| SoftMoE K=2 of 8 | 0.300 ± 0.141 / 0.500 ± 0.000 | 0.100 ± 0.000 / ppl 200 ± 141 | " \
            "0.700 ± 0.141 / 0.500 ± 0.000 | 0.5000 ± 0.1414 |" in md
-    assert "| top-k k=2 of 4 | 0.300 / 0.500 | 0.100 / ppl 50 | 0.500 / 0.500 | 0.4000 |" in md
+    assert "| top-k k=2 of 8 | 0.300 / 0.500 | 0.100 / ppl 50 | 0.500 / 0.500 | 0.4000 |" in md
 
 
 def test_without_tasks_there_is_no_zero_shot_section(tmp_path):
@@ -182,7 +182,7 @@ def test_a_reference_variant_gives_paired_loss_differences(tmp_path):
     assert delta["mean"] == pytest.approx(-0.05) and delta["std"] == pytest.approx(0.2121320344)
     assert (delta["seeds"], delta["lower"]) == (2, 1) and rows["topk"]["loss_vs_reference"] is None
     md = results_markdown(study, plan_runs(study), list(rows.values()), [])
-    assert "| Δ val loss vs top-k k=2 of 4 |" in md
+    assert "| Δ val loss vs top-k k=2 of 8 |" in md
     assert "| -0.0500 ± 0.2121 (lower in 1/2) |" in md and "| (reference) |" in md
     with pytest.raises(ValueError, match="reference='nope' must name one of the variants"):
         load_study(write_study(tmp_path, reference="nope"))

@@ -1,6 +1,7 @@
-"""`router: softmoe` with no options is the paper's rule (METHOD.md): LapSum soft top-k on raw fp32 logits
-with alpha 1, the relative clamped truncation threshold, raw kept p as combine weights, training-only gate
-noise. Checked against a slow loop reference written from METHOD.md (tests/reference/paper_rule.py).
+"""`router: softmoe` with no options is the paper's rule (docs/method.md): LapSum soft top-k on raw fp32
+logits with alpha 1, the relative clamped truncation threshold, raw kept p as combine weights, training-only
+gate noise. Checked against a slow loop reference written from the method notes (docs/method.md;
+tests/reference/paper_rule.py).
 
 Run: .venv/bin/python -m pytest -q tests/unit/routing/test_softk_paper_rule.py
 """
