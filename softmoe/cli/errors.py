@@ -38,13 +38,18 @@ class UserError(Exception):
 
 
 @contextlib.contextmanager
-def user_errors(*kinds: type[BaseException], prefix: str = "") -> Iterator[None]:
+def user_errors(*kinds: type[BaseException], prefix: str = "", flags: dict[str, str] | None = None) -> Iterator[None]:
     """Turn the exceptions `kinds` raised inside the block into a UserError ("<prefix><the error>"); an error that
-    carries `every_rank` (a distributed run's, raised alike on every rank) keeps it."""
+    carries `every_rank` (a distributed run's, raised alike on every rank) keeps it. `flags` maps a library
+    argument to the flag the user typed: an error starting "max_batches=0 ..." reads "--max-batches=0 ..."."""
     try:
         yield
     except kinds as err:
-        raise UserError(f"{prefix}{err}", every_rank=getattr(err, "every_rank", True)) from err
+        message = str(err)
+        name = message.split("=", 1)[0] if "=" in message else None
+        if flags and name in flags:
+            message = flags[name] + message[len(name):]
+        raise UserError(f"{prefix}{message}", every_rank=getattr(err, "every_rank", True)) from err
 
 
 def check_out_dir(what: str, path, create: bool = False) -> None:

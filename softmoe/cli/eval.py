@@ -54,7 +54,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from softmoe.eval.evaluate import EvalSettings, evaluate_checkpoint, run_dir_of, write_eval
     from softmoe.train.checkpoint import CheckpointError
 
-    with user_errors(CheckpointError, FetchError, FileNotFoundError, ValueError):
+    flags = {name: "--" + name.replace("_", "-") for name in ("limit", "precision", "batch_size", "max_batches",
+                                                                "data_dir", "seed", "device")}
+    with user_errors(CheckpointError, FetchError, FileNotFoundError, ValueError, flags=flags):
         settings = EvalSettings(
             splits=parse_list(args.splits, "--splits"), corpora=parse_list(args.corpora, "--corpora"),
             tasks=parse_tasks(args.tasks), limit=args.limit, budgets=parse_budgets(args.budget),
@@ -70,6 +72,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         bpb = "-" if e["bits_per_byte"] is None else f"{e['bits_per_byte']:.4f}"
         print(f"{e['corpus']}/{e['split']}: loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, "
               f"bits per byte {bpb}, Infer AE (active experts per token) {_fmt3(e['routing']['active_experts_mean'])}")
+    for name, task in payload["tasks"].items():
+        scores = [f"acc {task['acc']:.3f}"]
+        if task.get("acc_norm") is not None:
+            scores.append(f"acc_norm {task['acc_norm']:.3f}")
+        if task.get("perplexity") is not None:
+            scores.append(f"perplexity {task['perplexity']:.1f}")
+        print(f"{name} (zero-shot, {task['n']} items): {', '.join(scores)}, "
+              f"Infer AE {_fmt3(task.get('active_experts_mean'))}")
     for p in points:
         print(f"budget K'={p.budget:g}: loss {p.loss:.4f}, "
               f"realized mean active experts {p.active_experts_mean:.3f}")

@@ -96,15 +96,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from softmoe.train.checkpoint import CheckpointError
     from softmoe.train.restore import load_for_inference
 
-    if not 0 <= args.seed < 2**64:
-        raise UserError(f"--seed={args.seed} must be in [0, 2**64)")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed={args.seed} must be in [0, 2**63), as train.seed and demo --seed")
     if args.threads < 1:
         raise UserError(f"--threads={args.threads} must be >= 1")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
     with user_errors(ValueError):  # before loading anything (and before the note on --max-new-tokens below)
-        check_float("temperature", args.temperature, 0)
-        check_float("top_p", args.top_p, 0, 1, open_low=True)
+        check_float("--temperature", args.temperature, 0)
+        check_float("--top-p", args.top_p, 0, 1, open_low=True)
     # Decoding runs one token per forward: tiny ops, where a second intra-op thread only adds sync cost.
     torch.set_num_threads(args.threads)
     with user_errors(CheckpointError, ValueError):

@@ -303,7 +303,8 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
     language_modelling = []
     for data in splits:
         if whole:
-            report(f"scoring {data.corpus}/{data.split}: {data.tokens.shape[0]:,} tokens")
+            n = data.tokens.shape[0]  # every token after the first is a target, scored once
+            report(f"scoring {data.corpus}/{data.split}: {n:,} tokens, {max(n - 1, 0):,} scored")
         else:
             report(f"scoring {data.corpus}/{data.split}: the first {settings.max_batches} batches of "
                    f"{batch_size} x {seq_len} tokens (of {data.tokens.shape[0]:,} in the split)")
@@ -345,7 +346,7 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 def _lm_table(entries: list[dict]) -> list[str]:
-    lines = ["| corpus | split | token unit | tokens | bytes | loss (nats/token) | perplexity | bits per byte |",
+    lines = ["| corpus | split | token unit | tokens scored | bytes | loss (nats/token) | perplexity | bits per byte |",
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         unit = "word" if e["unit"] == "word" else "BPE"

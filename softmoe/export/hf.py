@@ -114,9 +114,11 @@ class SoftMoEConfig(PretrainedConfig):
 
     @classmethod
     def from_model_config(cls, config: ModelConfig, **kwargs) -> SoftMoEConfig:
+        """The transformers config of a softmoe `ModelConfig` (every field kept; `kwargs`: PretrainedConfig's)."""
         return cls(**dataclasses.asdict(config), **kwargs)
 
     def to_model_config(self) -> ModelConfig:
+        """The softmoe `ModelConfig` this transformers config holds (the inverse of `from_model_config`)."""
         return ModelConfig(**{name: getattr(self, name) for name in _FIELDS})
 
 
@@ -192,6 +194,7 @@ class SoftMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     @property
     def is_activation_checkpointing(self) -> bool:
+        """Whether the decoder recomputes its blocks in backward (transformers' gradient checkpointing)."""
         return self.model.activation_checkpointing
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:

@@ -123,6 +123,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: d_model / n_heads (checked to divide evenly)."""
         return self.d_model // self.n_heads
 
     def is_moe_block(self, i: int) -> bool:

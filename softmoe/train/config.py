@@ -14,6 +14,7 @@ the value parsed as YAML (`train.lr=3e-4`, `model.router_options.alpha=0.3`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -211,9 +212,26 @@ def _section(cls, values: Any, section: str):
             hint = difflib.get_close_matches(str(key), names, n=1)
             raise ValueError(f"unknown config key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)"
                                                                        if hint else f"; valid keys: {names}"))
-    if cls is ModelConfig:
-        values = _model_options(values)
-    return cls(**_coerced(cls, values, section))
+    raw_values = values
+    try:
+        if cls is ModelConfig:
+            values = _model_options(values)
+        return cls(**_coerced(cls, values, section))
+    except ValueError as err:
+        raise ValueError(_qualified(str(err), section, raw_values)) from None
+
+
+def _qualified(message: str, section: str, values: dict) -> str:
+    """A config class's error ('k=9.0 must be ...') with the key as the user writes it ('model.k=9.0 must be ...',
+    'model.router_options.alpha=-1.0 ...'); messages that already name their section are kept."""
+    match = re.match(r"([A-Za-z_]\w*)=", message)
+    if message.startswith(f"{section}.") or match is None:
+        return message
+    key = match.group(1)
+    if key in values:
+        return f"{section}.{message}"
+    nested = [name for name, value in values.items() if isinstance(value, dict) and key in value]
+    return f"{section}.{nested[0]}.{message}" if len(nested) == 1 else f"{section}: {message}"
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:

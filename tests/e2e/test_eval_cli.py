@@ -88,7 +88,7 @@ class StubResult:
     n: int
 
 
-def test_eval_runs_zero_shot_tasks_through_evaluate_tasks(runs, tmp_path, monkeypatch):
+def test_eval_runs_zero_shot_tasks_through_evaluate_tasks(runs, tmp_path, monkeypatch, capsys):
     """A stub downstream module: the CLI must call evaluate_tasks per task and attach the task's routing."""
     calls = []
 
@@ -104,11 +104,15 @@ def test_eval_runs_zero_shot_tasks_through_evaluate_tasks(runs, tmp_path, monkey
     stub.TASKS = {"stub_a": None, "stub_b": None}
     stub.evaluate_tasks = evaluate_tasks
     monkeypatch.setitem(sys.modules, "softmoe.eval.downstream", stub)
-    monkeypatch.setattr(sys.modules["softmoe.eval"], "downstream", stub, raising=False)
+    import softmoe.eval  # imported here too: the test must not depend on an earlier test having imported it
+
+    monkeypatch.setattr(softmoe.eval, "downstream", stub, raising=False)
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(runs["softmoe"]), "--splits", "val", "--tasks", "all", "--limit", "3",
                  "--precision", "fp32", "--out", str(out), "--data-dir", str(runs["data"])]) == 0
     assert calls == [(["stub_a"], 3, "fp32"), (["stub_b"], 3, "fp32")]
+    printed = capsys.readouterr().out  # the scores on stdout too, not only in eval.md / eval.json
+    assert "stub_a (zero-shot, 3 items): acc 0.500, acc_norm 0.250, Infer AE " in printed, printed
     tasks = json.loads((out / "eval.json").read_text())["tasks"]
     assert tasks["stub_a"]["acc"] == 0.5 and tasks["stub_a"]["n"] == 3
     assert 1.0 <= tasks["stub_a"]["active_experts_mean"] <= 4.0 and len(tasks["stub_b"]["active_experts"]) == 2
