@@ -13,6 +13,7 @@ lm-eval 0.4.x).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from softmoe.cli.errors import fail
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
         return fail("lm-eval", f"lm-eval is not installed ({err}); pip install 'softmoe[lm-eval]'")
+    missing = _missing_local_model(argv)
+    if missing:
+        return fail("lm-eval", missing)
     from softmoe.export.hf import register
 
     register()  # "softmoe" for AutoConfig / AutoModelForCausalLM, in this process
@@ -36,6 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _missing_local_model(argv: list[str]) -> str | None:
+    """Why `--model_args pretrained=PATH` cannot load, where PATH is plainly a local path (absolute, ./ ../ ~, or
+    more than one "/": not a hub id such as org/name) that does not exist; else None. lm-eval would otherwise try
+    the hub with it and end in two tracebacks."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--model_args" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--model_args=") else None)
+        if value is None:
+            continue
+        for item in value.split(","):
+            key, _, path = item.partition("=")
+            local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+            if key.strip() == "pretrained" and local and not Path(path).expanduser().exists():
+                return f"--model_args pretrained={path}: no such folder (export one with softmoe export)"
+    return None
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ CASES = {
                                    "--jobs=0 must be >= 1"),
     "compare --dry-run --next -1": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--next", "-1"],
                                     "--next=-1 must be >= 0"),
+    "lm-eval on a missing local folder": (lambda r, d, t: ["lm-eval", "run", "--model", "hf", "--model_args",
+                                                           f"pretrained={t / 'nope'},backend=causal", "--tasks", "x"],
+                                          "/nope: no such folder (export one with softmoe export)"),
     "fetch offline, nothing cached": (lambda r, d, t: ["data", "fetch", "--offline", "--data-dir", str(t / "empty")],
                                       "softmoe data fetch:"),
     # checked before anything is fetched (--offline with an empty cache would fail later with another message)
