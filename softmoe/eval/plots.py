@@ -3,12 +3,14 @@ styling, and an atomic PNG write."""
 
 from __future__ import annotations
 
+import math
 import sys
+import textwrap
 from pathlib import Path
 
 from softmoe.common.extras import require
 
-__all__ = ["pyplot", "save_figure", "style_axes"]
+__all__ = ["panel_grid", "pyplot", "save_figure", "style_axes", "wrapped"]
 
 
 def pyplot():
@@ -40,8 +42,28 @@ def save_figure(fig, path: Path) -> Path:
     plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps it (colour bars)
+        fig.tight_layout()
     fig.savefig(tmp, dpi=110, bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def panel_grid(count: int, width: float, height: float, columns: int = 4, **subplots):
+    """(figure, the first `count` axes in reading order) of a grid of at most `columns` panels a row, each
+    width x height inches; the unused panels of the last row are hidden. Keeps one panel per variant readable
+    when a study has eight variants (one row of eight put the titles on top of each other)."""
+    plt = pyplot()
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False, **subplots)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def wrapped(title: str, width: int = 42) -> str:
+    """A panel title broken into lines of at most `width` characters."""
+    return "\n".join(textwrap.wrap(title, width)) or title

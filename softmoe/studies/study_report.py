@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from softmoe.data.io import atomic_write_text
-from softmoe.eval.plots import pyplot, save_figure, style_axes
+from softmoe.eval.plots import panel_grid, pyplot, save_figure, style_axes, wrapped
 
 __all__ = ["CLAIM_ROLES", "fmt_interval", "CLAIMS", "PaperClaims", "SETTLE_TOL", "t_interval", "paired", "allocation_movement", "claims_rows",
            "study_report_markdown", "write_study_report", "plot_frontier_ae", "plot_k_trajectories", "plot_depth",
@@ -363,8 +363,8 @@ def plot_k_trajectories(records: list[dict], variants, path: Path) -> Path | Non
     learned = [v for v in variants if any(r.get("k_trajectory", {}).get("k_L") for r in _of(records, v.name))]
     if not learned:
         return None
-    fig, axes = plt.subplots(1, len(learned), figsize=(4.6 * len(learned), 4.2), squeeze=False)
-    for ax, v in zip(axes[0], learned):
+    fig, axes = panel_grid(len(learned), 4.6, 4.4)
+    for ax, v in zip(axes, learned):
         trajs = [r["k_trajectory"] for r in _of(records, v.name) if r.get("k_trajectory", {}).get("k_L")]
         steps = sorted(set.intersection(*(set(t["step"]) for t in trajs)))
         k = np.mean([[t["k_L"][t["step"].index(s)] for s in steps] for t in trajs], axis=0)  # [steps, L]
@@ -374,8 +374,8 @@ def plot_k_trajectories(records: list[dict], variants, path: Path) -> Path | Non
             color = cmap(layer / max(k.shape[1] - 1, 1))
             ax.plot(steps, k[:, layer], color=color, lw=1.4, label=f"layer {layer}")
             ax.plot(steps, a[:, layer], color=color, lw=0.7, ls="--", alpha=0.6)
-        style_axes(ax, "optimizer step", "experts per token", f"{v.label} (n={len(trajs)})",
-                   legend_size=6 if ax is axes[0][0] else 0)
+        style_axes(ax, "optimizer step", "experts per token", wrapped(f"{v.label} (n={len(trajs)})"),
+                   legend_size=6 if ax is axes[0] else 0)
         threshold = _moved_threshold(trajs, steps)
         if threshold is not None:  # the active-experts controller's lever
             twin = ax.twinx()
@@ -613,16 +613,16 @@ def plot_spread(records: list[dict], variants, path: Path) -> Path | None:
     if not shown:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False, sharey=True)
-    for ax, v in zip(axes[0], shown):
+    fig, axes = panel_grid(len(shown), 4.2, 3.8, sharey=True)
+    for ax, v in zip(axes, shown):
         trajs = [r["k_trajectory"] for r in _of(records, v.name) if r["k_trajectory"].get("spread_L")]
         length = min(len(t["step"]) for t in trajs)
         mean = np.mean([np.array(t["spread_L"][:length], dtype=float) for t in trajs], axis=0)
         for layer in range(mean.shape[1]):
             ax.plot(trajs[0]["step"][:length], mean[:, layer], color=plt.cm.viridis(layer / max(1, mean.shape[1] - 1)),
                     lw=1.2, label=f"layer {layer}")
-        style_axes(ax, "optimizer step", "logit spread", v.label, legend_size=0)
-    axes[0][-1].legend(fontsize=6)
+        style_axes(ax, "optimizer step", "logit spread", wrapped(v.label), legend_size=0)
+    axes[-1].legend(fontsize=6)
     return save_figure(fig, path)
 
 
@@ -633,15 +633,15 @@ def plot_load_heatmap(records: list[dict], variants, path: Path) -> Path | None:
     if not shown:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
-    for ax, (v, r) in zip(axes[0], shown):
+    fig, axes = panel_grid(len(shown), 3.8, 3.6, layout="constrained")
+    for ax, (v, r) in zip(axes, shown):
         load = np.array([layer["expert_load"] for layer in r["routing"]["layers"]], dtype=float)
         load = load * load.shape[1]
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(load.max())))
-        ax.set_title(f"{v.label} (seed {r['seed']})", fontsize=8)
+        ax.set_title(wrapped(f"{v.label} (seed {r['seed']})"), fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-    fig.colorbar(image, ax=axes[0][-1], label="load / uniform")
+    fig.colorbar(image, ax=axes, label="load / uniform", shrink=0.8)
     return save_figure(fig, path)
 
 

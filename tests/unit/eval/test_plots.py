@@ -61,3 +61,18 @@ def test_title_states_the_compute_used():
     runs = [SimpleNamespace(final=SimpleNamespace(active_experts_mean=2.86)),
             SimpleNamespace(final=SimpleNamespace(active_experts_mean=2.0))]
     assert compute_title(runs) == "2.86 vs 2.00 active experts per token (1.43x the expert FLOPs)"
+
+
+def test_panel_grid_wraps_eight_panels_into_rows_of_four_and_hides_the_rest():
+    pytest.importorskip("matplotlib")
+    from softmoe.eval.plots import panel_grid, pyplot, wrapped
+
+    fig, axes = panel_grid(6, 3.0, 2.0)
+    try:
+        assert len(axes) == 6 and len(fig.axes) == 8  # a 2 x 4 grid, its last two panels hidden
+        assert [ax.get_visible() for ax in fig.axes] == [True] * 6 + [False] * 2
+        assert tuple(fig.get_size_inches()) == (12.0, 4.0)
+    finally:
+        pyplot().close(fig)
+    assert max(len(line) for line in wrapped("SoftMoE K=1.5, kept p renormalised to 1 (output-scale control)")
+               .splitlines()) <= 42
