@@ -36,7 +36,7 @@ from torch import nn
 
 from softmoe.common.checks import check_int
 from softmoe.layers.moe import MoEOutput
-from softmoe.routing.base import LayerStats
+from softmoe.routing.base import LayerStats, step_routers
 from softmoe.routing.budget import Budget
 
 __all__ = ["SoftMoEBudget", "BudgetedMoE", "RoutingResults"]
@@ -87,6 +87,11 @@ class RoutingResults:
             calls[index] += 1
         return sums / calls.clamp(min=1)
 
+    def after_step(self) -> None:
+        """After the optimizer step: the attached routers' non-learned state (the loss-free balancing bias) moves
+        from the scope's counts (`softmoe.layers.after_step`); a no-op for routers without such state."""
+        step_routers((self.budget._routers[index], result.stats) for index, result in self.layers)
+
     def steer(self) -> None:
         """Realized-count budget (`realized=True`), after the optimizer step: move every attached layer's threshold
         so its realized count follows its k_l (`Budget.steer`). ValueError for a budget that is not realized."""
@@ -135,6 +140,8 @@ class SoftMoEBudget(Budget):
         if getattr(layer.router, "own_k", None) is not None:
             raise ValueError("layer has learn_k=True (its own learned k), but an attached layer routes with the "
                              "budget's k_l: build it without learn_k")
+        if any(router is layer.router for router in self._routers.values()):
+            raise ValueError("this layer is attached already: attach each MoE layer once (one budget layer each)")
         index = self._attached if index is None else index
         check_int("index", index)
         if not 0 <= index < self.num_layers:

@@ -23,7 +23,7 @@ from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
 from softmoe.routing.record import Routing
 
-__all__ = ["MoELayer", "MoEOutput", "dispatch", "combine", "fine_grained", "token_slots", "token_table"]
+__all__ = ["MoELayer", "MoEOutput", "after_step", "dispatch", "combine", "fine_grained", "token_slots", "token_table"]
 
 
 def fine_grained(num_experts: int, d_expert: int, k: float, granularity: int) -> tuple[int, int, float]:
@@ -177,8 +177,10 @@ class MoEOutput(NamedTuple):
         output: (..., D) the layer's output, x's shape.
         aux_loss: 0-d float32, differentiable: the router's configured weighted aux terms (load balance,
             z-loss, router-specific ones). Add it to the training loss.
-        stats: LayerStats, a dict of detached tensors (k, active_experts_mean, active_experts_hist, expert_load,
-            load_balance_loss, z_loss, and router-specific entries).
+        stats: LayerStats, a dict of detached tensors: k, active_experts_mean, active_experts_hist, expert_load,
+            expert_counts (E,) and real_tokens (the raw counts `after_step` sums), load_cv, load_max_over_mean,
+            dead_fraction, logit_spread, weight_sum_mean, load_balance_loss, z_loss, and router-specific entries
+            (SoftMoE: alpha, threshold, kept_mass); docs/routers.md, "Routing diagnostics".
         router_logits: (T, E) float32 router scores of the flattened tokens (padding rows 0), as
             transformers' MoE models return them under `output_router_logits`.
     """
@@ -268,6 +270,8 @@ class MoELayer(nn.Module):
         """
         x_TD = self._flatten(x)
         mask_T = self._flatten_mask(attention_mask, x)
+        if mean_k is not None and not (isinstance(mean_k, torch.Tensor) and mean_k.dim() == 0):
+            raise ValueError(f"mean_k must be a 0-d tensor (this layer's k_l, e.g. budget()[i]), got {mean_k!r}")
         out = self.router(x_TD, mask_T=mask_T, k=mean_k, measure=measure)
         slots_TK = token_table(out.routing)
         x_ND = dispatch(x_TD, out.routing, slots_TK, dtype=compute_dtype(x_TD))
@@ -290,6 +294,10 @@ class MoELayer(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype={x_BSD.dtype}")
         if x_BSD.dim() < 1 or x_BSD.shape[-1] != self.d_model:
             raise ValueError(f"x has shape {tuple(x_BSD.shape)}; its last dimension must be d_model={self.d_model}")
+        weight_dtype = next(self.experts.parameters()).dtype
+        if x_BSD.dtype != weight_dtype and not torch.is_autocast_enabled(x_BSD.device.type):
+            raise TypeError(f"x has dtype={x_BSD.dtype} but the layer's parameters are {weight_dtype}: cast one to "
+                            f"the other (.to()) or run the layer under torch.autocast")
         return x_BSD.reshape(-1, self.d_model)
 
     @staticmethod
@@ -305,3 +313,16 @@ class MoELayer(nn.Module):
             bad = pad_mask_BS[(pad_mask_BS != 0) & (pad_mask_BS != 1)].flatten()[0].item()
             raise ValueError(f"attention_mask holds {bad!r}; it must be bool or 0/1 (1 = real token)")
         return pad_mask_BS.reshape(-1).to(torch.bool)
+
+
+def after_step(calls) -> None:
+    """In your own training loop, after each optimizer step: move the routers' non-learned state from the step's
+    statistics: the loss-free balancing bias (`loss_free_bias=True`) and ReMoE's L1 coefficient. softmoe's
+    trainer does this itself; without it these stay at their initial values.
+
+    Args:
+        calls: (MoELayer, the `stats` its forward returned) for every forward of the step; a layer run on
+            several micro-batches is listed once per forward (the counts are summed). Layers in eval mode
+            are left alone. Routers without such state (SoftMoE, top-k without the bias) do nothing.
+    """
+    routing_base.step_routers((layer.router, stats) for layer, stats in calls)

@@ -53,6 +53,7 @@ __all__ = [
     "router_logits",
     "finish_routing",
     "real_tokens",
+    "step_routers",
 ]
 
 
@@ -82,8 +83,10 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, 1)
         check_float("gate_noise", self.gate_noise, 0.0, 1e3)
-        check_float("k", self.k, 0.0, self.num_experts, open_low=True)
+        check_float("k", self.k)  # a finite real; the router's own range first (SoftMoE: k < E), then (0, E]
         self.check_k(self.k, self.num_experts)
+        if not 0 < self.k <= self.num_experts:
+            raise ValueError(f"k={self.k} must be in (0, num_experts={self.num_experts}]")
         check_float("lb_coef", self.lb_coef, 0.0)
         check_float("z_coef", self.z_coef, 0.0)
         check_int("dispatch_cap", self.dispatch_cap, 1, self.num_experts, allow_none=True)
@@ -200,6 +203,34 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, real_T: torch.Ten
         raise NonFiniteLogits("router logits are not finite: the input holds NaN/inf in a real (non-padding) token "
                          f"(x of shape {tuple(x_TD.shape)})")
     return logits_TE
+
+
+def step_routers(calls) -> None:
+    """Between optimizer steps: each router class's `after_step` (the loss-free balancing bias, ReMoE's L1
+    coefficient) from the step's counts. What every training loop calls, softmoe's own (train/controllers.py)
+    and a user's (`softmoe.layers.after_step`).
+
+    Args:
+        calls: (router, counts) pairs, counts holding `expert_counts` (E,) and `real_tokens` (a layer's stats);
+            a router listed several times (micro-batches) has its counts summed. Routers in eval mode are
+            left alone.
+    """
+    summed: dict[int, tuple[GateRouter, dict]] = {}
+    for router, counts in calls:
+        if not router.training:
+            continue
+        if id(router) in summed:
+            total = summed[id(router)][1]
+            for key in diagnostics.COUNT_KEYS:
+                total[key] = total[key] + counts[key].detach()
+        else:
+            summed[id(router)] = (router, {key: counts[key].detach() for key in diagnostics.COUNT_KEYS})
+    by_class: dict[type, list] = {}
+    for router, counts in summed.values():
+        by_class.setdefault(type(router), []).append((router, counts))
+    with torch.no_grad():
+        for cls, layers in by_class.items():  # pooled rules (ReMoE) see all their layers at once
+            cls.after_step(layers)
 
 
 def real_tokens(mask_T: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor:

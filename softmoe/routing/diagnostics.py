@@ -37,6 +37,8 @@ def logit_spread(logits_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
     Args:
         logits_TE: (T, E) router logits. mask_T: (T,) float, 1 = real token.
     """
+    if logits_TE.shape[0] == 0:  # an empty batch: no tokens (torch's std would warn about its degrees of freedom)
+        return logits_TE.new_zeros((), dtype=torch.float32)
     std_T = logits_TE.float().std(dim=-1, correction=0)
     return (std_T * mask_T).sum() / mask_T.sum().clamp(min=1.0)
 

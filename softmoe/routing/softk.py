@@ -88,7 +88,7 @@ class SoftKConfig(BiasBalanceConfig):
         if num_experts == 1:
             if k != 1:
                 raise ValueError(f"k={k} must be 1 for router='softmoe' with num_experts=1")
-        elif not k < num_experts:
+        elif not 0 < k < num_experts:
             raise ValueError(f"k={k} must be in (0, num_experts={num_experts}) for router='softmoe'")
 
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from softmoe.common.checks import check_choice, check_float
 from softmoe.routing.balance import bias_update
-from softmoe.routing.base import GateRouter
+from softmoe.routing.base import GateRouter, step_routers
 from softmoe.routing.budget import Budget, steer_threshold
 from softmoe.routing.diagnostics import RoutingCounts
 from softmoe.routing.remoe import multiplicative_update, pooled_sparsity
@@ -160,12 +160,8 @@ def step(model: nn.Module, counts: RoutingCounts | None, update: bool = True,
         raise ValueError(f"step(): {len(counts.layers)} layers counted, but the model has {len(routers)} routers")
     apply_ae = lever_update(model, ae_target) if ae_target is not None else None
     realized = realized_budget(model)
-    by_class: dict[type, list] = {}
-    for router, layer in zip(routers, counts.layers):
-        by_class.setdefault(type(router), []).append((router, layer))
+    step_routers(zip(routers, counts.layers))  # each router class's own controllers (bias, ReMoE's lambda)
     with torch.no_grad():
-        for cls, layers in by_class.items():  # each router class's own controllers (bias, ReMoE's lambda)
-            cls.after_step(layers)
         active_L = counts.active_L()
         if apply_ae is not None:
             apply_ae(active_L.mean())

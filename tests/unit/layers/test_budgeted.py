@@ -166,3 +166,23 @@ def test_a_realized_budget_makes_each_layer_use_its_k_l_experts():
     assert torch.allclose(routing.active_L().float(), budget().detach(), atol=0.15), (routing.active_L(), budget())
     with pytest.raises(ValueError, match="realized=True"):
         llama_with_softmoe()[1].collect().__enter__().steer()
+
+
+def test_routing_after_step_moves_the_attached_routers_bias():
+    budget = softmoe.SoftMoEBudget(num_layers=1, num_experts=4, budget=2.0)
+    layer = budget.attach(softmoe.MoELayer(16, 32, 4, router="softmoe", k=2.0, loss_free_bias=True))
+    with torch.no_grad():
+        layer.moe.router.gate.weight[0] += 2.0
+    with budget.collect() as routing:
+        layer(torch.randn(2, 8, 16))
+    assert layer.moe.router.balance.bias_E.abs().sum() == 0
+    routing.after_step()
+    assert layer.moe.router.balance.bias_E.abs().sum() > 0
+
+
+def test_a_layer_is_attached_once():
+    budget = softmoe.SoftMoEBudget(num_layers=2, num_experts=4, budget=2.0)
+    layer = softmoe.MoELayer(16, 32, 4, router="softmoe", k=2.0)
+    budget.attach(layer)
+    with pytest.raises(ValueError, match="attached already"):
+        budget.attach(layer)

@@ -191,3 +191,48 @@ def test_bad_inputs_raise_clear_errors():
 def test_bad_config_raises_naming_field(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         MoELayer(D, H, E, **kwargs)
+
+
+def test_after_step_moves_the_bias_and_remoe_lambda_in_a_users_own_loop():
+    """softmoe.layers.after_step is the user's between-steps hook: without it the loss-free bias and ReMoE's
+    lambda never move outside softmoe's trainer; with it they do, from the counts of every micro-batch."""
+    from softmoe.layers import after_step
+
+    torch.manual_seed(0)
+    biased = MoELayer(16, 32, 4, router="topk", k=2.0, loss_free_bias=True)
+    remoe = MoELayer(16, 32, 4, router="remoe", k=2.0)
+    with torch.no_grad():  # a skewed gate: the bias has a load to even out
+        biased.router.gate.weight[0] += 2.0
+    x = torch.randn(2, 8, 16)
+    micro = [(layer, layer(x).stats) for layer in (biased, remoe) for _ in range(2)]  # two micro-batches each
+    lam = float(remoe.router.l1_coef)
+    after_step(micro)
+    assert biased.router.balance.bias_E.abs().sum() > 0 and float(remoe.router.l1_coef) != lam
+    bias = biased.router.balance.bias_E.clone()
+    biased.eval()
+    after_step([(biased, biased(x).stats)])  # eval mode: nothing moves
+    assert torch.equal(biased.router.balance.bias_E, bias)
+
+
+def test_an_input_of_another_dtype_than_the_parameters_is_named():
+    layer = MoELayer(16, 32, 4, router="softmoe", k=2.0)
+    with pytest.raises(TypeError, match=r"x has dtype=torch.float64 but the layer's parameters are torch.float32"):
+        layer(torch.randn(2, 3, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the layer: allowed
+        assert layer(torch.randn(2, 3, 16, dtype=torch.bfloat16)).output.shape == (2, 3, 16)
+
+
+def test_a_mean_k_that_is_not_a_0d_tensor_is_named():
+    layer = MoELayer(16, 32, 4, router="softmoe", k=2.0)
+    with pytest.raises(ValueError, match=r"mean_k must be a 0-d tensor .* got 1\.5"):
+        layer(torch.randn(2, 3, 16), mean_k=1.5)
+
+
+def test_an_empty_batch_routes_without_warnings():
+    import warnings
+
+    layer = MoELayer(16, 32, 4, router="softmoe", k=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer(torch.randn(0, 4, 16))
+    assert out.output.shape == (0, 4, 16) and float(out.stats["logit_spread"]) == 0.0
