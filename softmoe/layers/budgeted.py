@@ -207,7 +207,8 @@ class BudgetedMoE(nn.Module):
         recorded = self._budget.record(self.index, result)
         if not (recorded or self._budget._ever_collected) and self.training and torch.is_grad_enabled():
             warnings.warn("a budgeted MoE layer ran a training forward outside `with budget.collect()`: its aux "
-                          "loss (load balance, z-loss) is dropped; see docs/library.md", stacklevel=2)
+                          "loss (load balance, z-loss) is dropped; see docs/library.md",
+                          stacklevel=4)  # the line that called this FFN (past torch.nn.Module.__call__)
         return result.output
 
     def extra_repr(self) -> str:

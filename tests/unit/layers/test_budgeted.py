@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest -q tests/unit/layers/test_budgeted.py
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,8 +111,9 @@ def test_hf_gradient_checkpointing_gives_the_same_gradients():
 def test_a_training_forward_before_any_scope_warns_and_results_are_not_attributes():
     model, budget = llama_with_softmoe()
     ids = torch.randint(0, VOCAB, (2, 8))
-    with pytest.warns(UserWarning, match="outside `with budget.collect\\(\\)`"):
+    with pytest.warns(UserWarning, match="outside `with budget.collect\\(\\)`") as caught:
         model(input_ids=ids)
+    assert "torch" not in Path(caught[0].filename).parts  # points at the code that called the FFN, not torch's
     layer = model.model.layers[0].mlp
     assert not hasattr(layer, "aux_loss") and not hasattr(layer.moe, "stats")
     with torch.no_grad(), warnings.catch_warnings():
