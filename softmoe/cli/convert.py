@@ -42,6 +42,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     transformers_bars_follow_the_terminal()
 
-    with user_errors(ValueError, TypeError, OSError):
+    flags = {"alpha": "--alpha", "budget": "--budget", "truncation": "--truncation", "threshold": "--threshold",
+             "min_weight": "--min-weight", "max_active": "--max-active"}
+    with user_errors(ValueError, TypeError, OSError, flags=flags):
         convert_folder(args.model, args.out, **options)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from softmoe.cli.errors import fail
+from softmoe.cli.errors import as_typed, fail
 
 __all__ = ["add_data_parser", "format_summary"]
 
@@ -37,7 +37,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         try:
             resolve_tokenizer(corpus, None, args.vocab_size)
         except ValueError as err:
-            return fail("data fetch", f"--corpus {args.corpus}: {err}")
+            return fail("data fetch", f"--corpus {args.corpus}: {as_typed(str(err), {'vocab_size': '--vocab-size'})}")
     for corpus in corpora:
         start = time.perf_counter()
         try:

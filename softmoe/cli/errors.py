@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["UserError", "check_out_dir", "exit_without_teardown", "fail", "run_command", "user_errors"]
+__all__ = ["UserError", "as_typed", "check_out_dir", "exit_without_teardown", "fail", "run_command", "user_errors"]
 
 
 class UserError(Exception):
@@ -45,11 +45,16 @@ def user_errors(*kinds: type[BaseException], prefix: str = "", flags: dict[str, 
     try:
         yield
     except kinds as err:
-        message = str(err)
-        name = message.split("=", 1)[0] if "=" in message else None
-        if flags and name in flags:
-            message = flags[name] + message[len(name):]
-        raise UserError(f"{prefix}{message}", every_rank=getattr(err, "every_rank", True)) from err
+        raise UserError(f"{prefix}{as_typed(str(err), flags)}", every_rank=getattr(err, "every_rank", True)) from err
+
+
+def as_typed(message: str, flags: dict[str, str] | None) -> str:
+    """`message` with its leading library argument ("max_batches=0 ...") spelt as the flag the user typed
+    ("--max-batches=0 ..."), where `flags` maps it; else unchanged."""
+    name = message.split("=", 1)[0] if "=" in message else None
+    if flags and name in flags:
+        return flags[name] + message[len(name):]
+    return message
 
 
 def check_out_dir(what: str, path, create: bool = False) -> None:

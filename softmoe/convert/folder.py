@@ -24,15 +24,16 @@ def convert_folder(model_dir: Path, out: Path, report=print, **options) -> Path:
     folder, and is written whole (staged next to it, then renamed). ValueError names the argument at fault."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from softmoe.convert.retrofit import check_options, from_hf, soft_blocks
+    from softmoe.convert.retrofit import check_model_type, check_options, from_hf, soft_blocks
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"--checkpoint {str(model_dir)!r} is not a transformers folder (no config.json)")
     config = _read_config(AutoConfig, model_dir)
-    try:  # the options and the model type, before minutes of loading a large model's weights
-        check_options(config, **options)
+    try:  # the model type and the options, before minutes of loading a large model's weights
+        check_model_type(config)
     except ValueError as err:
         raise ValueError(f"--checkpoint {str(model_dir)!r}: {err}") from None
+    check_options(config, **options)  # an option's error names the option (the CLI spells it as its flag)
     check_new_folder(out)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     from_hf(model, **options)

@@ -31,7 +31,8 @@ from softmoe.convert.blocks import FAMILIES, RetrofitState, SoftRoutedBlock, che
 from softmoe.routing.budget import BUDGET_MODES
 from softmoe.routing.softk import COMBINE_MODES, SoftKConfig
 
-__all__ = ["RetrofitConfig", "check_options", "from_hf", "from_pretrained", "STATE_PREFIX", "CONFIG_KEY", "soft_blocks"]
+__all__ = ["RetrofitConfig", "check_model_type", "check_options", "from_hf", "from_pretrained", "STATE_PREFIX",
+           "CONFIG_KEY", "soft_blocks"]
 
 STATE_PREFIX = "softmoe_retrofit."  # state dict prefix of the added tensors
 CONFIG_KEY = "softmoe_retrofit"  # config.json entry with the settings
@@ -126,14 +127,9 @@ def _resolve(settings: RetrofitConfig, num_layers: int, num_experts: int, top_k:
 _NUM_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts"}
 
 
-def check_options(hf_config, alpha: float = RetrofitConfig.alpha, **options) -> None:
-    """Check a conversion's options against a transformers config before any weight is loaded (`softmoe convert`
-    on a large model): the same checks as `from_hf`, with E and the top-k read from the config.
-
-    Raises:
-        ValueError: a config of another model type (an exported softmoe model included), a folder saved after
-            conversion, an unknown option or an out-of-range value (named).
-    """
+def check_model_type(hf_config) -> None:
+    """ValueError unless `hf_config` is a Mixtral, Qwen2-MoE or OLMoE config not saved after conversion (an
+    exported softmoe model, another model type and a converted folder are named as such)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in _NUM_EXPERTS_KEY:
         what = ("an exported softmoe model (it routes with SoftMoE already)" if model_type == "softmoe"
@@ -143,6 +139,18 @@ def check_options(hf_config, alpha: float = RetrofitConfig.alpha, **options) -> 
     if getattr(hf_config, CONFIG_KEY, None) is not None:
         raise ValueError("it was saved after conversion (config.json has a 'softmoe_retrofit' entry): load it "
                          "with softmoe.convert.from_pretrained(path)")
+
+
+def check_options(hf_config, alpha: float = RetrofitConfig.alpha, **options) -> None:
+    """Check a conversion's options against a transformers config before any weight is loaded (`softmoe convert`
+    on a large model): the same checks as `from_hf`, with E and the top-k read from the config (see
+    `check_model_type` first).
+
+    Raises:
+        ValueError: an unknown option or an out-of-range value (named).
+    """
+    check_model_type(hf_config)
+    model_type = hf_config.model_type
     settings = _settings(alpha, options)
     num_experts = int(getattr(hf_config, _NUM_EXPERTS_KEY[model_type]))
     family = next(family for family in FAMILIES if family.name == model_type)

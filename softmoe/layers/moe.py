@@ -21,6 +21,7 @@ from softmoe.common.checks import check_int
 from softmoe.layers.experts import ExpertBank, compute_dtype
 from softmoe.layers.ffn import SwiGLU
 from softmoe.routing import base as routing_base
+from softmoe.routing.diagnostics import COUNT_KEYS
 from softmoe.routing.record import Routing
 
 __all__ = ["MoELayer", "MoEOutput", "after_step", "dispatch", "combine", "fine_grained", "token_slots", "token_table"]
@@ -321,8 +322,20 @@ def after_step(calls) -> None:
     trainer does this itself; without it these stay at their initial values.
 
     Args:
-        calls: (MoELayer, the `stats` its forward returned) for every forward of the step; a layer run on
-            several micro-batches is listed once per forward (the counts are summed). Layers in eval mode
-            are left alone. Routers without such state (SoftMoE, top-k without the bias) do nothing.
+        calls: (MoELayer or the BudgetedMoE wrapping it, the `stats` its forward returned) for every forward of
+            the step; a layer run on several micro-batches is listed once per forward (the counts are summed).
+            Layers in eval mode are left alone. Routers without such state (SoftMoE, top-k without the bias)
+            do nothing. Under data parallelism, all-reduce (sum) each stats' `expert_counts` and `real_tokens`
+            over the ranks first, so every rank moves its copy alike.
+    Raises:
+        ValueError: stats without the counts (a forward with measure=False).
     """
-    routing_base.step_routers((layer.router, stats) for layer, stats in calls)
+    pairs = []
+    for layer, stats in calls:
+        missing = [key for key in COUNT_KEYS if key not in stats]
+        if missing:
+            raise ValueError(f"after_step: the stats lack {missing} (a forward with measure=False); pass the stats "
+                             "of the step's training forwards")
+        pairs.append((getattr(layer, "moe", layer).router, stats))
+    routing_base.step_routers(pairs)
+

@@ -28,7 +28,8 @@ import torch
 __all__ = ["DEAD_LOAD", "COUNT_KEYS", "logit_spread", "load_diagnostics", "RoutingCounts"]
 
 DEAD_LOAD = 0.1  # an expert is dead when its share of the routed pairs is below DEAD_LOAD / E
-COUNT_KEYS = ("expert_counts", "real_tokens")  # the raw counts a layer returns in its stats (global under DDP)
+COUNT_KEYS = ("expert_counts", "real_tokens")  # the raw counts a layer returns in its stats (per rank; softmoe's
+# DDP trainer sums them over the ranks before its controllers read them)
 
 
 def logit_spread(logits_TE: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 A study file:
 
     name: small                       # runs go to <out_dir>/<name>-<variant>-s<seed>/
-    base: configs/small/softmoe.yaml  # the preset every variant starts from (a file, else the preset of that name)
+    base: configs/small/softmoe.yaml  # the preset every variant starts from: a file (from the current directory,
+                                      # else next to the study file), else the packaged preset of that name
     out_dir: runs/studies/small       # out_dir and summaries: relative to the current directory
     seeds: [0, 1, 2]                  # sets train.seed and data.seed: init and batch order
     overrides: {train.progress: false}            # optional, applied to every variant
@@ -126,6 +127,15 @@ def _path(path: str, where: str) -> Path:
     return Path(path)
 
 
+def _base(base: Path, study_path: Path) -> Path:
+    """The study's base preset: `base` relative to the current directory, else next to the study file, else the
+    packaged preset of that name (`find_config`)."""
+    beside = study_path.parent / base
+    if not base.exists() and not base.is_absolute() and beside.is_file():
+        return beside
+    return find_config(base)
+
+
 def _check_seeds(seeds, where: str) -> tuple[int, ...]:
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
@@ -214,7 +224,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None, summaries: s
         raise ValueError(f"preregistration={preregistration!r} must be a mapping (the study's registered protocol)")
     if not isinstance(raw.get("pinned_revision", False), bool):
         raise ValueError(f"pinned_revision={raw['pinned_revision']!r} must be true or false")
-    return Study(name=name, base=find_config(_path(raw.get("base"), "base")), out_dir=Path(out_dir),
+    return Study(name=name, base=_base(_path(raw.get("base"), "base"), path), out_dir=Path(out_dir),
                  seeds=seeds, overrides=_overrides(raw.get("overrides"), "overrides"), evaluation=settings,
                  variants=variants, path=path, reference=references[0] if references else None,
                  references=tuple(references), claims=tuple(claims.items()), paper=paper,

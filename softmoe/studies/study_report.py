@@ -633,11 +633,12 @@ def plot_load_heatmap(records: list[dict], variants, path: Path) -> Path | None:
     if not shown:
         return None
     plt = pyplot()
+    loads = [np.array([layer["expert_load"] for layer in r["routing"]["layers"]], dtype=float) for _, r in shown]
+    loads = [load * load.shape[1] for load in loads]  # relative to uniform
+    vmax = max(2.0, *(float(load.max()) for load in loads))  # one scale for every panel: the one colour bar
     fig, axes = panel_grid(len(shown), 3.8, 3.6, layout="constrained")
-    for ax, (v, r) in zip(axes, shown):
-        load = np.array([layer["expert_load"] for layer in r["routing"]["layers"]], dtype=float)
-        load = load * load.shape[1]
-        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(load.max())))
+    for ax, (v, r), load in zip(axes, shown, loads):
+        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
         ax.set_title(wrapped(f"{v.label} (seed {r['seed']})"), fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")

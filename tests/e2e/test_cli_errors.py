@@ -129,9 +129,9 @@ CASES = {
     "fetch ptb --vocab-size": (lambda r, d, t: ["data", "fetch", "--offline", "--corpus", "ptb", "--vocab-size", "100",
                                                 "--data-dir", str(t / "empty")], "drop --vocab-size"),
     "fetch all --vocab-size": (lambda r, d, t: ["data", "fetch", "--offline", "--corpus", "all", "--vocab-size",
-                                                "4096", "--data-dir", str(t / "empty")], "--corpus all: vocab_size=4096"),
+                                                "4096", "--data-dir", str(t / "empty")], "--corpus all: --vocab-size=4096 cannot"),
     "fetch --vocab-size 3": (lambda r, d, t: ["data", "fetch", "--offline", "--vocab-size", "3",
-                                              "--data-dir", str(t / "empty")], "vocab_size=3 must be an int in [258"),
+                                              "--data-dir", str(t / "empty")], "--vocab-size=3 must be an int in [258"),
 }
 
 

@@ -104,6 +104,13 @@ def test_study_paths_are_relative_to_the_current_directory_with_presets_as_fallb
     own.write_text((STUDIES.parent / "tiny" / "softmoe.yaml").read_text())
     assert load_study("configs/studies/tiny.yaml").base == Path("configs/tiny/softmoe.yaml")
     assert load_study(STUDIES / "paper32.yaml").summaries == Path("docs/results/paper32")
+    mine = tmp_path / "mine"  # a study with its base beside it, run from elsewhere
+    mine.mkdir()
+    (mine / "base.yaml").write_text((STUDIES.parent / "tiny" / "softmoe.yaml").read_text())
+    raw = yaml.safe_load((STUDIES / "tiny.yaml").read_text())
+    (mine / "study.yaml").write_text(yaml.safe_dump({**raw, "base": "base.yaml"}))
+    monkeypatch.chdir(tmp_path / "configs")
+    assert load_study(mine / "study.yaml").base == mine / "base.yaml"
 
 
 @pytest.mark.parametrize("changes, match", [

@@ -236,3 +236,32 @@ def test_an_empty_batch_routes_without_warnings():
         warnings.simplefilter("error")
         out = layer(torch.randn(0, 4, 16))
     assert out.output.shape == (0, 4, 16) and float(out.stats["logit_spread"]) == 0.0
+
+
+def test_after_step_sums_a_layers_micro_batches_into_one_update():
+    """Two micro-batches of one layer are one step: their counts are summed and the bias moves once. Opposite
+    imbalances cancel (no move); equal ones move it by exactly one rate (not two)."""
+    from softmoe.layers import after_step
+
+    layer = MoELayer(16, 32, 4, router="topk", k=2.0, loss_free_bias=True)
+    rate = layer.router.balance.rate
+
+    def stats(counts):
+        return {"expert_counts": torch.tensor(counts), "real_tokens": torch.tensor(4)}
+
+    after_step([(layer, stats([0, 4, 2, 2])), (layer, stats([4, 0, 2, 2]))])  # summed: balanced
+    assert torch.equal(layer.router.balance.bias_E, torch.zeros(4))
+    after_step([(layer, stats([5, 1, 1, 1])), (layer, stats([5, 1, 1, 1]))])
+    torch.testing.assert_close(layer.router.balance.bias_E, torch.tensor([-rate, rate, rate, rate]))
+
+
+def test_after_step_takes_a_budgeted_layer_and_refuses_unmeasured_stats():
+    import softmoe
+    from softmoe.layers import after_step
+
+    budget = softmoe.SoftMoEBudget(num_layers=1, num_experts=4, budget=2.0)
+    wrapped = budget.attach(MoELayer(16, 32, 4, router="softmoe", k=2.0, loss_free_bias=True))
+    x = torch.randn(2, 3, 16)
+    after_step([(wrapped, wrapped.moe(x, mean_k=budget()[0]).stats)])  # the wrapper stands for its layer
+    with pytest.raises(ValueError, match="measure=False"):
+        after_step([(wrapped.moe, wrapped.moe(x, mean_k=budget()[0], measure=False).stats)])
