@@ -134,9 +134,8 @@ def _load(compiler: list[str], flag_sets: tuple[tuple[str, ...], ...], name: str
             if not target.is_file():
                 _build(compiler, flag_sets, target)
                 _prune(directory, keep=target)
-            library = ctypes.CDLL(str(target))
-            _mark_used(target)
-            return library
+            _mark_used(target)  # first: a concurrent build's prune now sees it in use
+            return ctypes.CDLL(str(target))
         except CompileError:
             raise
         except OSError as error:  # the directory cannot be made, written or trusted: try the next one
