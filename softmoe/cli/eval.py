@@ -102,6 +102,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(describe_plan(study, runs), flush=True)
     if args.dry_run:
         return 0
+    if study.summaries is not None:  # before any training: a run's summary is written when it finishes
+        check_out_dir("--summaries", study.summaries, create=True)
     check_out_dir("output directory", study.out_dir, create=True)
     from softmoe.data.fetch import FetchError
     from softmoe.train.checkpoint import CheckpointError

@@ -113,9 +113,11 @@ def build_lock(final: Path) -> Iterator[None]:
 
 
 def unusable_dir(path: str | os.PathLike[str], create: bool = True) -> str | None:
-    """Why `path` cannot serve as an output directory (a file; not creatable), or None when it can.
+    """Why `path` cannot serve as an output directory (a file; not creatable; not writable), or None when it can.
 
-    With `create`, a missing directory is created (with its parents) as the check."""
+    With `create`, a missing directory is created (with its parents) and a scratch file written and removed in it
+    as the check (a read-only filesystem or an immutable directory fails here, before any work, where permission
+    bits alone would not tell for root)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         return "is a file, not a directory"
@@ -124,6 +126,11 @@ def unusable_dir(path: str | os.PathLike[str], create: bool = True) -> str | Non
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             return f"cannot create it ({err.strerror or err})"
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            return f"cannot be written ({err.strerror or err})"
     return None
 
 

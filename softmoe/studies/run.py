@@ -120,31 +120,39 @@ def run_one(study: Study, run: PlannedRun, progress: bool = False) -> dict:
     return {**record_of(summary), "run_dir": str(run_dir)}
 
 
-def _end_with_parent() -> None:
+def _end_with_parent(compare_pid: int) -> None:
     """Pool-worker initializer: on Linux the worker gets SIGTERM when the `softmoe compare` process dies, so a
     killed compare never leaves runs training on its own (each worker's Trainer checkpoints and stops; the next
-    compare resumes the run). Elsewhere nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
+    compare resumes the run). A compare that died before this took effect sends no signal: the worker then
+    exits at once. Elsewhere nothing changes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    _exit_if_orphaned(compare_pid)
+
+
+def _exit_if_orphaned(compare_pid: int) -> None:
+    """Leave at once when the compare that started this worker is gone (this process was re-parented)."""
+    if os.getppid() != compare_pid:
+        os._exit(130)
 
 
 def _run_one_in_worker(args: tuple) -> dict:
-    """A process-pool worker: `run_one(*args)` (its output interleaves with the other worker's). Stopped because its
-    compare died (the SIGTERM above; the run is checkpointed), it exits: no parent will send it more work or read
-    its result, and the pool's queue would otherwise keep it waiting forever."""
-    parent = os.getppid()
+    """A process-pool worker: `run_one(study, run, progress)` (its output interleaves with the other worker's).
+    `args` ends with the compare's pid. A worker whose compare died (the SIGTERM above; the run is checkpointed)
+    exits instead of starting or finishing anything: no parent will send it more work or read its result, and
+    the pool's queue would otherwise keep it waiting forever."""
+    *run_args, compare_pid = args
+    _exit_if_orphaned(compare_pid)  # never start a run for a dead compare
     try:
-        return run_one(*args)
+        return run_one(*run_args)
     except KeyboardInterrupt:
-        if os.getppid() != parent:
-            os._exit(130)
+        _exit_if_orphaned(compare_pid)
         raise
 
 
@@ -212,9 +220,11 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        compare_pid = os.getpid()
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_end_with_parent) as pool:
-            for run, record in zip(todo, pool.map(_run_one_in_worker, [(study, run, False) for run in todo])):
+                                 initializer=_end_with_parent, initargs=(compare_pid,)) as pool:
+            work = [(study, run, False, compare_pid) for run in todo]
+            for run, record in zip(todo, pool.map(_run_one_in_worker, work)):
                 records[run.config.train.name] = record
     else:
         for i, run in enumerate(todo, 1):

@@ -147,6 +147,10 @@ def write_summary(summaries: Path, summary: dict) -> Path:
     return path
 
 
+# What `record_of` and `check_summary` read (the other sections are optional).
+REQUIRED_KEYS = ("run", "config", "record", "curves", "k_trajectory")
+
+
 def load_summary(summaries: Path, run_name: str) -> dict | None:
     """The run's summary, None when there is none; ValueError when it is unreadable or of another format."""
     path = summary_path(summaries, run_name)
@@ -159,6 +163,9 @@ def load_summary(summaries: Path, run_name: str) -> dict | None:
     if not isinstance(summary, dict) or summary.get("format") != FORMAT:
         raise ValueError(f"{path}: format {summary.get('format') if isinstance(summary, dict) else None!r}, "
                          f"expected {FORMAT}; delete it or pass --force")
+    missing = [key for key in REQUIRED_KEYS if not isinstance(summary.get(key), str if key == "run" else dict)]
+    if missing:
+        raise ValueError(f"{path}: the run summary lacks {missing}; delete it or pass --force")
     return summary
 
 

@@ -116,6 +116,8 @@ CASES = {
     "demo negative --seed": (lambda r, d, t: ["demo", "--seed", "-1"], "--seed=-1"),
     "export --out not empty": (lambda r, d, t: ["export", "--checkpoint", str(r), "--out", str(t)],
                                "is not empty"),
+    "compare --summaries is a file": (lambda r, d, t: ["compare", "--config", STUDY, "--summaries", "/etc/hostname",
+                                                       "--out", str(t / "o")], "--summaries '/etc/hostname' is a file"),
     "compare --dry-run --jobs 0": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--jobs", "0"],
                                    "--jobs=0 must be >= 1"),
     "compare --dry-run --next -1": (lambda r, d, t: ["compare", "--study", STUDY, "--dry-run", "--next", "-1"],

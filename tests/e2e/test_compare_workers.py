@@ -89,3 +89,16 @@ variants:
     for w in alive:
         os.kill(w, signal.SIGKILL)
     assert not alive, "workers kept training after their compare was killed"
+
+
+def test_a_worker_whose_compare_is_gone_exits_without_working():
+    """A compare killed before its workers' death signal was set up sends them none: a worker started or handed a
+    run after its compare died must leave at once (exit 130), not train a run nobody will read."""
+    def child(call: str) -> int:
+        code = f"from softmoe.studies.run import _end_with_parent, _run_one_in_worker\n{call}"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
+
+    gone = 2**22 + 12345  # above the default pid_max: no process has it, so it is never the child's parent
+    assert child(f"_end_with_parent({gone})") == 130
+    assert child(f"_run_one_in_worker((None, None, False, {gone}))") == 130
+    assert child(f"_end_with_parent({os.getpid()})") == 0  # its compare (here: this process) is alive
