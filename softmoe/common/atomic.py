@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 import shutil
+import time
 from typing import Any, Callable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_new_folder", "write_new_folder"]
@@ -54,12 +55,30 @@ def check_new_folder(out: Path, flag: str = "--out") -> None:
                          f"or empty folder")
 
 
+STALE_STAGING_SECONDS = 86400  # a staging folder untouched this long was left by a killed writer
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders of `out` that killed writers left (`.<name>.tmp-*` next to it, unchanged for a
+    day: a writer still filling one changes it far more often). Best effort."""
+    if not out.parent.is_dir():
+        return
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    for staging in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            if staging.is_dir() and not staging.is_symlink() and staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def write_new_folder(out: Path, fill: Callable[[Path], None], flag: str = "--out") -> Path:
     """Write folder `out` whole: `fill(staging)` writes into a fresh folder next to it, which is then renamed onto
     `out` (missing or empty, see `check_new_folder`), so `out` is complete or absent; on any error the staging
     folder is removed. Returns `out`."""
     out = Path(out)
     check_new_folder(out, flag)
+    _remove_stale_staging(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
