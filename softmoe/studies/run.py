@@ -179,9 +179,10 @@ def _missing(study: Study, runs: list[PlannedRun], force: bool) -> tuple[dict[st
             summary = load_summary(study.summaries, name)
             if summary is not None:
                 check_summary(summary, run.config, summary_path(study.summaries, name))
-        except ValueError:  # unreadable, or of another config
+        except ValueError as err:  # unreadable, or of another config
             if not force:
                 raise
+            print(f"--force: {err.args[0].split('; ')[0]}: dropped; its run is to redo", flush=True)
             continue
         if summary is not None:
             done[name] = record_of(summary)

@@ -33,3 +33,20 @@ def test_a_damaged_summary_is_named_with_what_it_lacks(tmp_path, damage, message
     with pytest.raises(ValueError, match=message) as caught:
         load_summary(tmp_path, "damaged")
     assert str(path) in str(caught.value) and "delete it or pass --force" in str(caught.value)
+
+
+def test_force_says_which_damaged_summary_it_drops(tmp_path, capsys):
+    from softmoe.studies.plan import load_study, plan_runs
+    from softmoe.studies.run import _missing
+
+    studies = Path(__file__).resolve().parents[3] / "configs" / "studies"
+    study = load_study(studies / "tiny.yaml", out_dir=tmp_path / "out", summaries=tmp_path / "sum")
+    runs = plan_runs(study)
+    path = summary_path(study.summaries, runs[0].config.train.name)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 1, "run"')  # truncated by a kill
+    with pytest.raises(ValueError, match="unreadable run summary"):
+        _missing(study, runs, force=False)
+    done, todo = _missing(study, runs, force=True)
+    assert not done and todo == runs
+    assert f"--force: {path}: unreadable run summary" in capsys.readouterr().out
