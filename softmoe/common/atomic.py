@@ -14,7 +14,8 @@ import shutil
 import time
 from typing import Any, Callable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_new_folder", "write_new_folder"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_new_folder", "make_temp_dir",
+           "write_new_folder"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,6 +56,14 @@ def check_new_folder(out: Path, flag: str = "--out") -> None:
                          f"or empty folder")
 
 
+def make_temp_dir(final: Path) -> Path:
+    """A fresh 0755 directory `.<name>.tmp-*` next to `final`, to be filled and then renamed onto it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the folder is meant to be shared
+    return tmp
+
+
 STALE_STAGING_SECONDS = 86400  # a staging folder untouched this long was left by a killed writer
 
 
@@ -80,9 +89,7 @@ def write_new_folder(out: Path, fill: Callable[[Path], None], flag: str = "--out
     check_new_folder(out, flag)
     _remove_stale_staging(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700; the folder is meant to be shared
+        staging = make_temp_dir(out)
     except OSError as err:
         raise ValueError(f"{flag} {str(out)!r}: cannot create it ({err.strerror or err})") from None
     try:

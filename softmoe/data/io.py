@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from softmoe.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from softmoe.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, make_temp_dir
 
 try:
     import fcntl
@@ -73,14 +73,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def make_temp_dir(final: Path) -> Path:
-    """A fresh 0755 directory next to `final`, to be filled and then renamed onto it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)
-    return tmp
 
 
 def swap_into_place(tmp_dir: Path, final: Path) -> None:
