@@ -338,4 +338,3 @@ def after_step(calls) -> None:
                              "of the step's training forwards")
         pairs.append((getattr(layer, "moe", layer).router, stats))
     routing_base.step_routers(pairs)
-
