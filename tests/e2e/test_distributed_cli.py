@@ -67,6 +67,42 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _launch(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `_torchrun(tmp_path, *args)` to its end. A launch past `timeout` fails the test with every worker's
+    Python stacks (SIGABRT, which faulthandler turns into a dump on stderr), and no process of it outlives the
+    test: subprocess.run's own timeout kills torchrun alone and leaves its workers running."""
+    proc = subprocess.Popen(_torchrun(tmp_path, *args), cwd=tmp_path, env={**_env(), "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = [pid for pid in _descendants(proc.pid) if _is_worker(pid)]
+        for pid in workers:  # one at a time, so that their dumps on the shared stderr do not interleave
+            _signal(pid, signal.SIGABRT)
+            time.sleep(1.5)
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            _signal(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        dumps = err[max(err.find("Fatal Python error"), 0):]
+        pytest.fail(f"torchrun {' '.join(args)} still ran after {timeout}s; {len(workers)} workers' stacks "
+                    f"(stdout: {out[-500:]!r}):\n{dumps[:12000]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"softmoe.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def uninterrupted(rank: int, size: int, root: str, args: list[str]) -> None:
     """One rank of the run `softmoe train --config TINY <overrides>` is under torchrun, never stopped."""
     from softmoe.parallel.trainer import DistributedTrainer
@@ -78,9 +114,7 @@ def uninterrupted(rank: int, size: int, root: str, args: list[str]) -> None:
 
 
 def test_torchrun_ddp_trains_and_converts(tmp_path, capsys):
-    proc = subprocess.run(_torchrun(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2",
-                                    "train.ckpt_every=0"),
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _launch(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2", "train.ckpt_every=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done at step 4") == 1, proc.stdout  # rank 0 alone reports
     assert "find_unused_parameters" not in proc.stderr, proc.stderr  # DDP's C++ warning, on every rank before
@@ -97,9 +131,7 @@ def test_torchrun_ddp_trains_and_converts(tmp_path, capsys):
 
     # The same launch again: the run directory holds this run. torchrun fails; the reason is said once, in the
     # summary that ends torchrun's output (issue 27: one line buried above ~40 lines of ChildFailedError).
-    again = subprocess.run(_torchrun(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2",
-                                     "train.ckpt_every=0"),
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    again = _launch(tmp_path, "parallel.data=ddp", "train.steps=4", "train.log_every=2", "train.ckpt_every=0")
     assert again.returncode != 0
     output = again.stdout + again.stderr
     assert output.count("softmoe train: ") == 1, output
@@ -128,8 +160,7 @@ def test_killed_launch_resumes_exactly(tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() and "softmoe" in Path(f"/proc/{pid}/cmdline").read_text()
                    for pid in workers), "a worker survived the kill"
     assert not (checkpoints / "step_0000160").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(_torchrun(tmp_path, *args, "--resume"), cwd=tmp_path, env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    resumed = _launch(tmp_path, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step_0000160" not in resumed.stdout.split("resumed from")[1][:200]
     steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny-softmoe", "train")]

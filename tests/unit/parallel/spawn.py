@@ -5,15 +5,19 @@ would start them.
 
 The environment is torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so code under test
 joins the group exactly as it does under torchrun (`softmoe.parallel.world.init_world`). A rank's
-exception fails the call with that rank's traceback.
+exception fails the call with that rank's traceback; a rank still running at the timeout fails it with the
+Python stacks of the ranks that hang (faulthandler, on SIGUSR1) and is killed.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
+import signal
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -38,6 +42,8 @@ def _entry(fn, rank: int, world_size: int, port: int, out: str, args: tuple) -> 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
+    stacks = open(Path(out) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (open while the rank lives)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     path = Path(out) / f"rank{rank}.pt"
     try:
         result = fn(rank, world_size, *args)
@@ -61,18 +67,25 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                  for rank in range(world_size)]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout
         for p in procs:
-            p.join(timeout)
+            p.join(max(deadline - time.monotonic(), 0))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for rank in hung:
+            os.kill(procs[rank].pid, signal.SIGUSR1)
+        time.sleep(1 if hung else 0)  # the stacks reach their files
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
+        if hung:
+            stacks = "\n".join(f"rank {rank}:\n" + (Path(out) / f"rank{rank}.stacks").read_text() for rank in hung)
+            raise RuntimeError(f"ranks {hung} of {world_size} still ran after {timeout}s; their stacks:\n{stacks}")
         results = []
         for rank in range(world_size):
             path = Path(out) / f"rank{rank}.pt"
             if not path.is_file():
-                raise RuntimeError(f"rank {rank} of {world_size} wrote no result (timeout {timeout}s or crash; "
-                                   f"exit code {procs[rank].exitcode})")
+                raise RuntimeError(f"rank {rank} of {world_size} wrote no result (exit code {procs[rank].exitcode})")
             record = torch.load(path, weights_only=False)
             if not record["ok"]:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{record['error']}")
