@@ -1,17 +1,18 @@
 """Atomic file writes: write a temp file in the same directory, fsync, then `os.replace`.
 
 A reader never sees a half-written file; an interrupted write leaves at most a stray `.<name>.tmp-*`
-file behind. Every stage that writes results (data, train, eval) uses these.
+file behind, which the next write of the same name removes once it is a day old. Every stage that writes
+results (data, train, eval) uses these.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_new_folder", "make_temp_dir",
@@ -33,6 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temp(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,19 +66,23 @@ def make_temp_dir(final: Path) -> Path:
     return tmp
 
 
-STALE_STAGING_SECONDS = 86400  # a staging folder untouched this long was left by a killed writer
+STALE_STAGING_SECONDS = 86400  # a temp file or staging folder untouched this long was left by a killed writer
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging folders of `out` that killed writers left (`.<name>.tmp-*` next to it, unchanged for a
-    day: a writer still filling one changes it far more often). Best effort."""
+def _remove_stale_temp(out: Path) -> None:
+    """Remove the temp files and staging folders of `out` that killed writers left (`.<name>.tmp-*` next to it,
+    unchanged for a day: a writer still filling one changes it far more often). Best effort."""
     if not out.parent.is_dir():
         return
     cutoff = time.time() - STALE_STAGING_SECONDS
     for staging in out.parent.glob(f".{out.name}.tmp-*"):
         try:
-            if staging.is_dir() and not staging.is_symlink() and staging.stat().st_mtime < cutoff:
+            if staging.lstat().st_mtime >= cutoff:
+                continue
+            if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)
+            else:
+                staging.unlink()
         except OSError:
             pass
 
@@ -87,7 +93,7 @@ def write_new_folder(out: Path, fill: Callable[[Path], None], flag: str = "--out
     folder is removed. Returns `out`."""
     out = Path(out)
     check_new_folder(out, flag)
-    _remove_stale_staging(out)
+    _remove_stale_temp(out)
     try:
         staging = make_temp_dir(out)
     except OSError as err:
