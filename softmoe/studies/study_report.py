@@ -528,18 +528,20 @@ def _allocation_lines(records: list[dict], variants) -> list[str]:
 
 
 def _movement_lines(records: list[dict], variants) -> list[str]:
-    rows = []
+    rows, n_layers = [], 0
     for v in variants:
         m = allocation_movement(records, v.name)
         if m is None:
             continue
+        n_layers = len(m["last_move"])
         shares = " / ".join(f"{m['late_share'][f]:.3f}" for f in (0.25, 0.5, 0.75, 1.0))
         moves = ", ".join(f"{x:+.3f}" for x in m["last_move"])
         rows.append(f"| {v.label} | {m['seeds']} | {shares} | {moves} | {'yes' if m['settled'] else 'no'} |")
     if not rows:
         return []
     return ["", "## How the learned allocation moved (k_l trajectories, mean over seeds)", "",
-            f"Late share: the share of Σk_l held by the last 30% of the layers at 25 / 50 / 75 / 100% of the steps. "
+            f"Late share: the share of Σk_l held by the last 30% of the layers, rounded up (the last "
+            f"{math.ceil(0.3 * n_layers)} of {n_layers}), at 25 / 50 / 75 / 100% of the steps. "
             f"Settled: no layer's k_l moved more than {SETTLE_TOL} over the last 20% of the steps.", "",
             "| variant | seeds | late share at 25 / 50 / 75 / 100% | k_l change over the last 20% (first to last "
             "layer) | settled? |", "|---|---|---|---|---|", *rows]

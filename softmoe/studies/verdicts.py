@@ -88,6 +88,12 @@ def _seeded(records: list[dict], seeds) -> list[dict]:
     return [r for r in records if seeds is None or r["seed"] in seeds]
 
 
+def _registered(c: dict, variant: str) -> int:
+    """Seeds a check registers for `variant`: its own `seeds`, else every seed the study plans for the variant
+    (`planned`, added by evaluate_rules)."""
+    return len(c["seeds"]) if c.get("seeds") else len(c.get("planned", {}).get(variant, ()))
+
+
 def _unresolved(stat: dict | None) -> str | None:
     if stat is None or stat["mean"] is None:
         return "not yet measured"
@@ -137,7 +143,7 @@ def _paired_loss(rule, c, records, margin):
     d = paired(_seeded(records, seeds), c["variant"], c["reference"])
     stat = d or t_interval([])
     return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
-                    loss_claim(d, margin), stat["n"], len(seeds or []))]
+                    loss_claim(d, margin), stat["n"], _registered(c, c["variant"]))]
 
 
 def _below(rule, c, records, margin):
@@ -145,7 +151,7 @@ def _below(rule, c, records, margin):
     verdict = _unresolved(stat) or ("fewer" if stat["high"] < c["value"] else
                                     "not fewer" if stat["low"] >= c["value"] else "not resolved")
     return [Verdict(rule, f"{c['variant']} {c['metric']} vs {c['value']}", fmt_interval(stat, ".3f"), verdict,
-                    stat["n"], len(c.get("seeds") or []))]
+                    stat["n"], _registered(c, c["variant"]))]
 
 
 def _inside(rule, c, records, margin):
@@ -154,7 +160,7 @@ def _inside(rule, c, records, margin):
     verdict = _unresolved(stat) or ("as the paper" if lo <= stat["low"] and stat["high"] <= hi else
                                     "below" if stat["high"] < lo else "above" if stat["low"] > hi else "overlapping")
     return [Verdict(rule, f"{c['variant']} {c['metric']} in [{lo}, {hi}]", fmt_interval(stat, ".3f"), verdict,
-                    stat["n"], len(c.get("seeds") or []))]
+                    stat["n"], _registered(c, c["variant"]))]
 
 
 def _scale(rule, c, records, margin):
@@ -164,7 +170,7 @@ def _scale(rule, c, records, margin):
     verdict = _unresolved(d) or ("output scale matters" if stat["low"] > 0 or stat["high"] < 0
                                  else "output scale does not matter (interval contains 0)")
     return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
-                    verdict, stat["n"], len(seeds or []))]
+                    verdict, stat["n"], _registered(c, c["variant"]))]
 
 
 def _same_claim(rule, c, records, margin):
@@ -177,7 +183,7 @@ def _same_claim(rule, c, records, margin):
     n = min((d or {"n": 0})["n"] for d in (mine, like))
     return [Verdict(rule, f"{c['variant']} vs {c['reference']} ({a}) against {c['like']} vs {c['reference']} ({b})",
                     f"{fmt_interval(mine, '.4f', True)}; "
-                    f"{fmt_interval(like, '.4f', True)}", verdict, n, len(seeds or []))]
+                    f"{fmt_interval(like, '.4f', True)}", verdict, n, _registered(c, c["variant"]))]
 
 
 def _gap_noise(rule, c, records, margin):
@@ -198,7 +204,7 @@ def _gap_noise(rule, c, records, margin):
                                                     else " (Infer < Train)")
         out.append(Verdict(rule, f"{variant}: gap Infer AE - Train AE (last), and gap + noise effect",
                            f"gap {fmt_interval(gap, '.3f', True)}{direction}; gap + noise "
-                           f"{fmt_interval(both, '.3f', True)}", verdict, gap["n"], len(c.get("seeds") or [])))
+                           f"{fmt_interval(both, '.3f', True)}", verdict, gap["n"], _registered(c, variant)))
     return out
 
 
@@ -211,7 +217,7 @@ def _late_share(rule, c, records, margin):
         "uniform" if stat["low"] <= uniform <= stat["high"] else
         "early" if stat["high"] < uniform else "later, less than the paper")
     return [Verdict(rule, f"{c['variant']}: share of {field} in the last {last} layers (uniform {uniform})",
-                    fmt_interval(stat, ".3f"), verdict, stat["n"], len(c.get("seeds") or []))]
+                    fmt_interval(stat, ".3f"), verdict, stat["n"], _registered(c, c["variant"]))]
 
 
 def _held(rule, c, records, margin):
@@ -223,7 +229,7 @@ def _held(rule, c, records, margin):
     measured = ("-" if not runs else f"largest |layer Train AE - k_l| per seed {[round(w, 3) for w in worst_layer]}"
                 f"; |mean Train AE - {c['budget']}| {[round(m, 3) for m in mean_off]}")
     return [Verdict(rule, f"{c['variant']}: layers within {c['layer_tol']} of k_l, mean within {c['mean_tol']} "
-                    f"of {c['budget']}", measured, verdict, len(runs), len(c.get("seeds") or []))]
+                    f"of {c['budget']}", measured, verdict, len(runs), _registered(c, c["variant"]))]
 
 
 def _frontier(rule, c, records, margin):
@@ -244,7 +250,7 @@ def _frontier(rule, c, records, margin):
                                         "on the frontier" if stat["high"] < margin else "above the frontier")
         note = " (AE outside the top-k range: frontier extended)" if extrapolated else ""
         out.append(Verdict(rule, f"{variant} - top-k frontier at its Infer AE, val loss",
-                           fmt_interval(stat, ".4f", True) + note, verdict, stat["n"], len(seeds or [])))
+                           fmt_interval(stat, ".4f", True) + note, verdict, stat["n"], _registered(c, variant)))
     return out
 
 
@@ -277,12 +283,15 @@ KINDS = {"paired_loss": _paired_loss, "below": _below, "inside": _inside, "scale
          "frontier": _frontier, "divergence": _divergence}
 
 
-def evaluate_rules(analysis: dict, records: list[dict], margin: float) -> list[Verdict]:
-    """Every check of the transcription on these records, in the transcription's order (divergence first)."""
+def evaluate_rules(analysis: dict, records: list[dict], margin: float,
+                   planned: dict[str, tuple[int, ...]] | None = None) -> list[Verdict]:
+    """Every check of the transcription on these records, in the transcription's order (divergence first).
+    `planned`: {variant: the seeds the study plans for it}, what a check without `seeds` registers (a verdict on
+    fewer is provisional)."""
     out = []
     for rule, checks in (("divergence", analysis.get("divergence", [])), *analysis["rules"].items()):
         for check in checks:
-            out += KINDS[check["kind"]](rule, check, records, margin)
+            out += KINDS[check["kind"]](rule, {**check, "planned": planned or {}}, records, margin)
     return out
 
 
@@ -318,7 +327,8 @@ def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) 
     registration = study.preregistration or {}
     margin = float(registration["margin"])
     registered = {**registration.get("verdicts", {}), "divergence": registration.get("divergence", "")}
-    verdicts = evaluate_rules(analysis, records, margin)
+    verdicts = evaluate_rules(analysis, records, margin,
+                              planned={v.name: tuple(v.seeds or study.seeds) for v in study.variants})
     exploratory = [v.name for v in study.variants if v.exploratory]
     lines = [f"# Study `{study.name}`: registered verdicts", "",
              f"{len(records)} of {planned} planned runs summarised. Each rule below is quoted from "

@@ -76,14 +76,16 @@ def mean_active_experts(layers: list[dict]) -> float | None:
 def train_ae(records: list[dict], tail: float = 0.2) -> tuple[float | None, list[float]]:
     """Train AE (the paper's name): realized mean active experts per token in training mode.
 
-    Averaged over the train records of the last `tail` fraction of logged steps (the settled value; early
-    steps route differently), per layer and over layers. (None, []) without MoE records.
+    Averaged over the train records of the last `tail` fraction of steps (the settled value; early steps route
+    differently), per layer and over layers: a record at step s covers the steps since the previous record, so
+    the records after step (1 - tail) * last (of 625 steps logged every 25: those of steps 525-625, which cover
+    steps 501-625). (None, []) without MoE records.
     """
     rows = [r for r in records if r.get("split") == "train" and r.get("active_experts_mean") is not None]
     if not rows:
         return None, []
     last = max(r["step"] for r in rows)
-    rows = [r for r in rows if r["step"] >= last * (1.0 - tail)]
+    rows = [r for r in rows if r["step"] > last * (1.0 - tail)]
     per_layer = [sum(r["layers"][i]["active_experts_mean"] for r in rows) / len(rows)
                  for i in range(len(rows[0]["layers"]))]
     return sum(r["active_experts_mean"] for r in rows) / len(rows), per_layer

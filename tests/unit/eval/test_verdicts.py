@@ -98,6 +98,18 @@ def test_gap_noise():
     assert _check("gap_noise", flat, variants=["v"])[0].verdict == "no gap"
 
 
+def test_a_check_without_seeds_registers_the_variants_planned_seeds():
+    """gap_noise lists no seeds ("interval over seeds per SoftMoE variant"): a variant with 2 of its 3 planned
+    seeds is provisional, one with all 6 of its planned seeds is not (paper32's verdicts.md had printed the
+    realized-budget variant's 2-seed verdict without the mark)."""
+    records = [_rec(v, s, active_experts_mean=2.1 + 0.01 * s, train_ae_last=2.0)
+               for v, seeds in (("short", [0, 1]), ("full", range(6))) for s in seeds]
+    analysis = {"rules": {"train_vs_infer": [{"kind": "gap_noise", "variants": ["short", "full"]}]}}
+    short, full = evaluate_rules(analysis, records, 0.02, planned={"short": (0, 1, 2), "full": tuple(range(6))})
+    assert (short.seeds, short.registered, short.provisional) == (2, 3, True)
+    assert (full.seeds, full.registered, full.provisional) == (6, 6, False)
+
+
 @pytest.mark.parametrize("late, expected", [
     ([4.0, 4.0, 4.0], "as the paper"),             # share 12 / 22 = 0.545 every seed
     ([2.0, 2.0, 2.0], "uniform"),                  # 6 / 16 = 0.375 exactly, zero width: contains 0.375

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metrics, routing_summary
+from softmoe.train.metrics import MetricsWriter, mean_active_experts, read_metrics, routing_summary, train_ae
 
 
 def test_routing_summary_is_json_friendly():
@@ -37,3 +37,16 @@ def test_write_read_and_truncate(tmp_path):
     MetricsWriter.truncate_after(tmp_path, 10)
     assert [(r["step"], r["split"]) for r in read_metrics(tmp_path)] == [(5, "train"), (10, "train"), (10, "val")]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_train_ae_averages_the_records_of_the_last_fifth_of_the_steps():
+    """625 steps logged every 25: the last 20% of the steps are 501-625, covered by the records of steps
+    525-625 (the record of step 500 covers steps 476-500). Layer values 1x and 3x the step; val records ignored."""
+    records = [{"step": s, "split": "train", "active_experts_mean": 2.0 * s,
+                "layers": [{"active_experts_mean": 1.0 * s}, {"active_experts_mean": 3.0 * s}]}
+               for s in range(25, 626, 25)]
+    records.append({"step": 625, "split": "val", "active_experts_mean": -1.0, "layers": []})
+    mean, per_layer = train_ae(records)
+    assert mean == 2.0 * 575 and per_layer == [575.0, 3.0 * 575]  # mean of 525, 550, 575, 600, 625
+    assert train_ae(records[:1]) == (50.0, [25.0, 75.0])  # one record: itself
+    assert train_ae([{"step": 4, "split": "val", "active_experts_mean": 1.0}]) == (None, [])
