@@ -20,12 +20,16 @@ numbers:
     held          the realized-count budget: every layer's Train AE within layer_tol of its final k_l and the
                   mean Train AE within mean_tol of the budget, in every seed
     frontier      each variant's loss minus the top-k frontier (piecewise-linear in AE through the top-k variants'
-                  losses at the same seed) at its own Infer AE: "below", "on" (< +margin) or "above"
+                  losses at the same seed; with `through: mean`, through their mean losses over the check's seeds)
+                  at its own Infer AE: "below", "on" (< +margin) or "above"
     divergence    the first pair's recipe check: a skipped step, or a logged train loss above ratio x its minimum
                   so far after `after_step`
 
 Every interval is the 95% Student-t interval over seeds (study_report.t_interval). A verdict computed on fewer
 seeds than the check registers is marked provisional; one without any shared seed is "not yet measured".
+
+The transcription's optional `exploratory:` section (name -> {why, checks}) holds readings added after the
+verdicts were computed; verdicts.md shows them apart, labelled as not registered.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import yaml
 from softmoe.common.atomic import atomic_write_text
 from softmoe.studies.study_report import fmt_interval, paired, t_interval
 
-__all__ = ["Verdict", "load_analysis", "analysis_path", "evaluate_rules", "verdicts_markdown", "write_verdicts",
-           "KINDS"]
+__all__ = ["Verdict", "load_analysis", "analysis_path", "evaluate_rules", "evaluate_exploratory", "verdicts_markdown",
+           "write_verdicts", "KINDS"]
 
 # Record fields each metric name reads (records: softmoe.studies.summaries.record_of).
 METRICS = {"loss": "loss", "infer_ae": "active_experts_mean", "train_ae": "train_ae", "train_ae_last": "train_ae_last"}
@@ -72,6 +76,12 @@ def load_analysis(path: Path) -> dict:
     for rule, checks in {**raw["rules"], "divergence": raw.get("divergence", [])}.items():
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
             raise ValueError(f"{path}: rules.{rule} must be a list of checks, each with a kind from {sorted(KINDS)}")
+    for name, entry in (raw.get("exploratory") or {}).items():
+        checks = entry.get("checks") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("why"), str) or not isinstance(checks, list) or \
+                not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
+            raise ValueError(f"{path}: exploratory.{name} must be a mapping with `why:` (text) and `checks:` (a list "
+                             f"of checks, each with a kind from {sorted(KINDS)})")
     return raw
 
 
@@ -234,12 +244,17 @@ def _held(rule, c, records, margin):
 
 def _frontier(rule, c, records, margin):
     seeds = c.get("seeds")
+    mean_loss = {name: sum(losses) / len(losses) for name in c["topk"]
+                 if (losses := [t["loss"] for t in _runs(records, name, seeds)])}
     out = []
     for variant in c["variants"]:
         deltas, extrapolated = [], False
         for r in _runs(records, variant, seeds):
-            points = [(ae, t["loss"]) for name, ae in c["topk"].items()
-                      for t in _runs(records, name, [r["seed"]])]
+            if c.get("through") == "mean":
+                points = [(ae, mean_loss[name]) for name, ae in c["topk"].items() if name in mean_loss]
+            else:
+                points = [(ae, t["loss"]) for name, ae in c["topk"].items()
+                          for t in _runs(records, name, [r["seed"]])]
             if len(points) < len(c["topk"]) or r.get("active_experts_mean") is None:
                 continue
             y, outside = interpolate(points, r["active_experts_mean"])
@@ -249,7 +264,8 @@ def _frontier(rule, c, records, margin):
         verdict = _unresolved(stat) or ("below the frontier" if stat["high"] < 0 else
                                         "on the frontier" if stat["high"] < margin else "above the frontier")
         note = " (AE outside the top-k range: frontier extended)" if extrapolated else ""
-        out.append(Verdict(rule, f"{variant} - top-k frontier at its Infer AE, val loss",
+        through = " (frontier through the top-k mean losses)" if c.get("through") == "mean" else ""
+        out.append(Verdict(rule, f"{variant} - top-k frontier{through} at its Infer AE, val loss",
                            fmt_interval(stat, ".4f", True) + note, verdict, stat["n"], _registered(c, variant)))
     return out
 
@@ -288,8 +304,20 @@ def evaluate_rules(analysis: dict, records: list[dict], margin: float,
     """Every check of the transcription on these records, in the transcription's order (divergence first).
     `planned`: {variant: the seeds the study plans for it}, what a check without `seeds` registers (a verdict on
     fewer is provisional)."""
+    return _evaluate((("divergence", analysis.get("divergence", [])), *analysis["rules"].items()), records, margin,
+                     planned)
+
+
+def evaluate_exploratory(analysis: dict, records: list[dict], margin: float,
+                         planned: dict[str, tuple[int, ...]] | None = None) -> list[Verdict]:
+    """The checks of the transcription's `exploratory:` readings (not registered), by reading name."""
+    entries = (analysis.get("exploratory") or {}).items()
+    return _evaluate(((name, entry["checks"]) for name, entry in entries), records, margin, planned)
+
+
+def _evaluate(named_checks, records: list[dict], margin: float, planned) -> list[Verdict]:
     out = []
-    for rule, checks in (("divergence", analysis.get("divergence", [])), *analysis["rules"].items()):
+    for rule, checks in named_checks:
         for check in checks:
             out += KINDS[check["kind"]](rule, {**check, "planned": planned or {}}, records, margin)
     return out
@@ -327,8 +355,8 @@ def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) 
     registration = study.preregistration or {}
     margin = float(registration["margin"])
     registered = {**registration.get("verdicts", {}), "divergence": registration.get("divergence", "")}
-    verdicts = evaluate_rules(analysis, records, margin,
-                              planned={v.name: tuple(v.seeds or study.seeds) for v in study.variants})
+    planned_seeds = {v.name: tuple(v.seeds or study.seeds) for v in study.variants}
+    verdicts = evaluate_rules(analysis, records, margin, planned_seeds)
     exploratory = [v.name for v in study.variants if v.exploratory]
     lines = [f"# Study `{study.name}`: registered verdicts", "",
              f"{len(records)} of {planned} planned runs summarised. Each rule below is quoted from "
@@ -342,12 +370,24 @@ def verdicts_markdown(study, analysis: dict, records: list[dict], planned: int) 
         lines += paper_lines(registration.get("paper", {}), analysis["paper_rows"], records)
     for rule in dict.fromkeys(v.rule for v in verdicts):
         lines += [f"## {rule}", "", "> " + " ".join(str(registered.get(rule, "(not in the registration)")).split()),
-                  "", "| check | measured | verdict |", "|---|---|---|"]
-        for v in (v for v in verdicts if v.rule == rule):
-            mark = f" *(provisional: {v.seeds} of {v.registered} seeds)*" if v.provisional else ""
-            lines.append(f"| {v.check} | {v.measured} | **{v.verdict}**{mark} |")
-        lines.append("")
+                  ""] + _verdict_table([v for v in verdicts if v.rule == rule])
+    exploratory_readings = analysis.get("exploratory") or {}
+    if exploratory_readings:
+        lines += ["## Exploratory readings (not registered)", "",
+                  "Added to the transcription after the registered verdicts were computed; they decide nothing.", ""]
+        found = evaluate_exploratory(analysis, records, margin, planned_seeds)
+        for name, entry in exploratory_readings.items():
+            lines += [f"### {name}", "", " ".join(entry["why"].split()), ""]
+            lines += _verdict_table([v for v in found if v.rule == name])
     return "\n".join(lines)
+
+
+def _verdict_table(verdicts: list[Verdict]) -> list[str]:
+    lines = ["| check | measured | verdict |", "|---|---|---|"]
+    for v in verdicts:
+        mark = f" *(provisional: {v.seeds} of {v.registered} seeds)*" if v.provisional else ""
+        lines.append(f"| {v.check} | {v.measured} | **{v.verdict}**{mark} |")
+    return lines + [""]
 
 
 def write_verdicts(study, records: list[dict], out_dir: Path, planned: int) -> Path | None:

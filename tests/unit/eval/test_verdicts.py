@@ -142,6 +142,20 @@ def test_frontier_per_seed():
     assert verdict.verdict == "below the frontier"  # -0.05 +- 0.005 under 2.95 (+ 0.01 s)
 
 
+def test_frontier_through_the_mean_losses():
+    """Per seed the frontier at AE 1.5 is 2.95, 2.95, 2.85 and v lies 0.05 under it every seed ("below"). Through
+    the mean losses (k1 3.1, k2 2.7333) it is 2.91667 for every seed: deltas -0.01667, -0.01667, -0.11667, mean
+    -0.05, SD 0.057735, half-width 4.303 * 0.057735 / sqrt(3) = 0.1434: [-0.193, +0.093], "above"."""
+    losses = {"k1": [3.0, 3.2, 3.1], "k2": [2.9, 2.7, 2.6], "v": [2.90, 2.90, 2.80]}
+    records = [_rec(name, s, loss=x, active_experts_mean=1.5) for name, xs in losses.items() for s, x in enumerate(xs)]
+    check = {"topk": {"k1": 1, "k2": 2}, "variants": ["v"], "seeds": [0, 1, 2]}
+    (per_seed,) = _check("frontier", records, **check)
+    assert per_seed.verdict == "below the frontier" and "-0.0500 [-0.0500, -0.0500]" in per_seed.measured
+    (through_mean,) = _check("frontier", records, through="mean", **check)
+    assert through_mean.verdict == "above the frontier" and "mean losses" in through_mean.check
+    assert "-0.0500 [-0.1934, +0.0934]" in through_mean.measured
+
+
 def test_divergence():
     steady = _rec("v", 0, skipped_steps=0, curves={"train": {"step": [25, 50, 125, 150], "loss": [8, 6, 5, 5.9]}})
     (ok,) = _check("divergence", [steady], variants=["v"], seed=0, after_step=100, ratio=1.2)
@@ -225,7 +239,11 @@ def test_paper32_verdicts_page_from_the_committed_summaries():
     summaries = sorted((ROOT / "docs" / "results" / "paper32" / "runs").glob("*.json"))
     records = [record_of(yaml.safe_load(p.read_text())) for p in summaries]
     text = verdicts_markdown(study, load_analysis(analysis_path(STUDY)), records, planned=30)
-    assert text.count("\n## ") == len(_registration()["verdicts"]) + 2  # + divergence, + the paper's numbers
+    # + divergence, + the paper's numbers, + the exploratory readings (after every registered rule)
+    assert text.count("\n## ") == len(_registration()["verdicts"]) + 3
+    assert text.index("\n## Exploratory readings (not registered)") > max(
+        text.index(f"\n## {rule}\n") for rule in _registration()["verdicts"])
+    assert "\n### frontier_through_mean_losses\n" in text and "frontier through the top-k mean losses" in text
     assert "| softmoe_learned_k1.5 | softmoe-K1.5 | 1.63 / " in text and "| top2 | topk-k2 | 2 / 2.000" in text
     for rule in _registration()["verdicts"]:
         assert f"\n## {rule}\n\n> " in text
@@ -239,3 +257,16 @@ def test_the_study_report_points_to_the_verdicts():
     from softmoe.studies.study_report import study_report_markdown
 
     assert "[verdicts.md](verdicts.md)" in study_report_markdown(load_study(STUDY), [], [], planned=30)
+
+
+@pytest.mark.parametrize("text, wrong", [
+    ("rules: []", "must be a mapping with `rules:`"),
+    ("rules: {r: [{kind: nope}]}", "rules.r must be a list of checks"),
+    ("rules: {}\nexploratory: {x: {checks: []}}", "exploratory.x must be a mapping with `why:`"),
+    ("rules: {}\nexploratory: {x: {why: w, checks: [{kind: nope}]}}", "exploratory.x must be a mapping"),
+])
+def test_a_malformed_transcription_is_named(tmp_path, text, wrong):
+    path = tmp_path / "s.analysis.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(wrong)):
+        load_analysis(path)
