@@ -58,6 +58,8 @@ from softmoe.train.schedule import lr_at
 __all__ = ["Trainer", "TrainResult", "StepStats", "TrainingAborted", "Parallelized", "one_process", "this_process",
            "evaluate", "read_revisions", "REVISIONS"]
 
+SIGTERM_REPEAT_S = 2.0  # a second SIGTERM sooner than this after the first is the same stop request (see below)
+
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite steps, or a validation without a finite loss (diverged weights: e.g. a
@@ -510,15 +512,25 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_signal(self):
         """While training: the first Ctrl-C / SIGTERM asks to stop after the current step (and checkpoint),
-        a second one aborts at once. Only the main thread can own signal handlers; elsewhere nothing changes."""
+        a second one aborts at once. A SIGTERM within SIGTERM_REPEAT_S of a first SIGTERM is the same request
+        delivered twice (killing the process group of `softmoe compare --jobs N` reaches a worker directly and
+        again as its parent-death signal), not a second one. Only the main thread can own signal handlers;
+        elsewhere nothing changes."""
         self.stop_requested = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        first_sigterm_at = None
 
         def handler(signum, frame):
+            nonlocal first_sigterm_at
+            if signum == signal.SIGTERM and first_sigterm_at is not None and \
+                    time.monotonic() - first_sigterm_at < SIGTERM_REPEAT_S:
+                return
             if self.stop_requested is not None:
                 raise KeyboardInterrupt
+            if signum == signal.SIGTERM:
+                first_sigterm_at = time.monotonic()
             self.stop_requested = signal.Signals(signum).name
             self.report(f"{self.stop_requested}: stopping after step {self.step + 1} with a checkpoint "
                         f"(press Ctrl-C again to abort without one)")

@@ -1,5 +1,6 @@
 """A killed `softmoe compare --jobs 2` leaves no worker training on: the pool's workers end with their parent
-(Linux: PR_SET_PDEATHSIG), each checkpointing its run, so the next compare resumes instead of racing an orphan.
+(Linux: PR_SET_PDEATHSIG), each checkpointing its run, so the next compare resumes instead of racing an orphan;
+killing its whole process group does the same.
 
 Run: .venv/bin/python -m pytest -q tests/e2e/test_compare_workers.py
 """
@@ -51,7 +52,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_killing_compare_ends_its_workers(tmp_path):
+@pytest.mark.parametrize("kill", ["compare", "group"])
+def test_killing_compare_ends_its_workers_each_with_a_checkpoint(tmp_path, kill):
+    """kill="compare": SIGKILL to the compare alone (its workers get their parent-death SIGTERM). kill="group":
+    SIGTERM to its whole process group (`timeout`, a service manager, a closed session), so each worker gets
+    SIGTERM twice at once, directly and as its parent-death signal: the second is the same request, not a second
+    Ctrl-C that aborts the stop checkpoint (it did: the runs lost every step since their last checkpoint)."""
     study = tmp_path / "study.yaml"
     study.write_text(f"""name: orphans
 base: {CONFIGS / 'tiny' / 'softmoe.yaml'}
@@ -65,7 +71,7 @@ variants:
 """)
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
                                "--quiet", "--summaries", "none"], stdout=subprocess.DEVNULL,
-                              stderr=(tmp_path / "compare.err").open("w"))
+                              stderr=(tmp_path / "compare.err").open("w"), start_new_session=True)
     workers: list[int] = []
     deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
     while time.time() < deadline and len(workers) < 2:
@@ -80,7 +86,10 @@ variants:
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) < 2:
         time.sleep(0.5)
     assert len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) == 2, "the two runs did not start training"
-    parent.send_signal(signal.SIGKILL)
+    if kill == "compare":
+        parent.send_signal(signal.SIGKILL)
+    else:
+        os.killpg(parent.pid, signal.SIGTERM)
     parent.wait()
     deadline = time.time() + 180  # each worker finishes its step and checkpoints first
     while time.time() < deadline and any(_alive(w) for w in workers):
@@ -89,6 +98,11 @@ variants:
     for w in alive:
         os.kill(w, signal.SIGKILL)
     assert not alive, "workers kept training after their compare was killed"
+    for run in ("orphans-a-s0", "orphans-b-s0"):
+        checkpoints = tmp_path / "runs" / run / "checkpoints"
+        saved = sorted(p.name for p in checkpoints.glob("*")) if checkpoints.is_dir() else []
+        assert len(saved) == 1 and saved[0].startswith("step_"), f"{run}: {saved} (the stop checkpoint, whole)"
+        assert (checkpoints / saved[0] / "manifest.json").is_file(), f"{run}: {saved[0]} is incomplete"
 
 
 def test_a_worker_whose_compare_is_gone_exits_without_working():

@@ -141,6 +141,38 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, data_dir, straight_run
     assert_consistent(run_dir)
 
 
+@pytest.mark.parametrize("repeat_s, saved", [(2.0, True), (0.0, False)])
+def test_sigterm_twice_at_once_is_one_stop(tmp_path, data_dir, monkeypatch, capsys, repeat_s, saved):
+    """Killing the process group of `softmoe compare --jobs N` hands each worker SIGTERM twice at once (directly,
+    and as its parent-death signal): one request to stop with a checkpoint, not a stop then an abort (the abort
+    lost every step since the last checkpoint). With the repeat window at 0 the second SIGTERM aborts, as a
+    second Ctrl-C does."""
+    import softmoe.train.loop as loop
+
+    monkeypatch.setattr(loop, "SIGTERM_REPEAT_S", repeat_s)
+    original = Trainer.train_step
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated_twice_at_step_5(self, step, **kwargs):
+        stats = original(self, step, **kwargs)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", terminated_twice_at_step_5)
+    args = ("train.steps=12", "train.ckpt_every=0", "train.eval_every=0")
+    if saved:
+        assert train_cli(tmp_path, data_dir, *args) == 130
+        assert "interrupted at step 5" in capsys.readouterr().out
+    else:  # the abort: no checkpoint, the interrupt goes on up (as a second Ctrl-C's does)
+        with pytest.raises(KeyboardInterrupt):
+            train_cli(tmp_path, data_dir, *args)
+    checkpoints = [c.name for c in list_checkpoints(tmp_path / "tiny-softmoe" / "checkpoints")]
+    assert checkpoints == (["step_0000005"] if saved else [])
+    assert signal.getsignal(signal.SIGTERM) is before  # handler given back
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, data_dir):
     trainer = Trainer(tiny(tmp_path_factory.mktemp("straight"), data_dir, *EXACT), report=quiet)
