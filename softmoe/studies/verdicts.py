@@ -244,8 +244,10 @@ def _held(rule, c, records, margin):
 
 def _frontier(rule, c, records, margin):
     seeds = c.get("seeds")
-    mean_loss = {name: sum(losses) / len(losses) for name in c["topk"]
-                 if (losses := [t["loss"] for t in _runs(records, name, seeds)])}
+    topk_losses = {name: [t["loss"] for t in _runs(records, name, seeds)] for name in c["topk"]}
+    mean_loss = {name: sum(losses) / len(losses) for name, losses in topk_losses.items() if losses}
+    # through the means: the verdict is as provisional as the least-seeded top-k mean it rests on
+    fewest_topk = min(map(len, topk_losses.values())) if c.get("through") == "mean" else None
     out = []
     for variant in c["variants"]:
         deltas, extrapolated = [], False
@@ -266,7 +268,8 @@ def _frontier(rule, c, records, margin):
         note = " (AE outside the top-k range: frontier extended)" if extrapolated else ""
         through = " (frontier through the top-k mean losses)" if c.get("through") == "mean" else ""
         out.append(Verdict(rule, f"{variant} - top-k frontier{through} at its Infer AE, val loss",
-                           fmt_interval(stat, ".4f", True) + note, verdict, stat["n"], _registered(c, variant)))
+                           fmt_interval(stat, ".4f", True) + note, verdict,
+                           stat["n"] if fewest_topk is None else min(stat["n"], fewest_topk), _registered(c, variant)))
     return out
 
 

@@ -154,6 +154,10 @@ def test_frontier_through_the_mean_losses():
     (through_mean,) = _check("frontier", records, through="mean", **check)
     assert through_mean.verdict == "above the frontier" and "mean losses" in through_mean.check
     assert "-0.0500 [-0.1934, +0.0934]" in through_mean.measured
+    assert not through_mean.provisional
+    short = [r for r in records if not (r["variant"] == "k2" and r["seed"] == 2)]  # one top-k mean on 2 seeds
+    (early,) = _check("frontier", short, through="mean", **check)
+    assert early.provisional and (early.seeds, early.registered) == (2, 3)
 
 
 def test_divergence():
