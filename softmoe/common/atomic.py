@@ -7,6 +7,7 @@ results (data, train, eval) uses these.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def _remove_stale_temp(out: Path) -> None:
     if not out.parent.is_dir():
         return
     cutoff = time.time() - STALE_STAGING_SECONDS
-    for staging in out.parent.glob(f".{out.name}.tmp-*"):
+    for staging in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
             if staging.lstat().st_mtime >= cutoff:
                 continue

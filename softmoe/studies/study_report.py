@@ -138,12 +138,17 @@ def _mean_choice_acc(record: dict) -> float | None:
     return float(np.mean(accs)) if accs else None
 
 
+def _late_layers(n_layers: int) -> int:
+    """How many of `n_layers` the late share counts: the last 30%, rounded up (3 of 8, 3 of 10)."""
+    return math.ceil(0.3 * n_layers)
+
+
 def _late_share(per_layer) -> float | None:
     """Fraction of the sum of a per-layer quantity [layers] (k_l, or the realized active experts) held by the
     last ceil(30%) of the layers (the paper: the last 3 of 10 blocks take about half the budget)."""
     if not per_layer:
         return None
-    last = math.ceil(0.3 * len(per_layer))
+    last = _late_layers(len(per_layer))
     return float(sum(per_layer[-last:]) / sum(per_layer))
 
 
@@ -268,7 +273,7 @@ def claims_rows(records: list[dict], roles: dict[str, str], paper: PaperClaims) 
         parts, verdicts = [], []
         for name in learned_names:
             n_layers = len(_of(records, name)[0].get("k_L") or [])  # every MoE layer, so the same for both
-            last = math.ceil(0.3 * n_layers)
+            last = _late_layers(n_layers)
             uniform = last / n_layers if n_layers else None
             budget = _stat(records, name, lambda r: _late_share(r.get("k_L")))
             realized = _stat(records, name, lambda r: _late_share(r.get("train_ae_per_layer")))
@@ -541,7 +546,7 @@ def _movement_lines(records: list[dict], variants) -> list[str]:
         return []
     return ["", "## How the learned allocation moved (k_l trajectories, mean over seeds)", "",
             f"Late share: the share of Σk_l held by the last 30% of the layers, rounded up (the last "
-            f"{math.ceil(0.3 * n_layers)} of {n_layers}), at 25 / 50 / 75 / 100% of the steps. "
+            f"{_late_layers(n_layers)} of {n_layers}), at 25 / 50 / 75 / 100% of the steps. "
             f"Settled: no layer's k_l moved more than {SETTLE_TOL} over the last 20% of the steps.", "",
             "| variant | seeds | late share at 25 / 50 / 75 / 100% | k_l change over the last 20% (first to last "
             "layer) | settled? |", "|---|---|---|---|---|", *rows]

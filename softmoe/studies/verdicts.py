@@ -69,19 +69,26 @@ def analysis_path(study_path: Path) -> Path:
 
 
 def load_analysis(path: Path) -> dict:
-    """The transcription: {"rules": {rule: [check, ...]}, "divergence": [check]}; every check has a known kind."""
+    """The transcription: {"rules": {rule: [check, ...]}, "divergence": [check], "exploratory": {name: {"why",
+    "checks"}}}; ValueError naming the part that is malformed (every check needs a known kind)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), dict):
         raise ValueError(f"{path}: must be a mapping with `rules:` (rule name -> list of checks)")
-    for rule, checks in {**raw["rules"], "divergence": raw.get("divergence", [])}.items():
+    exploratory = raw.get("exploratory") or {}
+    if not isinstance(exploratory, dict):
+        raise ValueError(f"{path}: exploratory must be a mapping (reading name -> why, checks)")
+    named = {f"rules.{rule}": checks for rule, checks in {**raw["rules"], "divergence": raw.get("divergence", [])}.items()}
+    for name, entry in exploratory.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("why"), str):
+            raise ValueError(f"{path}: exploratory.{name} must be a mapping with `why:` (text) and `checks:`")
+        named[f"exploratory.{name}.checks"] = entry.get("checks")
+    for where, checks in named.items():
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
-            raise ValueError(f"{path}: rules.{rule} must be a list of checks, each with a kind from {sorted(KINDS)}")
-    for name, entry in (raw.get("exploratory") or {}).items():
-        checks = entry.get("checks") if isinstance(entry, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("why"), str) or not isinstance(checks, list) or \
-                not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
-            raise ValueError(f"{path}: exploratory.{name} must be a mapping with `why:` (text) and `checks:` (a list "
-                             f"of checks, each with a kind from {sorted(KINDS)})")
+            raise ValueError(f"{path}: {where} must be a list of checks, each with a kind from {sorted(KINDS)}")
+        for c in checks:
+            if c["kind"] == "frontier" and c.get("through", "seed") not in ("seed", "mean"):
+                raise ValueError(f"{path}: {where}: a frontier check's through must be seed or mean, not "
+                                 f"{c['through']!r}")
     return raw
 
 
@@ -98,10 +105,13 @@ def _seeded(records: list[dict], seeds) -> list[dict]:
     return [r for r in records if seeds is None or r["seed"] in seeds]
 
 
-def _registered(c: dict, variant: str) -> int:
-    """Seeds a check registers for `variant`: its own `seeds`, else every seed the study plans for the variant
-    (`planned`, added by evaluate_rules)."""
-    return len(c["seeds"]) if c.get("seeds") else len(c.get("planned", {}).get(variant, ()))
+def _registered(c: dict, planned: dict | None, *variants: str) -> int:
+    """Seeds a check registers for a comparison of `variants`: its own `seeds`, else the seeds the study plans
+    for every one of them (`planned`: {variant: seeds})."""
+    if c.get("seeds"):
+        return len(c["seeds"])
+    seed_sets = [set((planned or {}).get(v, ())) for v in variants]
+    return len(set.intersection(*seed_sets)) if seed_sets else 0
 
 
 def _unresolved(stat: dict | None) -> str | None:
@@ -148,42 +158,42 @@ def interpolate(points: list[tuple[float, float]], x: float) -> tuple[float, boo
 # --------------------------------------------------------------------------------------------
 
 
-def _paired_loss(rule, c, records, margin):
+def _paired_loss(rule, c, records, margin, planned=None):
     seeds = c.get("seeds")
     d = paired(_seeded(records, seeds), c["variant"], c["reference"])
     stat = d or t_interval([])
     return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
-                    loss_claim(d, margin), stat["n"], _registered(c, c["variant"]))]
+                    loss_claim(d, margin), stat["n"], _registered(c, planned, c["variant"], c["reference"]))]
 
 
-def _below(rule, c, records, margin):
+def _below(rule, c, records, margin, planned=None):
     stat = t_interval([r.get(METRICS[c["metric"]]) for r in _runs(records, c["variant"], c.get("seeds"))])
     verdict = _unresolved(stat) or ("fewer" if stat["high"] < c["value"] else
                                     "not fewer" if stat["low"] >= c["value"] else "not resolved")
     return [Verdict(rule, f"{c['variant']} {c['metric']} vs {c['value']}", fmt_interval(stat, ".3f"), verdict,
-                    stat["n"], _registered(c, c["variant"]))]
+                    stat["n"], _registered(c, planned, c["variant"]))]
 
 
-def _inside(rule, c, records, margin):
+def _inside(rule, c, records, margin, planned=None):
     lo, hi = c["range"]
     stat = t_interval([r.get(METRICS[c["metric"]]) for r in _runs(records, c["variant"], c.get("seeds"))])
     verdict = _unresolved(stat) or ("as the paper" if lo <= stat["low"] and stat["high"] <= hi else
                                     "below" if stat["high"] < lo else "above" if stat["low"] > hi else "overlapping")
     return [Verdict(rule, f"{c['variant']} {c['metric']} in [{lo}, {hi}]", fmt_interval(stat, ".3f"), verdict,
-                    stat["n"], _registered(c, c["variant"]))]
+                    stat["n"], _registered(c, planned, c["variant"]))]
 
 
-def _scale(rule, c, records, margin):
+def _scale(rule, c, records, margin, planned=None):
     seeds = c.get("seeds")
     d = paired(_seeded(records, seeds), c["variant"], c["reference"])
     stat = d or t_interval([])
     verdict = _unresolved(d) or ("output scale matters" if stat["low"] > 0 or stat["high"] < 0
                                  else "output scale does not matter (interval contains 0)")
     return [Verdict(rule, f"{c['variant']} - {c['reference']}, val loss", fmt_interval(stat, ".4f", True),
-                    verdict, stat["n"], _registered(c, c["variant"]))]
+                    verdict, stat["n"], _registered(c, planned, c["variant"], c["reference"]))]
 
 
-def _same_claim(rule, c, records, margin):
+def _same_claim(rule, c, records, margin, planned=None):
     seeds = c.get("seeds")
     mine = paired(_seeded(records, seeds), c["variant"], c["reference"])
     like = paired(_seeded(records, seeds), c["like"], c["reference"])
@@ -193,10 +203,10 @@ def _same_claim(rule, c, records, margin):
     n = min((d or {"n": 0})["n"] for d in (mine, like))
     return [Verdict(rule, f"{c['variant']} vs {c['reference']} ({a}) against {c['like']} vs {c['reference']} ({b})",
                     f"{fmt_interval(mine, '.4f', True)}; "
-                    f"{fmt_interval(like, '.4f', True)}", verdict, n, _registered(c, c["variant"]))]
+                    f"{fmt_interval(like, '.4f', True)}", verdict, n, _registered(c, planned, c["variant"], c["like"], c["reference"]))]
 
 
-def _gap_noise(rule, c, records, margin):
+def _gap_noise(rule, c, records, margin, planned=None):
     out = []
     for variant in c["variants"]:
         runs = [r for r in _runs(records, variant, c.get("seeds"))
@@ -214,11 +224,11 @@ def _gap_noise(rule, c, records, margin):
                                                     else " (Infer < Train)")
         out.append(Verdict(rule, f"{variant}: gap Infer AE - Train AE (last), and gap + noise effect",
                            f"gap {fmt_interval(gap, '.3f', True)}{direction}; gap + noise "
-                           f"{fmt_interval(both, '.3f', True)}", verdict, gap["n"], _registered(c, variant)))
+                           f"{fmt_interval(both, '.3f', True)}", verdict, gap["n"], _registered(c, planned, variant)))
     return out
 
 
-def _late_share(rule, c, records, margin):
+def _late_share(rule, c, records, margin, planned=None):
     field, last, uniform, halfway = c["of"], c["last"], c["uniform"], c["paper_halfway"]
     shares = [late_share(r[field], last) for r in _runs(records, c["variant"], c.get("seeds")) if r.get(field)]
     stat = t_interval(shares)
@@ -227,10 +237,10 @@ def _late_share(rule, c, records, margin):
         "uniform" if stat["low"] <= uniform <= stat["high"] else
         "early" if stat["high"] < uniform else "later, less than the paper")
     return [Verdict(rule, f"{c['variant']}: share of {field} in the last {last} layers (uniform {uniform})",
-                    fmt_interval(stat, ".3f"), verdict, stat["n"], _registered(c, c["variant"]))]
+                    fmt_interval(stat, ".3f"), verdict, stat["n"], _registered(c, planned, c["variant"]))]
 
 
-def _held(rule, c, records, margin):
+def _held(rule, c, records, margin, planned=None):
     runs = [r for r in _runs(records, c["variant"], c.get("seeds")) if r.get("train_ae_per_layer") and r.get("k_L")]
     worst_layer = [max(abs(a - k) for a, k in zip(r["train_ae_per_layer"], r["k_L"])) for r in runs]
     mean_off = [abs(r["train_ae"] - c["budget"]) for r in runs]
@@ -239,10 +249,10 @@ def _held(rule, c, records, margin):
     measured = ("-" if not runs else f"largest |layer Train AE - k_l| per seed {[round(w, 3) for w in worst_layer]}"
                 f"; |mean Train AE - {c['budget']}| {[round(m, 3) for m in mean_off]}")
     return [Verdict(rule, f"{c['variant']}: layers within {c['layer_tol']} of k_l, mean within {c['mean_tol']} "
-                    f"of {c['budget']}", measured, verdict, len(runs), _registered(c, c["variant"]))]
+                    f"of {c['budget']}", measured, verdict, len(runs), _registered(c, planned, c["variant"]))]
 
 
-def _frontier(rule, c, records, margin):
+def _frontier(rule, c, records, margin, planned=None):
     seeds = c.get("seeds")
     topk_losses = {name: [t["loss"] for t in _runs(records, name, seeds)] for name in c["topk"]}
     mean_loss = {name: sum(losses) / len(losses) for name, losses in topk_losses.items() if losses}
@@ -269,11 +279,12 @@ def _frontier(rule, c, records, margin):
         through = " (frontier through the top-k mean losses)" if c.get("through") == "mean" else ""
         out.append(Verdict(rule, f"{variant} - top-k frontier{through} at its Infer AE, val loss",
                            fmt_interval(stat, ".4f", True) + note, verdict,
-                           stat["n"] if fewest_topk is None else min(stat["n"], fewest_topk), _registered(c, variant)))
+                           stat["n"] if fewest_topk is None else min(stat["n"], fewest_topk),
+                           _registered(c, planned, variant, *c["topk"])))
     return out
 
 
-def _divergence(rule, c, records, margin):
+def _divergence(rule, c, records, margin, planned=None):
     out = []
     for variant in c["variants"]:
         runs = _runs(records, variant, [c["seed"]])
@@ -322,7 +333,7 @@ def _evaluate(named_checks, records: list[dict], margin: float, planned) -> list
     out = []
     for rule, checks in named_checks:
         for check in checks:
-            out += KINDS[check["kind"]](rule, {**check, "planned": planned or {}}, records, margin)
+            out += KINDS[check["kind"]](rule, check, records, margin, planned)
     return out
 
 

@@ -78,8 +78,9 @@ def train_ae(records: list[dict], tail: float = 0.2) -> tuple[float | None, list
 
     Averaged over the train records of the last `tail` fraction of steps (the settled value; early steps route
     differently), per layer and over layers: a record at step s covers the steps since the previous record, so
-    the records after step (1 - tail) * last (of 625 steps logged every 25: those of steps 525-625, which cover
-    steps 501-625). (None, []) without MoE records.
+    the records ending after step (1 - tail) * last, the last `tail` of the steps widened to whole log windows
+    (of 625 steps logged every 25: the records of steps 525-625, which cover steps 501-625 exactly; of 600: those
+    of 500-600, covering 476-600). (None, []) without MoE records.
     """
     rows = [r for r in records if r.get("split") == "train" and r.get("active_experts_mean") is not None]
     if not rows:

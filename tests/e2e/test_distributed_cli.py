@@ -76,13 +76,17 @@ def _launch(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Comp
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        workers = [pid for pid in _descendants(proc.pid) if _is_worker(pid)]
+        tree = _descendants(proc.pid)  # once, before any signal: the children of an aborted worker are re-parented
+        workers = [pid for pid in tree if _is_worker(pid)]
+        for pid in [proc.pid, *workers]:  # frozen: neither torchrun nor a peer reacts to the first abort
+            _signal(pid, signal.SIGSTOP)
         for pid in workers:  # one at a time, so that their dumps on the shared stderr do not interleave
             _signal(pid, signal.SIGABRT)
+            _signal(pid, signal.SIGCONT)
             time.sleep(1.5)
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*tree, proc.pid]:
             _signal(pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        out, err = proc.communicate(timeout=60)
         dumps = err[max(err.find("Fatal Python error"), 0):]
         pytest.fail(f"torchrun {' '.join(args)} still ran after {timeout}s; {len(workers)} workers' stacks "
                     f"(stdout: {out[-500:]!r}):\n{dumps[:12000]}")

@@ -23,8 +23,8 @@ def _rec(variant: str, seed: int, **fields) -> dict:
     return {"variant": variant, "seed": seed, **fields}
 
 
-def _check(kind: str, records: list[dict], margin: float = 0.02, **check):
-    return KINDS[kind]("rule", {"kind": kind, **check}, records, margin)
+def _check(kind: str, records: list[dict], margin: float = 0.02, planned=None, **check):
+    return KINDS[kind]("rule", {"kind": kind, **check}, records, margin, planned)
 
 
 def _losses(variant: str, values: list[float], **extra) -> list[dict]:
@@ -108,6 +108,12 @@ def test_a_check_without_seeds_registers_the_variants_planned_seeds():
     short, full = evaluate_rules(analysis, records, 0.02, planned={"short": (0, 1, 2), "full": tuple(range(6))})
     assert (short.seeds, short.registered, short.provisional) == (2, 3, True)
     assert (full.seeds, full.registered, full.provisional) == (6, 6, False)
+
+    # a comparison registers the seeds planned for both sides: 3 here, so 3 shared seeds are final
+    records = _losses("ref", [3.0, 3.1, 3.2]) + _losses("v", [3.0, 3.1, 3.2, 3.3, 3.4, 3.5])
+    (paired,) = _check("paired_loss", records, planned={"v": tuple(range(6)), "ref": (0, 1, 2)}, variant="v",
+                       reference="ref")
+    assert (paired.seeds, paired.registered, paired.provisional) == (3, 3, False)
 
 
 @pytest.mark.parametrize("late, expected", [
@@ -267,7 +273,9 @@ def test_the_study_report_points_to_the_verdicts():
     ("rules: []", "must be a mapping with `rules:`"),
     ("rules: {r: [{kind: nope}]}", "rules.r must be a list of checks"),
     ("rules: {}\nexploratory: {x: {checks: []}}", "exploratory.x must be a mapping with `why:`"),
-    ("rules: {}\nexploratory: {x: {why: w, checks: [{kind: nope}]}}", "exploratory.x must be a mapping"),
+    ("rules: {}\nexploratory: {x: {why: w, checks: [{kind: nope}]}}", "exploratory.x.checks must be a list of checks"),
+    ("rules: {}\nexploratory: [x]", "exploratory must be a mapping"),
+    ("rules: {f: [{kind: frontier, through: means}]}", "rules.f: a frontier check's through must be seed or mean"),
 ])
 def test_a_malformed_transcription_is_named(tmp_path, text, wrong):
     path = tmp_path / "s.analysis.yaml"

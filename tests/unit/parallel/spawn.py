@@ -41,9 +41,9 @@ def free_port() -> int:
 def _entry(fn, rank: int, world_size: int, port: int, out: str, args: tuple) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
     stacks = open(Path(out) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (open while the rank lives)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    torch.set_num_threads(1)
     path = Path(out) / f"rank{rank}.pt"
     try:
         result = fn(rank, world_size, *args)
@@ -55,6 +55,11 @@ def _entry(fn, rank: int, world_size: int, port: int, out: str, args: tuple) -> 
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stacks(path: Path) -> str:
+    text = path.read_text() if path.is_file() else ""
+    return text or "(no stacks: the rank had not started, so SIGUSR1 ended it)\n"
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
@@ -78,16 +83,19 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
             if p.is_alive():
                 p.kill()
                 p.join()
-        if hung:
-            stacks = "\n".join(f"rank {rank}:\n" + (Path(out) / f"rank{rank}.stacks").read_text() for rank in hung)
-            raise RuntimeError(f"ranks {hung} of {world_size} still ran after {timeout}s; their stacks:\n{stacks}")
-        results = []
-        for rank in range(world_size):
-            path = Path(out) / f"rank{rank}.pt"
-            if not path.is_file():
-                raise RuntimeError(f"rank {rank} of {world_size} wrote no result (exit code {procs[rank].exitcode})")
-            record = torch.load(path, weights_only=False)
-            if not record["ok"]:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{record['error']}")
-            results.append(record["result"])
+        records = {rank: torch.load(path, weights_only=False) for rank in range(world_size)
+                   if (path := Path(out) / f"rank{rank}.pt").is_file()}
+        failures = "".join(f"rank {rank} of {world_size} failed:\n{record['error']}\n"
+                           for rank, record in records.items() if not record["ok"])
+        if hung:  # a peer's failure first: it is the usual reason a rank waits forever in a collective
+            stacks = "\n".join(f"rank {rank}:\n{_stacks(Path(out) / f'rank{rank}.stacks')}" for rank in hung)
+            raise RuntimeError(f"{failures}ranks {hung} of {world_size} still ran after {timeout}s; their "
+                               f"stacks:\n{stacks}")
+        if failures:
+            raise RuntimeError(failures)
+        missing = [rank for rank in range(world_size) if rank not in records]
+        if missing:
+            raise RuntimeError(f"ranks {missing} of {world_size} wrote no result (exit codes "
+                               f"{[procs[rank].exitcode for rank in missing]})")
+        results = [records[rank]["result"] for rank in range(world_size)]
         return results
