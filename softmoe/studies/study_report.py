@@ -653,6 +653,31 @@ def plot_load_heatmap(records: list[dict], variants, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def plot_experts_per_token(records: list[dict], variants, path: Path) -> Path | None:
+    """Share of tokens by the number of experts they use, per layer (final evaluation, mean over seeds), one panel
+    per variant: the distribution behind Infer AE (top-k: one bar at k; the paper's rule: a spread)."""
+    hists = {v.name: [np.array([layer["active_experts_hist"] for layer in r["routing"]["layers"]], dtype=float)
+                      for r in _of(records, v.name)
+                      if (r.get("routing") or {}).get("layers") and "active_experts_hist" in r["routing"]["layers"][0]]
+             for v in variants}
+    shown = [v for v in variants if hists[v.name]]
+    if not shown:
+        return None
+    plt = pyplot()
+    shares = {v.name: np.mean([h / np.maximum(h.sum(axis=1, keepdims=True), 1.0) for h in hists[v.name]], axis=0)
+              for v in shown}  # [layers, 0..E experts]
+    used = max(int(np.nonzero(share.max(axis=0))[0].max()) for share in shares.values())
+    fig, axes = panel_grid(len(shown), 4.2, 3.6, sharey=True)
+    for ax, v in zip(axes, shown):
+        share = shares[v.name]
+        for layer in range(share.shape[0]):
+            ax.plot(range(used + 1), share[layer, :used + 1], marker="o", ms=2.5, lw=1.0,
+                    color=plt.cm.viridis(layer / max(1, share.shape[0] - 1)), label=f"layer {layer}")
+        style_axes(ax, "experts used by a token", "share of tokens", wrapped(v.label), legend_size=0)
+    axes[-1].legend(fontsize=6)
+    return save_figure(fig, path)
+
+
 def _task_lines(records: list[dict], variants) -> list[str]:
     tasks = sorted({t for r in records for t in r.get("tasks", {})})
     if not tasks:
@@ -685,7 +710,8 @@ def write_study_report(study, records: list[dict], out_dir: Path, planned: int) 
                               ("k_l trajectories", plot_k_trajectories, "k_trajectories.png"),
                               ("Budget dial", plot_dial, "dial.png"),
                               ("Router logit spread by layer", plot_spread, "logit_spread.png"),
-                              ("Expert load by layer", plot_load_heatmap, "expert_load.png")):
+                              ("Expert load by layer", plot_load_heatmap, "expert_load.png"),
+                              ("Experts per token by layer", plot_experts_per_token, "experts_per_token.png")):
         path = fn(records, variants, out_dir / name)
         if path is not None:
             plots.append((caption, path))

@@ -106,9 +106,13 @@ def test_report_markdown_and_plots_from_fake_records(tmp_path):
     assert "| SoftMoE | 2.9500 [" in md and "| -0.1000 (n=2)" not in md
     assert "(reference)" in md and "## Budget dial" in md and "## Zero-shot tasks" in md
     assert "| SoftMoE | 2 | 1.00, 1.50, 2.00, 1.50 |" in md
+    for r in records:  # the final evaluation's routing per layer: 4 experts; soft tokens use 1-3, top-2 uses 2
+        hist = [0, 30, 50, 20, 0] if r["variant"] == "soft" else [0, 0, 100, 0, 0]
+        r["routing"] = {"layers": [{"expert_load": [0.4, 0.3, 0.2, 0.1], "active_experts_hist": hist}] * 4}
     path = write_study_report(study, records, tmp_path, planned=5)
     text = path.read_text()
-    for png in ("frontier_ae.png", "depth.png", "k_trajectories.png", "dial.png"):
+    for png in ("frontier_ae.png", "depth.png", "k_trajectories.png", "dial.png", "expert_load.png",
+                "experts_per_token.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in text
 
 
