@@ -24,6 +24,8 @@ numbers:
                   at its own Infer AE: "below", "on" (< +margin) or "above"
     divergence    the first pair's recipe check: a skipped step, or a logged train loss above ratio x its minimum
                   so far after `after_step`
+    joint_claim   the paper's claim from two earlier verdicts: "holds" if `loss_rule`'s is comparable or better
+                  and `count_rule`'s is fewer, "does not hold" if worse or not fewer, else "not resolved"
 
 Every interval is the 95% Student-t interval over seeds (study_report.t_interval). A verdict computed on fewer
 seeds than the check registers is marked provisional; one without any shared seed is "not yet measured".
@@ -83,8 +85,10 @@ def load_analysis(path: Path) -> dict:
             raise ValueError(f"{path}: exploratory.{name} must be a mapping with `why:` (text) and `checks:`")
         named[f"exploratory.{name}.checks"] = entry.get("checks")
     for where, checks in named.items():
-        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
-            raise ValueError(f"{path}: {where} must be a list of checks, each with a kind from {sorted(KINDS)}")
+        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in {**KINDS, **COMBINED}
+                                                   for c in checks):
+            raise ValueError(f"{path}: {where} must be a list of checks, each with a kind from "
+                             f"{sorted({**KINDS, **COMBINED})}")
         for c in checks:
             if c["kind"] == "frontier" and c.get("through", "seed") not in ("seed", "mean"):
                 raise ValueError(f"{path}: {where}: a frontier check's through must be seed or mean, not "
@@ -313,6 +317,27 @@ KINDS = {"paired_loss": _paired_loss, "below": _below, "inside": _inside, "scale
          "frontier": _frontier, "divergence": _divergence}
 
 
+def _joint_claim(rule: str, c: dict, earlier: list[Verdict]) -> Verdict:
+    """The paper's claim from two verdicts computed before it: `loss_rule`'s (comparable or better) and
+    `count_rule`'s (fewer)."""
+    (loss,) = [v for v in earlier if v.rule == c["loss_rule"]]
+    (count,) = [v for v in earlier if v.rule == c["count_rule"]]
+    if "not yet" in loss.verdict or "not yet" in count.verdict:
+        verdict = "not yet measured"
+    elif loss.verdict == "worse" or count.verdict == "not fewer":
+        verdict = "the paper's claim does not hold"
+    elif loss.verdict in ("comparable", "better") and count.verdict == "fewer":
+        verdict = "the paper's claim holds"
+    else:
+        verdict = "not resolved"
+    return Verdict(rule, f"{c['loss_rule']} and {c['count_rule']} together", f"{loss.verdict}; {count.verdict}",
+                   verdict, min(loss.seeds, count.seeds), max(loss.registered, count.registered))
+
+
+# Kinds computed from the verdicts of earlier checks, not from the records.
+COMBINED = {"joint_claim": _joint_claim}
+
+
 def evaluate_rules(analysis: dict, records: list[dict], margin: float,
                    planned: dict[str, tuple[int, ...]] | None = None) -> list[Verdict]:
     """Every check of the transcription on these records, in the transcription's order (divergence first).
@@ -333,7 +358,10 @@ def _evaluate(named_checks, records: list[dict], margin: float, planned) -> list
     out = []
     for rule, checks in named_checks:
         for check in checks:
-            out += KINDS[check["kind"]](rule, check, records, margin, planned)
+            if check["kind"] in COMBINED:
+                out.append(COMBINED[check["kind"]](rule, check, out))
+            else:
+                out += KINDS[check["kind"]](rule, check, records, margin, planned)
     return out
 
 

@@ -225,9 +225,9 @@ def test_paper32_transcription_restates_the_registered_rules():
         allocation = " ".join(registration["metrics"]["allocation"].split())
         for number in _numbers(check):
             assert _appears(number, text + " " + allocation), (rule, check, number)
-        for key in ("variant", "reference", "like"):
+        for key in ("variant", "reference", "like", "loss_rule", "count_rule"):
             if key in check:
-                assert check[key] in text, (rule, key, check[key])
+                assert check[key] in text or check[key] == rule, (rule, key, check[key])
         if "variants" in check and check["kind"] != "divergence":  # "each SoftMoE variant" / "per SoftMoE variant"
             assert sorted(check["variants"]) == sorted(soft), (rule, check["variants"])
         if "topk" in check:
@@ -282,3 +282,24 @@ def test_a_malformed_transcription_is_named(tmp_path, text, wrong):
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(wrong)):
         load_analysis(path)
+
+
+@pytest.mark.parametrize("loss, count, expected", [
+    ([-0.030, -0.020, -0.025], [1.5, 1.6, 1.55], "the paper's claim holds"),          # better, fewer
+    ([0.010, 0.012, 0.008], [1.5, 1.6, 1.55], "the paper's claim holds"),             # comparable, fewer
+    ([-0.030, -0.020, -0.025], [2.4, 2.5, 2.45], "the paper's claim does not hold"),  # better, not fewer
+    ([0.050, 0.060, 0.055], [1.5, 1.6, 1.55], "the paper's claim does not hold"),     # worse, fewer
+    ([0.000, 0.040, 0.020], [1.5, 1.6, 1.55], "not resolved"),                        # not resolved, fewer
+])
+def test_joint_claim_combines_the_two_registered_verdicts(loss, count, expected):
+    records = _losses("ref", [3.0, 3.1, 3.2]) + [_rec("v", s, loss=[3.0, 3.1, 3.2][s] + d, active_experts_mean=a)
+                                                   for s, (d, a) in enumerate(zip(loss, count))]
+    analysis = {"rules": {
+        "loss_rule": [{"kind": "paired_loss", "variant": "v", "reference": "ref", "seeds": [0, 1, 2]}],
+        "count_rule": [{"kind": "below", "variant": "v", "metric": "infer_ae", "value": 2, "seeds": [0, 1, 2]},
+                       {"kind": "joint_claim", "loss_rule": "loss_rule", "count_rule": "count_rule"}]}}
+    *_, joint = evaluate_rules(analysis, records, 0.02)
+    assert joint.rule == "count_rule" and joint.verdict == expected and not joint.provisional
+    (missing,) = [v for v in evaluate_rules(analysis, [r for r in records if r["variant"] == "ref"], 0.02)
+                  if v.check.startswith("loss_rule and")]
+    assert missing.verdict == "not yet measured"
