@@ -480,7 +480,8 @@ def study_report_markdown(study, records: list[dict], plots: list[tuple[str, Pat
     label = {v.name: v.label for v in study.variants}
     lines = [f"# Study `{study.name}`: report", "",
              f"{len(records)} of {planned} planned runs summarised. Intervals: 95% Student-t over seeds "
-             f"(n = seeds); n=1 has none. Δ: paired by seed (same batches).", ""]
+             f"(n = seeds); n=1 has none. Δ: the variant's val loss minus the reference's, paired by seed (same "
+             f"batches); negative is better; \"lower in a/n\": the variant's loss was lower on a of the n seeds.", ""]
     if getattr(study, "preregistration", None):
         lines += ["Pre-registered: the registered verdicts, each rule with its checks, are in "
                   "[verdicts.md](verdicts.md).", ""]
