@@ -156,6 +156,47 @@ def _run_one_in_worker(args: tuple) -> dict:
         raise
 
 
+def _run_side_by_side(study: Study, todo: list[PlannedRun], jobs: int) -> dict[str, dict]:
+    """`run_one` for each of `todo`, `jobs` at a time in worker processes; {run name: record}.
+
+    A run is handed to a worker only when one is free, so nothing is queued behind the running runs: after a
+    Ctrl-C (which reaches the workers too: each checkpoints its run and stops) or a failed run no new run starts;
+    the running ones end, then the interrupt or the first error is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    compare_pid = os.getpid()
+    waiting, running, records = list(todo), {}, {}
+    stop: BaseException | None = None
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent, initargs=(compare_pid,)) as pool:
+        while running or (waiting and stop is None):
+            while waiting and stop is None and len(running) < jobs:
+                run = waiting.pop(0)
+                running[pool.submit(_run_one_in_worker, (study, run, False, compare_pid))] = run
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt as interrupt:
+                if stop is not None and isinstance(stop, KeyboardInterrupt):
+                    raise  # a second Ctrl-C: leave now (the workers got it too and abort)
+                stop = interrupt
+                print(f"interrupted: waiting for {len(running)} running run(s) to checkpoint and stop; no new run "
+                      f"starts (Ctrl-C again to leave at once)", flush=True)
+                continue
+            for future in done:
+                run = running.pop(future)
+                try:
+                    records[run.config.train.name] = future.result()
+                except BaseException as err:  # noqa: BLE001 (a worker's KeyboardInterrupt arrives here too)
+                    if stop is None and not isinstance(err, KeyboardInterrupt) and (running or waiting):
+                        print(f"{run.config.train.name} failed ({type(err).__name__}); no new run starts, waiting "
+                              f"for {len(running)} running run(s)", flush=True)
+                    stop = stop or err
+    if stop is not None:
+        raise stop
+    return records
+
+
 def _expert_equivalents(config: RunConfig, ffn_flops: float) -> float:
     """Realized FFN FLOPs per token in units of "coarse experts per layer" (dense model: d_ff / d_expert).
 
@@ -218,15 +259,7 @@ def run_study(study: Study, extra_overrides: tuple[str, ...] = (), progress: boo
         prepared_dataset_dir(runs[0].config.data, progress)  # fetch/prepare once, before any training
     records = dict(done)
     if jobs > 1 and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        compare_pid = os.getpid()
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_end_with_parent, initargs=(compare_pid,)) as pool:
-            work = [(study, run, False, compare_pid) for run in todo]
-            for run, record in zip(todo, pool.map(_run_one_in_worker, work)):
-                records[run.config.train.name] = record
+        records.update(_run_side_by_side(study, todo, jobs))
     else:
         for i, run in enumerate(todo, 1):
             print(f"== [{i}/{len(todo)}] {run.config.train.name} ==", flush=True)

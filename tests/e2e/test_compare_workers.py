@@ -51,13 +51,9 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("kill", ["compare", "group"])
-def test_killing_compare_ends_its_workers_each_with_a_checkpoint(tmp_path, kill):
-    """kill="compare": SIGKILL to the compare alone (its workers get their parent-death SIGTERM). kill="group":
-    SIGTERM to its whole process group (`timeout`, a service manager, a closed session), so each worker gets
-    SIGTERM twice at once, directly and as its parent-death signal: the second is the same request, not a second
-    Ctrl-C that aborts the stop checkpoint (it did: the runs lost every step since their last checkpoint)."""
+def _start_compare(tmp_path: Path, variants: str) -> tuple[subprocess.Popen, list[int]]:
+    """`softmoe compare --jobs 2` on a tiny study of endless runs, in a session of its own with Ctrl-C's default
+    action (a background job may inherit SIGINT ignored); returns it and its two workers once both train."""
     study = tmp_path / "study.yaml"
     study.write_text(f"""name: orphans
 base: {CONFIGS / 'tiny' / 'softmoe.yaml'}
@@ -66,12 +62,11 @@ seeds: [0]
 overrides: {{train.steps: 100000, train.progress: false, train.tensorboard: false, train.ckpt_every: 0,
             data.data_dir: {tmp_path / 'data'}}}
 variants:
-  - {{name: a, overrides: {{model.k: 2.0}}}}
-  - {{name: b, overrides: {{model.router: topk, model.k: 2}}}}
-""")
+{variants}""")
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
-                               "--quiet", "--summaries", "none"], stdout=subprocess.DEVNULL,
-                              stderr=(tmp_path / "compare.err").open("w"), start_new_session=True)
+                               "--quiet", "--summaries", "none"], stdout=(tmp_path / "compare.out").open("w"),
+                              stderr=(tmp_path / "compare.err").open("w"), start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: list[int] = []
     deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
     while time.time() < deadline and len(workers) < 2:
@@ -86,23 +81,68 @@ variants:
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) < 2:
         time.sleep(0.5)
     assert len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) == 2, "the two runs did not start training"
-    if kill == "compare":
-        parent.send_signal(signal.SIGKILL)
-    else:
-        os.killpg(parent.pid, signal.SIGTERM)
-    parent.wait()
-    deadline = time.time() + 180  # each worker finishes its step and checkpoints first
+    return parent, workers
+
+
+def _wait_gone(workers: list[int]) -> list[int]:
+    """Wait (each worker finishes its step and checkpoints first); kill and return the workers still alive."""
+    deadline = time.time() + 180
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.5)
     alive = [w for w in workers if _alive(w)]
     for w in alive:
         os.kill(w, signal.SIGKILL)
-    assert not alive, "workers kept training after their compare was killed"
+    return alive
+
+
+def _one_whole_checkpoint(run_dir: Path) -> None:
+    checkpoints = run_dir / "checkpoints"
+    saved = sorted(p.name for p in checkpoints.glob("*")) if checkpoints.is_dir() else []
+    assert len(saved) == 1 and saved[0].startswith("step_"), f"{run_dir.name}: {saved} (the stop checkpoint, whole)"
+    assert (checkpoints / saved[0] / "manifest.json").is_file(), f"{run_dir.name}: {saved[0]} is incomplete"
+
+
+TWO_RUNS = """  - {name: a, overrides: {model.k: 2.0}}
+  - {name: b, overrides: {model.router: topk, model.k: 2}}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("kill", ["compare", "group"])
+def test_killing_compare_ends_its_workers_each_with_a_checkpoint(tmp_path, kill):
+    """kill="compare": SIGKILL to the compare alone (its workers get their parent-death SIGTERM). kill="group":
+    SIGTERM to its whole process group (`timeout`, a service manager, a closed session), so each worker gets
+    SIGTERM twice at once, directly and as its parent-death signal: the second is the same request, not a second
+    Ctrl-C that aborts the stop checkpoint (it did: the runs lost every step since their last checkpoint)."""
+    parent, workers = _start_compare(tmp_path, TWO_RUNS)
+    if kill == "compare":
+        parent.send_signal(signal.SIGKILL)
+    else:
+        os.killpg(parent.pid, signal.SIGTERM)
+    parent.wait()
+    assert not _wait_gone(workers), "workers kept training after their compare was killed"
     for run in ("orphans-a-s0", "orphans-b-s0"):
-        checkpoints = tmp_path / "runs" / run / "checkpoints"
-        saved = sorted(p.name for p in checkpoints.glob("*")) if checkpoints.is_dir() else []
-        assert len(saved) == 1 and saved[0].startswith("step_"), f"{run}: {saved} (the stop checkpoint, whole)"
-        assert (checkpoints / saved[0] / "manifest.json").is_file(), f"{run}: {saved[0]} is incomplete"
+        _one_whole_checkpoint(tmp_path / "runs" / run)
+
+
+def test_ctrl_c_stops_the_study_without_starting_another_run(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while 2 of 3 runs train: both checkpoint and stop, the compare says
+    how to continue and exits 130, and the third run never starts (it was queued behind the running two and
+    started training once a worker was free)."""
+    parent, workers = _start_compare(tmp_path, TWO_RUNS + "  - {name: c, overrides: {model.router: topk, model.k: 1}}\n")
+    os.killpg(parent.pid, signal.SIGINT)
+    try:
+        code = parent.wait(timeout=180)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert not _wait_gone(workers)
+    err, out = (tmp_path / "compare.err").read_text(), (tmp_path / "compare.out").read_text()
+    assert code == 130 and "interrupted; run it again to continue" in err, (code, err[-2000:])
+    assert "no new run starts" in out, out[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["orphans-a-s0", "orphans-b-s0"]
+    for run in ("orphans-a-s0", "orphans-b-s0"):
+        _one_whole_checkpoint(tmp_path / "runs" / run)
 
 
 def test_a_worker_whose_compare_is_gone_exits_without_working():
