@@ -27,9 +27,11 @@ def _cmd_main(args: argparse.Namespace) -> int:
     from softmoe.data.fetch import FetchError
     from softmoe.studies.main_job import run_main_job
     from softmoe.train.checkpoint import CheckpointError
+    from softmoe.train.loop import TrainingAborted
 
     overrides = (*args.overrides, "train.progress=false") if args.quiet else tuple(args.overrides)
-    with user_errors(ValueError, TypeError, FetchError, CheckpointError):  # bad preset/override, run dir, data
+    # bad preset/override, run dir, data, a diverged run
+    with user_errors(ValueError, TypeError, FetchError, CheckpointError, TrainingAborted):
         report = run_main_job(args.preset, args.out, args.data_dir, tuple(args.variants.split(",")),
                               args.eval_max_batches, overrides, progress=not args.quiet)
     print(f"report written: {report}")

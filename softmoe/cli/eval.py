@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from softmoe.cli.errors import UserError, check_out_dir, user_errors
@@ -95,7 +96,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if value is not None and value < low:  # checked before --dry-run too, which would ignore them
             raise UserError(f"{flag}={value} must be >= {low}")
     with user_errors(ValueError, TypeError):
-        study = load_study(args.study, args.out, summaries=args.summaries)
+        no_summaries = args.summaries is not None and args.summaries.strip() == "none"
+        study = load_study(args.study, args.out, summaries=None if no_summaries else args.summaries)
+        if no_summaries:  # `--summaries none`: this sitting reads and writes no summaries (was a folder "none")
+            study = dataclasses.replace(study, summaries=None)
         if args.quiet:
             args.overrides = [*args.overrides, "train.progress=false"]
         runs = plan_runs(study, tuple(args.overrides))
@@ -107,8 +111,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     check_out_dir("output directory", study.out_dir, create=True)
     from softmoe.data.fetch import FetchError
     from softmoe.train.checkpoint import CheckpointError
+    from softmoe.train.loop import TrainingAborted
 
-    with user_errors(ValueError, TypeError, FetchError, CheckpointError):  # a run dir of another config, data, ...
+    # a run dir of another config, data, a diverged run, ...
+    with user_errors(ValueError, TypeError, FetchError, CheckpointError, TrainingAborted):
         report = run_study(study, tuple(args.overrides), progress=not args.quiet, next_runs=args.next,
                            force=args.force, jobs=args.jobs, mixed_revisions=args.mixed_revisions)
     print(f"results written: {report} (and results.json, plots) ")

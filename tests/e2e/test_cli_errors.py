@@ -253,6 +253,18 @@ def test_diverged_run_stops_cleanly_and_keeps_only_finite_verified_checkpoints(t
     assert not (tmp_path / "tiny-softmoe" / "summary.json").exists()  # not a finished run
 
 
+def test_main_with_a_diverging_run_is_one_line_and_exit_2(trained, tmp_path, capsys):
+    """`softmoe main` trains through the library, not `softmoe train`: a diverged run (TrainingAborted) was a
+    traceback there, and in `softmoe compare` (tests/e2e/test_compare_workers.py)."""
+    _, data_dir = trained
+    capsys.readouterr()
+    assert main(["main", "--preset", "tiny", "--variants", "softmoe", "--out", str(tmp_path / "m"), "--quiet",
+                 "--data-dir", str(data_dir), "train.lr=1e10", "train.steps=20",
+                 f"train.out_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("softmoe main: aborting at step") and "train.lr=1e+10" in err, err
+
+
 def test_a_full_disk_at_a_checkpoint_is_exit_2_and_the_run_resumes(trained, tmp_path, capsys, monkeypatch):
     """Issue 27, item 10: one line naming the checkpoint and the bytes; --resume continues after space is freed."""
     from collections import namedtuple

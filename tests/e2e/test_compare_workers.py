@@ -65,7 +65,7 @@ variants:
 {variants}""")
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
                                "--quiet", "--summaries", "none"], stdout=(tmp_path / "compare.out").open("w"),
-                              stderr=(tmp_path / "compare.err").open("w"), start_new_session=True,
+                              stderr=(tmp_path / "compare.err").open("w"), start_new_session=True, cwd=tmp_path,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: list[int] = []
     deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
@@ -156,3 +156,28 @@ def test_a_worker_whose_compare_is_gone_exits_without_working():
     assert child(f"_end_with_parent({gone})") == 130
     assert child(f"_run_one_in_worker((None, None, False, {gone}))") == 130
     assert child(f"_end_with_parent({os.getpid()})") == 0  # its compare (here: this process) is alive
+
+
+def test_a_failed_run_starts_no_other_and_its_error_is_reported(tmp_path):
+    """Run a diverges (train.lr=1e10: aborted) while b trains: b finishes, c never starts, and the compare ends
+    with a's error (exit 2, one line) instead of training on."""
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""name: failing
+base: {CONFIGS / 'tiny' / 'softmoe.yaml'}
+out_dir: {tmp_path / 'runs'}
+seeds: [0]
+overrides: {{train.steps: 200, train.progress: false, train.tensorboard: false, train.eval_every: 0,
+            data.data_dir: {tmp_path / 'data'}}}
+variants:
+  - {{name: a, overrides: {{train.lr: 1.0e+10}}}}
+  - {{name: b, overrides: {{model.router: topk, model.k: 2}}}}
+  - {{name: c, overrides: {{model.router: topk, model.k: 1}}}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
+                           "--quiet", "--summaries", "none"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "failing-a-s0 failed (TrainingAborted); no new run starts, waiting for 1 running run(s)" in proc.stdout
+    assert proc.stderr.strip().count("\n") == 0 and "aborting at step" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "failing-b-s0" / "summary.json").is_file()  # the running run ended
+    assert not (tmp_path / "runs" / "failing-c-s0").exists()
+    assert not (tmp_path / "none").exists()  # `--summaries none` writes no summaries (it wrote a folder "none")
