@@ -51,18 +51,23 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
-def _start_compare(tmp_path: Path, variants: str) -> tuple[subprocess.Popen, list[int]]:
-    """`softmoe compare --jobs 2` on a tiny study of endless runs, in a session of its own with Ctrl-C's default
-    action (a background job may inherit SIGINT ignored); returns it and its two workers once both train."""
+def _tiny_study(tmp_path: Path, name: str, overrides: str, variants: str) -> Path:
+    """study.yaml in `tmp_path`: the tiny preset, one seed, runs and data under `tmp_path`."""
     study = tmp_path / "study.yaml"
-    study.write_text(f"""name: orphans
+    study.write_text(f"""name: {name}
 base: {CONFIGS / 'tiny' / 'softmoe.yaml'}
 out_dir: {tmp_path / 'runs'}
 seeds: [0]
-overrides: {{train.steps: 100000, train.progress: false, train.tensorboard: false, train.ckpt_every: 0,
-            data.data_dir: {tmp_path / 'data'}}}
+overrides: {{{overrides}, train.progress: false, train.tensorboard: false, data.data_dir: {tmp_path / 'data'}}}
 variants:
 {variants}""")
+    return study
+
+
+def _start_compare(tmp_path: Path, variants: str) -> tuple[subprocess.Popen, list[int]]:
+    """`softmoe compare --jobs 2` on a tiny study of endless runs, in a session of its own with Ctrl-C's default
+    action (a background job may inherit SIGINT ignored); returns it and its two workers once both train."""
+    study = _tiny_study(tmp_path, "orphans", "train.steps: 100000, train.ckpt_every: 0", variants)
     parent = subprocess.Popen([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
                                "--quiet", "--summaries", "none"], stdout=(tmp_path / "compare.out").open("w"),
                               stderr=(tmp_path / "compare.err").open("w"), start_new_session=True, cwd=tmp_path,
@@ -102,9 +107,9 @@ def _one_whole_checkpoint(run_dir: Path) -> None:
     assert (checkpoints / saved[0] / "manifest.json").is_file(), f"{run_dir.name}: {saved[0]} is incomplete"
 
 
-TWO_RUNS = """  - {name: a, overrides: {model.k: 2.0}}
-  - {name: b, overrides: {model.router: topk, model.k: 2}}
-"""
+RUN_B = "  - {name: b, overrides: {model.router: topk, model.k: 2}}\n"
+RUN_C = "  - {name: c, overrides: {model.router: topk, model.k: 1}}\n"
+TWO_RUNS = "  - {name: a, overrides: {model.k: 2.0}}\n" + RUN_B
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -129,7 +134,7 @@ def test_ctrl_c_stops_the_study_without_starting_another_run(tmp_path):
     """Ctrl-C (SIGINT to the process group) while 2 of 3 runs train: both checkpoint and stop, the compare says
     how to continue and exits 130, and the third run never starts (it was queued behind the running two and
     started training once a worker was free)."""
-    parent, workers = _start_compare(tmp_path, TWO_RUNS + "  - {name: c, overrides: {model.router: topk, model.k: 1}}\n")
+    parent, workers = _start_compare(tmp_path, TWO_RUNS + RUN_C)
     os.killpg(parent.pid, signal.SIGINT)
     try:
         code = parent.wait(timeout=180)
@@ -161,18 +166,8 @@ def test_a_worker_whose_compare_is_gone_exits_without_working():
 def test_a_failed_run_starts_no_other_and_its_error_is_reported(tmp_path):
     """Run a diverges (train.lr=1e10: aborted) while b trains: b finishes, c never starts, and the compare ends
     with a's error (exit 2, one line) instead of training on."""
-    study = tmp_path / "study.yaml"
-    study.write_text(f"""name: failing
-base: {CONFIGS / 'tiny' / 'softmoe.yaml'}
-out_dir: {tmp_path / 'runs'}
-seeds: [0]
-overrides: {{train.steps: 200, train.progress: false, train.tensorboard: false, train.eval_every: 0,
-            data.data_dir: {tmp_path / 'data'}}}
-variants:
-  - {{name: a, overrides: {{train.lr: 1.0e+10}}}}
-  - {{name: b, overrides: {{model.router: topk, model.k: 2}}}}
-  - {{name: c, overrides: {{model.router: topk, model.k: 1}}}}
-""")
+    study = _tiny_study(tmp_path, "failing", "train.steps: 200, train.eval_every: 0",
+                        "  - {name: a, overrides: {train.lr: 1.0e+10}}\n" + RUN_B + RUN_C)
     proc = subprocess.run([sys.executable, "-m", "softmoe.cli", "compare", "--config", str(study), "--jobs", "2",
                            "--quiet", "--summaries", "none"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
