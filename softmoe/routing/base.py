@@ -215,19 +215,15 @@ def step_routers(calls) -> None:
             a router listed several times (micro-batches) has its counts summed. Routers in eval mode are
             left alone.
     """
-    summed: dict[int, tuple[GateRouter, dict]] = {}
+    routers: dict[int, GateRouter] = {}
+    sums = diagnostics.RoutingCounts()  # keyed by router: its micro-batches add up
     for router, counts in calls:
-        if not router.training:
-            continue
-        if id(router) in summed:
-            total = summed[id(router)][1]
-            for key in diagnostics.COUNT_KEYS:
-                total[key] = total[key] + counts[key].detach()
-        else:
-            summed[id(router)] = (router, {key: counts[key].detach() for key in diagnostics.COUNT_KEYS})
+        if router.training:
+            routers[id(router)] = router
+            sums.add({id(router): counts})
     by_class: dict[type, list] = {}
-    for router, counts in summed.values():
-        by_class.setdefault(type(router), []).append((router, counts))
+    for key, counts in sums.counts.items():
+        by_class.setdefault(type(routers[key]), []).append((routers[key], counts))
     with torch.no_grad():
         for cls, layers in by_class.items():  # pooled rules (ReMoE) see all their layers at once
             cls.after_step(layers)

@@ -78,7 +78,8 @@ class RoutingCounts:
         self.counts: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, routing: Mapping[int, Mapping]) -> None:
-        """Add one forward's counts. `routing`: layer (block) index -> its stats (LayerStats: name -> tensor)."""
+        """Add one forward's counts. `routing`: layer (block) index, or any key naming a layer, -> its stats
+        (LayerStats: name -> tensor)."""
         for layer, stats in routing.items():
             new = {key: stats[key].detach().double() for key in COUNT_KEYS}
             old = self.counts.get(layer)
