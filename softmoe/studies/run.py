@@ -177,7 +177,7 @@ def _run_side_by_side(study: Study, todo: list[PlannedRun], jobs: int) -> dict[s
             try:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
             except KeyboardInterrupt as interrupt:
-                if stop is not None and isinstance(stop, KeyboardInterrupt):
+                if isinstance(stop, KeyboardInterrupt):
                     raise  # a second Ctrl-C: leave now (the workers got it too and abort)
                 stop = interrupt
                 print(f"interrupted: waiting for {len(running)} running run(s) to checkpoint and stop; no new run "

@@ -84,11 +84,10 @@ def load_analysis(path: Path) -> dict:
         if not isinstance(entry, dict) or not isinstance(entry.get("why"), str):
             raise ValueError(f"{path}: exploratory.{name} must be a mapping with `why:` (text) and `checks:`")
         named[f"exploratory.{name}.checks"] = entry.get("checks")
+    known = KINDS.keys() | COMBINED.keys()
     for where, checks in named.items():
-        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in {**KINDS, **COMBINED}
-                                                   for c in checks):
-            raise ValueError(f"{path}: {where} must be a list of checks, each with a kind from "
-                             f"{sorted({**KINDS, **COMBINED})}")
+        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in known for c in checks):
+            raise ValueError(f"{path}: {where} must be a list of checks, each with a kind from {sorted(known)}")
         for c in checks:
             if c["kind"] == "frontier" and c.get("through", "seed") not in ("seed", "mean"):
                 raise ValueError(f"{path}: {where}: a frontier check's through must be seed or mean, not "
@@ -257,16 +256,16 @@ def _held(rule, c, records, margin, planned=None):
 
 
 def _frontier(rule, c, records, margin, planned=None):
-    seeds = c.get("seeds")
+    seeds, through_mean = c.get("seeds"), c.get("through") == "mean"
     topk_losses = {name: [t["loss"] for t in _runs(records, name, seeds)] for name in c["topk"]}
     mean_loss = {name: sum(losses) / len(losses) for name, losses in topk_losses.items() if losses}
     # through the means: the verdict is as provisional as the least-seeded top-k mean it rests on
-    fewest_topk = min(map(len, topk_losses.values())) if c.get("through") == "mean" else None
+    fewest_topk = min(map(len, topk_losses.values())) if through_mean else None
     out = []
     for variant in c["variants"]:
         deltas, extrapolated = [], False
         for r in _runs(records, variant, seeds):
-            if c.get("through") == "mean":
+            if through_mean:
                 points = [(ae, mean_loss[name]) for name, ae in c["topk"].items() if name in mean_loss]
             else:
                 points = [(ae, t["loss"]) for name, ae in c["topk"].items()
@@ -280,7 +279,7 @@ def _frontier(rule, c, records, margin, planned=None):
         verdict = _unresolved(stat) or ("below the frontier" if stat["high"] < 0 else
                                         "on the frontier" if stat["high"] < margin else "above the frontier")
         note = " (AE outside the top-k range: frontier extended)" if extrapolated else ""
-        through = " (frontier through the top-k mean losses)" if c.get("through") == "mean" else ""
+        through = " (frontier through the top-k mean losses)" if through_mean else ""
         out.append(Verdict(rule, f"{variant} - top-k frontier{through} at its Infer AE, val loss",
                            fmt_interval(stat, ".4f", True) + note, verdict,
                            stat["n"] if fewest_topk is None else min(stat["n"], fewest_topk),
