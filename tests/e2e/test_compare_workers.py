@@ -16,39 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import procs
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields after the command name (state first, then the parent's pid), or None when gone.
-
-    Read from /proc, not `ps`: CI images may carry a `ps` without procps' options (busybox), which prints nothing
-    here and once left this test waiting for workers it could not see."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _tiny_study(tmp_path: Path, name: str, overrides: str, variants: str) -> Path:
@@ -76,7 +46,7 @@ def _start_compare(tmp_path: Path, variants: str) -> tuple[subprocess.Popen, lis
     deadline = time.time() + 300  # generous: a loaded 2-core box starts spawned workers slowly
     while time.time() < deadline and len(workers) < 2:
         time.sleep(0.5)
-        workers = [w for w in _children(parent.pid) if "spawn_main" in _cmdline(w)]
+        workers = [w for w in procs.children(parent.pid) if "spawn_main" in procs.cmdline(w)]
         if parent.poll() is not None:
             break
     err = (tmp_path / "compare.err").read_text()[-2000:]
@@ -92,9 +62,9 @@ def _start_compare(tmp_path: Path, variants: str) -> tuple[subprocess.Popen, lis
 def _wait_gone(workers: list[int]) -> list[int]:
     """Wait (each worker finishes its step and checkpoints first); kill and return the workers still alive."""
     deadline = time.time() + 180
-    while time.time() < deadline and any(_alive(w) for w in workers):
+    while time.time() < deadline and any(procs.alive(w) for w in workers):
         time.sleep(0.5)
-    alive = [w for w in workers if _alive(w)]
+    alive = [w for w in workers if procs.alive(w)]
     for w in alive:
         os.kill(w, signal.SIGKILL)
     return alive

@@ -25,6 +25,7 @@ from softmoe.parallel.checkpoint import is_sharded
 from softmoe.parallel.checkpoint import main as convert_main
 from softmoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from softmoe.train.metrics import read_metrics
+from tests.e2e import procs
 from tests.unit.parallel.spawn import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,23 +51,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _launch(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `_torchrun(tmp_path, *args)` to its end. A launch past `timeout` fails the test with every worker's
     Python stacks (SIGABRT, which faulthandler turns into a dump on stderr), and no process of it outlives the
@@ -76,35 +60,21 @@ def _launch(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Comp
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        tree = _descendants(proc.pid)  # once, before any signal: the children of an aborted worker are re-parented
-        workers = [pid for pid in tree if _is_worker(pid)]
+        tree = procs.descendants(proc.pid)  # once, before any signal: the children of an aborted worker are re-parented
+        workers = [pid for pid in tree if "softmoe.train" in procs.cmdline(pid)]
         for pid in [proc.pid, *workers]:  # frozen: neither torchrun nor a peer reacts to the first abort
-            _signal(pid, signal.SIGSTOP)
+            procs.send(pid, signal.SIGSTOP)
         for pid in workers:  # one at a time, so that their dumps on the shared stderr do not interleave
-            _signal(pid, signal.SIGABRT)
-            _signal(pid, signal.SIGCONT)
+            procs.send(pid, signal.SIGABRT)
+            procs.send(pid, signal.SIGCONT)
             time.sleep(1.5)
         for pid in [*tree, proc.pid]:
-            _signal(pid, signal.SIGKILL)
+            procs.send(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
         dumps = err[max(err.find("Fatal Python error"), 0):]
         pytest.fail(f"torchrun {' '.join(args)} still ran after {timeout}s; {len(workers)} workers' stacks "
                     f"(stdout: {out[-500:]!r}):\n{dumps[:12000]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _is_worker(pid: int) -> bool:
-    try:
-        return b"softmoe.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def uninterrupted(rank: int, size: int, root: str, args: list[str]) -> None:
@@ -156,13 +126,12 @@ def test_killed_launch_resumes_exactly(tmp_path):
     deadline = time.monotonic() + 300
     while not (checkpoints / "step_0000040").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = _descendants(proc.pid)
+    workers = procs.descendants(proc.pid)
     for pid in [*workers, proc.pid]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
-    assert not any(Path(f"/proc/{pid}").exists() and "softmoe" in Path(f"/proc/{pid}/cmdline").read_text()
-                   for pid in workers), "a worker survived the kill"
+    assert not any("softmoe" in procs.cmdline(pid) for pid in workers), "a worker survived the kill"
     assert not (checkpoints / "step_0000160").exists(), "the run finished before it could be killed"
     resumed = _launch(tmp_path, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
